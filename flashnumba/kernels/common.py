@@ -1,0 +1,123 @@
+"""What every kernel wrapper shares: input checks, head-dim buckets, device arrays, tile configs.
+
+A wrapper does three things (check, allocate, launch); the first two live here.
+
+Head dims are compiled in buckets: a kernel is built for D in HEAD_DIM_BUCKETS
+and serves every d <= D. Tiles are loaded into shared memory zero-padded from
+d to D, so the inner loops run over the compile-time D with no bounds checks:
+the padding contributes zeros to every dot product.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda
+
+HEAD_DIM_BUCKETS = (16, 32, 64, 96, 128)
+MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
+WARP_SIZE = 32
+STATIC_SMEM_LIMIT = 48 * 1024      # bytes of static shared memory per block
+FLOAT_BYTES = 4
+
+
+def head_dim_bucket(d):
+    """The compile-time head dim D that serves a run-time head dim d."""
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim d={d} is not supported: expected 1 <= d <= {MAX_HEAD_DIM}")
+    return next(D for D in HEAD_DIM_BUCKETS if d <= D)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Compile-time shape of one kernel: tile sizes, bucketed head dim, warps per block."""
+    Br: int
+    Bc: int
+    D: int
+    num_warps: int
+
+    @property
+    def threads(self):
+        return self.num_warps * WARP_SIZE
+
+
+class ConfigError(ValueError):
+    """A tile configuration that cannot run (too much shared memory, bad divisibility, ...)."""
+
+
+def require(condition, message):
+    if not condition:
+        raise ConfigError(message)
+
+
+def is_device_array(x):
+    return cuda.is_cuda_array(x) and not isinstance(x, np.ndarray)
+
+
+def check_qkv(q, k, v):
+    """Shapes of q (B, Nq, Hq, d), k and v (B, Nk, Hkv, d); returns (B, Nq, Nk, Hq, Hkv, d)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
+        if np.dtype(x.dtype) != np.float32:
+            raise TypeError(f"{name} must be float32, got {np.dtype(x.dtype)}")
+    B, Nq, Hq, d = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Nk, Hkv, dk = k.shape
+    if Bk != B:
+        raise ValueError(f"k has batch {Bk}, expected q's batch {B}")
+    if dk != d:
+        raise ValueError(f"k has head dim {dk}, expected q's head dim {d}")
+    if Nq < 1 or Nk < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got seqlen_q={Nq}, seqlen_k={Nk}")
+    if B < 1:
+        raise ValueError(f"batch must be >= 1, got {B}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"nheads_q={Hq} must be a multiple of nheads_kv={Hkv}")
+    head_dim_bucket(d)
+    return B, Nq, Nk, Hq, Hkv, d
+
+
+def resolve_scale(softmax_scale, d):
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(d)
+    scale = float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+    return scale
+
+
+def resolve_limit(limit):
+    """Step limit: stop each thread block after `limit` iterations of its loop (None: run all)."""
+    if limit is None:
+        return 1 << 30
+    if int(limit) != limit or limit < 0:
+        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+    return int(limit)
+
+
+class Arrays:
+    """Moves host inputs to the device once and brings results back to match the inputs.
+
+    NumPy in -> NumPy out; device arrays in -> device arrays out, no copy.
+    """
+
+    def __init__(self, *inputs):
+        on_device = [is_device_array(x) for x in inputs]
+        if any(on_device) and not all(on_device):
+            raise TypeError("inputs mix device arrays and host arrays; pass all on one side")
+        self.host = not any(on_device)
+
+    def to_device(self, x):
+        if self.host:
+            return cuda.to_device(np.ascontiguousarray(x))
+        return cuda.as_cuda_array(x)
+
+    def empty(self, shape, fill=None):
+        if fill is None:
+            return cuda.device_array(shape, dtype=np.float32)
+        return cuda.to_device(np.full(shape, fill, dtype=np.float32))
+
+    def result(self, x):
+        return x.copy_to_host() if self.host else x
