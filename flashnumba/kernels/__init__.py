@@ -1,0 +1,1 @@
+"""Numba CUDA kernels: one module per algorithm (see each module\x27s docstring)."""
