@@ -1,0 +1,5 @@
+import sys
+
+from flashnumba.cli import main
+
+sys.exit(main())

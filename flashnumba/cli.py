@@ -1,0 +1,67 @@
+"""The `flashnumba` command: demo, step, figures, bench, resources."""
+
+import argparse
+import sys
+
+
+def _demo(args):
+    from flashnumba.demo import main
+    return main(args)
+
+
+def _step(args):
+    from flashnumba.stepping import main
+    return main(args)
+
+
+def _figures(args):
+    from flashnumba.figures import main
+    return main(args.rest)
+
+
+def _bench(args):
+    from flashnumba.bench import main
+    return main(args.rest)
+
+
+def _resources(args):
+    from flashnumba.kernels.resources import main
+    return main(args.rest)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="flashnumba",
+        description="FlashAttention 1 and 2 in Python with Numba CUDA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run a small problem through every mirror and kernel")
+    demo.add_argument("--N", type=int, default=48, help="sequence length (default 48)")
+    demo.add_argument("--d", type=int, default=32, help="head dim (default 32)")
+    demo.add_argument("--causal", action="store_true", help="causal mask (bottom-right)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    step = sub.add_parser("step", help="step a kernel and its mirror side by side")
+    step.add_argument("algorithm", nargs="?", default="all",
+                      choices=["all", "fa1_forward", "fa1_backward", "fa2_forward", "fa2_backward"])
+    step.add_argument("--Nq", type=int, default=40)
+    step.add_argument("--Nk", type=int, default=72)
+    step.add_argument("--d", type=int, default=24)
+    step.add_argument("--causal", action="store_true")
+    step.add_argument("--seed", type=int, default=0)
+    step.set_defaults(run=_step)
+
+    for name, fn, text in (("figures", _figures, "regenerate figures/"),
+                           ("bench", _bench, "benchmark against PyTorch (needs a GPU)"),
+                           ("resources", _resources, "compile every kernel config, report registers/spills/smem")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(run=fn)
+
+    args = parser.parse_args(argv)
+    return args.run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
