@@ -1,0 +1,94 @@
+"""Run every kernel once on a few awkward shapes and check it against the float64 reference.
+
+Small enough to run under compute-sanitizer (memcheck, racecheck, synccheck,
+initcheck) in a few minutes:
+
+    compute-sanitizer --tool racecheck python -m flashnumba.selfcheck
+
+Exits non-zero if any result is off by more than 1e-5 relative.
+"""
+
+import sys
+
+import numpy as np
+
+import flashnumba  # noqa: F401  (selects gpu or sim before numba is imported)
+from flashnumba import reference
+
+TOL = 1e-5
+
+# (B, Nq, Nk, Hq, Hkv, d, causal): N not a multiple of a tile, N < a tile,
+# Nq > Nk with fully masked rows, grouped-query heads, an odd head dim.
+SHAPES = [
+    (1, 70, 70, 2, 1, 64, False),
+    (1, 37, 19, 2, 2, 40, True),
+    (2, 9, 100, 2, 1, 17, True),
+]
+
+
+def _rel_err(x, ref):
+    x = np.asarray(x, dtype=np.float64)
+    finite = np.isfinite(ref)
+    if not np.array_equal(finite, np.isfinite(x)):
+        return float("inf")
+    denom = np.linalg.norm(ref[finite])
+    diff = np.linalg.norm(x[finite] - ref[finite])
+    return diff / denom if denom > 0 else diff
+
+
+def _implementations():
+    from flashnumba.kernels.fa1_backward import fa1_backward
+    from flashnumba.kernels.fa1_forward import fa1_forward
+    from flashnumba.kernels.fa2_backward import fa2_backward
+    from flashnumba.kernels.fa2_forward import fa2_forward
+
+    def fa1(q, k, v, dout, causal):
+        O, l, m = fa1_forward(q, k, v, causal=causal)
+        with np.errstate(divide="ignore"):
+            lse = m + np.log(l)
+        return (O, lse, *fa1_backward(dout, q, k, v, O, l, m, causal=causal))
+
+    def fa2(q, k, v, dout, causal, deterministic=False):
+        O, L = fa2_forward(q, k, v, causal=causal)
+        return (O, L, *fa2_backward(dout, q, k, v, O, L, causal=causal,
+                                    deterministic=deterministic))
+
+    impls = {"fa1": fa1, "fa2": fa2,
+             "fa2 deterministic": lambda *a: fa2(*a, deterministic=True)}
+    try:
+        from flashnumba.kernels.fa2_fast_forward import fa2_fast_forward
+    except ImportError:
+        fa2_fast_forward = None
+    if fa2_fast_forward is not None:
+        def fa2_fast(q, k, v, dout, causal):
+            O, L = fa2_fast_forward(q, k, v, causal=causal)
+            return (O, L, None, None, None)
+        impls["fa2 fast forward"] = fa2_fast
+    return impls
+
+
+def main(argv=None):
+    rng = np.random.default_rng(0)
+    failures = 0
+    names = ("out", "lse", "dq", "dk", "dv")
+    for B, Nq, Nk, Hq, Hkv, d, causal in SHAPES:
+        q = rng.standard_normal((B, Nq, Hq, d)).astype(np.float32)
+        k = rng.standard_normal((B, Nk, Hkv, d)).astype(np.float32)
+        v = rng.standard_normal((B, Nk, Hkv, d)).astype(np.float32)
+        dout = rng.standard_normal((B, Nq, Hq, d)).astype(np.float32)
+        refs = (*reference.attention(q, k, v, causal=causal),
+                *reference.attention_backward(dout, q, k, v, causal=causal))
+        for name, impl in _implementations().items():
+            results = impl(q, k, v, dout, causal)
+            errs = {n: _rel_err(x, r) for n, x, r in zip(names, results, refs) if x is not None}
+            ok = all(e <= TOL for e in errs.values())
+            failures += not ok
+            shown = " ".join(f"{n}={e:.1e}" for n, e in errs.items())
+            print(f"{'PASS' if ok else 'FAIL'} {name:<18} B={B} Nq={Nq} Nk={Nk} Hq={Hq} "
+                  f"Hkv={Hkv} d={d} causal={causal}: {shown}", flush=True)
+    print(f"selfcheck: {failures} failure(s) on {flashnumba.device()}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
