@@ -1,0 +1,229 @@
+"""Step a kernel and its NumPy mirror side by side.
+
+Every kernel takes ``limit=k``: each thread block stops after k iterations of
+its loop and leaves its running state where it can be read. Every mirror takes
+the same ``limit`` with the same meaning. ``compare`` runs both for k = 1, 2,
+..., T on the same inputs and reports, step by step, the largest difference per
+state variable, and names the first (block, i, j, variable) that diverges.
+
+    algorithm      the loop a thread block runs   state after k iterations
+    fa1_forward    outer j (one block per head)   O, l, m          (HBM arrays)
+    fa1_backward   outer j (one block per head)   dQ, dK, dV
+    fa2_forward    j, for its Q tile i            O (= O_i / l_i), m, l
+    fa2_backward   i, for its K/V tile j          dQ, dK, dV
+
+The mirror computes in float64, the kernel in float32; a variable diverges when
+max |kernel - mirror| exceeds TOL times max |mirror| (non-finite entries must
+agree exactly: -inf in m where no key was seen yet).
+
+    python -m flashnumba step fa2_forward --Nq 40 --Nk 72 --d 24 --causal
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flashnumba import mirror
+from flashnumba.geometry import Tiling
+
+TOL = 1e-5
+ALGORITHMS = ("fa1_forward", "fa1_backward", "fa2_forward", "fa2_backward")
+STATE = {
+    "fa1_forward": ("O", "l", "m"),
+    "fa1_backward": ("dQ", "dK", "dV"),
+    "fa2_forward": ("O", "m", "l"),
+    "fa2_backward": ("dQ", "dK", "dV"),
+}
+
+
+@dataclass
+class Problem:
+    """One head's inputs (float64) and the tile sizes both sides use."""
+    Q: np.ndarray
+    K: np.ndarray
+    V: np.ndarray
+    dO: np.ndarray
+    Br: int
+    Bc: int
+    causal: bool
+
+    @property
+    def tiling(self):
+        return Tiling(self.Q.shape[0], self.K.shape[0], self.Br, self.Bc, causal=self.causal)
+
+    def as_kernel_input(self, X):
+        """(N, d) float64 -> (1, N, 1, d) float32: batch 1, one head."""
+        return np.ascontiguousarray(X[None, :, None, :], dtype=np.float32)
+
+
+@dataclass
+class Report:
+    algorithm: str
+    problem: Problem
+    rows: list = field(default_factory=list)        # (k, {variable: error})
+    divergence: tuple | None = None                # (k, block, i, j, variable, error)
+
+    @property
+    def agrees(self):
+        return self.divergence is None
+
+    def table(self):
+        names = STATE[self.algorithm]
+        t = self.problem.tiling
+        lines = [f"{self.algorithm}: Nq={t.Nq} Nk={t.Nk} d={self.problem.Q.shape[1]} "
+                 f"Br={t.Br} Bc={t.Bc} causal={t.causal}; max |kernel - mirror| / max |mirror|",
+                 f"  {'k':>3} " + "".join(f"{n:>10}" for n in names)]
+        for k, errs in self.rows:
+            lines.append(f"  {k:>3} " + "".join(f"{errs[n]:>10.1e}" for n in names))
+        if self.divergence is None:
+            lines.append(f"  agree at every step (tolerance {TOL:.0e})")
+        else:
+            k, block, i, j, name, err = self.divergence
+            lines.append(f"  first divergence: step k={k}, block {block}, tile i={i}, j={j}, "
+                         f"variable {name} (error {err:.1e} > {TOL:.0e})")
+        return "\n".join(lines)
+
+
+def block_loop_length(algorithm, tiling):
+    """T: the most iterations any thread block's loop makes."""
+    if algorithm.startswith("fa1"):
+        return tiling.Tc
+    if algorithm == "fa2_forward":
+        return max(len(tiling.kv_range(i)) for i in range(tiling.Tr))
+    return max(len(tiling.q_range(j)) for j in range(tiling.Tc))
+
+
+# ------------------------------------------------------------------ the two sides
+
+def _forward_inputs(p):
+    """O, l, m, L of the full forward pass (float64), inputs to the backward passes."""
+    O, l, m = mirror.fa1_forward(p.Q, p.K, p.V, Br=p.Br, Bc=p.Bc, causal=p.causal)
+    _, L = mirror.fa2_forward(p.Q, p.K, p.V, Br=p.Br, Bc=p.Bc, causal=p.causal)
+    return O, l, m, L
+
+
+def mirror_state(algorithm, p, k):
+    """The mirror's state after k iterations of each block's loop (float64, one head)."""
+    kw = dict(Br=p.Br, Bc=p.Bc, causal=p.causal, limit=k)
+    if algorithm == "fa1_forward":
+        return dict(zip(("O", "l", "m"), mirror.fa1_forward(p.Q, p.K, p.V, **kw)))
+    if algorithm == "fa2_forward":
+        records, (O, _) = mirror.run(mirror.fa2_forward_steps(p.Q, p.K, p.V, **kw))
+        m = np.full(p.Q.shape[0], -np.inf)
+        l = np.zeros(p.Q.shape[0])
+        for step in records:           # the last record of each Q tile holds its m_i, l_i
+            m[step.rows[0]:step.rows[1]] = step.state["m_i"]
+            l[step.rows[0]:step.rows[1]] = step.state["l_i"]
+        return {"O": O, "m": m, "l": l}
+    O, l, m, L = _forward_inputs(p)
+    if algorithm == "fa1_backward":
+        grads = mirror.fa1_backward(p.dO, p.Q, p.K, p.V, O, l, m, **kw)
+    else:
+        grads = mirror.fa2_backward(p.dO, p.Q, p.K, p.V, O, L, **kw)
+    return dict(zip(("dQ", "dK", "dV"), grads))
+
+
+def kernel_state(algorithm, p, k):
+    """The kernel's state after k iterations of each block's loop (one head, as float64)."""
+    q, k_, v, dout = (p.as_kernel_input(X) for X in (p.Q, p.K, p.V, p.dO))
+    kw = dict(Br=p.Br, Bc=p.Bc, causal=p.causal, limit=k)
+    head = lambda x: np.asarray(x, dtype=np.float64)[0, :, 0, :]      # noqa: E731
+    stat = lambda x: np.asarray(x, dtype=np.float64)[0, 0]            # noqa: E731
+    if algorithm == "fa1_forward":
+        from flashnumba.kernels.fa1_forward import fa1_forward
+        O, l, m = fa1_forward(q, k_, v, **kw)
+        return {"O": head(O), "l": stat(l), "m": stat(m)}
+    if algorithm == "fa2_forward":
+        from flashnumba.kernels.fa2_forward import fa2_forward
+        O, _, m, l = fa2_forward(q, k_, v, return_state=True, **kw)
+        return {"O": head(O), "m": stat(m), "l": stat(l)}
+    O, l, m, L = _forward_inputs(p)
+    O = p.as_kernel_input(O)
+    if algorithm == "fa1_backward":
+        from flashnumba.kernels.fa1_backward import fa1_backward
+        grads = fa1_backward(dout, q, k_, v, O, l[None, None].astype(np.float32),
+                             m[None, None].astype(np.float32), **kw)
+    else:
+        from flashnumba.kernels.fa2_backward import fa2_backward
+        grads = fa2_backward(dout, q, k_, v, O, L[None, None].astype(np.float32), **kw)
+    return dict(zip(("dQ", "dK", "dV"), (head(g) for g in grads)))
+
+
+# ------------------------------------------------------------------ comparing
+
+def error(x, ref):
+    """max |x - ref| / max |ref| over finite entries; inf if the non-finite entries differ."""
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    finite = np.isfinite(ref)
+    if not np.array_equal(finite, np.isfinite(x)) or not np.array_equal(x[~finite], ref[~finite]):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    scale = max(np.abs(ref[finite]).max(), np.finfo(np.float64).tiny)
+    return float(np.abs(x[finite] - ref[finite]).max() / scale)
+
+
+def _locate(algorithm, p, k, name, x, ref):
+    """(block, i, j) of the worst entry of variable `name` at step k."""
+    t = p.tiling
+    bad = np.abs(np.nan_to_num(np.asarray(x, dtype=np.float64) - ref, nan=np.inf, posinf=np.inf,
+                               neginf=np.inf))
+    row = int(np.unravel_index(np.argmax(bad), bad.shape)[0])
+    if algorithm.startswith("fa1"):                 # one block per head; outer step j = k - 1
+        j = min(k, t.Tc) - 1
+        i = row // t.Br if name in ("O", "l", "m", "dQ") else "all"
+        return "(b=0, h=0)", i, j
+    if algorithm == "fa2_forward":                  # block = Q tile i
+        i = row // t.Br
+        js = list(t.kv_range(i))
+        return f"i={i}", i, js[min(k, len(js)) - 1] if js else None
+    if name == "dQ":                                # dQ sums over every K/V block
+        return "all j", row // t.Br, "all"
+    j = row // t.Bc                                 # block = K/V tile j
+    is_ = list(t.q_range(j))
+    return f"j={j}", is_[min(k, len(is_)) - 1] if is_ else None, j
+
+
+def make_problem(Nq, Nk, d, causal=False, seed=0, Br=None, Bc=None, algorithm="fa2_forward"):
+    """Random inputs for one head, with the kernel's default tile sizes unless given."""
+    from importlib import import_module
+    rng = np.random.default_rng(seed)
+    Q, K, V = rng.standard_normal((Nq, d)), rng.standard_normal((Nk, d)), rng.standard_normal((Nk, d))
+    dO = rng.standard_normal((Nq, d))
+    config = import_module(f"flashnumba.kernels.{algorithm}").default_config(d)
+    Q, K, V, dO = (X.astype(np.float32).astype(np.float64) for X in (Q, K, V, dO))
+    return Problem(Q, K, V, dO, Br or config.Br, Bc or config.Bc, causal)
+
+
+def compare(algorithm, problem, kernel=kernel_state, tol=TOL):
+    """Run mirror and kernel for k = 1..T; return a Report (rows and the first divergence)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
+    report = Report(algorithm, problem)
+    for k in range(1, block_loop_length(algorithm, problem.tiling) + 1):
+        ref = mirror_state(algorithm, problem, k)
+        got = kernel(algorithm, problem, k)
+        errs = {name: error(got[name], ref[name]) for name in STATE[algorithm]}
+        report.rows.append((k, errs))
+        if report.divergence is None:
+            for name in STATE[algorithm]:
+                if errs[name] > tol:
+                    block, i, j = _locate(algorithm, problem, k, name, got[name], ref[name])
+                    report.divergence = (k, block, i, j, name, errs[name])
+                    break
+    return report
+
+
+def main(args):
+    import flashnumba
+    algorithms = ALGORITHMS if args.algorithm == "all" else (args.algorithm,)
+    print(f"stepping kernels against mirrors on {flashnumba.device()}\n")
+    status = 0
+    for algorithm in algorithms:
+        p = make_problem(args.Nq, args.Nk, args.d, causal=args.causal, seed=args.seed,
+                         algorithm=algorithm)
+        report = compare(algorithm, p)
+        print(report.table(), "\n", flush=True)
+        status |= not report.agrees
+    return status
