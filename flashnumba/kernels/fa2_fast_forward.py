@@ -1,0 +1,494 @@
+"""FlashAttention-2 forward, version 2: register tiles, for speed (the readable one is fa2_forward).
+
+Same algorithm, same contract as ``fa2_forward`` (Dao 2023, Algorithm 1; one
+thread block per Q tile i and head; grid (Tr, B * Hq)), but the work inside a
+tile is laid out the way fast matrix-product kernels lay it out:
+
+    version 1  fa2_forward.py       one warp per group of rows, one lane per score
+               column; every multiply-add loads one operand from shared memory.
+               Simple; shared-memory bound.
+    version 2  this file            each thread owns a 4 x TN block of S_ij and a
+               4 x TD block of O_i in registers, and reads its operands as
+               16-byte vectors from k-major (transposed) tiles, so one shared
+               load feeds 4-8 multiply-adds. fp32 FMA (no tensor cores).
+
+The algorithm, with the papers' names (scores in log2 units, see below):
+
+    Q_i -> shared (transposed, pre-multiplied by scale * log2(e)), once
+    m_i = -inf, l_i = 0, O_i = 0                               registers
+    for j < Tc (causal: j < kv_tile_end(i), tiles above the diagonal skipped):
+        K_j -> shared (transposed), V_j -> shared
+        S_ij = Q_i K_j^T                   register tile, 4 rows x TN columns per thread
+        S_ij = -inf where key c >= Nk or (causal) c > r + Nk - Nq   (edge/diagonal tiles only)
+        m_new = max(m_i, rowmax(S_ij))     over the thread's columns, then shfl_xor
+                                           across the CG threads that share the row
+        P_ij  = exp2(S_ij - m_new)
+        l_i   = exp2(m_i - m_new) l_i + rowsum(P_ij)   per thread's columns; the
+                                           CG partial sums are added once, at the end
+        O_i   = exp2(m_i - m_new) O_i + P_ij V_j     P_ij goes through shared memory
+        m_i   = m_new
+    O_i = O_i / l_i,   L_i = (m_i + log2 l_i) ln 2   natural log, as fa2_forward
+
+Thread layout (T threads; TM = 4 rows per thread; CG column groups)::
+
+    tx = tid % CG, ty = tid // CG
+    rows of S_ij and O_i:   r = 4 ty + a,            a < 4
+    columns of S_ij:        c = 4 (tx + CG g) + t,   g < TN / 4, t < 4
+    columns of O_i:         n = 4 (tx + CG g) + t,   g < TD / 4, t < 4
+
+The CG threads of a row are CG consecutive lanes of one warp, so the row max
+and row sum are xor shuffles with offsets 1, 2, ..., CG / 2.
+
+Shared memory (48 KB at most, static; each array declared on its own line):
+
+    Qt[k, r]   Q_i transposed (D x Br): for each k a thread reads its 4 rows as one
+               16-byte vector; the 32 / CG row groups of a warp read 64 bytes: one
+               shared-memory wavefront, no bank conflict.
+    Kt[k, c]   K_j transposed (D x Bc): a thread reads 4 consecutive columns per
+               vector; the CG threads of a row group read 4 CG consecutive floats.
+               After S_ij, the same array holds P_ij transposed, Pt[c, r], so that
+               P_ij V_j reads P like S_ij reads Q. (Br == Bc keeps one shape.)
+    Vs[c, n]   V_j row-major (Bc x D): 4 consecutive output dims per vector.
+
+    Transposing on the way in costs a 4-way bank conflict on the store (8 rows x
+    4 dims per warp instruction, so the global loads stay 16-byte runs); it
+    happens once per tile, against D * Bc * Br multiply-adds.
+
+Scores in log2 units: Q_i is multiplied by scale * log2(e) as it is loaded, so
+S_ij is already in log2 units and P_ij = exp2(S_ij - m) (one ``ex2.approx``
+instruction) instead of exp(scale * S_ij - m).
+
+Compiler habits this file relies on (checked in the PTX, see PERF-NOTES.md):
+
+- register arrays (``cuda.local.array``) are indexed only by loop variables
+  of loops with compile-time bounds, which LLVM unrolls: they stay in registers;
+- ``tid = threadIdx.x & (T - 1)`` is the thread index unchanged, but tells
+  the compiler it is non-negative, so Numba's negative-index wraparound code
+  folds away and consecutive shared loads merge into ``ld.shared.v4.f32``;
+- the shared arrays are declared 16-byte aligned, for those vector loads.
+
+Head dims: compiled for D in FAST_HEAD_DIMS (32, 64, 128); d <= D is
+zero-padded in shared memory (Q_i) and only n < d is written out. d = 96
+therefore runs the D = 128 kernel and wastes a quarter of its multiply-adds.
+
+Barriers per K/V tile: three ``syncthreads`` (tile consumed / tile loaded /
+K_j consumed before P_ij overwrites it) and one ``syncwarp`` (a warp reads back
+only the rows of P_ij its own lanes wrote).
+
+Known limits: fp32 FMA only (no TF32 / tensor cores: numba exposes no mma);
+48 KB of static shared memory caps the tiles (D=128 runs 32 x 32 tiles
+with 2 warps); no software pipelining of the K_j, V_j loads (several blocks per
+SM hide that latency instead).
+"""
+
+import functools
+import math
+
+import numpy as np
+from numba import config as numba_config
+from numba import cuda, float32, types
+
+from flashnumba.kernels import common
+from flashnumba.kernels.common import (
+    FLOAT_BYTES,
+    STATIC_SMEM_LIMIT,
+    WARP_SIZE,
+    ConfigError,
+    TileConfig,
+    require,
+)
+from flashnumba.kernels.geometry import kv_tile_end
+
+FULL_MASK = 0xFFFFFFFF
+LOG2_E = 1.4426950408889634
+LN_2 = 0.6931471805599453
+TM = 4                                   # rows of S_ij and O_i per thread (one 16-byte vector)
+FAST_HEAD_DIMS = (32, 64, 128)           # compile-time D; d <= 16 runs in D = 32, 64 < d <= 96 in D = 128
+                                         # (a D = 96 build spilled: 12-wide register rows)
+SM_SHARED_BYTES = 227 * 1024             # usable shared memory per SM on sm_90 (sm_80: 163 KB)
+REGISTERS_PER_SM = 65536
+MIN_REGISTERS = 160                      # per thread: S_ij, O_i, operands, and one tile of loads in flight
+MAX_REGISTER_FLOATS = 112                # S_ij + O_i + operands per thread; more would spill
+
+# Default tiles per head-dim bucket: (Br, Bc, num_warps).
+_DEFAULTS = {
+    32: (64, 64, 4),
+    64: (64, 64, 4),
+    128: (32, 32, 2),
+}
+# Other configurations that compile cleanly, for tuning on a GPU (bench --tune).
+_ALTERNATIVES = {
+    64: [(32, 32, 2)],
+    128: [],
+}
+
+
+def fast_bucket(d):
+    """The compile-time head dim D of the fast kernels that serves head dim d."""
+    if not 1 <= d <= FAST_HEAD_DIMS[-1]:
+        raise ValueError(f"head dim d={d} is not supported: expected 1 <= d <= {FAST_HEAD_DIMS[-1]}")
+    return next(D for D in FAST_HEAD_DIMS if d <= D)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+def layout(config):
+    """Thread layout of a config: dict with CG, RG (row groups), TN, TD, NG, ND (16-byte groups)."""
+    T = config.threads
+    CG = T * TM // config.Br              # threads that share a row
+    return {"T": T, "CG": CG, "RG": T // max(CG, 1), "TN": config.Bc // max(CG, 1),
+            "TD": config.D // max(CG, 1), "NG": config.Bc // max(4 * CG, 1),
+            "ND": config.D // max(4 * CG, 1)}
+
+
+def default_config(d):
+    """The shipped tile configuration for head dim d (served by its bucket D)."""
+    D = fast_bucket(d)
+    Br, Bc, num_warps = _DEFAULTS[D]
+    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+
+
+def shipped_configs():
+    """Every bucket's default plus the alternatives bench --tune times."""
+    configs = [default_config(D) for D in FAST_HEAD_DIMS]
+    for D, alternatives in _ALTERNATIVES.items():
+        configs += [TileConfig(Br=Br, Bc=Bc, D=D, num_warps=w) for Br, Bc, w in alternatives]
+    return configs
+
+
+def smem_bytes(config):
+    """Qt (D x Br) + Kt, reused as Pt (max(D, Bc) x Bc) + Vs (Bc x D), float32."""
+    Br, Bc, D = config.Br, config.Bc, config.D
+    return (D * Br + max(D, Bc) * Bc + Bc * D) * FLOAT_BYTES
+
+
+def min_blocks_per_sm(config):
+    """Blocks per SM to ask the compiler for: as many as shared memory allows (1 KB per block is
+    reserved by the hardware), but not so many that a thread gets fewer than 128 registers."""
+    by_smem = SM_SHARED_BYTES // (smem_bytes(config) + 1024)
+    by_registers = REGISTERS_PER_SM // (config.threads * MIN_REGISTERS)
+    return max(1, min(by_smem, by_registers))
+
+
+def check_config(config):
+    """Raise ConfigError unless the configuration can compile and launch."""
+    require(isinstance(config, TileConfig), f"expected a TileConfig, got {config!r}")
+    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
+    for name, value in (("Br", Br), ("Bc", Bc), ("num_warps", num_warps)):
+        require(isinstance(value, (int, np.integer)) and value >= 1,
+                f"{name} must be a positive integer, got {value!r}")
+    require(D in FAST_HEAD_DIMS, f"D={D} is not a fast head-dim bucket {FAST_HEAD_DIMS}")
+    require(Br == Bc, f"Br={Br} must equal Bc={Bc}: P_ij is stored in K_j's shared array")
+    T = config.threads
+    require(T <= 1024 and T & (T - 1) == 0, f"num_warps={num_warps}: threads must be a power of 2, <= 1024")
+    require((T * TM) % Br == 0, f"Br={Br} must divide threads * {TM} = {T * TM}")
+    lay = layout(config)
+    CG = lay["CG"]
+    require(1 <= CG <= WARP_SIZE and CG & (CG - 1) == 0,
+            f"Br={Br}, num_warps={num_warps}: {CG} threads per row; must be a power of 2 <= 32 "
+            f"(the threads of a row must sit in one warp)")
+    require(lay["RG"] * TM == Br, f"Br={Br}: row groups x {TM} must cover Br")
+    require(Bc % (4 * CG) == 0, f"Bc={Bc} must be a multiple of 4 * CG = {4 * CG}")
+    require(D % (4 * CG) == 0, f"D={D} must be a multiple of 4 * CG = {4 * CG}")
+    require(Bc <= D or Bc == Br, f"Bc={Bc}: Pt (Bc x Br) must fit where Kt was")
+    smem = smem_bytes(config)
+    require(smem <= STATIC_SMEM_LIMIT,
+            f"Br={Br}, Bc={Bc}, D={D} needs {smem} bytes of static shared memory "
+            f"> {STATIC_SMEM_LIMIT} (48 KB); use smaller tiles")
+    floats = TM * lay["TN"] + TM * lay["TD"] + TM + max(lay["TN"], lay["TD"])
+    require(floats <= MAX_REGISTER_FLOATS,
+            f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps} holds {floats} floats per thread in "
+            f"register arrays (> {MAX_REGISTER_FLOATS}, would spill); use more warps or smaller tiles")
+
+
+def _smem_alignment():
+    """16 bytes (for ld.shared.v4) on a GPU; the simulator accepts no alignment argument."""
+    return None if numba_config.ENABLE_CUDASIM else 16
+
+
+def _jit_options(config):
+    """Launch bounds for the real compiler (the simulator takes none): caps registers so that
+    as many blocks as shared memory allows can share an SM."""
+    if numba_config.ENABLE_CUDASIM:
+        return {}
+    return {"launch_bounds": (config.threads, min_blocks_per_sm(config))}
+
+
+# ---------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def build(config):
+    """Compile-time sizes baked in as plain Python ints; returns the @cuda.jit kernel."""
+    check_config(config)
+    Br, Bc, D = int(config.Br), int(config.Bc), int(config.D)
+    lay = layout(config)
+    T, CG, TN, TD, NG, ND = lay["T"], lay["CG"], lay["TN"], lay["TD"], lay["NG"], lay["ND"]
+    T_MASK = T - 1
+    LOG2_CG = CG.bit_length() - 1
+    KP_ROWS = max(D, Bc)                    # Kt uses D rows, Pt uses Bc rows
+    T_ROWS = T // 4                         # rows of Q_i / K_j loaded per pass (4 threads per row)
+    V_ROWS = T // WARP_SIZE                 # rows of V_j loaded per pass (a warp per row)
+    INDEX_MASK = 0x7FFFFFFF                 # x & INDEX_MASK == x for the indices here; tells the
+                                            # compiler x >= 0 (no negative-index wraparound code)
+    Y_LEN = max(TN, TD)
+    ALIGN = _smem_alignment()
+
+    @cuda.jit(device=True, inline="always")
+    def product_step(C, At, Bs, kk, r_t, tx, x, y):
+        """C[a, n] += At[kk, r_t + a] * Bs[kk, 4 (tx + CG g) + t]: one rank-1 update of a register tile.
+
+        S_ij += Q_i[:, kk] K_j[:, kk]^T  (At = Qt, Bs = Kt), or
+        O_i  += P_ij[:, kk] V_j[kk, :]   (At = Pt, Bs = Vs).
+        One 16-byte load of At, NB = C.shape[1] / 4 of Bs, 4 * 4 NB multiply-adds.
+        Inlined into the kernel (Numba IR level), so every index below is a constant.
+        """
+        NB = C.shape[1] // 4
+        for a in range(TM):
+            x[a] = At[kk, r_t + a]
+        for g in range(NB):
+            for t in range(4):
+                y[4 * g + t] = Bs[kk, 4 * (tx + CG * g) + t]
+        for a in range(TM):
+            for n in range(4 * NB):
+                C[a, n] += x[a] * y[n]
+
+    @cuda.jit(**_jit_options(config))
+    def fa2_fast_forward_kernel(q, k, v, out, L, q_scale, causal, limit):
+        # --- sizes ---
+        B, N_q, H_q, d = q.shape
+        N_k = k.shape[1]
+        H_kv = k.shape[2]
+        T_r = (N_q + Br - 1) // Br
+        T_c = (N_k + Bc - 1) // Bc
+        offset = N_k - N_q                  # bottom-right causal diagonal
+
+        # --- who am I ---
+        tid = cuda.threadIdx.x & T_MASK     # = threadIdx.x; the mask proves tid >= 0 to the compiler
+        tx = tid % CG                       # column group
+        ty = tid // CG                      # row group: rows 4 ty .. 4 ty + 3
+        r_t = TM * ty
+        i = T_r - 1 - cuda.blockIdx.x       # last Q tiles first: under causal they have the most work
+        bh = cuda.blockIdx.y & 0x7FFFFFFF
+        b = bh // H_q
+        h = bh % H_q
+        h_kv = h // (H_q // H_kv)           # grouped-query attention: this head's K/V head
+        row0 = i * Br
+        r_ld = tid // 4                     # loading Q_i, K_j: rows r_ld + T_ROWS rr, dims k_ld + 4 s
+        k_ld = tid % 4
+        v_row = tid // WARP_SIZE            # loading V_j: rows v_row + V_ROWS rr, dims v_dim + 32 u
+        v_dim = tid % WARP_SIZE
+
+        # --- shared memory (each array on its own line) ---
+        Qt = cuda.shared.array((D, Br), float32, alignment=ALIGN)
+        Kt = cuda.shared.array((KP_ROWS, Bc), float32, alignment=ALIGN)   # K_j^T, then P_ij^T
+        Vs = cuda.shared.array((Bc, D), float32, alignment=ALIGN)
+
+        # --- registers ---
+        S = cuda.local.array((TM, TN), float32)     # S_ij, then P_ij: rows r_t + a, columns of tx
+        O = cuda.local.array((TM, TD), float32)     # O_i, unnormalised
+        m = cuda.local.array(TM, float32)           # m_i (log2 units)
+        l = cuda.local.array(TM, float32)           # l_i, this thread's columns only
+        x = cuda.local.array(TM, float32)           # a column of Qt or of Pt
+        y = cuda.local.array(Y_LEN, float32)        # a row of Kt or of Vs
+        for a in range(TM):
+            m[a] = -math.inf
+            l[a] = 0.0
+            for n in range(TD):
+                O[a, n] = 0.0
+
+        # Q_i -> Qt, scaled into log2 units. Lanes: 4 consecutive dims x 8 rows, so a warp
+        # reads 16-byte runs of 8 rows (the transposed store has a 4-way bank conflict). Rows
+        # past N_q load a clamped valid row (never written out); dims past d must be zero, so
+        # that K_j's padding dims add nothing to S_ij.
+        for rr in range(Br // T_ROWS):
+            r = r_ld + T_ROWS * rr
+            row = min(row0 + r, N_q - 1) & INDEX_MASK
+            for s4 in range(D // 4):
+                kk = k_ld + 4 * s4
+                value = q[b, row, h, min(kk, d - 1)] * q_scale
+                Qt[kk, r] = value if kk < d else float32(0.0)
+
+        n_tiles = T_c
+        if causal:
+            n_tiles = kv_tile_end(i, Br, Bc, N_q, N_k, offset)   # tiles past the diagonal are skipped
+        n_tiles = min(n_tiles, limit)
+
+        j = 0
+        while j < n_tiles:
+            col0 = j * Bc
+            cuda.syncthreads()  # every warp done reading the last tile's Pt (in Kt) and Vs
+
+            # K_j -> Kt (transposed, lanes as for Q_i); V_j -> Vs (lanes along the 32 consecutive
+            # dims of one row: coalesced, no bank conflict). Unconditional loads from clamped,
+            # valid addresses, so the compiler issues them all before any store. Nothing needs
+            # zeroing: keys past N_k are masked to -inf in S_ij (so P_ij = 0 times a finite V_j
+            # row), K_j dims past d meet zeros in Qt, and V_j dims past d land in O_i columns
+            # that are never written.
+            for rr in range(Bc // T_ROWS):
+                c = r_ld + T_ROWS * rr
+                col = min(col0 + c, N_k - 1) & INDEX_MASK
+                for s4 in range(D // 4):
+                    kk = k_ld + 4 * s4
+                    Kt[kk, c] = k[b, col, h_kv, min(kk, d - 1)]
+            for rr in range(Bc // V_ROWS):
+                c = v_row + V_ROWS * rr
+                col = min(col0 + c, N_k - 1) & INDEX_MASK
+                for u in range(D // WARP_SIZE):
+                    n = v_dim + WARP_SIZE * u
+                    Vs[c, n] = v[b, col, h_kv, min(n, d - 1)]
+            cuda.syncthreads()  # K_j, V_j (and Q_i, the first time) written before any warp reads them
+
+            # S_ij = Q_i K_j^T: per k, one vector of Q (4 rows) and NG vectors of K (TN columns)
+            for a in range(TM):
+                for n in range(TN):
+                    S[a, n] = 0.0
+            k0 = 0
+            while k0 < D:                        # four k steps per trip, unrolled by hand
+                product_step(S, Qt, Kt, k0, r_t, tx, x, y)
+                product_step(S, Qt, Kt, k0 + 1, r_t, tx, x, y)
+                product_step(S, Qt, Kt, k0 + 2, r_t, tx, x, y)
+                product_step(S, Qt, Kt, k0 + 3, r_t, tx, x, y)
+                k0 += 4
+
+            # mask keys past N_k and, under causal, past the diagonal; only edge and diagonal tiles
+            if col0 + Bc > N_k or (causal and col0 + Bc - 1 > row0 + offset):
+                for a in range(TM):
+                    row = row0 + r_t + a
+                    for g in range(NG):
+                        for t in range(4):
+                            col = col0 + 4 * (tx + CG * g) + t
+                            if col >= N_k or (causal and col > row + offset):
+                                S[a, 4 * g + t] = -math.inf
+
+            # online softmax, row by row
+            for a in range(TM):
+                m_tilde = S[a, 0]
+                for n in range(1, TN):
+                    m_tilde = max(m_tilde, S[a, n])
+                for s in range(LOG2_CG):         # max over the CG threads of the row
+                    m_tilde = max(m_tilde, cuda.shfl_xor_sync(FULL_MASK, m_tilde, 1 << s))
+                m_new = max(m[a], m_tilde)       # m_new = max(m_i, rowmax(S_ij))
+                m_safe = m_new
+                if m_new == -math.inf:
+                    m_safe = float32(0.0)        # no visible key yet: P = 0, no inf - inf
+                alpha = math.exp2(m[a] - m_safe)     # rescales the old l_i and O_i
+                l_tilde = float32(0.0)
+                for n in range(TN):
+                    p = math.exp2(S[a, n] - m_safe)  # P_ij = exp2(S_ij - m_new)
+                    S[a, n] = p
+                    l_tilde += p
+                l[a] = alpha * l[a] + l_tilde
+                m[a] = m_new
+                for n in range(TD):
+                    O[a, n] *= alpha
+            cuda.syncthreads()  # every warp done reading K_j before P_ij overwrites it
+
+            # P_ij -> Pt[c, r] (in Kt); a warp writes and later reads only its own rows r
+            for g in range(NG):
+                for t in range(4):
+                    c = 4 * (tx + CG * g) + t
+                    for a in range(TM):
+                        Kt[c, r_t + a] = S[a, 4 * g + t]
+            cuda.syncwarp()  # this warp's rows of P_ij written by all its lanes before any lane reads them
+
+            # O_i += P_ij V_j: per key c, one vector of P (4 rows) and ND vectors of V (TD dims)
+            c0 = 0
+            while c0 < Bc:                       # four keys per trip, unrolled by hand
+                product_step(O, Kt, Vs, c0, r_t, tx, x, y)
+                product_step(O, Kt, Vs, c0 + 1, r_t, tx, x, y)
+                product_step(O, Kt, Vs, c0 + 2, r_t, tx, x, y)
+                product_step(O, Kt, Vs, c0 + 3, r_t, tx, x, y)
+                c0 += 4
+            j += 1
+
+        # O_i / l_i and L_i = (m_i + log2 l_i) ln 2; a row that saw no key: O = 0, L = -inf
+        for a in range(TM):
+            l_row = l[a]
+            for s in range(LOG2_CG):             # l_i = sum of the CG threads' partial sums
+                l_row += cuda.shfl_xor_sync(FULL_MASK, l_row, 1 << s)
+            row = row0 + r_t + a
+            if row < N_q:
+                inv_l = float32(0.0)
+                if l_row > 0.0:
+                    inv_l = float32(1.0) / l_row
+                for g in range(ND):
+                    for t in range(4):
+                        n = 4 * (tx + CG * g) + t
+                        if n < d:
+                            out[b, row, h, n] = O[a, 4 * g + t] * inv_l
+                if tx == 0:
+                    if l_row > 0.0:
+                        L[b, h, row] = (m[a] + math.log2(l_row)) * LN_2
+                    else:
+                        L[b, h, row] = -math.inf
+
+    return fa2_fast_forward_kernel
+
+
+def compile_targets(config):
+    """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as the wrapper launches them."""
+    a4 = types.Array(types.float32, 4, "C")
+    a3 = types.Array(types.float32, 3, "C")
+    argtypes = (a4, a4, a4, a4, a3, types.float32, types.boolean, types.int64)
+    return [("fa2_fast_forward", build(config), argtypes)]
+
+
+# ---------------------------------------------------------------------------
+# Wrapper: check, allocate, launch
+# ---------------------------------------------------------------------------
+
+def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
+    """The default config for d, or `config`, with any of Br, Bc, num_warps overridden; checked."""
+    base = config if config is not None else default_config(d)
+    if base.D != fast_bucket(d) and base.D < d:
+        raise ConfigError(f"config D={base.D} cannot serve head dim d={d}")
+    config = TileConfig(Br=base.Br if Br is None else Br, Bc=base.Bc if Bc is None else Bc,
+                        D=base.D, num_warps=base.num_warps if num_warps is None else num_warps)
+    check_config(config)
+    return config
+
+
+def launcher(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, num_warps=None,
+             limit=None, config=None):
+    """Check and allocate once; returns (launch, out, L) with device arrays out, L.
+
+    ``launch()`` runs the kernel again into the same out and L: what the
+    benchmark times (no allocation inside the timed region). q, k, v must stay alive.
+    """
+    B, N_q, N_k, H_q, H_kv, d = common.check_qkv(q, k, v)
+    scale = common.resolve_scale(softmax_scale, d)
+    steps = common.resolve_limit(limit)
+    config = resolve_config(d, Br, Bc, num_warps, config)
+    kernel = build(config)
+
+    arrays = common.Arrays(q, k, v)
+    q_d, k_d, v_d = arrays.to_device(q), arrays.to_device(k), arrays.to_device(v)
+    out = cuda.device_array((B, N_q, H_q, d), dtype=np.float32)
+    L = cuda.device_array((B, H_q, N_q), dtype=np.float32)
+    T_r = (N_q + config.Br - 1) // config.Br
+    launch_kernel = kernel[(T_r, B * H_q), config.threads]
+    q_scale = np.float32(scale * LOG2_E)
+
+    def launch():
+        launch_kernel(q_d, k_d, v_d, out, L, q_scale, bool(causal), steps)
+
+    return launch, out, L
+
+
+def fa2_fast_forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None,
+                     num_warps=None, limit=None, config=None):
+    """FlashAttention-2 forward, register-tiled. q (B, Nq, Hq, d), k, v (B, Nk, Hkv, d), float32.
+
+    Returns (O (B, Nq, Hq, d), L (B, Hq, Nq)), L = logsumexp of each row's
+    scaled scores (natural log; -inf for a row with no visible key).
+    NumPy in, NumPy out; device arrays in, device arrays out (no copies).
+    """
+    launch, out, L = launcher(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc,
+                              num_warps=num_warps, limit=limit, config=config)
+    launch()
+    arrays = common.Arrays(q, k, v)
+    return arrays.result(out), arrays.result(L)
