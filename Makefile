@@ -16,7 +16,7 @@ demo: $(BIN)/flashnumba
 	$(BIN)/flashnumba demo
 
 test: $(BIN)/flashnumba
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 figures: $(BIN)/flashnumba
 	$(BIN)/flashnumba figures
