@@ -51,7 +51,12 @@ def require(condition, message):
 
 
 def is_device_array(x):
-    return cuda.is_cuda_array(x) and not isinstance(x, np.ndarray)
+    if isinstance(x, np.ndarray):
+        return False
+    if hasattr(cuda, "is_cuda_array"):
+        return cuda.is_cuda_array(x)
+    # The simulator has no is_cuda_array; its device arrays (FakeCUDAArray) say so.
+    return bool(getattr(x, "__cuda_ndarray__", False))
 
 
 def check_qkv(q, k, v):
@@ -112,6 +117,8 @@ class Arrays:
     def to_device(self, x):
         if self.host:
             return cuda.to_device(np.ascontiguousarray(x))
+        if not hasattr(cuda, "as_cuda_array"):
+            return x                    # the simulator has no as_cuda_array; x is its device array
         return cuda.as_cuda_array(x)
 
     def empty(self, shape, fill=None):

@@ -22,8 +22,8 @@ def sum_head_groups(dX_per_q_head, dX):
     g = (idx // d) % Hkv
     n = (idx // (d * Hkv)) % N
     b = idx // (d * Hkv * N)
-    total = 0.0
-    for h in range(g * group, (g + 1) * group):
+    total = dX_per_q_head[b, n, g * group, k]        # starts in float32, stays float32
+    for h in range(g * group + 1, (g + 1) * group):
         total += dX_per_q_head[b, n, h, k]
     dX[b, n, g, k] = total
 

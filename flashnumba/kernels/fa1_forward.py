@@ -1,0 +1,364 @@
+"""FlashAttention-1 forward: Algorithm 1 of Dao et al. 2022, with FA1's split-K warp layout.
+
+Algorithm 1, for one (batch, head); S = softmax_scale * Q K^T:
+
+    initialise O = 0 (N x d), l = 0 (N), m = -inf (N) in HBM
+    for j in 0 .. Tc-1:                                   # outer loop: K/V tiles
+        load K_j, V_j into shared memory
+        for i in 0 .. Tr-1:                               # inner loop: Q tiles
+            load Q_i, O_i, l_i, m_i from HBM
+            S_ij  = softmax_scale * Q_i K_j^T             (Br x Bc)
+            m~_ij = rowmax(S_ij)
+            P~_ij = exp(S_ij - m~_ij)
+            l~_ij = rowsum(P~_ij)
+            m_i_new = max(m_i, m~_ij)
+            l_i_new = e^(m_i - m_i_new) l_i + e^(m~_ij - m_i_new) l~_ij
+            O_i <- diag(l_i_new)^-1 (diag(l_i) e^(m_i - m_i_new) O_i + e^(m~_ij - m_i_new) P~_ij V_j)
+            write O_i, l_i <- l_i_new, m_i <- m_i_new to HBM
+
+The loop order is the paper's: K/V outside, Q inside, so O, l and m make a
+round trip through global memory at every inner step. FlashAttention-2 swaps
+the loops and keeps O_i on chip; compare ``fa2_forward``.
+
+Inside a thread block (one per (batch, head)) the warps split the Bc columns
+(keys) of S_ij: warp w owns keys [w*Bcw, (w+1)*Bcw) with Bcw = Bc / num_warps.
+This is the original FlashAttention's split-K layout. Each warp computes its
+slice of S_ij, its partial row max, then (once the partial maxima are combined
+into m~_ij) its slice of P~_ij, its partial row sum and its partial product
+P~_ij V_j over its own keys only. The partials meet in shared memory:
+
+    m~_ij = max over warps of the warps' row maxima        (m_warp, num_warps x Br)
+    l~_ij = sum over warps of the warps' row sums          (l_warp, num_warps x Br)
+    P~_ij V_j = sum over warps of the warps' products      (PV_warp, num_warps x Br x D)
+
+That exchange costs a barrier per combine and num_warps x Br x D floats of
+shared memory; FlashAttention-2 gives each warp whole rows (split-Q) and needs
+none of it.
+
+Head dims are compiled for the bucket D >= d (``common.head_dim_bucket``);
+tiles are zero-padded from d to D in shared memory, so the dot products run
+over the compile-time D. Tiles wholly above the causal diagonal are skipped:
+for K_j, Q tiles i < q_tile_start(j) are never loaded, and a K_j no Q tile
+sees is not loaded at all.
+"""
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda, float32, types
+
+from flashnumba.kernels.common import (
+    FLOAT_BYTES,
+    HEAD_DIM_BUCKETS,
+    STATIC_SMEM_LIMIT,
+    WARP_SIZE,
+    Arrays,
+    ConfigError,
+    TileConfig,
+    check_qkv,
+    head_dim_bucket,
+    require,
+    resolve_limit,
+    resolve_scale,
+)
+from flashnumba.kernels.geometry import q_tile_start
+
+NEG_INF = np.float32(-np.inf)
+
+# Default (Br, Bc, num_warps) per head-dim bucket: 4 warps and tiles that fit
+# 48 KB of static shared memory (see smem_bytes; PV_warp is the big one).
+# ptxas, sm_80/sm_90: 147-198 registers, no spills (python -m flashnumba.kernels.resources).
+_DEFAULT_TILES = {
+    16: (32, 64, 4),     # 28.8 KB
+    32: (32, 32, 4),     # 34.8 KB
+    64: (16, 32, 4),     # 40.0 KB
+    96: (8, 32, 4),      # 41.6 KB
+    128: (8, 16, 4),     # 37.9 KB
+}
+
+
+def default_config(d):
+    """The shipped TileConfig for head dim d (compiled for its bucket D)."""
+    D = head_dim_bucket(d)
+    Br, Bc, num_warps = _DEFAULT_TILES[D]
+    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+
+
+def shipped_configs():
+    """The default config of every head-dim bucket."""
+    return [default_config(D) for D in HEAD_DIM_BUCKETS]
+
+
+def smem_bytes(config):
+    """Static shared memory of one thread block of ``build(config)``, in bytes."""
+    Br, Bc, D, W = config.Br, config.Bc, config.D, config.num_warps
+    floats = (Br * (D + 1)          # Q_i, rows padded to D + 1
+              + Bc * (D + 1)        # K_j, rows padded to D + 1
+              + Bc * D              # V_j
+              + Br * (Bc + 1)       # S_ij, then P~_ij
+              + W * Br              # m_warp: each warp's row max
+              + W * Br              # l_warp: each warp's row sum
+              + W * Br * D          # PV_warp: each warp's P~_ij V_j
+              + 5 * Br)             # m_i, l_i, m~_ij, m_i_new, l_i_new
+    return floats * FLOAT_BYTES
+
+
+def check_config(config):
+    """Raise ConfigError unless ``build(config)`` can run on a GPU."""
+    for name in ("Br", "Bc", "D", "num_warps"):
+        value = getattr(config, name)
+        require(isinstance(value, (int, np.integer)) and value >= 1,
+                f"fa1_forward: {name} must be a positive integer, got {value!r}")
+    require(config.threads <= 1024,
+            f"fa1_forward: num_warps={config.num_warps} gives {config.threads} threads; "
+            f"a thread block has at most 1024 (num_warps <= 32)")
+    require(config.Bc % config.num_warps == 0,
+            f"fa1_forward: the warps split the Bc keys of S_ij evenly, but Bc={config.Bc} "
+            f"is not a multiple of num_warps={config.num_warps}")
+    nbytes = smem_bytes(config)
+    require(nbytes <= STATIC_SMEM_LIMIT,
+            f"fa1_forward: Br={config.Br}, Bc={config.Bc}, D={config.D}, "
+            f"num_warps={config.num_warps} needs {nbytes} bytes of shared memory, over the "
+            f"{STATIC_SMEM_LIMIT} bytes (48 KB) of static shared memory per block; "
+            f"use smaller tiles or fewer warps")
+
+
+@functools.cache
+def build(config):
+    """The forward kernel for one TileConfig, its sizes baked in as compile-time constants."""
+    check_config(config)
+    Br, Bc, D, num_warps = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
+    THREADS = num_warps * WARP_SIZE
+    Bcw = Bc // num_warps           # keys (columns of S_ij) per warp
+    D_pad = D + 1                   # padded row stride: lanes reading different rows of
+    Bc_pad = Bc + 1                 # K_j, Q_i or S_ij fall in different banks
+
+    @cuda.jit
+    def fa1_forward_kernel(Q, K, V, O, l, m, softmax_scale, causal, limit):
+        """One thread block per (batch, query head); Algorithm 1's loops run inside it.
+
+        Q (B, Nq, Hq, d), K, V (B, Nk, Hkv, d); O (B, Nq, Hq, d), l, m (B, Hq, Nq).
+        softmax_scale: float32; causal: bool; limit: outer steps to run (int32).
+        """
+        _, Nq, Hq, d = Q.shape
+        Nk = K.shape[1]
+        Hkv = K.shape[2]
+        b = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        h_kv = h // (Hq // Hkv)             # grouped-query attention: the K/V head of h
+        tid = cuda.threadIdx.x
+        warp = tid // WARP_SIZE
+        lane = tid % WARP_SIZE
+        Tr = (Nq + Br - 1) // Br
+        Tc = (Nk + Bc - 1) // Bc
+        offset = Nk - Nq                    # causal: key c visible to query r iff c <= r + offset
+
+        Q_i = cuda.shared.array((Br, D_pad), float32)
+        K_j = cuda.shared.array((Bc, D_pad), float32)
+        V_j = cuda.shared.array((Bc, D), float32)
+        S_ij = cuda.shared.array((Br, Bc_pad), float32)
+        m_warp = cuda.shared.array((num_warps, Br), float32)
+        l_warp = cuda.shared.array((num_warps, Br), float32)
+        PV_warp = cuda.shared.array((num_warps, Br, D), float32)
+        m_i = cuda.shared.array(Br, float32)
+        l_i = cuda.shared.array(Br, float32)
+        m_ij = cuda.shared.array(Br, float32)
+        m_new = cuda.shared.array(Br, float32)
+        l_new = cuda.shared.array(Br, float32)
+
+        # Line 2: O = 0, l = 0, m = -inf in HBM (this block owns head (b, h) of all three).
+        for e in range(tid, Nq * d, THREADS):
+            O[b, e // d, h, e % d] = float32(0.0)
+        for r in range(tid, Nq, THREADS):
+            l[b, h, r] = float32(0.0)
+            m[b, h, r] = NEG_INF
+        cuda.syncthreads()  # O, l, m initialised before threads read back rows others wrote
+
+        for j in range(min(Tc, limit)):
+            i_first = 0
+            if causal:
+                i_first = q_tile_start(j, Br, Bc, Nq, offset)
+            if i_first >= Tr:
+                continue                    # K_j is above the diagonal for every query: skipped
+
+            # Load K_j, V_j (keys j*Bc ..), zero-padded past Nk and past d.
+            for e in range(tid, Bc * D, THREADS):
+                c = e // D
+                x = e % D
+                col = j * Bc + c
+                if col < Nk and x < d:
+                    K_j[c, x] = K[b, col, h_kv, x]
+                    V_j[c, x] = V[b, col, h_kv, x]
+                else:
+                    K_j[c, x] = float32(0.0)
+                    V_j[c, x] = float32(0.0)
+
+            for i in range(i_first, Tr):
+                # Load Q_i (zero-padded) and the row statistics l_i, m_i from HBM.
+                for e in range(tid, Br * D, THREADS):
+                    r = e // D
+                    x = e % D
+                    row = i * Br + r
+                    if row < Nq and x < d:
+                        Q_i[r, x] = Q[b, row, h, x]
+                    else:
+                        Q_i[r, x] = float32(0.0)
+                for r in range(tid, Br, THREADS):
+                    row = i * Br + r
+                    if row < Nq:
+                        m_i[r] = m[b, h, row]
+                        l_i[r] = l[b, h, row]
+                    else:
+                        m_i[r] = NEG_INF
+                        l_i[r] = float32(0.0)
+                cuda.syncthreads()  # K_j, V_j, Q_i, m_i, l_i loaded before any warp reads them
+
+                # S_ij = softmax_scale * Q_i K_j^T, warp w computing its keys c in
+                # [w*Bcw, (w+1)*Bcw) for all Br rows; -inf where the key is masked.
+                for e in range(lane, Br * Bcw, WARP_SIZE):
+                    r = e // Bcw
+                    c = warp * Bcw + e % Bcw
+                    s = float32(0.0)
+                    for x in range(D):
+                        s += Q_i[r, x] * K_j[c, x]
+                    s *= softmax_scale
+                    row = i * Br + r
+                    col = j * Bc + c
+                    if col >= Nk or (causal and col > row + offset):
+                        s = NEG_INF
+                    S_ij[r, c] = s
+                cuda.syncthreads()  # warp w's slice of S_ij complete before its row max reads it
+
+                # m_warp[w] = rowmax of S_ij over warp w's keys (one lane per row).
+                for r in range(lane, Br, WARP_SIZE):
+                    mx = NEG_INF
+                    for cc in range(Bcw):
+                        mx = max(mx, S_ij[r, warp * Bcw + cc])
+                    m_warp[warp, r] = mx
+                cuda.syncthreads()  # every warp's row max written before warps combine them
+
+                # m~_ij = max over warps of m_warp;  P~_ij = exp(S_ij - m~_ij) on warp w's
+                # keys (0 in a row with no visible key);  l_warp[w] = its row sum of P~_ij.
+                for r in range(lane, Br, WARP_SIZE):
+                    m_tilde = NEG_INF
+                    for w in range(num_warps):
+                        m_tilde = max(m_tilde, m_warp[w, r])
+                    row_sum = float32(0.0)
+                    for cc in range(Bcw):
+                        c = warp * Bcw + cc
+                        p = float32(0.0)
+                        if m_tilde != NEG_INF:
+                            p = math.exp(S_ij[r, c] - m_tilde)
+                        S_ij[r, c] = p
+                        row_sum += p
+                    l_warp[warp, r] = row_sum
+                cuda.syncthreads()  # P~_ij and every warp's row sum written before they are read
+
+                # PV_warp[w] = P~_ij V_j summed over warp w's keys only (the split-K partial).
+                for e in range(lane, Br * D, WARP_SIZE):
+                    r = e // D
+                    x = e % D
+                    acc = float32(0.0)
+                    for cc in range(Bcw):
+                        c = warp * Bcw + cc
+                        acc += S_ij[r, c] * V_j[c, x]
+                    PV_warp[warp, r, x] = acc
+
+                # m~_ij = max_w m_warp, l~_ij = sum_w l_warp;  m_i_new = max(m_i, m~_ij);
+                # l_i_new = e^(m_i - m_i_new) l_i + e^(m~_ij - m_i_new) l~_ij.
+                for r in range(tid, Br, THREADS):
+                    m_tilde = NEG_INF
+                    l_tilde = float32(0.0)
+                    for w in range(num_warps):
+                        m_tilde = max(m_tilde, m_warp[w, r])
+                        l_tilde += l_warp[w, r]
+                    mn = max(m_i[r], m_tilde)
+                    ln = float32(0.0)
+                    if mn != NEG_INF:       # a row with no visible key yet keeps l = 0
+                        ln = math.exp(m_i[r] - mn) * l_i[r] + math.exp(m_tilde - mn) * l_tilde
+                    m_ij[r] = m_tilde
+                    m_new[r] = mn
+                    l_new[r] = ln
+                cuda.syncthreads()  # all PV_warp partials and the new statistics written before the combine
+
+                # O_i <- diag(l_i_new)^-1 (diag(l_i) e^(m_i - m_i_new) O_i
+                #                           + e^(m~_ij - m_i_new) P~_ij V_j),  P~_ij V_j = sum_w PV_warp.
+                for e in range(tid, Br * D, THREADS):
+                    r = e // D
+                    x = e % D
+                    row = i * Br + r
+                    if row < Nq and x < d:
+                        o = float32(0.0)
+                        if l_new[r] > float32(0.0):
+                            PV = float32(0.0)
+                            for w in range(num_warps):
+                                PV += PV_warp[w, r, x]
+                            o = (l_i[r] * math.exp(m_i[r] - m_new[r]) * O[b, row, h, x]
+                                 + math.exp(m_ij[r] - m_new[r]) * PV) / l_new[r]
+                        O[b, row, h, x] = o
+                # l_i <- l_i_new, m_i <- m_i_new in HBM.
+                for r in range(tid, Br, THREADS):
+                    row = i * Br + r
+                    if row < Nq:
+                        l[b, h, row] = l_new[r]
+                        m[b, h, row] = m_new[r]
+                cuda.syncthreads()  # Q_i, S_ij, partials, statistics (and K_j, V_j) all read before they are overwritten
+
+    return fa1_forward_kernel
+
+
+def compile_targets(config):
+    """[(label, dispatcher, argtypes)]: what ``fa1_forward`` launches, typed for cuda.compile_ptx."""
+    tensor = types.Array(types.float32, 4, "C")
+    rows = types.Array(types.float32, 3, "C")
+    argtypes = (tensor, tensor, tensor, tensor, rows, rows, types.float32, types.boolean,
+                types.int32)
+    label = (f"fa1_forward Br={config.Br} Bc={config.Bc} D={config.D} "
+             f"num_warps={config.num_warps}")
+    return [(label, build(config), argtypes)]
+
+
+def resolve_config(d, Br=None, Bc=None, num_warps=None):
+    """The TileConfig for head dim d: the default, with any of Br, Bc, num_warps overridden."""
+    default = default_config(d)
+    config = TileConfig(Br=default.Br if Br is None else Br,
+                        Bc=default.Bc if Bc is None else Bc,
+                        D=default.D,
+                        num_warps=default.num_warps if num_warps is None else num_warps)
+    check_config(config)
+    return config
+
+
+def fa1_forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, num_warps=None,
+                limit=None):
+    """FlashAttention-1 forward. Returns (O, l, m) as Algorithm 1 leaves them.
+
+    q (B, Nq, Hq, d), k and v (B, Nk, Hkv, d), float32, Hq a multiple of Hkv.
+    O (B, Nq, Hq, d) is normalised; l, m (B, Hq, Nq) are the softmax row sums
+    and row maxima of S = softmax_scale Q K^T, so lse = m + log(l). A query with
+    no visible key (causal, Nq > Nk) gets O = 0, m = -inf, l = 0.
+    ``limit``: stop after that many outer (K/V tile) steps.
+    NumPy in, NumPy out; device arrays in, device arrays out.
+    """
+    # Check.
+    B, Nq, Nk, Hq, _, d = check_qkv(q, k, v)
+    scale = resolve_scale(softmax_scale, d)
+    steps = resolve_limit(limit)
+    config = resolve_config(d, Br, Bc, num_warps)
+    # Allocate.
+    arrays = Arrays(q, k, v)
+    Q, K, V = arrays.to_device(q), arrays.to_device(k), arrays.to_device(v)
+    O = arrays.empty((B, Nq, Hq, d))
+    l = arrays.empty((B, Hq, Nq))
+    m = arrays.empty((B, Hq, Nq))
+    # Launch: one block per (batch, query head); the kernel initialises O, l, m.
+    Tc = (Nk + config.Bc - 1) // config.Bc
+    kernel = build(config)
+    kernel[(B, Hq), config.threads](Q, K, V, O, l, m, np.float32(scale), bool(causal),
+                                    np.int32(min(steps, Tc)))
+    return arrays.result(O), arrays.result(l), arrays.result(m)
+
+
+__all__ = ["ConfigError", "build", "check_config", "compile_targets", "default_config",
+           "fa1_forward", "resolve_config", "shipped_configs", "smem_bytes"]
