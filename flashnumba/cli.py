@@ -45,9 +45,11 @@ def main(argv=None):
     step = sub.add_parser("step", help="step a kernel and its mirror side by side")
     step.add_argument("algorithm", nargs="?", default="all",
                       choices=["all", "fa1_forward", "fa1_backward", "fa2_forward", "fa2_backward"])
-    step.add_argument("--Nq", type=int, default=40)
-    step.add_argument("--Nk", type=int, default=72)
+    step.add_argument("--Nq", type=int, default=70)
+    step.add_argument("--Nk", type=int, default=100)
     step.add_argument("--d", type=int, default=24)
+    step.add_argument("--Br", type=int, default=None, help="tile rows (default: the kernel's)")
+    step.add_argument("--Bc", type=int, default=None, help="tile columns (default: the kernel's)")
     step.add_argument("--causal", action="store_true")
     step.add_argument("--seed", type=int, default=0)
     step.set_defaults(run=_step)

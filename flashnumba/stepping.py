@@ -16,7 +16,7 @@ The mirror computes in float64, the kernel in float32; a variable diverges when
 max |kernel - mirror| exceeds TOL times max |mirror| (non-finite entries must
 agree exactly: -inf in m where no key was seen yet).
 
-    python -m flashnumba step fa2_forward --Nq 40 --Nk 72 --d 24 --causal
+    python -m flashnumba step fa2_forward --Nq 70 --Nk 100 --d 24 --Br 16 --Bc 32 --causal
 """
 
 from dataclasses import dataclass, field
@@ -222,7 +222,7 @@ def main(args):
     status = 0
     for algorithm in algorithms:
         p = make_problem(args.Nq, args.Nk, args.d, causal=args.causal, seed=args.seed,
-                         algorithm=algorithm)
+                         Br=args.Br, Bc=args.Bc, algorithm=algorithm)
         report = compare(algorithm, p)
         print(report.table(), "\n", flush=True)
         status |= not report.agrees

@@ -1,0 +1,65 @@
+"""Kernels and mirrors agree at every step; a divergence is found and named."""
+
+import numpy as np
+import pytest
+
+from flashnumba import stepping
+from flashnumba.stepping import ALGORITHMS, compare, make_problem
+
+# (Nq, Nk, d, causal, Br, Bc): Nq != Nk both ways, tiles that do not divide N,
+# fully masked rows (Nq > Nk, causal), small tiles so there are several steps.
+CASES = [
+    (40, 70, 24, False, 16, 32),
+    (50, 33, 16, True, 16, 32),
+]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("Nq, Nk, d, causal, Br, Bc", CASES)
+def test_kernel_and_mirror_agree_at_every_step(algorithm, Nq, Nk, d, causal, Br, Bc):
+    p = make_problem(Nq, Nk, d, causal=causal, seed=Nq + Nk, Br=Br, Bc=Bc, algorithm=algorithm)
+    report = compare(algorithm, p)
+    assert report.agrees, report.table()
+    assert [k for k, _ in report.rows] == list(range(1, stepping.block_loop_length(algorithm, p.tiling) + 1))
+    assert len(report.rows) >= 2, "the case should take several steps"
+    for _, errs in report.rows:
+        assert set(errs) == set(stepping.STATE[algorithm])
+
+
+def _faulty(algorithm, at_step, variable, row):
+    """A 'kernel' that is the mirror, except one entry of one variable goes wrong from `at_step` on."""
+    def kernel(alg, p, k):
+        state = {n: np.array(x, dtype=np.float64) for n, x in stepping.mirror_state(alg, p, k).items()}
+        if k >= at_step:
+            state[variable][row] += 1.0
+        return state
+    return kernel
+
+
+@pytest.mark.parametrize("algorithm, variable, row, expect", [
+    ("fa1_forward", "O", 20, ("(b=0, h=0)", 1, 1)),         # row 20 is in Q tile 1; outer step j=1
+    ("fa2_forward", "l", 37, ("i=2", 2, 1)),                # block i=2 (rows 32..47), its 2nd K/V tile
+    ("fa2_backward", "dK", 40, ("j=1", 1, 1)),              # block j=1 (cols 32..63), its 2nd Q tile
+    ("fa1_backward", "dQ", 5, ("(b=0, h=0)", 0, 1)),
+])
+def test_first_divergence_is_named(algorithm, variable, row, expect):
+    p = make_problem(60, 70, 8, seed=1, Br=16, Bc=32, algorithm=algorithm)
+    report = compare(algorithm, p, kernel=_faulty(algorithm, 2, variable, row))
+    assert not report.agrees
+    k, block, i, j, name, err = report.divergence
+    assert (k, name) == (2, variable)
+    assert (block, i, j) == expect
+    assert err > stepping.TOL
+    assert "first divergence: step k=2" in report.table()
+
+
+def test_error_counts_mismatched_infinities():
+    assert stepping.error(np.array([0.0, -np.inf]), np.array([0.0, -np.inf])) == 0.0
+    assert stepping.error(np.array([0.0, 1.0]), np.array([0.0, -np.inf])) == np.inf
+    assert stepping.error(np.array([np.nan]), np.array([1.0])) == np.inf
+
+
+def test_unknown_algorithm_is_refused():
+    p = make_problem(8, 8, 4, algorithm="fa2_forward")
+    with pytest.raises(ValueError, match="algorithm='fa3'"):
+        compare("fa3", p)
