@@ -1,0 +1,513 @@
+"""FlashAttention-2 backward (Dao 2023, Algorithm 2): K/V tiles outside, warps split the rows of Q_i.
+
+Three kernels, launched in this order by ``fa2_backward`` (after ``zero_fill``
+clears dQ for the atomics):
+
+1. ``preprocess``, grid (ceil(Nq / 16), B * Hq):  D_i = rowsum(dO_i * O_i).
+   A warp reduces 4 rows at once, 8 lanes per row (a 32-byte sector of each
+   row per step); each lane sums every 8th element of its row, then a 3-step
+   ``shfl_xor_sync`` butterfly (offsets 4, 2, 1) adds the 8 lanes' partial sums.
+
+2. ``dkdv``, grid (Tc, B * Hq): one block per K/V tile j.
+
+       K_j, V_j -> shared; dK_j = dV_j = 0 in registers
+       for i from q_tile_start(j) (0 without causal) to Tr - 1:
+           Q_i, dO_i -> shared; L_i, D_i read per row
+           phase A (warp w owns rows [w Br/num_warps, (w+1) Br/num_warps), lane owns columns c = lane + 32 t):
+               S_ij  = scale Q_i K_j^T
+               P_ij  = exp(S_ij - L_i)               0 where masked or where the row saw no key (L_i = -inf)
+               dP_ij = dO_i V_j^T
+               dS_ij = P_ij * (dP_ij - D_i)          -> P_ij, dS_ij to shared
+           phase B (warp w owns key rows [w Bc/num_warps, ...), lane owns dims k = lane + 32 u):
+               dV_j += P_ij^T dO_i
+               dK_j += dS_ij^T Q_i                   (times scale once, at the end)
+               dQ_i += scale dS_ij K_j               cuda.atomic.add into global dQ (float32)
+       write dK_j, dV_j
+
+3. ``dq`` (only with ``deterministic=True``), grid (Tr, B * Hq): one block per
+   Q tile i loops over j, recomputes phase A, and accumulates
+   dQ_i += scale dS_ij K_j on chip in a fixed order, then writes it once. The
+   ``dkdv`` kernel then skips its atomics. Repeated runs give bitwise-identical
+   dQ (atomics add in whatever order the blocks arrive; this does not).
+
+Where shuffles are used and where shared memory is, honestly: shuffles only in
+``preprocess`` (the row sums of dO * O, a reduction across the lanes of one
+row). The main kernels need none: in phase A each lane computes whole dot
+products over d for its own (row, column) entries, and the reductions of
+phase B (over the rows of Q_i for dK_j and dV_j, over the columns of K_j for
+dQ_i) are over data that *other warps* produced, so they go through shared
+memory (P_ij, dS_ij) after a block barrier, each thread summing in registers.
+
+Lane mappings and banks: K_j and V_j are stored with an odd row stride
+(32 ceil(D/32) + 1) so the 32 lanes of phase A, each reading a different row
+c, hit 32 different banks; Q_i and dO_i are read in phase A as broadcasts
+(one row per warp) and in phase B as 32 consecutive words.
+
+Head dim: compiled for D = head_dim_bucket(d); tiles are zero-padded in shared
+memory from d to D (to a multiple of 32 where lanes own dims), and only k < d
+is written. GQA: dK, dV are written per *query* head into (B, Nk, Hq, d)
+scratch and summed over each group by ``gqa.reduce_groups``.
+
+``limit``: each ``dkdv`` block stops after ``limit`` iterations of its i loop
+and writes its dK_j, dV_j; dQ holds what was added so far (the ``dq`` kernel,
+when deterministic, adds exactly the same (i, j) pairs).
+
+Speed, honestly (H200, fp32, B*H = 64, N = 4096, d = 64, default tiles,
+counting 2.5x the forward's FLOPs): 10.2 TFLOP/s with atomics (67.7 ms; causal
+9.6), where PyTorch's fp32 memory-efficient SDPA backward reaches 35: about
+3.5x slower. ``deterministic=True``: 6.2 TFLOP/s (111 ms), because the ``dq``
+kernel recomputes S_ij, P_ij, dP_ij and dS_ij. Like the forward, it is bound by
+shared-memory loads (about one per FMA in phase A).
+"""
+
+import collections
+import functools
+import math
+
+import numpy as np
+from numba import cuda, float32, types
+
+from flashnumba.kernels import common, gqa
+from flashnumba.kernels.common import (
+    FLOAT_BYTES,
+    HEAD_DIM_BUCKETS,
+    STATIC_SMEM_LIMIT,
+    WARP_SIZE,
+    TileConfig,
+    require,
+)
+from flashnumba.kernels.fa2_forward import FULL_MASK, MAX_REGISTER_TILE, resolve_config
+from flashnumba.kernels.geometry import kv_tile_end, q_tile_start
+
+# Default tiles per head-dim bucket: (Br, Bc, num_warps). All fit in 48 KB of
+# static shared memory (see smem_bytes) and keep their register arrays in
+# registers on sm_80/sm_90. Picked on an H200, fp32, B*H = 64, N = 2048-4096,
+# among the configurations that fit (d=64: 10.2 TFLOP/s; 8 warps 8.9, 2 warps 8.0).
+_DEFAULTS = {
+    16: (32, 64, 4),
+    32: (32, 64, 4),
+    64: (32, 32, 4),
+    96: (16, 32, 4),
+    128: (8, 32, 4),
+}
+
+# preprocess: 8 lanes per row, 4 rows per warp, 4 warps per block
+LANES_PER_ROW = 8
+ROWS_PER_PRE_WARP = WARP_SIZE // LANES_PER_ROW
+PRE_WARPS = 4
+PRE_THREADS = PRE_WARPS * WARP_SIZE
+PRE_ROWS_PER_BLOCK = PRE_WARPS * ROWS_PER_PRE_WARP
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+def _sizes(config):
+    """rows of Q_i per warp, key rows per warp, score columns per lane, dims per lane."""
+    rows_per_warp = config.Br // config.num_warps
+    keys_per_warp = config.Bc // config.num_warps
+    cols_per_lane = config.Bc // WARP_SIZE
+    dims_per_lane = (config.D + WARP_SIZE - 1) // WARP_SIZE
+    return rows_per_warp, keys_per_warp, cols_per_lane, dims_per_lane
+
+
+def default_config(d):
+    """The shipped tile configuration for head dim d (served by its bucket D)."""
+    D = common.head_dim_bucket(d)
+    Br, Bc, num_warps = _DEFAULTS[D]
+    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+
+
+def shipped_configs():
+    """The default configuration of every head-dim bucket."""
+    return [default_config(D) for D in HEAD_DIM_BUCKETS]
+
+
+def smem_bytes(config):
+    """Static shared memory per block of ``dkdv``, the largest of this module's kernels:
+    K_j, V_j (Bc x W+1 each), Q_i, dO_i (Br x W each), P_ij, dS_ij (Br x Bc each), W = 32 ceil(D/32).
+
+    ``dq`` declares the same arrays, but only writes P_ij, so the compiler drops it
+    (Br x Bc floats less); ``preprocess`` and ``zero_fill`` use none."""
+    _, _, _, dims_per_lane = _sizes(config)
+    W = dims_per_lane * WARP_SIZE
+    Br, Bc = config.Br, config.Bc
+    floats = 2 * Bc * (W + 1) + 2 * Br * W + 2 * Br * Bc
+    return floats * FLOAT_BYTES
+
+
+def check_config(config):
+    """Raise ConfigError unless the configuration can compile and launch."""
+    require(isinstance(config, TileConfig), f"expected a TileConfig, got {config!r}")
+    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
+    for name, value in (("Br", Br), ("Bc", Bc), ("num_warps", num_warps)):
+        require(isinstance(value, (int, np.integer)) and value >= 1,
+                f"{name} must be a positive integer, got {value!r}")
+    require(D in HEAD_DIM_BUCKETS, f"D={D} is not a head-dim bucket {HEAD_DIM_BUCKETS}")
+    require(Br % num_warps == 0,
+            f"Br={Br} must be a multiple of num_warps={num_warps}: each warp owns Br/num_warps rows of Q_i")
+    require(Bc % WARP_SIZE == 0,
+            f"Bc={Bc} must be a multiple of {WARP_SIZE}: each lane owns Bc/32 score columns")
+    require(Bc % num_warps == 0,
+            f"Bc={Bc} must be a multiple of num_warps={num_warps}: each warp owns Bc/num_warps rows of dK_j, dV_j")
+    require(config.threads <= 1024, f"num_warps={num_warps} gives {config.threads} threads > 1024 per block")
+    smem = smem_bytes(config)
+    require(smem <= STATIC_SMEM_LIMIT,
+            f"Br={Br}, Bc={Bc}, D={D} needs {smem} bytes of static shared memory "
+            f"> {STATIC_SMEM_LIMIT} (48 KB); use smaller tiles")
+    rows_per_warp, keys_per_warp, cols_per_lane, dims_per_lane = _sizes(config)
+    registers = max(2 * rows_per_warp * cols_per_lane,                  # S_ij, dP_ij
+                    2 * keys_per_warp * dims_per_lane + rows_per_warp * dims_per_lane)  # dK_j, dV_j, dQ_i
+    require(registers <= MAX_REGISTER_TILE,
+            f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps} holds {registers} floats per thread "
+            f"in register arrays (> {MAX_REGISTER_TILE}, would spill); use more warps or smaller tiles")
+
+
+# ---------------------------------------------------------------------------
+# Kernel 1: D_i = rowsum(dO_i * O_i), with a sub-warp shuffle butterfly
+# ---------------------------------------------------------------------------
+
+@cuda.jit
+def preprocess(dout, out, D_rows):
+    """D_rows[b, h, r] = sum_k dout[b, r, h, k] * out[b, r, h, k]."""
+    _, N_q, H_q, d = out.shape
+    b = cuda.blockIdx.y // H_q
+    h = cuda.blockIdx.y % H_q
+    tid = cuda.threadIdx.x
+    warp = tid // WARP_SIZE
+    lane = tid % WARP_SIZE
+    row = cuda.blockIdx.x * PRE_ROWS_PER_BLOCK + warp * ROWS_PER_PRE_WARP + lane // LANES_PER_ROW
+    sub = lane % LANES_PER_ROW                 # this lane's place among its row's 8 lanes
+
+    partial = float32(0.0)
+    if row < N_q:
+        for kk in range(sub, d, LANES_PER_ROW):
+            partial += dout[b, row, h, kk] * out[b, row, h, kk]
+    # butterfly over the 8 lanes of this row (xor offsets < 8 never leave the group);
+    # every lane takes part, also those past N_q, so the full mask is right
+    offset = LANES_PER_ROW // 2
+    while offset > 0:
+        partial += cuda.shfl_xor_sync(FULL_MASK, partial, offset)
+        offset //= 2
+    if sub == 0 and row < N_q:
+        D_rows[b, h, row] = partial
+
+
+@cuda.jit
+def zero_fill(x):
+    """x[...] = 0 for a 4-D array: dQ starts at zero before the atomics add into it."""
+    B, N, H, d = x.shape
+    idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if idx < B * N * H * d:
+        x[idx // (N * H * d), (idx // (H * d)) % N, (idx // d) % H, idx % d] = 0.0
+
+
+# ---------------------------------------------------------------------------
+# Kernels 2 and 3: dK_j, dV_j (+ dQ by atomics), and the deterministic dQ_i
+# ---------------------------------------------------------------------------
+
+Fa2BackwardKernels = collections.namedtuple("Fa2BackwardKernels", "preprocess dkdv dq")
+
+
+@functools.cache
+def build(config):
+    """Compile-time sizes baked in as plain Python ints; returns Fa2BackwardKernels(preprocess, dkdv, dq)."""
+    check_config(config)
+    Br, Bc, D, num_warps = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
+    THREADS = num_warps * WARP_SIZE
+    ROWS_PER_WARP, KEYS_PER_WARP, COLS_PER_LANE, DIMS_PER_LANE = _sizes(config)
+    W = DIMS_PER_LANE * WARP_SIZE          # tile width in shared memory: D, padded to whole lanes
+    KV_STRIDE = W + 1                      # odd row stride: 32 lanes reading 32 rows hit 32 banks
+
+    @cuda.jit(device=True)
+    def load_rows(dst, src, b, h, start, n_rows, N, d):
+        """dst[r, k] = src[b, start + r, h, k], zero past N and past d (all threads take part)."""
+        for idx in range(cuda.threadIdx.x, n_rows * W, THREADS):
+            r = idx // W
+            kk = idx % W
+            if start + r < N and kk < d:
+                dst[r, kk] = src[b, start + r, h, kk]
+            else:
+                dst[r, kk] = 0.0
+
+    @cuda.jit(device=True)
+    def probabilities_and_dS(Q_i, dO_i, K_j, V_j, P_ij, dS_ij, L, D_rows,
+                             b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale):
+        """Phase A for this warp's rows [r0, r0 + ROWS_PER_WARP) and this lane's columns:
+        P_ij = exp(scale Q_i K_j^T - L_i), dS_ij = P_ij * (dO_i V_j^T - D_i), written to shared."""
+        S = cuda.local.array((ROWS_PER_WARP, COLS_PER_LANE), float32)
+        dP = cuda.local.array((ROWS_PER_WARP, COLS_PER_LANE), float32)
+        for rr in range(ROWS_PER_WARP):
+            for t in range(COLS_PER_LANE):
+                S[rr, t] = 0.0
+                dP[rr, t] = 0.0
+        # S = Q_i K_j^T, dP = dO_i V_j^T: Q_i, dO_i broadcast; K_j, V_j one row per lane
+        for kk in range(D):
+            for rr in range(ROWS_PER_WARP):
+                q_rk = Q_i[r0 + rr, kk]
+                do_rk = dO_i[r0 + rr, kk]
+                for t in range(COLS_PER_LANE):
+                    c = lane + WARP_SIZE * t
+                    S[rr, t] += q_rk * K_j[c, kk]
+                    dP[rr, t] += do_rk * V_j[c, kk]
+        for rr in range(ROWS_PER_WARP):
+            row = i * Br + r0 + rr
+            L_r = float32(-math.inf)
+            D_r = float32(0.0)
+            if row < N_q:
+                L_r = L[b, h, row]
+                D_r = D_rows[b, h, row]
+            for t in range(COLS_PER_LANE):
+                c = lane + WARP_SIZE * t
+                col = j * Bc + c
+                p = float32(0.0)
+                visible = row < N_q and col < N_k and not (causal and col > row + offset)
+                if visible and L_r != -math.inf:      # L_r = -inf: the row saw no key, P = 0
+                    p = math.exp(scale * S[rr, t] - L_r)        # P_ij = exp(S_ij - L_i)
+                P_ij[r0 + rr, c] = p
+                dS_ij[r0 + rr, c] = p * (dP[rr, t] - D_r)        # dS_ij = P_ij (dP_ij - D_i)
+
+    @cuda.jit
+    def dkdv(q, k, v, dout, L, D_rows, dq, dk, dv, scale, causal, accumulate_dq, limit):
+        # --- sizes ---
+        _, N_q, H_q, d = q.shape
+        N_k = k.shape[1]
+        H_kv = k.shape[2]
+        T_r = (N_q + Br - 1) // Br
+        offset = N_k - N_q                    # bottom-right causal diagonal
+
+        # --- who am I ---
+        j = cuda.blockIdx.x                   # K/V tile
+        b = cuda.blockIdx.y // H_q
+        h = cuda.blockIdx.y % H_q
+        h_kv = h // (H_q // H_kv)             # grouped-query attention: this head's K/V head
+        tid = cuda.threadIdx.x
+        warp = tid // WARP_SIZE
+        lane = tid % WARP_SIZE
+        r0 = warp * ROWS_PER_WARP             # phase A: this warp's rows of Q_i
+        c0 = warp * KEYS_PER_WARP             # phase B: this warp's rows of dK_j, dV_j
+
+        # --- shared memory (each array on its own line) ---
+        K_j = cuda.shared.array((Bc, KV_STRIDE), float32)
+        V_j = cuda.shared.array((Bc, KV_STRIDE), float32)
+        Q_i = cuda.shared.array((Br, W), float32)
+        dO_i = cuda.shared.array((Br, W), float32)
+        P_ij = cuda.shared.array((Br, Bc), float32)
+        dS_ij = cuda.shared.array((Br, Bc), float32)
+
+        # --- registers: dK_j, dV_j rows [c0, c0 + KEYS_PER_WARP), dims lane + 32 u ---
+        dK_j = cuda.local.array((KEYS_PER_WARP, DIMS_PER_LANE), float32)
+        dV_j = cuda.local.array((KEYS_PER_WARP, DIMS_PER_LANE), float32)
+        dQ_i = cuda.local.array((ROWS_PER_WARP, DIMS_PER_LANE), float32)
+        for cc in range(KEYS_PER_WARP):
+            for u in range(DIMS_PER_LANE):
+                dK_j[cc, u] = 0.0
+                dV_j[cc, u] = 0.0
+
+        load_rows(K_j, k, b, h_kv, j * Bc, Bc, N_k, d)
+        load_rows(V_j, v, b, h_kv, j * Bc, Bc, N_k, d)
+
+        i_start = 0
+        if causal:
+            i_start = q_tile_start(j, Br, Bc, N_q, offset)   # Q tiles above the diagonal are skipped
+        i_end = min(T_r, i_start + limit)
+
+        for i in range(i_start, i_end):
+            load_rows(Q_i, q, b, h, i * Br, Br, N_q, d)
+            load_rows(dO_i, dout, b, h, i * Br, Br, N_q, d)
+            cuda.syncthreads()  # Q_i, dO_i (and K_j, V_j on the first pass) written before any warp reads them
+
+            # phase A: P_ij, dS_ij for this warp's rows
+            probabilities_and_dS(Q_i, dO_i, K_j, V_j, P_ij, dS_ij, L, D_rows,
+                                 b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale)
+            cuda.syncthreads()  # every warp's rows of P_ij, dS_ij written before phase B reads whole columns
+
+            # phase B: dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i over the valid rows of Q_i
+            n_rows = min(Br, N_q - i * Br)
+            for r in range(n_rows):
+                for cc in range(KEYS_PER_WARP):
+                    p = P_ij[r, c0 + cc]              # broadcast: one address for the warp
+                    ds = dS_ij[r, c0 + cc]
+                    for u in range(DIMS_PER_LANE):
+                        kk = lane + WARP_SIZE * u
+                        dV_j[cc, u] += p * dO_i[r, kk]
+                        dK_j[cc, u] += ds * Q_i[r, kk]
+
+            # dQ_i += scale dS_ij K_j for this warp's rows, added into global dQ
+            if accumulate_dq:
+                for rr in range(ROWS_PER_WARP):
+                    for u in range(DIMS_PER_LANE):
+                        dQ_i[rr, u] = 0.0
+                for c in range(Bc):
+                    for rr in range(ROWS_PER_WARP):
+                        ds = dS_ij[r0 + rr, c]
+                        for u in range(DIMS_PER_LANE):
+                            dQ_i[rr, u] += ds * K_j[c, lane + WARP_SIZE * u]
+                for rr in range(ROWS_PER_WARP):
+                    row = i * Br + r0 + rr
+                    for u in range(DIMS_PER_LANE):
+                        kk = lane + WARP_SIZE * u
+                        if row < N_q and kk < d:
+                            cuda.atomic.add(dq, (b, row, h, kk), scale * dQ_i[rr, u])
+            cuda.syncthreads()  # every warp done reading Q_i, dO_i, P_ij, dS_ij before the next Q tile overwrites them
+
+        # dK_j = scale dS^T Q summed over i, dV_j = P^T dO summed over i; per query head
+        for cc in range(KEYS_PER_WARP):
+            col = j * Bc + c0 + cc
+            for u in range(DIMS_PER_LANE):
+                kk = lane + WARP_SIZE * u
+                if col < N_k and kk < d:
+                    dk[b, col, h, kk] = scale * dK_j[cc, u]
+                    dv[b, col, h, kk] = dV_j[cc, u]
+
+    @cuda.jit
+    def dq_kernel(q, k, v, dout, L, D_rows, dq, scale, causal, limit):
+        # --- sizes ---
+        _, N_q, H_q, d = q.shape
+        N_k = k.shape[1]
+        H_kv = k.shape[2]
+        T_c = (N_k + Bc - 1) // Bc
+        offset = N_k - N_q
+
+        # --- who am I ---
+        i = cuda.blockIdx.x                   # Q tile
+        b = cuda.blockIdx.y // H_q
+        h = cuda.blockIdx.y % H_q
+        h_kv = h // (H_q // H_kv)
+        tid = cuda.threadIdx.x
+        warp = tid // WARP_SIZE
+        lane = tid % WARP_SIZE
+        r0 = warp * ROWS_PER_WARP
+
+        # --- shared memory (each array on its own line; the same arrays as dkdv) ---
+        K_j = cuda.shared.array((Bc, KV_STRIDE), float32)
+        V_j = cuda.shared.array((Bc, KV_STRIDE), float32)
+        Q_i = cuda.shared.array((Br, W), float32)
+        dO_i = cuda.shared.array((Br, W), float32)
+        P_ij = cuda.shared.array((Br, Bc), float32)
+        dS_ij = cuda.shared.array((Br, Bc), float32)
+
+        # --- registers: dQ_i rows [r0, r0 + ROWS_PER_WARP), dims lane + 32 u ---
+        dQ_i = cuda.local.array((ROWS_PER_WARP, DIMS_PER_LANE), float32)
+        for rr in range(ROWS_PER_WARP):
+            for u in range(DIMS_PER_LANE):
+                dQ_i[rr, u] = 0.0
+
+        load_rows(Q_i, q, b, h, i * Br, Br, N_q, d)
+        load_rows(dO_i, dout, b, h, i * Br, Br, N_q, d)
+
+        n_tiles = T_c
+        if causal:
+            n_tiles = kv_tile_end(i, Br, Bc, N_q, N_k, offset)   # tiles past the diagonal are skipped
+        for j in range(n_tiles):
+            # with a step limit, add exactly the (i, j) pairs the dkdv block of tile j visited
+            i_start = 0
+            if causal:
+                i_start = q_tile_start(j, Br, Bc, N_q, offset)
+            if i - i_start < limit:           # the same for the whole block: barriers stay uniform
+                load_rows(K_j, k, b, h_kv, j * Bc, Bc, N_k, d)
+                load_rows(V_j, v, b, h_kv, j * Bc, Bc, N_k, d)
+                cuda.syncthreads()  # K_j, V_j (and Q_i, dO_i on the first pass) written before any warp reads them
+
+                probabilities_and_dS(Q_i, dO_i, K_j, V_j, P_ij, dS_ij, L, D_rows,
+                                     b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale)
+                cuda.syncwarp()  # this warp's rows of dS_ij written by all its lanes before any lane reads a whole row
+
+                # dQ_i += dS_ij K_j, in the order j = 0, 1, ...: deterministic
+                for c in range(Bc):
+                    for rr in range(ROWS_PER_WARP):
+                        ds = dS_ij[r0 + rr, c]
+                        for u in range(DIMS_PER_LANE):
+                            dQ_i[rr, u] += ds * K_j[c, lane + WARP_SIZE * u]
+                cuda.syncthreads()  # every warp done reading K_j, V_j before the next tile overwrites them
+
+        for rr in range(ROWS_PER_WARP):
+            row = i * Br + r0 + rr
+            for u in range(DIMS_PER_LANE):
+                kk = lane + WARP_SIZE * u
+                if row < N_q and kk < d:
+                    dq[b, row, h, kk] = scale * dQ_i[rr, u]
+
+    return Fa2BackwardKernels(preprocess=preprocess, dkdv=dkdv, dq=dq_kernel)
+
+
+def compile_targets(config):
+    """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as fa2_backward launches them."""
+    a4 = types.Array(types.float32, 4, "C")
+    a3 = types.Array(types.float32, 3, "C")
+    kernels = build(config)
+    return [
+        ("fa2_backward_zero_fill", zero_fill, (a4,)),
+        ("fa2_backward_preprocess", kernels.preprocess, (a4, a4, a3)),
+        ("fa2_backward_dkdv", kernels.dkdv,
+         (a4, a4, a4, a4, a3, a3, a4, a4, a4, types.float32, types.boolean, types.boolean, types.int64)),
+        ("fa2_backward_dq", kernels.dq,
+         (a4, a4, a4, a4, a3, a3, a4, types.float32, types.boolean, types.int64)),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Wrappers: check, allocate, launch
+# ---------------------------------------------------------------------------
+
+def _check_like(name, x, shape):
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if np.dtype(x.dtype) != np.float32:
+        raise TypeError(f"{name} must be float32, got {np.dtype(x.dtype)}")
+
+
+def fa2_backward_preprocess(dout, out):
+    """D (B, Hq, Nq) with D_i = rowsum(dO_i * O_i); dout, out (B, Nq, Hq, d) float32."""
+    _check_like("dout", dout, out.shape)
+    _check_like("out", out, dout.shape)
+    B, N_q, H_q, _ = out.shape
+    arrays = common.Arrays(dout, out)
+    D_rows = arrays.empty((B, H_q, N_q))
+    grid = ((N_q + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, B * H_q)
+    preprocess[grid, PRE_THREADS](arrays.to_device(dout), arrays.to_device(out), D_rows)
+    return arrays.result(D_rows)
+
+
+def fa2_backward(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=None, Bc=None,
+                 num_warps=None, deterministic=False, limit=None):
+    """FlashAttention-2 backward. Returns (dq, dk, dv) shaped like q, k, v.
+
+    dout, out (B, Nq, Hq, d) and L (B, Hq, Nq) come from the forward pass.
+    deterministic=True computes dQ in a separate kernel without atomics.
+    """
+    B, N_q, N_k, H_q, H_kv, d = common.check_qkv(q, k, v)
+    _check_like("dout", dout, q.shape)
+    _check_like("out", out, q.shape)
+    _check_like("L", L, (B, H_q, N_q))
+    scale = common.resolve_scale(softmax_scale, d)
+    steps = common.resolve_limit(limit)
+    config = resolve_config(d, Br, Bc, num_warps, defaults=default_config, check=check_config)
+    kernels = build(config)
+
+    arrays = common.Arrays(dout, q, k, v, out, L)
+    dout_d, q_d, k_d, v_d = (arrays.to_device(x) for x in (dout, q, k, v))
+    out_d, L_d = arrays.to_device(out), arrays.to_device(L)
+    D_rows = cuda.device_array((B, H_q, N_q), dtype=np.float32)
+    dq = arrays.empty(q.shape)
+    dk_per_head = cuda.device_array((B, N_k, H_q, d), dtype=np.float32)
+    dv_per_head = cuda.device_array((B, N_k, H_q, d), dtype=np.float32)
+
+    if not deterministic:
+        zero_fill[(dq.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS](dq)
+    pre_grid = ((N_q + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, B * H_q)
+    kernels.preprocess[pre_grid, PRE_THREADS](dout_d, out_d, D_rows)
+    T_r = (N_q + config.Br - 1) // config.Br
+    T_c = (N_k + config.Bc - 1) // config.Bc
+    scale32, causal = np.float32(scale), bool(causal)
+    kernels.dkdv[(T_c, B * H_q), config.threads](q_d, k_d, v_d, dout_d, L_d, D_rows, dq,
+                                                  dk_per_head, dv_per_head, scale32, causal,
+                                                  not deterministic, steps)
+    if deterministic:
+        kernels.dq[(T_r, B * H_q), config.threads](q_d, k_d, v_d, dout_d, L_d, D_rows, dq,
+                                                    scale32, causal, steps)
+
+    dk = gqa.reduce_groups(dk_per_head, H_kv)
+    dv = gqa.reduce_groups(dv_per_head, H_kv)
+    return arrays.result(dq), arrays.result(dk), arrays.result(dv)
