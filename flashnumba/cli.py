@@ -61,6 +61,12 @@ def main(argv=None):
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(run=fn)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    passthrough = {"figures": "flashnumba.figures", "bench": "flashnumba.bench",
+                   "resources": "flashnumba.kernels.resources"}
+    if argv and argv[0] in passthrough:          # their own parsers take the rest
+        from importlib import import_module
+        return import_module(passthrough[argv[0]]).main(argv[1:]) or 0
     args = parser.parse_args(argv)
     return args.run(args) or 0
 
