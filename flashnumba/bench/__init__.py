@@ -4,7 +4,7 @@ One command does everything, in this order::
 
     flashnumba bench                 # the default run (< 8 minutes on an H100/H200)
     flashnumba bench --quick         # d=64, N = 1k, 4k, 16k: a couple of minutes
-    flashnumba bench --shapes 4x16x4096x64c,1x16x65536x64n --out figures/
+    flashnumba bench --shapes 4x16x4096x64c,1x16x65536x64n --out figures/bench/
     flashnumba bench --tune          # also time every shipped config of the fast kernels
     flashnumba bench --sim           # no GPU: tiny correctness pass on the simulator, NOT a benchmark
     python -m flashnumba.bench ...   # the same
@@ -25,7 +25,7 @@ One command does everything, in this order::
    their rate at a smaller N) to take more than --max-slow-run seconds per
    run; anything once the run's time limit (--time-limit) is spent.
 5. results.json (every number, the GPU, versions, command line),
-   tflops_fwd.png, tflops_bwd.png, roofline.png in --out (default figures/),
+   tflops_fwd.png, tflops_bwd.png, roofline.png in --out (default figures/bench/),
    and last a short table: TFLOP/s and the ratio to PyTorch's MATH and
    EFFICIENT backends in the same run (> 1: faster than that backend).
 
@@ -59,7 +59,7 @@ def parse_args(argv):
     p.add_argument("--shapes", help="comma-separated BxHxNxd, suffix c (causal only) or n (non-causal only)")
     p.add_argument("--impls", help="comma-separated substrings: only implementations whose name has one")
     p.add_argument("--fwd-only", action="store_true", help="forward only")
-    p.add_argument("--out", default="figures", help="output folder (default figures/)")
+    p.add_argument("--out", default="figures/bench", help="output folder (default figures/bench/)")
     p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S,
                    help=f"seconds for the whole run; later shapes are skipped (default {DEFAULT_TIME_LIMIT_S:.0f})")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,

@@ -76,9 +76,10 @@ KERNEL_MODULES = [
     "flashnumba.kernels.fa1_backward",
     "flashnumba.kernels.fa2_forward",
     "flashnumba.kernels.fa2_fast_forward",
+    "flashnumba.kernels.fa2_fast_backward",
     "flashnumba.kernels.fa2_backward",
 ]
-PLAIN_TARGETS = ["flashnumba.kernels.resources:gqa_targets"]   # "module:function"
+PLAIN_TARGETS = ["flashnumba.kernels.resources:gqa_targets", "flashnumba.kernels.naive:targets"]   # "module:function"
 DEFAULT_SOURCES = KERNEL_MODULES + PLAIN_TARGETS
 DEFAULT_CCS = ((8, 0), (9, 0))
 MAX_REGISTERS = 255                 # per thread, on every architecture since sm_35

@@ -1,0 +1,677 @@
+"""FlashAttention-2 backward, version 2: register tiles, for speed (the readable one is fa2_backward).
+
+Same algorithm, same outputs as ``fa2_backward`` (Dao 2023, Algorithm 2; one
+thread block per K/V tile j and head; grid (Tc, B * Hq); dQ accumulated with
+float32 atomics), but the work inside a tile is laid out the way fast
+matrix-product kernels lay it out:
+
+    version 1  fa2_backward.py       one lane per score column or output dim; every
+               multiply-add loads an operand from shared memory. Simple;
+               shared-memory bound.
+    version 2  this file             the block's two warp groups split the five
+               products between them; each thread owns a register tile of every
+               product and reads its operands as 16-byte vectors, so one shared
+               load feeds 4-16 multiply-adds. fp32 FMA (no tensor cores).
+
+The algorithm, with the papers' names. Group 0 and group 1 are the two halves
+of the block (num_warps / 2 warps each); the two columns run side by side:
+
+    K_j, V_j -> shared, once;  dK_j = 0 (group 0), dV_j = 0 (group 1)     registers
+    for i from q_tile_start(j) (0 without causal) to Tr - 1:
+        Q_i, dO_i -> shared
+        group 0                                  group 1
+        S_ij  = Q_i K_j^T                        dP_ij = dO_i V_j^T        register tiles
+        P_ij  = exp2(scale log2(e) S_ij          .
+                     - log2(e) L_i)              .
+                0 where masked           -> Ps   .
+        .                                        dS_ij = scale P_ij (dP_ij - D_i)  -> dSs
+        dK_j += dS_ij^T Q_i                      dV_j += P_ij^T dO_i       register tiles
+        dQ_i  = dS_ij K_j   (both groups: the whole block)  -> cuda.atomic.add into dQ
+    write dK_j (group 0), dV_j (group 1)
+
+D_i = rowsum(dO_i * O_i) comes from ``fa2_backward.preprocess`` (run first);
+L_i is the forward's natural-log logsumexp (``fa2_fast_forward`` and
+``fa2_forward`` both write L = m + log l in natural log), so
+exp(scale S - L) = exp2(scale log2(e) S - log2(e) L): one ``ex2`` per entry.
+The softmax scale is folded into dS_ij as it is stored, so dK_j and dQ_i come
+out scaled with no extra multiply.
+
+How the operands are read: 16-byte vectors, used two ways
+--------------------------------------------------------
+
+Each product reads two tiles from shared memory. A thread reads 4 consecutive
+floats of a row as one ``ld.shared.v4`` and uses them in one of two ways:
+
+- as 4 *outputs* of a rank-1 update, when the sum runs over the tile's rows
+  (dV_j += P_ij^T dO_i sums over r: a vector of P_ij[r, :] times a vector of
+  dO_i[r, :]), the way the fast forward reads its k-major tiles;
+- as 4 consecutive *steps of the sum*, when the sum runs along the row
+  (S_ij = Q_i K_j^T sums over k: Q_i[r, k0:k0+4] is "a chunk of 4 k steps"
+  of row r). A thread holds one chunk per row of its tile.
+
+So no tile needs a second, transposed copy, and the five products fit in 48 KB:
+
+    Kt[k, c]   K_j^T   (D x Bc+4)   S_ij (vectors along c), dQ_i (chunks along c)
+    Vt[k, c]   V_j^T   (D x Bc+4)   dP_ij (vectors along c)
+    Qs[r, k]   Q_i     (Br x D+4)   S_ij (chunks along k), dK_j (vectors along k)
+    dOs[r, k]  dO_i    (Br x D+4)   dP_ij (chunks along k), dV_j (vectors along k)
+    Ps[r, c]   P_ij    (Br x Bc+4)  dS_ij (group 1), dV_j (vectors along c)
+    dSs[r, c]  dS_ij   (Br x Bc+4)  dK_j (vectors along c), dQ_i (chunks along c)
+
+K_j and V_j are stored transposed (once per block) so that dQ_i = dS_ij K_j can
+own *single* consecutive dims n per thread: then a warp's atomics into dQ cover
+whole 32-byte sectors (8 consecutive floats per row), not 2 floats of every
+sector. Every row is padded by 4 floats, to 4 x (an odd number): the chunks of
+8 consecutive rows at the same column fall in 8 different groups of 4 banks,
+so a warp's chunk loads are conflict-free.
+
+Register tiles per thread (sizes from ``layout(config)``; the D=64 default shown)::
+
+    S_ij / dP_ij  TM x TN     (4 x 8)   rows r = ty + RG a (chunks of Qs, dOs),
+                                        keys c = 4 (tx + CG g) + t (vectors of Kt, Vt)
+    dK_j / dV_j   TKC x TKN   (8 x 8)   keys c = 4 (ty + RG g) + t, dims n = 4 (tx + CG g) + t
+    dQ_i          TQM x TQN   (4 x 8)   rows r = ty + RG a, dims n = tx + CG t (chunks of both)
+
+A group's thread holds dK_j or dV_j (64 floats) for the whole i loop, so the
+block's two groups each keep one of them: 64 accumulators per thread instead of
+128, and 8 x 8 tiles (4 vectors per 64 multiply-adds) for both.
+
+Global memory: q, dout and dq are passed as flat 1-D views, so a row's address
+is one 64-bit add from the last one (Numba's 4-D indexing redoes the whole
+index product per element). dQ's dims n >= d are exactly 0 (K_j's padding dims
+are zeros): their atomics add 0 to whatever follows in the flat array, which
+has D spare floats at its end, so the atomics need no test per entry.
+
+Barriers per Q tile: four ``syncthreads`` (Q_i, dO_i free to overwrite /
+Q_i, dO_i loaded / P_ij written / dS_ij written) and one ``threadfence_block``
+that only orders the loads (see its comment), each explained where it is.
+
+Masking: P_ij = 0 for key c >= Nk, query row r >= Nq and, under causal, c > r +
+Nk - Nq (bottom-right), tested on edge and diagonal tiles only. A row that sees
+no key at all (L_i = -inf) is masked wherever it meets a key, so it contributes
+nothing and no NaN appears. Rows past Nq and dims past d load clamped, valid
+addresses: Q_i and dO_i dims past d are zeros (so K_j's and V_j's padding adds
+nothing to S_ij, dP_ij), rows past Nq have P_ij = 0 and are never written.
+
+GQA: dK_j, dV_j are written per *query* head into (B, Nk, Hq, d) buffers and
+summed over each group by ``gqa.sum_head_groups`` (into buffers the launcher
+allocated once). ``limit``: each block stops after ``limit`` iterations of its
+i loop and writes its dK_j, dV_j; dQ holds what was added so far.
+
+Head dims: compiled for D in FAST_HEAD_DIMS (32, 64, 128), as the fast forward;
+d <= D is zero-padded in shared memory and only n < d is written out.
+
+Known limits: fp32 FMA only; 48 KB of static shared memory caps the tiles at
+Br = Bc = 32 for D <= 64 and 16 for D = 128 (so dQ gets Nk / Bc atomics per
+entry); no prefetch of Q_{i+1}, dO_{i+1} (no registers left under the
+168-register cap of 5 blocks per SM: other blocks hide that latency); q, dout
+must be C-contiguous (flat views); one float32 atomic per dQ entry per (i, j),
+so dQ is not bitwise reproducible (fa2_backward has a deterministic mode, this
+kernel does not).
+"""
+
+import functools
+import math
+
+import numpy as np
+from numba import config as numba_config
+from numba import cuda, float32, types
+
+from flashnumba.kernels import common, gqa
+from flashnumba.kernels.common import (
+    FLOAT_BYTES,
+    STATIC_SMEM_LIMIT,
+    WARP_SIZE,
+    ConfigError,
+    TileConfig,
+    require,
+)
+from flashnumba.kernels.fa2_backward import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess, zero_fill
+from flashnumba.kernels.fa2_fast_forward import (
+    FAST_HEAD_DIMS,
+    LOG2_E,
+    REGISTERS_PER_SM,
+    SM_SHARED_BYTES,
+    fast_bucket,
+)
+from flashnumba.kernels.geometry import q_tile_start
+
+PAD = 4                                  # floats added to every shared row (see the docstring)
+CHUNK = 4                                # steps of a sum per 16-byte vector
+MIN_REGISTERS = 160                      # per thread: dK_j or dV_j, S_ij or dQ_i, operands
+MAX_REGISTER_FLOATS = 136                # floats per thread in register arrays; more would spill
+
+# Default tiles per head-dim bucket: (Br, Bc, num_warps).
+_DEFAULTS = {
+    32: (32, 32, 2),
+    64: (32, 32, 2),
+    128: (16, 16, 2),
+}
+# Other configurations that compile cleanly, for tuning on a GPU (bench --tune).
+_ALTERNATIVES = {
+    64: [(32, 32, 4)],
+    128: [],
+}
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+def _split(M, N, threads, row_run, col_run):
+    """How `threads` threads share an M x N register tile: (TM, TN, RG, CG), each thread
+    TM x TN entries, RG x CG threads; TM a multiple of row_run, TN of col_run.
+    Picks the most square tile (fewest loads per multiply-add), None if there is none."""
+    if threads <= 0 or (M * N) % threads:
+        return None
+    per_thread = M * N // threads
+    best = None
+    for TM in range(row_run, per_thread + 1, row_run):
+        if per_thread % TM or M % TM:
+            continue
+        TN = per_thread // TM
+        if TN % col_run or N % TN:
+            continue
+        RG, CG = M // TM, N // TN
+        if RG * CG != threads:
+            continue
+        key = (TM + TN, TM)                 # fewest loads, then the smaller left operand chunk
+        if best is None or key < best[0]:
+            best = (key, (TM, TN, RG, CG))
+    return None if best is None else best[1]
+
+
+def layout(config):
+    """Register-tile shapes of a config, a dict (None for a tile that does not split evenly):
+
+    S:  (TM, TN, RG, CG)       S_ij / dP_ij over one group (T / 2 threads)
+    KV: (TKC, TKN, RG, CG)     dK_j / dV_j over one group
+    Q:  (TQM, TQN, RG, CG)     dQ_i over the whole block (T threads)
+    """
+    T = config.threads
+    G = T // 2
+    return {"T": T, "G": G,
+            "S": _split(config.Br, config.Bc, G, 1, 4),
+            "KV": _split(config.Bc, config.D, G, 4, 4),
+            "Q": _split(config.Br, config.D, T, 1, 1)}
+
+
+def default_config(d):
+    """The shipped tile configuration for head dim d (served by its bucket D)."""
+    D = fast_bucket(d)
+    Br, Bc, num_warps = _DEFAULTS[D]
+    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+
+
+def shipped_configs():
+    """Every bucket's default plus the alternatives bench --tune times."""
+    configs = [default_config(D) for D in FAST_HEAD_DIMS]
+    for D, alternatives in _ALTERNATIVES.items():
+        configs += [TileConfig(Br=Br, Bc=Bc, D=D, num_warps=w) for Br, Bc, w in alternatives]
+    return configs
+
+
+def smem_bytes(config):
+    """Kt, Vt (D x Bc+4), Qs, dOs (Br x D+4), Ps, dSs (Br x Bc+4), float32."""
+    Br, Bc, D = config.Br, config.Bc, config.D
+    return (2 * D * (Bc + PAD) + 2 * Br * (D + PAD) + 2 * Br * (Bc + PAD)) * FLOAT_BYTES
+
+
+def min_blocks_per_sm(config):
+    """Blocks per SM to ask the compiler for: as many as shared memory allows (1 KB per block is
+    reserved by the hardware), but not so many that a thread gets fewer than MIN_REGISTERS."""
+    by_smem = SM_SHARED_BYTES // (smem_bytes(config) + 1024)
+    by_registers = REGISTERS_PER_SM // (config.threads * MIN_REGISTERS)
+    return max(1, min(by_smem, by_registers))
+
+
+def check_config(config):
+    """Raise ConfigError unless the configuration can compile and launch."""
+    require(isinstance(config, TileConfig), f"expected a TileConfig, got {config!r}")
+    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
+    for name, value in (("Br", Br), ("Bc", Bc), ("num_warps", num_warps)):
+        require(isinstance(value, (int, np.integer)) and value >= 1,
+                f"{name} must be a positive integer, got {value!r}")
+    require(D in FAST_HEAD_DIMS, f"D={D} is not a fast head-dim bucket {FAST_HEAD_DIMS}")
+    T = config.threads
+    require(num_warps % 2 == 0 and T <= 1024 and T & (T - 1) == 0,
+            f"num_warps={num_warps}: must be even (two warp groups) and a power of 2, <= 32")
+    require(Br % CHUNK == 0 and Bc % (2 * CHUNK) == 0,
+            f"Br={Br} must be a multiple of {CHUNK}, Bc={Bc} of {2 * CHUNK} (sums run in chunks of "
+            f"{CHUNK}, two chunks per loop trip)")
+    require(Br % num_warps == 0, f"Br={Br} must be a multiple of num_warps={num_warps} (loading Q_i)")
+    require(Bc % num_warps == 0, f"Bc={Bc} must be a multiple of num_warps={num_warps} (loading K_j)")
+    lay = layout(config)
+    for name, what in (("S", "S_ij (Br x Bc) over T/2 threads"), ("KV", "dK_j (Bc x D) over T/2 threads"),
+                       ("Q", "dQ_i (Br x D) over T threads")):
+        require(lay[name] is not None,
+                f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps}: {what} does not split into "
+                f"equal register tiles (runs of 4 where vectors are read)")
+    smem = smem_bytes(config)
+    require(smem <= STATIC_SMEM_LIMIT,
+            f"Br={Br}, Bc={Bc}, D={D} needs {smem} bytes of static shared memory "
+            f"> {STATIC_SMEM_LIMIT} (48 KB); use smaller tiles")
+    TM, TN = lay["S"][:2]
+    TKC, TKN = lay["KV"][:2]
+    TQM, TQN = lay["Q"][:2]
+    floats = TKC * TKN + max(TM * TN + CHUNK * TM + CHUNK, TQM * TQN + CHUNK * TQM + TQN)
+    require(floats <= MAX_REGISTER_FLOATS,
+            f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps} holds {floats} floats per thread in "
+            f"register arrays (> {MAX_REGISTER_FLOATS}, would spill); use more warps or smaller tiles")
+
+
+def _smem_alignment():
+    """16 bytes (for ld.shared.v4) on a GPU; the simulator accepts no alignment argument."""
+    return None if numba_config.ENABLE_CUDASIM else 16
+
+
+def _jit_options(config):
+    """Launch bounds for the real compiler (the simulator takes none)."""
+    if numba_config.ENABLE_CUDASIM:
+        return {}
+    return {"launch_bounds": (config.threads, min_blocks_per_sm(config))}
+
+
+# ---------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def build(config):
+    """Compile-time sizes baked in as plain Python ints; returns the @cuda.jit kernel."""
+    check_config(config)
+    Br, Bc, D = int(config.Br), int(config.Bc), int(config.D)
+    lay = layout(config)
+    T, G = lay["T"], lay["G"]
+    TM, TN, RG_S, CG_S = lay["S"]
+    TKC, TKN, RG_K, CG_K = lay["KV"]
+    TQM, TQN, RG_Q, CG_Q = lay["Q"]
+    NW = config.num_warps
+    T_MASK = T - 1
+    DP = D + PAD                             # row length of Qs, dOs
+    BcP = Bc + PAD                           # row length of Kt, Vt, Ps, dSs
+    D_LANES = D // WARP_SIZE                 # dims per lane when a warp loads a row
+    ROWS_PER_WARP = Br // NW                 # rows of Q_i per warp when loading
+    INDEX_MASK = 0x7FFFFFFF                  # x & INDEX_MASK == x for the indices here; tells the
+                                             # compiler x >= 0 (no negative-index wraparound code)
+    FLAT_MASK = 0x7FFFFFFFFFFFFFFF           # the same for 64-bit flat indices
+    DQ_MASK = 0x3FFFFFFFFFFFFFFF             # idx & DQ_MASK plus a small constant is still >= 0
+    X_ROWS = max(TM, TQM, TKC // 4)
+    Y_LEN = max(TN, TKC, TKN, CHUNK)
+    ALIGN = _smem_alignment()
+
+    @cuda.jit(device=True, inline="always")
+    def chunk_ab(C, As, Bt, k0, ty, tx, x, y):
+        """C[a, 4 g + t] += sum over k0 <= k < k0 + 4 of As[ty + RG_S a, k] Bt[k, 4 (tx + CG_S g) + t].
+
+        S_ij += Q_i K_j^T (As = Qs, Bt = Kt) or dP_ij += dO_i V_j^T (As = dOs, Bt = Vt), four
+        k steps: one 16-byte chunk per row of As (4 k steps of one row), TN / 4 vectors of Bt
+        per k; 4 TM TN multiply-adds.
+        """
+        for a in range(TM):
+            for s in range(CHUNK):
+                x[a, s] = As[ty + RG_S * a, k0 + s]
+        for s in range(CHUNK):
+            for g in range(TN // 4):
+                for t in range(4):
+                    y[4 * g + t] = Bt[k0 + s, 4 * (tx + CG_S * g) + t]
+            for a in range(TM):
+                for n in range(TN):
+                    C[a, n] += x[a, s] * y[n]
+
+    @cuda.jit(device=True, inline="always")
+    def step_atb(C, As, Bs, r, ty, tx, x, y):
+        """C[4 g + t, 4 g2 + t2] += As[r, 4 (ty + RG_K g) + t] Bs[r, 4 (tx + CG_K g2) + t2].
+
+        dK_j += dS_ij^T Q_i (As = dSs, Bs = Qs) or dV_j += P_ij^T dO_i (As = Ps, Bs = dOs),
+        one row r of both: TKC / 4 + TKN / 4 vectors, TKC TKN multiply-adds.
+        """
+        for g in range(TKC // 4):
+            for t in range(4):
+                x[g, t] = As[r, 4 * (ty + RG_K * g) + t]
+        for g in range(TKN // 4):
+            for t in range(4):
+                y[4 * g + t] = Bs[r, 4 * (tx + CG_K * g) + t]
+        for c in range(TKC):
+            for n in range(TKN):
+                C[c, n] += x[c // 4, c % 4] * y[n]
+
+    @cuda.jit(device=True, inline="always")
+    def chunk_abt(C, As, Bs, c0, ty, tx, x, y):
+        """C[a, t] += sum over c0 <= c < c0 + 4 of As[ty + RG_Q a, c] Bs[tx + CG_Q t, c].
+
+        dQ_i += dS_ij K_j (As = dSs, Bs = Kt: K_j transposed, so its column n is a row),
+        four c steps: one 16-byte chunk per row of each, 4 TQM TQN multiply-adds.
+        """
+        for a in range(TQM):
+            for s in range(CHUNK):
+                x[a, s] = As[ty + RG_Q * a, c0 + s]
+        for t in range(TQN):
+            for s in range(CHUNK):
+                y[s] = Bs[tx + CG_Q * t, c0 + s]
+            for s in range(CHUNK):
+                for a in range(TQM):
+                    C[a, t] += x[a, s] * y[s]
+
+    @cuda.jit(device=True, inline="always")
+    def load_kv_transposed(dst, src, b, h, start, N, d, warp, lane):
+        """dst[n, c] = src[b, start + c, h, n] for this warp's keys c = warp + NW cc, n < D; zeros
+        past N and past d. Once per block, so plainly written (the transposed store has bank
+        conflicts; it happens once, against Tr Q tiles of work)."""
+        for cc in range(Bc // NW):
+            c = warp + NW * cc
+            for u in range(D_LANES):
+                n = lane + WARP_SIZE * u
+                value = float32(0.0)
+                if start + c < N and n < d:
+                    value = src[b, start + c, h, n]
+                dst[n, c] = value
+
+    @cuda.jit(device=True, inline="always")
+    def load_q_rows(dst, src_flat, first, last, row_stride, d, warp, lane):
+        """dst[r, n] = Q_i[r, n] (or dO_i) for this warp's rows r = warp + NW rr, n = lane + 32 u < D,
+        from the flat array: row r of the tile starts at first + r row_stride; a row past N_q
+        reads the last row (flat index `last`: a valid address, masked later); dims past d are
+        zeros. Lanes along consecutive dims: coalesced loads, conflict-free stores. Per row one
+        add and one min of the flat index, per element a load, a select and a store (about 10
+        instructions per element in all: 64-bit index arithmetic)."""
+        idx = first + warp * row_stride
+        step = NW * row_stride
+        rr = 0
+        while rr < ROWS_PER_WARP:
+            r = warp + NW * rr
+            row_idx = min(idx, last)
+            for u in range(D_LANES):
+                n = lane + WARP_SIZE * u
+                value = src_flat[(row_idx + min(n, d - 1)) & FLAT_MASK]
+                dst[r, n] = value if n < d else float32(0.0)
+            idx += step
+            rr += 1
+
+    @cuda.jit(**_jit_options(config))
+    def fa2_fast_backward_kernel(q_flat, k, v, dout_flat, L, D_rows, dq_flat, dk, dv, scale, causal,
+                                 limit):
+        # --- sizes (q_flat, dout_flat, dq_flat: flat views of (B, N_q, H_q, d) arrays) ---
+        _, N_k, H_kv, d = k.shape
+        H_q = L.shape[1]
+        N_q = L.shape[2]
+        T_r = (N_q + Br - 1) // Br
+        offset = N_k - N_q                   # bottom-right causal diagonal
+        scale_log2 = scale * float32(LOG2_E)
+
+        # --- who am I ---
+        tid = cuda.threadIdx.x & T_MASK      # = threadIdx.x; the mask proves tid >= 0 to the compiler
+        group = tid // G                     # 0: S_ij, P_ij, dK_j;  1: dP_ij, dS_ij, dV_j
+        gid = tid % G                        # place within the group
+        ty_s = gid // CG_S                   # S_ij, dP_ij: rows ty_s + RG_S a, keys 4 (tx_s + CG_S g) + t
+        tx_s = gid % CG_S
+        ty_k = gid // CG_K                   # dK_j, dV_j: keys 4 (ty_k + RG_K g) + t, dims 4 (tx_k + CG_K g) + t
+        tx_k = gid % CG_K
+        ty_q = tid // CG_Q                   # dQ_i: rows ty_q + RG_Q a, dims tx_q + CG_Q t
+        tx_q = tid % CG_Q
+        warp = tid // WARP_SIZE
+        lane = tid % WARP_SIZE
+        j = cuda.blockIdx.x & INDEX_MASK     # K/V tile (ascending: under causal, the most Q tiles first)
+        bh = cuda.blockIdx.y & INDEX_MASK
+        b = bh // H_q
+        h = bh % H_q
+        h_kv = h // (H_q // H_kv)            # grouped-query attention: this head's K/V head
+        col0 = j * Bc
+        row_stride = H_q * d                 # flat index of q[b, r + 1, h, 0] - q[b, r, h, 0]
+        q_head = (b * N_q * H_q + h) * d     # flat index of q[b, 0, h, 0]
+        q_last = q_head + (N_q - 1) * row_stride
+
+        # --- shared memory (each array on its own line) ---
+        Kt = cuda.shared.array((D, BcP), float32, alignment=ALIGN)     # K_j transposed
+        Vt = cuda.shared.array((D, BcP), float32, alignment=ALIGN)     # V_j transposed
+        Qs = cuda.shared.array((Br, DP), float32, alignment=ALIGN)     # Q_i
+        dOs = cuda.shared.array((Br, DP), float32, alignment=ALIGN)    # dO_i
+        Ps = cuda.shared.array((Br, BcP), float32, alignment=ALIGN)    # P_ij
+        dSs = cuda.shared.array((Br, BcP), float32, alignment=ALIGN)   # dS_ij, times scale
+
+        # --- registers ---
+        acc = cuda.local.array((TKC, TKN), float32)    # dK_j (group 0) or dV_j (group 1)
+        S = cuda.local.array((TM, TN), float32)        # S_ij -> P_ij (group 0) or dP_ij -> dS_ij (group 1)
+        dQ = cuda.local.array((TQM, TQN), float32)     # dQ_i, this K/V tile's share
+        stat = cuda.local.array(TM, float32)           # log2(e) L_i (group 0) or D_i (group 1), per row
+        x = cuda.local.array((X_ROWS, CHUNK), float32)  # chunks of the left operand
+        y = cuda.local.array(Y_LEN, float32)           # a chunk or vectors of the right operand
+        for c in range(TKC):
+            for n in range(TKN):
+                acc[c, n] = 0.0
+
+        # K_j, V_j -> shared, transposed, once; keys past N_k and dims past d are zeros
+        load_kv_transposed(Kt, k, b, h_kv, col0, N_k, d, warp, lane)
+        load_kv_transposed(Vt, v, b, h_kv, col0, N_k, d, warp, lane)
+
+        i = 0
+        if causal:
+            i = q_tile_start(j, Br, Bc, N_q, offset)   # Q tiles above the diagonal are skipped
+        i_end = min(T_r, i + limit)
+
+        while i < i_end:
+            row0 = i * Br
+            cuda.syncthreads()  # every warp done reading Qs, dOs (and Ps, dSs) of the last Q tile
+
+            # Q_i, dO_i -> shared (rows past N_q: clamped, masked below; dims past d: zeros)
+            first = q_head + row0 * row_stride
+            load_q_rows(Qs, q_flat, first, q_last, row_stride, d, warp, lane)
+            cuda.threadfence_block()  # not for data: dO_i's loads may not be hoisted above Q_i's stores.
+                                      # With both tiles' 64 loads in flight the kernel spilled under the
+                                      # 168-register cap; one tile in flight costs one more L2 round trip
+            load_q_rows(dOs, dout_flat, first, q_last, row_stride, d, warp, lane)
+            cuda.syncthreads()  # Q_i, dO_i (and K_j, V_j the first time) written before any warp reads them
+
+            # this thread's rows of log2(e) L_i (group 0) or of D_i (group 1), loaded now so that
+            # their latency hides behind the products, not in front of exp2
+            for a in range(TM):
+                row = min(row0 + ty_s + RG_S * a, N_q - 1) & INDEX_MASK
+                if group == 0:
+                    stat[a] = L[b, h, row] * float32(LOG2_E)
+                else:
+                    stat[a] = D_rows[b, h, row]
+
+            # S_ij = Q_i K_j^T (group 0), dP_ij = dO_i V_j^T (group 1): eight k steps per trip
+            for a in range(TM):
+                for n in range(TN):
+                    S[a, n] = 0.0
+            k0 = 0
+            if group == 0:
+                while k0 < D:
+                    chunk_ab(S, Qs, Kt, k0, ty_s, tx_s, x, y)
+                    chunk_ab(S, Qs, Kt, k0 + CHUNK, ty_s, tx_s, x, y)
+                    k0 += 2 * CHUNK
+            else:
+                while k0 < D:
+                    chunk_ab(S, dOs, Vt, k0, ty_s, tx_s, x, y)
+                    chunk_ab(S, dOs, Vt, k0 + CHUNK, ty_s, tx_s, x, y)
+                    k0 += 2 * CHUNK
+
+            # edge and diagonal tiles: some (row, key) pairs are masked
+            masked_tile = (row0 + Br > N_q or col0 + Bc > N_k
+                           or (causal and col0 + Bc - 1 > row0 + offset))
+            if group == 0:
+                # P_ij = exp(scale S_ij - L_i) = exp2(scale log2(e) S_ij - log2(e) L_i), 0 where masked
+                for a in range(TM):
+                    r = ty_s + RG_S * a
+                    row = row0 + r
+                    for g in range(TN // 4):
+                        for t in range(4):
+                            c = 4 * (tx_s + CG_S * g) + t
+                            p = math.exp2(S[a, 4 * g + t] * scale_log2 - stat[a])
+                            if masked_tile:
+                                col = col0 + c
+                                if row >= N_q or col >= N_k or (causal and col > row + offset):
+                                    p = float32(0.0)
+                            Ps[r, c] = p
+            cuda.syncthreads()  # P_ij written (group 0) before group 1 reads it
+
+            if group == 1:
+                # dS_ij = scale P_ij (dP_ij - D_i): this thread's entries of P_ij, written by the
+                # group-0 thread with the same place in its group
+                for a in range(TM):
+                    r = ty_s + RG_S * a
+                    for g in range(TN // 4):
+                        for t in range(4):
+                            c = 4 * (tx_s + CG_S * g) + t
+                            dSs[r, c] = scale * Ps[r, c] * (S[a, 4 * g + t] - stat[a])
+            cuda.syncthreads()  # dS_ij written (group 1) before every warp reads it
+
+            # dK_j += dS_ij^T Q_i (group 0), dV_j += P_ij^T dO_i (group 1): four rows r per trip
+            r = 0
+            if group == 0:
+                while r < Br:
+                    step_atb(acc, dSs, Qs, r, ty_k, tx_k, x, y)
+                    step_atb(acc, dSs, Qs, r + 1, ty_k, tx_k, x, y)
+                    step_atb(acc, dSs, Qs, r + 2, ty_k, tx_k, x, y)
+                    step_atb(acc, dSs, Qs, r + 3, ty_k, tx_k, x, y)
+                    r += CHUNK
+            else:
+                while r < Br:
+                    step_atb(acc, Ps, dOs, r, ty_k, tx_k, x, y)
+                    step_atb(acc, Ps, dOs, r + 1, ty_k, tx_k, x, y)
+                    step_atb(acc, Ps, dOs, r + 2, ty_k, tx_k, x, y)
+                    step_atb(acc, Ps, dOs, r + 3, ty_k, tx_k, x, y)
+                    r += CHUNK
+
+            # dQ_i = dS_ij K_j (the whole block), added into global dQ: eight keys per trip
+            for a in range(TQM):
+                for n in range(TQN):
+                    dQ[a, n] = 0.0
+            c0 = 0
+            while c0 < Bc:
+                chunk_abt(dQ, dSs, Kt, c0, ty_q, tx_q, x, y)
+                chunk_abt(dQ, dSs, Kt, c0 + CHUNK, ty_q, tx_q, x, y)
+                c0 += 2 * CHUNK
+            # One atomic per entry; a warp's atomics for one (a, t) cover CG_Q consecutive dims of
+            # each of its rows (whole 32-byte sectors). Dims n >= d of dQ_i are exactly 0 (K_j's
+            # padding dims are zeros), so they need no test: their atomics add 0 to the entries
+            # that follow in the flat array (other dims, or the D spare floats at its end), one
+            # instruction each at an immediate offset. Rows past N_q are skipped.
+            for a in range(TQM):
+                row = row0 + ty_q + RG_Q * a
+                if row < N_q:
+                    idx = (q_head + row * row_stride + tx_q) & DQ_MASK
+                    for t in range(TQN):
+                        cuda.atomic.add(dq_flat, idx + CG_Q * t, dQ[a, t])
+            i += 1
+
+        # dK_j (group 0) or dV_j (group 1), per query head; dS_ij already carried the scale
+        for g in range(TKC // 4):
+            for t in range(4):
+                col = col0 + 4 * (ty_k + RG_K * g) + t
+                if col < N_k:
+                    for g2 in range(TKN // 4):
+                        for t2 in range(4):
+                            n = 4 * (tx_k + CG_K * g2) + t2
+                            if n < d:
+                                if group == 0:
+                                    dk[b, col, h, n] = acc[4 * g + t, 4 * g2 + t2]
+                                else:
+                                    dv[b, col, h, n] = acc[4 * g + t, 4 * g2 + t2]
+
+    return fa2_fast_backward_kernel
+
+
+def compile_targets(config):
+    """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as the launcher uses them.
+    (The preprocess, zero-fill and GQA kernels are fa2_backward's and gqa's, checked there.)"""
+    a4 = types.Array(types.float32, 4, "C")
+    a3 = types.Array(types.float32, 3, "C")
+    a1 = types.Array(types.float32, 1, "C")
+    argtypes = (a1, a4, a4, a1, a3, a3, a1, a4, a4, types.float32, types.boolean, types.int64)
+    return [("fa2_fast_backward", build(config), argtypes)]
+
+
+# ---------------------------------------------------------------------------
+# Wrapper: check, allocate, launch
+# ---------------------------------------------------------------------------
+
+def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
+    """The default config for d, or `config`, with any of Br, Bc, num_warps overridden; checked."""
+    base = config if config is not None else default_config(d)
+    if base.D < d:
+        raise ConfigError(f"config D={base.D} cannot serve head dim d={d}")
+    config = TileConfig(Br=base.Br if Br is None else Br, Bc=base.Bc if Bc is None else Bc,
+                        D=base.D, num_warps=base.num_warps if num_warps is None else num_warps)
+    check_config(config)
+    return config
+
+
+def _flat(x, name):
+    """A 1-D view of a C-contiguous device array (no copy)."""
+    try:
+        return x.reshape(x.size)
+    except NotImplementedError as exc:     # numba: a reshape that would need a copy
+        raise ValueError(f"{name} must be C-contiguous (the kernel reads it as a flat array)") from exc
+
+
+def _check_like(name, x, shape):
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if np.dtype(x.dtype) != np.float32:
+        raise TypeError(f"{name} must be float32, got {np.dtype(x.dtype)}")
+
+
+def launcher(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=None, Bc=None,
+             num_warps=None, limit=None, config=None):
+    """Check and allocate once; returns (launch, dq, dk, dv) with device arrays dq, dk, dv.
+
+    ``launch()`` runs everything again into the same arrays, allocating nothing: zero dQ,
+    D = rowsum(dO * O), the main kernel, and (GQA) the head-group sums of dK, dV. What the
+    benchmark times. The inputs must stay alive.
+    """
+    B, N_q, N_k, H_q, H_kv, d = common.check_qkv(q, k, v)
+    _check_like("dout", dout, q.shape)
+    _check_like("out", out, q.shape)
+    _check_like("L", L, (B, H_q, N_q))
+    scale = common.resolve_scale(softmax_scale, d)
+    steps = common.resolve_limit(limit)
+    config = resolve_config(d, Br, Bc, num_warps, config)
+    kernel = build(config)
+
+    arrays = common.Arrays(dout, q, k, v, out, L)
+    dout_d, q_d, k_d, v_d, out_d, L_d = (arrays.to_device(x) for x in (dout, q, k, v, out, L))
+    D_rows = cuda.device_array((B, H_q, N_q), dtype=np.float32)
+    n_q = B * N_q * H_q * d
+    dq_spare = cuda.device_array(n_q + config.D, dtype=np.float32)   # D spare floats: see the kernel
+    dq_flat = dq_spare[:n_q]
+    dq = dq_flat.reshape(B, N_q, H_q, d)
+    dk = cuda.device_array((B, N_k, H_kv, d), dtype=np.float32)
+    dv = cuda.device_array((B, N_k, H_kv, d), dtype=np.float32)
+    grouped = H_q != H_kv
+    dk_heads = cuda.device_array((B, N_k, H_q, d), dtype=np.float32) if grouped else dk
+    dv_heads = cuda.device_array((B, N_k, H_q, d), dtype=np.float32) if grouped else dv
+
+    zero_dq = zero_fill[(dq.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS]
+    rowsum = preprocess[((N_q + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, B * H_q), PRE_THREADS]
+    T_c = (N_k + config.Bc - 1) // config.Bc
+    main = kernel[(T_c, B * H_q), config.threads]
+    n_kv = B * N_k * H_kv * d
+    group_sum = gqa.sum_head_groups[(n_kv + gqa.THREADS - 1) // gqa.THREADS, gqa.THREADS]
+    scale32, causal = np.float32(scale), bool(causal)
+    q_flat, dout_flat = _flat(q_d, "q"), _flat(dout_d, "dout")
+
+    def launch():
+        zero_dq(dq)
+        rowsum(dout_d, out_d, D_rows)
+        main(q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, scale32, causal, steps)
+        if grouped:
+            group_sum(dk_heads, dk)
+            group_sum(dv_heads, dv)
+
+    return launch, dq, dk, dv
+
+
+def fa2_fast_backward(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=None, Bc=None,
+                      num_warps=None, limit=None, config=None):
+    """FlashAttention-2 backward, register-tiled. Returns (dq, dk, dv) shaped like q, k, v.
+
+    dout, out (B, Nq, Hq, d) and L (B, Hq, Nq, natural-log logsumexp) come from the forward.
+    NumPy in, NumPy out; device arrays in, device arrays out (no copies).
+    """
+    launch, dq, dk, dv = launcher(dout, q, k, v, out, L, causal=causal, softmax_scale=softmax_scale,
+                                  Br=Br, Bc=Bc, num_warps=num_warps, limit=limit, config=config)
+    launch()
+    arrays = common.Arrays(dout, q, k, v, out, L)
+    return arrays.result(dq), arrays.result(dk), arrays.result(dv)
