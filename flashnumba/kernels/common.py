@@ -35,10 +35,23 @@ class TileConfig:
     Bc: int
     D: int
     num_warps: int
+    blocks_per_sm: int = 0       # launch-bound occupancy target; 0: the kernel module's own choice
 
     @property
     def threads(self):
         return self.num_warps * WARP_SIZE
+
+
+def resolve_config(d, Br, Bc, num_warps, *, defaults, check, base=None):
+    """The config for head dim d: `base` (default: ``defaults(d)``) with any of Br, Bc,
+    num_warps overridden, checked by ``check`` before anything is launched."""
+    base = defaults(d) if base is None else base
+    config = TileConfig(Br=base.Br if Br is None else Br,
+                        Bc=base.Bc if Bc is None else Bc,
+                        D=base.D,
+                        num_warps=base.num_warps if num_warps is None else num_warps)
+    check(config)
+    return config
 
 
 class ConfigError(ValueError):

@@ -44,6 +44,7 @@ import numpy as np
 from numba import cuda, float32, types
 
 from flashnumba.kernels import gqa
+from flashnumba.kernels import common
 from flashnumba.kernels.common import (
     FLOAT_BYTES,
     HEAD_DIM_BUCKETS,
@@ -286,13 +287,7 @@ def compile_targets(config):
 
 def resolve_config(d, Br=None, Bc=None, num_warps=None):
     """The TileConfig for head dim d: the default, with any of Br, Bc, num_warps overridden."""
-    default = default_config(d)
-    config = TileConfig(Br=default.Br if Br is None else Br,
-                        Bc=default.Bc if Bc is None else Bc,
-                        D=default.D,
-                        num_warps=default.num_warps if num_warps is None else num_warps)
-    check_config(config)
-    return config
+    return common.resolve_config(d, Br, Bc, num_warps, defaults=default_config, check=check_config)
 
 
 def _check_saved(dout, q, out, l, m):

@@ -76,7 +76,7 @@ from flashnumba.kernels.common import (
     TileConfig,
     require,
 )
-from flashnumba.kernels.fa2_forward import FULL_MASK, MAX_REGISTER_TILE, resolve_config
+from flashnumba.kernels.fa2_forward import FULL_MASK, MAX_REGISTER_TILE
 from flashnumba.kernels.geometry import kv_tile_end, q_tile_start
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps). All fit in 48 KB of
@@ -483,7 +483,7 @@ def fa2_backward(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=
     _check_like("L", L, (B, H_q, N_q))
     scale = common.resolve_scale(softmax_scale, d)
     steps = common.resolve_limit(limit)
-    config = resolve_config(d, Br, Bc, num_warps, defaults=default_config, check=check_config)
+    config = common.resolve_config(d, Br, Bc, num_warps, defaults=default_config, check=check_config)
     kernels = build(config)
 
     arrays = common.Arrays(dout, q, k, v, out, L)

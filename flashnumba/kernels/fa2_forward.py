@@ -333,15 +333,9 @@ def compile_targets(config):
 # Wrapper: check, allocate, launch
 # ---------------------------------------------------------------------------
 
-def resolve_config(d, Br=None, Bc=None, num_warps=None, defaults=default_config, check=check_config):
-    """The default config for d with any of Br, Bc, num_warps overridden; checked before launch."""
-    base = defaults(d)
-    config = TileConfig(Br=base.Br if Br is None else Br,
-                        Bc=base.Bc if Bc is None else Bc,
-                        D=base.D,
-                        num_warps=base.num_warps if num_warps is None else num_warps)
-    check(config)
-    return config
+def resolve_config(d, Br=None, Bc=None, num_warps=None):
+    """The TileConfig for head dim d: the default, with any of Br, Bc, num_warps overridden."""
+    return common.resolve_config(d, Br, Bc, num_warps, defaults=default_config, check=check_config)
 
 
 def fa2_forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, num_warps=None,
