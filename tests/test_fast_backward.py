@@ -1,7 +1,7 @@
 """The register-tiled FA2 backward (fa2_fast_backward) against the float64 reference.
 
-Simulator-sized: the shipped D <= 64 config is a 64-thread block with 32 x 32
-tiles, so each (K/V tile, Q tile) pair costs a few hundred milliseconds here;
+Simulator-sized: the shipped D = 64 config is a 128-thread block with 32 x 32
+tiles (D = 32: 64 threads), so each (K/V tile, Q tile) pair costs a few hundred milliseconds here;
 cases keep B * H * Tr * Tc small. Relative error <= 1e-5 for dq, dk and dv.
 
 L and O come from the float64 reference (cast to float32), except in one case
@@ -87,8 +87,9 @@ def test_after_the_fast_forward_with_softmax_scale(rng):
 
 @pytest.mark.parametrize("config", [
     TileConfig(Br=16, Bc=32, D=64, num_warps=2),
-    TileConfig(Br=32, Bc=32, D=64, num_warps=4),
-], ids=lambda c: f"Br={c.Br} Bc={c.Bc} w={c.num_warps}")
+    TileConfig(Br=32, Bc=32, D=64, num_warps=2),
+    TileConfig(Br=32, Bc=32, D=64, num_warps=4, blocks_per_sm=4),
+], ids=lambda c: f"Br={c.Br} Bc={c.Bc} w={c.num_warps} b={c.blocks_per_sm}")
 def test_alternative_configs(rng, config):
     q, k, v, dout = _inputs(rng, 1, 40, 40, 1, 1, 64)
     out, L = _forward(q, k, v, causal=True)
@@ -159,6 +160,8 @@ def test_configs_are_checked():
     assert [fast_bwd.default_config(d).D for d in (1, 32, 33, 64, 65, 128)] == [32, 32, 64, 64, 128, 128]
     with pytest.raises(ConfigError, match="static shared memory"):
         fast_bwd.check_config(TileConfig(Br=64, Bc=64, D=64, num_warps=4))
+    with pytest.raises(ConfigError, match="do not fit on one SM"):
+        fast_bwd.check_config(TileConfig(Br=32, Bc=32, D=64, num_warps=4, blocks_per_sm=6))
     with pytest.raises(ConfigError, match="even"):
         fast_bwd.check_config(TileConfig(Br=32, Bc=32, D=64, num_warps=1))
     with pytest.raises(ConfigError, match="cannot serve"):

@@ -272,6 +272,8 @@ def tune(torch, log, budget):
         for direction, config in configs:
             impl = (FastForward if direction == "fwd" else FastBackward)(config=config)
             label = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}"
+            if config.blocks_per_sm:
+                label += f" blocks/SM={config.blocks_per_sm}"
             try:
                 run = impl.prepare(inputs, case)
                 run()

@@ -141,15 +141,18 @@ CHUNK = 4                                # steps of a sum per 16-byte vector
 MIN_REGISTERS = 160                      # per thread: dK_j or dV_j, S_ij or dQ_i, operands
 MAX_REGISTER_FLOATS = 136                # floats per thread in register arrays; more would spill
 
-# Default tiles per head-dim bucket: (Br, Bc, num_warps).
+# Default tiles per head-dim bucket: (Br, Bc, num_warps). D=64: 4 warps measured faster than 2
+# on an H200 (31.7 vs 30.8 TFLOP/s at N=4096, 30.2 vs 27.8 causal; PERF-NOTES.md).
 _DEFAULTS = {
     32: (32, 32, 2),
-    64: (32, 32, 2),
+    64: (32, 32, 4),
     128: (16, 16, 2),
 }
-# Other configurations that compile cleanly, for tuning on a GPU (bench --tune).
+# Other configurations that compile cleanly, for tuning on a GPU (bench --tune):
+# (Br, Bc, num_warps, blocks_per_sm), blocks_per_sm 0 meaning min_blocks_per_sm's choice.
 _ALTERNATIVES = {
-    64: [(32, 32, 4)],
+    64: [(32, 32, 2, 0),
+         (32, 32, 4, 4)],    # 4 blocks (16 warps) per SM: 128 registers, one dQ chunk per trip
     128: [],
 }
 
@@ -207,7 +210,8 @@ def shipped_configs():
     """Every bucket's default plus the alternatives bench --tune times."""
     configs = [default_config(D) for D in FAST_HEAD_DIMS]
     for D, alternatives in _ALTERNATIVES.items():
-        configs += [TileConfig(Br=Br, Bc=Bc, D=D, num_warps=w) for Br, Bc, w in alternatives]
+        configs += [TileConfig(Br=Br, Bc=Bc, D=D, num_warps=w, blocks_per_sm=blocks)
+                    for Br, Bc, w, blocks in alternatives]
     return configs
 
 
@@ -218,8 +222,11 @@ def smem_bytes(config):
 
 
 def min_blocks_per_sm(config):
-    """Blocks per SM to ask the compiler for: as many as shared memory allows (1 KB per block is
-    reserved by the hardware), but not so many that a thread gets fewer than MIN_REGISTERS."""
+    """Blocks per SM to ask the compiler for: config.blocks_per_sm if set, else as many as shared
+    memory allows (1 KB per block is reserved by the hardware), but not so many that a thread
+    gets fewer than MIN_REGISTERS."""
+    if config.blocks_per_sm:
+        return config.blocks_per_sm
     by_smem = SM_SHARED_BYTES // (smem_bytes(config) + 1024)
     by_registers = REGISTERS_PER_SM // (config.threads * MIN_REGISTERS)
     return max(1, min(by_smem, by_registers))
@@ -241,6 +248,13 @@ def check_config(config):
             f"{CHUNK}, two chunks per loop trip)")
     require(Br % num_warps == 0, f"Br={Br} must be a multiple of num_warps={num_warps} (loading Q_i)")
     require(Bc % num_warps == 0, f"Bc={Bc} must be a multiple of num_warps={num_warps} (loading K_j)")
+    blocks = config.blocks_per_sm
+    require(isinstance(blocks, (int, np.integer)) and blocks >= 0,
+            f"blocks_per_sm must be a non-negative integer, got {blocks!r}")
+    require(blocks == 0 or (blocks * (smem_bytes(config) + 1024) <= SM_SHARED_BYTES
+                            and blocks * config.threads <= 2048),
+            f"blocks_per_sm={blocks}: that many blocks of {config.threads} threads and "
+            f"{smem_bytes(config)} bytes of shared memory do not fit on one SM")
     lay = layout(config)
     for name, what in (("S", "S_ij (Br x Bc) over T/2 threads"), ("KV", "dK_j (Bc x D) over T/2 threads"),
                        ("Q", "dQ_i (Br x D) over T threads")):
@@ -296,6 +310,9 @@ def build(config):
                                              # compiler x >= 0 (no negative-index wraparound code)
     FLAT_MASK = 0x7FFFFFFFFFFFFFFF           # the same for 64-bit flat indices
     DQ_MASK = 0x3FFFFFFFFFFFFFFF             # idx & DQ_MASK plus a small constant is still >= 0
+    DQ_TWO_CHUNKS = config.blocks_per_sm == 0   # two 4-key chunks per dQ loop trip; one when the
+                                             # register cap is tighter (two spilled 8 B on sm_90
+                                             # at 128 registers)
     X_ROWS = max(TM, TQM, TKC // 4)
     Y_LEN = max(TN, TKC, TKN, CHUNK)
     ALIGN = _smem_alignment()
@@ -541,8 +558,10 @@ def build(config):
             c0 = 0
             while c0 < Bc:
                 chunk_abt(dQ, dSs, Kt, c0, ty_q, tx_q, x, y)
-                chunk_abt(dQ, dSs, Kt, c0 + CHUNK, ty_q, tx_q, x, y)
-                c0 += 2 * CHUNK
+                if DQ_TWO_CHUNKS:
+                    chunk_abt(dQ, dSs, Kt, c0 + CHUNK, ty_q, tx_q, x, y)
+                    c0 += CHUNK
+                c0 += CHUNK
             # One atomic per entry; a warp's atomics for one (a, t) cover CG_Q consecutive dims of
             # each of its rows (whole 32-byte sectors). Dims n >= d of dQ_i are exactly 0 (K_j's
             # padding dims are zeros), so they need no test: their atomics add 0 to the entries
@@ -593,7 +612,8 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     if base.D < d:
         raise ConfigError(f"config D={base.D} cannot serve head dim d={d}")
     config = TileConfig(Br=base.Br if Br is None else Br, Bc=base.Bc if Bc is None else Bc,
-                        D=base.D, num_warps=base.num_warps if num_warps is None else num_warps)
+                        D=base.D, num_warps=base.num_warps if num_warps is None else num_warps,
+                        blocks_per_sm=base.blocks_per_sm)
     check_config(config)
     return config
 

@@ -478,7 +478,8 @@ def find_problems(records, smem_limit=STATIC_SMEM_LIMIT):
 def describe_config(config):
     if config is None:
         return "-"
-    return f"Br={config.Br} Bc={config.Bc} D={config.D} w={config.num_warps}"
+    blocks = f" b={config.blocks_per_sm}" if config.blocks_per_sm else ""
+    return f"Br={config.Br} Bc={config.Bc} D={config.D} w={config.num_warps}{blocks}"
 
 
 def format_table(records):
