@@ -663,7 +663,9 @@ def launcher(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=None
     dk_heads = cuda.device_array((B, N_k, H_q, d), dtype=np.float32) if grouped else dk
     dv_heads = cuda.device_array((B, N_k, H_q, d), dtype=np.float32) if grouped else dv
 
-    zero_dq = zero_fill[(dq.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS]
+    # zero all of it, the spare floats too: their atomics (adding 0) read them
+    dq_spare_4d = dq_spare.reshape(1, 1, 1, dq_spare.size)
+    zero_dq = zero_fill[(dq_spare.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS]
     rowsum = preprocess[((N_q + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, B * H_q), PRE_THREADS]
     T_c = (N_k + config.Bc - 1) // config.Bc
     main = kernel[(T_c, B * H_q), config.threads]
@@ -673,7 +675,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=None
     q_flat, dout_flat = _flat(q_d, "q"), _flat(dout_d, "dout")
 
     def launch():
-        zero_dq(dq)
+        zero_dq(dq_spare_4d)
         rowsum(dout_d, out_d, D_rows)
         main(q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, scale32, causal, steps)
         if grouped:
