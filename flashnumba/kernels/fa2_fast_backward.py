@@ -141,18 +141,19 @@ CHUNK = 4                                # steps of a sum per 16-byte vector
 MIN_REGISTERS = 160                      # per thread: dK_j or dV_j, S_ij or dQ_i, operands
 MAX_REGISTER_FLOATS = 136                # floats per thread in register arrays; more would spill
 
-# Default tiles per head-dim bucket: (Br, Bc, num_warps). D=64: 4 warps measured faster than 2
-# on an H200 (31.7 vs 30.8 TFLOP/s at N=4096, 30.2 vs 27.8 causal; PERF-NOTES.md).
+# Default tiles per head-dim bucket: (Br, Bc, num_warps, blocks_per_sm). D=64, measured on an
+# H200 at N=4096 (bench --tune, PERF-NOTES.md): 4 warps at 4 blocks per SM 33.0 TFLOP/s (causal
+# 31.4), 4 warps at the compiler's choice (3 blocks) 31.7 (30.2), 2 warps 30.8 (27.8).
 _DEFAULTS = {
-    32: (32, 32, 2),
-    64: (32, 32, 4),
-    128: (16, 16, 2),
+    32: (32, 32, 2, 0),
+    64: (32, 32, 4, 4),
+    128: (16, 16, 2, 0),
 }
 # Other configurations that compile cleanly, for tuning on a GPU (bench --tune):
 # (Br, Bc, num_warps, blocks_per_sm), blocks_per_sm 0 meaning min_blocks_per_sm's choice.
 _ALTERNATIVES = {
     64: [(32, 32, 2, 0),
-         (32, 32, 4, 4)],    # 4 blocks (16 warps) per SM: 128 registers, one dQ chunk per trip
+         (32, 32, 4, 0)],    # the compiler's choice: 3 blocks (12 warps) per SM, 150 registers
     128: [],
 }
 
@@ -202,8 +203,8 @@ def layout(config):
 def default_config(d):
     """The shipped tile configuration for head dim d (served by its bucket D)."""
     D = fast_bucket(d)
-    Br, Bc, num_warps = _DEFAULTS[D]
-    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+    Br, Bc, num_warps, blocks_per_sm = _DEFAULTS[D]
+    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps, blocks_per_sm=blocks_per_sm)
 
 
 def shipped_configs():
