@@ -67,7 +67,7 @@ def _probabilities(q, k, causal, softmax_scale, alignment):
     E = np.exp(S - m_safe)
     l = E.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
-        lse = np.where(l > 0, m_safe + np.log(l), -np.inf)[..., 0]
+        lse = np.where(l == 0, -np.inf, m_safe + np.log(l))[..., 0]   # NaN inputs: NaN
     P = E / np.where(l > 0, l, 1.0)
     return P, lse, scale
 

@@ -21,6 +21,15 @@ STATIC_SMEM_LIMIT = 48 * 1024      # bytes of static shared memory per block
 FLOAT_BYTES = 4
 
 
+@cuda.jit(device=True)
+def max_nan(a, b):
+    """max(a, b) that propagates NaN as NumPy's max does (Python's and Numba's max drop it),
+    so a NaN in the inputs reaches the output instead of passing for a masked score."""
+    if a != a or a > b:
+        return a
+    return b
+
+
 def head_dim_bucket(d):
     """The compile-time head dim D that serves a run-time head dim d."""
     if not 1 <= d <= MAX_HEAD_DIM:

@@ -59,6 +59,7 @@ from flashnumba.kernels.common import (
     TileConfig,
     check_qkv,
     head_dim_bucket,
+    max_nan,
     require,
     resolve_limit,
     resolve_scale,
@@ -235,7 +236,7 @@ def build(config):
                 for r in range(lane, Br, WARP_SIZE):
                     mx = NEG_INF
                     for cc in range(Bcw):
-                        mx = max(mx, S_ij[r, warp * Bcw + cc])
+                        mx = max_nan(mx, S_ij[r, warp * Bcw + cc])
                     m_warp[warp, r] = mx
                 cuda.syncthreads()  # every warp's row max written before warps combine them
 
@@ -244,7 +245,7 @@ def build(config):
                 for r in range(lane, Br, WARP_SIZE):
                     m_tilde = NEG_INF
                     for w in range(num_warps):
-                        m_tilde = max(m_tilde, m_warp[w, r])
+                        m_tilde = max_nan(m_tilde, m_warp[w, r])
                     row_sum = float32(0.0)
                     for cc in range(Bcw):
                         c = warp * Bcw + cc
@@ -272,9 +273,9 @@ def build(config):
                     m_tilde = NEG_INF
                     l_tilde = float32(0.0)
                     for w in range(num_warps):
-                        m_tilde = max(m_tilde, m_warp[w, r])
+                        m_tilde = max_nan(m_tilde, m_warp[w, r])
                         l_tilde += l_warp[w, r]
-                    mn = max(m_i[r], m_tilde)
+                    mn = max_nan(m_i[r], m_tilde)
                     ln = float32(0.0)
                     if mn != NEG_INF:       # a row with no visible key yet keeps l = 0
                         ln = math.exp(m_i[r] - mn) * l_i[r] + math.exp(m_tilde - mn) * l_tilde
@@ -291,7 +292,7 @@ def build(config):
                     row = i * Br + r
                     if row < Nq and x < d:
                         o = float32(0.0)
-                        if l_new[r] > float32(0.0):
+                        if l_new[r] != float32(0.0):     # 0: no visible key yet (NaN inputs: NaN)
                             PV = float32(0.0)
                             for w in range(num_warps):
                                 PV += PV_warp[w, r, x]
