@@ -72,6 +72,30 @@ def require(condition, message):
         raise ConfigError(message)
 
 
+def check_sizes(config, who):
+    """The size checks every readable kernel shares: positive integers, D a head-dim
+    bucket, at most 1024 threads. Each module then adds its divisibility rules and
+    ``check_smem``."""
+    require(isinstance(config, TileConfig), f"{who}: expected a TileConfig, got {config!r}")
+    for name in ("Br", "Bc", "D", "num_warps"):
+        value = getattr(config, name)
+        require(isinstance(value, (int, np.integer)) and value >= 1,
+                f"{who}: {name} must be a positive integer, got {value!r}")
+    require(config.D in HEAD_DIM_BUCKETS,
+            f"{who}: D={config.D} is not a head-dim bucket {HEAD_DIM_BUCKETS}")
+    require(config.threads <= 1024,
+            f"{who}: num_warps={config.num_warps} gives {config.threads} threads; "
+            f"a thread block has at most 1024 (num_warps <= 32)")
+
+
+def check_smem(config, smem, who):
+    """`smem` bytes of static shared memory fit the 48 KB a block may have."""
+    require(smem <= STATIC_SMEM_LIMIT,
+            f"{who}: Br={config.Br}, Bc={config.Bc}, D={config.D}, num_warps={config.num_warps} "
+            f"needs {smem} bytes of static shared memory, over the {STATIC_SMEM_LIMIT} bytes "
+            f"(48 KB) a block may have; use smaller tiles")
+
+
 def is_device_array(x):
     if isinstance(x, np.ndarray):
         return False

@@ -48,14 +48,12 @@ from flashnumba.kernels import common
 from flashnumba.kernels.common import (
     FLOAT_BYTES,
     HEAD_DIM_BUCKETS,
-    STATIC_SMEM_LIMIT,
     WARP_SIZE,
     Arrays,
     ConfigError,
     TileConfig,
     check_qkv,
     head_dim_bucket,
-    require,
     resolve_limit,
     resolve_scale,
 )
@@ -101,18 +99,8 @@ def smem_bytes(config):
 
 def check_config(config):
     """Raise ConfigError unless ``build(config)`` can run on a GPU."""
-    for name in ("Br", "Bc", "D", "num_warps"):
-        value = getattr(config, name)
-        require(isinstance(value, (int, np.integer)) and value >= 1,
-                f"fa1_backward: {name} must be a positive integer, got {value!r}")
-    require(config.threads <= 1024,
-            f"fa1_backward: num_warps={config.num_warps} gives {config.threads} threads; "
-            f"a thread block has at most 1024 (num_warps <= 32)")
-    nbytes = smem_bytes(config)
-    require(nbytes <= STATIC_SMEM_LIMIT,
-            f"fa1_backward: Br={config.Br}, Bc={config.Bc}, D={config.D} needs {nbytes} bytes "
-            f"of shared memory, over the {STATIC_SMEM_LIMIT} bytes (48 KB) of static shared "
-            f"memory per block; use smaller tiles")
+    common.check_sizes(config, "fa1_backward")
+    common.check_smem(config, smem_bytes(config), "fa1_backward")
 
 
 @functools.cache

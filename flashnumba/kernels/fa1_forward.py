@@ -52,7 +52,6 @@ from flashnumba.kernels import common
 from flashnumba.kernels.common import (
     FLOAT_BYTES,
     HEAD_DIM_BUCKETS,
-    STATIC_SMEM_LIMIT,
     WARP_SIZE,
     Arrays,
     ConfigError,
@@ -108,22 +107,11 @@ def smem_bytes(config):
 
 def check_config(config):
     """Raise ConfigError unless ``build(config)`` can run on a GPU."""
-    for name in ("Br", "Bc", "D", "num_warps"):
-        value = getattr(config, name)
-        require(isinstance(value, (int, np.integer)) and value >= 1,
-                f"fa1_forward: {name} must be a positive integer, got {value!r}")
-    require(config.threads <= 1024,
-            f"fa1_forward: num_warps={config.num_warps} gives {config.threads} threads; "
-            f"a thread block has at most 1024 (num_warps <= 32)")
+    common.check_sizes(config, "fa1_forward")
     require(config.Bc % config.num_warps == 0,
             f"fa1_forward: the warps split the Bc keys of S_ij evenly, but Bc={config.Bc} "
             f"is not a multiple of num_warps={config.num_warps}")
-    nbytes = smem_bytes(config)
-    require(nbytes <= STATIC_SMEM_LIMIT,
-            f"fa1_forward: Br={config.Br}, Bc={config.Bc}, D={config.D}, "
-            f"num_warps={config.num_warps} needs {nbytes} bytes of shared memory, over the "
-            f"{STATIC_SMEM_LIMIT} bytes (48 KB) of static shared memory per block; "
-            f"use smaller tiles or fewer warps")
+    common.check_smem(config, smem_bytes(config), "fa1_forward")
 
 
 @functools.cache

@@ -71,7 +71,6 @@ from flashnumba.kernels import common, gqa
 from flashnumba.kernels.common import (
     FLOAT_BYTES,
     HEAD_DIM_BUCKETS,
-    STATIC_SMEM_LIMIT,
     WARP_SIZE,
     TileConfig,
     require,
@@ -139,23 +138,15 @@ def smem_bytes(config):
 
 def check_config(config):
     """Raise ConfigError unless the configuration can compile and launch."""
-    require(isinstance(config, TileConfig), f"expected a TileConfig, got {config!r}")
+    common.check_sizes(config, "fa2_backward")
     Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
-    for name, value in (("Br", Br), ("Bc", Bc), ("num_warps", num_warps)):
-        require(isinstance(value, (int, np.integer)) and value >= 1,
-                f"{name} must be a positive integer, got {value!r}")
-    require(D in HEAD_DIM_BUCKETS, f"D={D} is not a head-dim bucket {HEAD_DIM_BUCKETS}")
     require(Br % num_warps == 0,
             f"Br={Br} must be a multiple of num_warps={num_warps}: each warp owns Br/num_warps rows of Q_i")
     require(Bc % WARP_SIZE == 0,
             f"Bc={Bc} must be a multiple of {WARP_SIZE}: each lane owns Bc/32 score columns")
     require(Bc % num_warps == 0,
             f"Bc={Bc} must be a multiple of num_warps={num_warps}: each warp owns Bc/num_warps rows of dK_j, dV_j")
-    require(config.threads <= 1024, f"num_warps={num_warps} gives {config.threads} threads > 1024 per block")
-    smem = smem_bytes(config)
-    require(smem <= STATIC_SMEM_LIMIT,
-            f"Br={Br}, Bc={Bc}, D={D} needs {smem} bytes of static shared memory "
-            f"> {STATIC_SMEM_LIMIT} (48 KB); use smaller tiles")
+    common.check_smem(config, smem_bytes(config), "fa2_backward")
     rows_per_warp, keys_per_warp, cols_per_lane, dims_per_lane = _sizes(config)
     registers = max(2 * rows_per_warp * cols_per_lane,                  # S_ij, dP_ij
                     2 * keys_per_warp * dims_per_lane + rows_per_warp * dims_per_lane)  # dK_j, dV_j, dQ_i
