@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda
 
+from flashnumba import geometry
+
 HEAD_DIM_BUCKETS = (16, 32, 64, 96, 128)
 MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
 WARP_SIZE = 32
@@ -137,6 +139,34 @@ def resolve_scale(softmax_scale, d):
     if not math.isfinite(scale):
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
     return scale
+
+
+def resolve_dropout(dropout_p, seed):
+    """(p as float64, seed as uint64) for the kernels; raises ValueError naming the bad one.
+
+    p stays float64 because the keep test ``x 2^-32 >= p`` must compare against the
+    same number on the host and on the device (see ``flashnumba.philox``)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, np.integer, np.floating)):
+        raise TypeError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    if not 0 <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed!r}")
+    return np.float64(p), np.uint64(int(seed))
+
+
+def resolve_offset(causal, alignment, N_q, N_k):
+    """The causal diagonal's offset for the kernels (key c visible to query r when c <= r + offset):
+    N_k - N_q bottom-right (flash-attn), 0 top-left (PyTorch). Without causal it is unused (0)."""
+    if alignment not in (geometry.BOTTOM_RIGHT, geometry.TOP_LEFT):
+        raise ValueError(f"alignment must be {geometry.BOTTOM_RIGHT!r} or {geometry.TOP_LEFT!r}, "
+                         f"got {alignment!r}")
+    if not causal:
+        return np.int64(0)
+    return np.int64(geometry.causal_offset(N_q, N_k, alignment))
 
 
 def resolve_limit(limit):
