@@ -1,7 +1,8 @@
-"""FlashAttention-1 backward: Algorithm 2 of Dao et al. 2022 (without dropout).
+"""FlashAttention-1 backward: the backward pass of Dao et al. 2022 (Algorithm 4 of the appendix).
 
-Algorithm 2, for one (batch, head); S = softmax_scale * Q K^T, and O, l, m
-are what the forward pass (``fa1_forward``) stored:
+For one (batch, head); S = softmax_scale * Q K^T, O, l, m are what the forward
+pass (``fa1_forward``) stored, and Z = keep / (1 - p) is the forward's dropout
+matrix (Z = 1 without dropout), regenerated from (seed, p), never stored:
 
     initialise dQ = 0 in HBM
     for j in 0 .. Tc-1:                                   # outer loop: K/V tiles
@@ -9,11 +10,12 @@ are what the forward pass (``fa1_forward``) stored:
         for i in 0 .. Tr-1:                               # inner loop: Q tiles
             load Q_i, O_i, dO_i, dQ_i, l_i, m_i from HBM
             S_ij  = softmax_scale * Q_i K_j^T             (Br x Bc)
-            P_ij  = diag(l_i)^-1 exp(S_ij - m_i)          (the forward's softmax, recomputed)
-            dV_j += P_ij^T dO_i
+            P_ij  = diag(l_i)^-1 exp(S_ij - m_i)          (the forward's softmax, recomputed;
+                                                           0 where masked: key c > query r + offset)
+            dV_j += (P_ij o Z_ij)^T dO_i
             dP_ij = dO_i V_j^T
-            D_i   = rowsum(dO_i o O_i)
-            dS_ij = P_ij o (dP_ij - D_i)
+            D_i   = rowsum(dO_i o O_i)                    (O is the dropped output)
+            dS_ij = P_ij o (dP_ij o Z_ij - D_i)
             dQ_i += softmax_scale * dS_ij K_j             (read-modify-write in HBM)
             dK_j += softmax_scale * dS_ij^T Q_i
         write dK_j, dV_j to HBM
@@ -31,6 +33,12 @@ threads is through the shared tiles, three barriers per inner step. D_i is
 recomputed at every step, as in the paper; FlashAttention-2 computes it once
 before the loops.
 
+Causal alignment: offset = Nk - Nq (bottom-right, the default) or 0 (top-left,
+PyTorch's), computed by the wrapper (``common.resolve_offset``) and passed in.
+Dropout: the keep bit of element (r, c) of query head h, batch b is
+``philox.keep(seed, b, h, r, c, p)``, the bit ``fa1_forward`` used; with p = 0
+no Philox code runs. Each element costs one full Philox call (unmeasured on a GPU).
+
 Head dims are compiled for the bucket D >= d and tiles are zero-padded from d
 to D in shared memory. For K_j, the Q tiles i < q_tile_start(j) lie wholly above
 the causal diagonal and are skipped; a K_j no query sees is skipped whole and
@@ -43,6 +51,7 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import gqa
 from flashnumba.kernels import common
 from flashnumba.kernels.common import (
@@ -58,6 +67,7 @@ from flashnumba.kernels.common import (
     resolve_scale,
 )
 from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.philox import keep
 
 NEG_INF = np.float32(-np.inf)
 
@@ -113,12 +123,14 @@ def build(config):
                                     # Q_i, dO_i, K_j or V_j fall in different banks
 
     @cuda.jit
-    def fa1_backward_kernel(dO, Q, K, V, O, l, m, dQ, dK, dV, softmax_scale, causal, limit):
-        """One thread block per (batch, query head); Algorithm 2's loops run inside it.
+    def fa1_backward_kernel(dO, Q, K, V, O, l, m, dQ, dK, dV, softmax_scale, causal, offset,
+                            dropout_p, seed, limit):
+        """One thread block per (batch, query head); the backward's loops run inside it.
 
         dO, Q, O, dQ (B, Nq, Hq, d); K, V (B, Nk, Hkv, d); l, m (B, Hq, Nq);
         dK, dV (B, Nk, Hq, d): per query head, summed over groups afterwards.
-        softmax_scale: float32; causal: bool; limit: outer steps to run (int32).
+        softmax_scale: float32; causal: bool; offset: int64, key c visible to query r
+        iff c <= r + offset; dropout_p: float64; seed: uint64; limit: outer steps (int32).
         """
         _, Nq, Hq, d = Q.shape
         Nk = K.shape[1]
@@ -129,7 +141,7 @@ def build(config):
         tid = cuda.threadIdx.x
         Tr = (Nq + Br - 1) // Br
         Tc = (Nk + Bc - 1) // Bc
-        offset = Nk - Nq                    # causal: key c visible to query r iff c <= r + offset
+        Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         Q_i = cuda.shared.array((Br, D_pad), float32)
         dO_i = cuda.shared.array((Br, D_pad), float32)
@@ -203,7 +215,8 @@ def build(config):
 
                 # For each entry (r, c) of the tile:
                 #   S_ij = softmax_scale * Q_i K_j^T,   P_ij = exp(S_ij - m_i) / l_i  (0 where masked),
-                #   dP_ij = dO_i V_j^T,                  dS_ij = P_ij o (dP_ij - D_i).
+                #   dP_ij = dO_i V_j^T,                  dS_ij = P_ij o (dP_ij o Z_ij - D_i);
+                #   the P_ij array keeps P_ij o Z_ij, all that dV_j needs.
                 for e in range(tid, Br * Bc, THREADS):
                     r = e // Bc
                     c = e % Bc
@@ -218,11 +231,16 @@ def build(config):
                     visible = col < Nk and not (causal and col > row + offset)
                     if visible and l_i[r] > float32(0.0):
                         p = math.exp(s * softmax_scale - m_i[r]) / l_i[r]
-                    P_ij[r, c] = p
-                    dS_ij[r, c] = p * (dp - D_i[r])
+                    z = float32(1.0)                 # Z_ij: 1 without dropout
+                    if dropout_p > 0.0:
+                        z = float32(0.0)
+                        if keep(seed, b, h, row, col, dropout_p):
+                            z = Z_kept
+                    P_ij[r, c] = p * z
+                    dS_ij[r, c] = p * (dp * z - D_i[r])
                 cuda.syncthreads()  # all of P_ij and dS_ij written before any thread sums over them
 
-                # dV_j += P_ij^T dO_i,   dK_j += softmax_scale * dS_ij^T Q_i   (entries (c, x)).
+                # dV_j += (P_ij o Z_ij)^T dO_i,   dK_j += softmax_scale * dS_ij^T Q_i   (entries (c, x)).
                 for e in range(tid, Bc * D, THREADS):
                     c = e // D
                     x = e % D
@@ -267,7 +285,7 @@ def compile_targets(config):
     tensor = types.Array(types.float32, 4, "C")
     rows = types.Array(types.float32, 3, "C")
     argtypes = (tensor, tensor, tensor, tensor, tensor, rows, rows, tensor, tensor, tensor,
-                types.float32, types.boolean, types.int32)
+                types.float32, types.boolean, types.int64, types.float64, types.uint64, types.int32)
     label = (f"fa1_backward Br={config.Br} Bc={config.Bc} D={config.D} "
              f"num_warps={config.num_warps}")
     return [(label, build(config), argtypes)]
@@ -289,12 +307,14 @@ def _check_saved(dout, q, out, l, m):
             raise TypeError(f"{name} must be float32, got {np.dtype(x.dtype)}")
 
 
-def fa1_backward(dout, q, k, v, out, l, m, *, causal=False, softmax_scale=None, Br=None, Bc=None,
-                 num_warps=None, limit=None):
+def fa1_backward(dout, q, k, v, out, l, m, *, causal=False, alignment=BOTTOM_RIGHT,
+                 softmax_scale=None, dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None,
+                 limit=None):
     """FlashAttention-1 backward. Returns (dq, dk, dv), shaped like q, k, v.
 
-    out, l, m are ``fa1_forward``'s outputs for the same q, k, v, causal and
-    softmax_scale. ``limit``: stop after that many outer (K/V tile) steps; dq is
+    out, l, m are ``fa1_forward``'s outputs for the same q, k, v, causal, alignment,
+    softmax_scale, dropout_p and seed (the backward regenerates the forward's dropout
+    mask from seed and p). ``limit``: stop after that many outer (K/V tile) steps; dq is
     then the sum over the tiles done, and dk, dv hold those tiles' rows (0 elsewhere).
     NumPy in, NumPy out; device arrays in, device arrays out.
     """
@@ -302,6 +322,8 @@ def fa1_backward(dout, q, k, v, out, l, m, *, causal=False, softmax_scale=None, 
     B, Nq, Nk, Hq, Hkv, d = check_qkv(q, k, v)
     _check_saved(dout, q, out, l, m)
     scale = resolve_scale(softmax_scale, d)
+    offset = common.resolve_offset(causal, alignment, Nq, Nk)
+    dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps)
     # Allocate.
@@ -314,7 +336,8 @@ def fa1_backward(dout, q, k, v, out, l, m, *, causal=False, softmax_scale=None, 
     Tc = (Nk + config.Bc - 1) // config.Bc
     kernel = build(config)
     kernel[(B, Hq), config.threads](dO, Q, K, V, O, L, M, dQ, dK_per_q_head, dV_per_q_head,
-                                    np.float32(scale), bool(causal), np.int32(min(steps, Tc)))
+                                    np.float32(scale), bool(causal), offset, dropout_p, seed,
+                                    np.int32(min(steps, Tc)))
     dK = gqa.reduce_groups(dK_per_q_head, Hkv)
     dV = gqa.reduce_groups(dV_per_q_head, Hkv)
     return arrays.result(dQ), arrays.result(dK), arrays.result(dV)

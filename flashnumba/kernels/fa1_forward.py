@@ -1,6 +1,7 @@
 """FlashAttention-1 forward: Algorithm 1 of Dao et al. 2022, with FA1's split-K warp layout.
 
-Algorithm 1, for one (batch, head); S = softmax_scale * Q K^T:
+Algorithm 1 with Algorithm 2's masking and dropout, for one (batch, head);
+S = softmax_scale * Q K^T, Z = keep / (1 - p) the dropout matrix (Z = 1 without dropout):
 
     initialise O = 0 (N x d), l = 0 (N), m = -inf (N) in HBM
     for j in 0 .. Tc-1:                                   # outer loop: K/V tiles
@@ -8,12 +9,14 @@ Algorithm 1, for one (batch, head); S = softmax_scale * Q K^T:
         for i in 0 .. Tr-1:                               # inner loop: Q tiles
             load Q_i, O_i, l_i, m_i from HBM
             S_ij  = softmax_scale * Q_i K_j^T             (Br x Bc)
+            S_ij  = -inf where masked                     (causal: key c > query r + offset)
             m~_ij = rowmax(S_ij)
             P~_ij = exp(S_ij - m~_ij)
-            l~_ij = rowsum(P~_ij)
+            l~_ij = rowsum(P~_ij)                         (undropped: l, m are the softmax's)
             m_i_new = max(m_i, m~_ij)
             l_i_new = e^(m_i - m_i_new) l_i + e^(m~_ij - m_i_new) l~_ij
-            O_i <- diag(l_i_new)^-1 (diag(l_i) e^(m_i - m_i_new) O_i + e^(m~_ij - m_i_new) P~_ij V_j)
+            O_i <- diag(l_i_new)^-1 (diag(l_i) e^(m_i - m_i_new) O_i
+                                     + e^(m~_ij - m_i_new) (P~_ij o Z_ij) V_j)
             write O_i, l_i <- l_i_new, m_i <- m_i_new to HBM
 
 The loop order is the paper's: K/V outside, Q inside, so O, l and m make a
@@ -35,6 +38,18 @@ That exchange costs a barrier per combine and num_warps x Br x D floats of
 shared memory; FlashAttention-2 gives each warp whole rows (split-Q) and needs
 none of it.
 
+Causal alignment: the wrapper passes offset = Nk - Nq (bottom-right, flash-attn's,
+the default) or 0 (top-left, PyTorch's ``is_causal``), from ``common.resolve_offset``;
+q_tile_start(j) skips the Q tiles above either diagonal.
+
+Dropout is Algorithm 2 of the paper (Algorithm 1 plus masking and dropout):
+element (r, c) of query head h, batch b is kept when ``philox.keep(seed, b, h, r,
+c, p)``, the Philox4x32-10 bit the reference's mask (``philox.keep_mask``) is made
+of, regenerated on chip and never stored. l sums the undropped P~_ij, so l and m
+are the undropped softmax's statistics; only the P~_ij that multiplies V_j is
+dropped. With p = 0 no Philox code runs. Each element costs one full Philox
+call (4 words made, 1 used); unmeasured on a GPU.
+
 Head dims are compiled for the bucket D >= d (``common.head_dim_bucket``);
 tiles are zero-padded from d to D in shared memory, so the dot products run
 over the compile-time D. Tiles wholly above the causal diagonal are skipped:
@@ -48,6 +63,7 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common
 from flashnumba.kernels.common import (
     FLOAT_BYTES,
@@ -64,6 +80,7 @@ from flashnumba.kernels.common import (
     resolve_scale,
 )
 from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.philox import keep
 
 NEG_INF = np.float32(-np.inf)
 
@@ -125,11 +142,12 @@ def build(config):
     Bc_pad = Bc + 1                 # K_j, Q_i or S_ij fall in different banks
 
     @cuda.jit
-    def fa1_forward_kernel(Q, K, V, O, l, m, softmax_scale, causal, limit):
+    def fa1_forward_kernel(Q, K, V, O, l, m, softmax_scale, causal, offset, dropout_p, seed, limit):
         """One thread block per (batch, query head); Algorithm 1's loops run inside it.
 
         Q (B, Nq, Hq, d), K, V (B, Nk, Hkv, d); O (B, Nq, Hq, d), l, m (B, Hq, Nq).
-        softmax_scale: float32; causal: bool; limit: outer steps to run (int32).
+        softmax_scale: float32; causal: bool; offset: int64, key c visible to query r
+        iff c <= r + offset; dropout_p: float64; seed: uint64; limit: outer steps (int32).
         """
         _, Nq, Hq, d = Q.shape
         Nk = K.shape[1]
@@ -142,7 +160,7 @@ def build(config):
         lane = tid % WARP_SIZE
         Tr = (Nq + Br - 1) // Br
         Tc = (Nk + Bc - 1) // Bc
-        offset = Nk - Nq                    # causal: key c visible to query r iff c <= r + offset
+        Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         Q_i = cuda.shared.array((Br, D_pad), float32)
         K_j = cuda.shared.array((Bc, D_pad), float32)
@@ -229,7 +247,8 @@ def build(config):
                 cuda.syncthreads()  # every warp's row max written before warps combine them
 
                 # m~_ij = max over warps of m_warp;  P~_ij = exp(S_ij - m~_ij) on warp w's
-                # keys (0 in a row with no visible key);  l_warp[w] = its row sum of P~_ij.
+                # keys (0 in a row with no visible key);  l_warp[w] = its row sum of P~_ij
+                # (undropped);  then P~_ij o Z_ij, Z_ij = 1/(1-p) where kept, 0 where dropped.
                 for r in range(lane, Br, WARP_SIZE):
                     m_tilde = NEG_INF
                     for w in range(num_warps):
@@ -240,12 +259,17 @@ def build(config):
                         p = float32(0.0)
                         if m_tilde != NEG_INF:
                             p = math.exp(S_ij[r, c] - m_tilde)
-                        S_ij[r, c] = p
                         row_sum += p
+                        if dropout_p > 0.0:
+                            if keep(seed, b, h, i * Br + r, j * Bc + c, dropout_p):
+                                p *= Z_kept
+                            else:
+                                p = float32(0.0)
+                        S_ij[r, c] = p
                     l_warp[warp, r] = row_sum
                 cuda.syncthreads()  # P~_ij and every warp's row sum written before they are read
 
-                # PV_warp[w] = P~_ij V_j summed over warp w's keys only (the split-K partial).
+                # PV_warp[w] = (P~_ij o Z_ij) V_j summed over warp w's keys only (the split-K partial).
                 for e in range(lane, Br * D, WARP_SIZE):
                     r = e // D
                     x = e % D
@@ -273,7 +297,7 @@ def build(config):
                 cuda.syncthreads()  # all PV_warp partials and the new statistics written before the combine
 
                 # O_i <- diag(l_i_new)^-1 (diag(l_i) e^(m_i - m_i_new) O_i
-                #                           + e^(m~_ij - m_i_new) P~_ij V_j),  P~_ij V_j = sum_w PV_warp.
+                #   + e^(m~_ij - m_i_new) (P~_ij o Z_ij) V_j),  (P~_ij o Z_ij) V_j = sum_w PV_warp.
                 for e in range(tid, Br * D, THREADS):
                     r = e // D
                     x = e % D
@@ -303,7 +327,7 @@ def compile_targets(config):
     tensor = types.Array(types.float32, 4, "C")
     rows = types.Array(types.float32, 3, "C")
     argtypes = (tensor, tensor, tensor, tensor, rows, rows, types.float32, types.boolean,
-                types.int32)
+                types.int64, types.float64, types.uint64, types.int32)
     label = (f"fa1_forward Br={config.Br} Bc={config.Bc} D={config.D} "
              f"num_warps={config.num_warps}")
     return [(label, build(config), argtypes)]
@@ -314,20 +338,25 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None):
     return common.resolve_config(d, Br, Bc, num_warps, defaults=default_config, check=check_config)
 
 
-def fa1_forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, num_warps=None,
-                limit=None):
+def fa1_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
+                dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None):
     """FlashAttention-1 forward. Returns (O, l, m) as Algorithm 1 leaves them.
 
     q (B, Nq, Hq, d), k and v (B, Nk, Hkv, d), float32, Hq a multiple of Hkv.
     O (B, Nq, Hq, d) is normalised; l, m (B, Hq, Nq) are the softmax row sums
     and row maxima of S = softmax_scale Q K^T, so lse = m + log(l). A query with
-    no visible key (causal, Nq > Nk) gets O = 0, m = -inf, l = 0.
+    no visible key (causal, Nq > Nk bottom-right) gets O = 0, m = -inf, l = 0.
+    alignment: the causal diagonal, BOTTOM_RIGHT (flash-attn) or TOP_LEFT (PyTorch).
+    dropout_p, seed: O = (P o Z) V with Z = keep / (1 - p), keep from
+    ``philox.keep_mask(seed, p, B, Hq, Nq, Nk)``; l and m stay the undropped softmax's.
     ``limit``: stop after that many outer (K/V tile) steps.
     NumPy in, NumPy out; device arrays in, device arrays out.
     """
     # Check.
     B, Nq, Nk, Hq, _, d = check_qkv(q, k, v)
     scale = resolve_scale(softmax_scale, d)
+    offset = common.resolve_offset(causal, alignment, Nq, Nk)
+    dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps)
     # Allocate.
@@ -340,7 +369,7 @@ def fa1_forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, 
     Tc = (Nk + config.Bc - 1) // config.Bc
     kernel = build(config)
     kernel[(B, Hq), config.threads](Q, K, V, O, l, m, np.float32(scale), bool(causal),
-                                    np.int32(min(steps, Tc)))
+                                    offset, dropout_p, seed, np.int32(min(steps, Tc)))
     return arrays.result(O), arrays.result(l), arrays.result(m)
 
 

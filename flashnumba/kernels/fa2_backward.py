@@ -14,15 +14,19 @@ clears dQ for the atomics):
        for i from q_tile_start(j) (0 without causal) to Tr - 1:
            Q_i, dO_i -> shared; L_i, D_i read per row
            phase A (warp w owns rows [w Br/num_warps, (w+1) Br/num_warps), lane owns columns c = lane + 32 t):
+               Z_ij  = keep / (1 - p)                dropout only (p > 0): Philox keep bits, else Z_ij = 1
                S_ij  = scale Q_i K_j^T
-               P_ij  = exp(S_ij - L_i)               0 where masked or where the row saw no key (L_i = -inf)
+               P_ij  = exp(S_ij - L_i)               0 where masked (c > r + offset) or where the row saw no key (L_i = -inf)
                dP_ij = dO_i V_j^T
-               dS_ij = P_ij * (dP_ij - D_i)          -> P_ij, dS_ij to shared
+               dS_ij = P_ij * (dP_ij o Z_ij - D_i)   -> P_ij o Z_ij, dS_ij to shared
            phase B (warp w owns key rows [w Bc/num_warps, ...), lane owns dims k = lane + 32 u):
-               dV_j += P_ij^T dO_i
+               dV_j += (P_ij o Z_ij)^T dO_i
                dK_j += dS_ij^T Q_i                   (times scale once, at the end)
                dQ_i += scale dS_ij K_j               cuda.atomic.add into global dQ (float32)
        write dK_j, dV_j
+
+   D_i = rowsum(dO_i * O_i) is unchanged by dropout: O is the dropped output,
+   so rowsum(dO_i o O_i) = rowsum(P_ij o (dP_ij o Z_ij)) over j, as dS needs.
 
 3. ``dq`` (only with ``deterministic=True``), grid (Tr, B * Hq): one block per
    Q tile i loops over j, recomputes phase A, and accumulates
@@ -43,6 +47,18 @@ Lane mappings and banks: K_j and V_j are stored with an odd row stride
 c, hit 32 different banks; Q_i and dO_i are read in phase A as broadcasts
 (one row per warp) and in phase B as 32 consecutive words.
 
+Causal alignment: offset = Nk - Nq (bottom-right, the default) or 0 (top-left,
+PyTorch's), computed by the wrapper (``common.resolve_offset``) and passed in;
+q_tile_start and kv_tile_end skip the tiles past either diagonal.
+
+Dropout: the keep bit of element (r, c) of query head h, batch b is
+``philox.keep(seed, b, h, r, c, p)``, the same bit the forward used, regenerated
+(never stored); ``dkdv`` and ``dq`` each regenerate it for the tiles they visit.
+The bits are drawn in a loop of their own and parked in dS_ij (phase A then
+overwrites each entry): drawn inside phase A's main loop, the Philox code kept
+the compiler from holding S_ij, dP_ij in registers (they went to local memory).
+With p = 0 no Philox code runs.
+
 Head dim: compiled for D = head_dim_bucket(d); tiles are zero-padded in shared
 memory from d to D (to a multiple of 32 where lanes own dims), and only k < d
 is written. GQA: dK, dV are written per *query* head into (B, Nk, Hq, d)
@@ -57,7 +73,8 @@ counting 2.5x the forward's FLOPs): 10.2 TFLOP/s with atomics (67.7 ms; causal
 9.6), where PyTorch's fp32 memory-efficient SDPA backward reaches 35: about
 3.5x slower. ``deterministic=True``: 6.2 TFLOP/s (111 ms), because the ``dq``
 kernel recomputes S_ij, P_ij, dP_ij and dS_ij. Like the forward, it is bound by
-shared-memory loads (about one per FMA in phase A).
+shared-memory loads (about one per FMA in phase A). Dropout is unmeasured on a
+GPU: each element costs one full Philox4x32-10, in ``dkdv`` and again in ``dq``.
 """
 
 import collections
@@ -67,6 +84,7 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, gqa
 from flashnumba.kernels.common import (
     FLOAT_BYTES,
@@ -77,6 +95,7 @@ from flashnumba.kernels.common import (
 )
 from flashnumba.kernels.fa2_forward import FULL_MASK, MAX_REGISTER_TILE
 from flashnumba.kernels.geometry import kv_tile_end, q_tile_start
+from flashnumba.kernels.philox import keep
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps). All fit in 48 KB of
 # static shared memory (see smem_bytes) and keep their register arrays in
@@ -224,9 +243,25 @@ def build(config):
 
     @cuda.jit(device=True)
     def probabilities_and_dS(Q_i, dO_i, K_j, V_j, P_ij, dS_ij, L, D_rows,
-                             b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale):
+                             b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale,
+                             dropout_p, seed):
         """Phase A for this warp's rows [r0, r0 + ROWS_PER_WARP) and this lane's columns:
-        P_ij = exp(scale Q_i K_j^T - L_i), dS_ij = P_ij * (dO_i V_j^T - D_i), written to shared."""
+        P_ij = exp(scale Q_i K_j^T - L_i), dS_ij = P_ij * (dO_i V_j^T o Z_ij - D_i), and
+        P_ij o Z_ij (what dV_j needs) written to shared; Z_ij = 1 without dropout."""
+        # dropout: Z_ij = 1/(1-p) where kept, 0 where dropped, parked in this lane's entries of
+        # dS_ij until the last loop below reads each back and overwrites it (same lane: no
+        # barrier). A loop of its own, on shared memory only: inside the loops below the Philox
+        # code would keep the compiler from holding S and dP in registers.
+        if dropout_p > 0.0:
+            Z_kept = float32(1.0 / (1.0 - dropout_p))
+            for rr in range(ROWS_PER_WARP):
+                row = i * Br + r0 + rr
+                for t in range(COLS_PER_LANE):
+                    c = lane + WARP_SIZE * t
+                    if keep(seed, b, h, row, j * Bc + c, dropout_p):
+                        dS_ij[r0 + rr, c] = Z_kept
+                    else:
+                        dS_ij[r0 + rr, c] = 0.0
         S = cuda.local.array((ROWS_PER_WARP, COLS_PER_LANE), float32)
         dP = cuda.local.array((ROWS_PER_WARP, COLS_PER_LANE), float32)
         for rr in range(ROWS_PER_WARP):
@@ -256,17 +291,20 @@ def build(config):
                 visible = row < N_q and col < N_k and not (causal and col > row + offset)
                 if visible and L_r != -math.inf:      # L_r = -inf: the row saw no key, P = 0
                     p = math.exp(scale * S[rr, t] - L_r)        # P_ij = exp(S_ij - L_i)
-                P_ij[r0 + rr, c] = p
-                dS_ij[r0 + rr, c] = p * (dP[rr, t] - D_r)        # dS_ij = P_ij (dP_ij - D_i)
+                z = float32(1.0)                                # Z_ij: 1 without dropout
+                if dropout_p > 0.0:
+                    z = dS_ij[r0 + rr, c]                       # Z_ij, parked above
+                P_ij[r0 + rr, c] = p * z                         # P_ij o Z_ij: all dV_j needs
+                dS_ij[r0 + rr, c] = p * (dP[rr, t] * z - D_r)    # dS_ij = P_ij (dP_ij o Z_ij - D_i)
 
     @cuda.jit
-    def dkdv(q, k, v, dout, L, D_rows, dq, dk, dv, scale, causal, accumulate_dq, limit):
+    def dkdv(q, k, v, dout, L, D_rows, dq, dk, dv, scale, causal, offset, dropout_p, seed,
+             accumulate_dq, limit):
         # --- sizes ---
         _, N_q, H_q, d = q.shape
         N_k = k.shape[1]
         H_kv = k.shape[2]
         T_r = (N_q + Br - 1) // Br
-        offset = N_k - N_q                    # bottom-right causal diagonal
 
         # --- who am I ---
         j = cuda.blockIdx.x                   # K/V tile
@@ -311,7 +349,8 @@ def build(config):
 
             # phase A: P_ij, dS_ij for this warp's rows
             probabilities_and_dS(Q_i, dO_i, K_j, V_j, P_ij, dS_ij, L, D_rows,
-                                 b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale)
+                                 b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale,
+                                 dropout_p, seed)
             cuda.syncthreads()  # every warp's rows of P_ij, dS_ij written before phase B reads whole columns
 
             # phase B: dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i over the valid rows of Q_i
@@ -353,13 +392,12 @@ def build(config):
                     dv[b, col, h, kk] = dV_j[cc, u]
 
     @cuda.jit
-    def dq_kernel(q, k, v, dout, L, D_rows, dq, scale, causal, limit):
+    def dq_kernel(q, k, v, dout, L, D_rows, dq, scale, causal, offset, dropout_p, seed, limit):
         # --- sizes ---
         _, N_q, H_q, d = q.shape
         N_k = k.shape[1]
         H_kv = k.shape[2]
         T_c = (N_k + Bc - 1) // Bc
-        offset = N_k - N_q
 
         # --- who am I ---
         i = cuda.blockIdx.x                   # Q tile
@@ -402,7 +440,8 @@ def build(config):
                 cuda.syncthreads()  # K_j, V_j (and Q_i, dO_i on the first pass) written before any warp reads them
 
                 probabilities_and_dS(Q_i, dO_i, K_j, V_j, P_ij, dS_ij, L, D_rows,
-                                     b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale)
+                                     b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale,
+                                 dropout_p, seed)
                 cuda.syncwarp()  # this warp's rows of dS_ij written by all its lanes before any lane reads a whole row
 
                 # dQ_i += dS_ij K_j, in the order j = 0, 1, ...: deterministic
@@ -432,9 +471,11 @@ def compile_targets(config):
         ("fa2_backward_zero_fill", zero_fill, (a4,)),
         ("fa2_backward_preprocess", kernels.preprocess, (a4, a4, a3)),
         ("fa2_backward_dkdv", kernels.dkdv,
-         (a4, a4, a4, a4, a3, a3, a4, a4, a4, types.float32, types.boolean, types.boolean, types.int64)),
+         (a4, a4, a4, a4, a3, a3, a4, a4, a4, types.float32, types.boolean,
+          types.int64, types.float64, types.uint64, types.boolean, types.int64)),
         ("fa2_backward_dq", kernels.dq,
-         (a4, a4, a4, a4, a3, a3, a4, types.float32, types.boolean, types.int64)),
+         (a4, a4, a4, a4, a3, a3, a4, types.float32, types.boolean,
+          types.int64, types.float64, types.uint64, types.int64)),
     ]
 
 
@@ -461,11 +502,14 @@ def fa2_backward_preprocess(dout, out):
     return arrays.result(D_rows)
 
 
-def fa2_backward(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=None, Bc=None,
-                 num_warps=None, deterministic=False, limit=None):
+def fa2_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
+                 dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, deterministic=False,
+                 limit=None):
     """FlashAttention-2 backward. Returns (dq, dk, dv) shaped like q, k, v.
 
-    dout, out (B, Nq, Hq, d) and L (B, Hq, Nq) come from the forward pass.
+    dout, out (B, Nq, Hq, d) and L (B, Hq, Nq) come from the forward pass, run with
+    the same causal, alignment, softmax_scale, dropout_p and seed: the backward
+    regenerates the forward's dropout mask from (seed, p).
     deterministic=True computes dQ in a separate kernel without atomics.
     """
     B, N_q, N_k, H_q, H_kv, d = common.check_qkv(q, k, v)
@@ -473,6 +517,8 @@ def fa2_backward(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=
     _check_like("out", out, q.shape)
     _check_like("L", L, (B, H_q, N_q))
     scale = common.resolve_scale(softmax_scale, d)
+    offset = common.resolve_offset(causal, alignment, N_q, N_k)
+    dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = common.resolve_config(d, Br, Bc, num_warps, defaults=default_config, check=check_config)
     kernels = build(config)
@@ -494,10 +540,10 @@ def fa2_backward(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=
     scale32, causal = np.float32(scale), bool(causal)
     kernels.dkdv[(T_c, B * H_q), config.threads](q_d, k_d, v_d, dout_d, L_d, D_rows, dq,
                                                   dk_per_head, dv_per_head, scale32, causal,
-                                                  not deterministic, steps)
+                                                  offset, dropout_p, seed, not deterministic, steps)
     if deterministic:
         kernels.dq[(T_r, B * H_q), config.threads](q_d, k_d, v_d, dout_d, L_d, D_rows, dq,
-                                                    scale32, causal, steps)
+                                                    scale32, causal, offset, dropout_p, seed, steps)
 
     dk = gqa.reduce_groups(dk_per_head, H_kv)
     dv = gqa.reduce_groups(dv_per_head, H_kv)

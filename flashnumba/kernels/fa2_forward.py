@@ -6,13 +6,25 @@ One thread block per (Q tile i, batch b, head h); grid (Tr, B * Hq).
         m_i = -inf, l_i = 0, O_i = 0                  registers
         for j < kv_tile_end(i) (all Tc without causal):
             K_j, V_j -> shared (all threads load, all warps read)
-            S_ij  = scale Q_i K_j^T                   masked: -inf where c >= Nk or c > r + Nk - Nq
+            S_ij  = scale Q_i K_j^T                   masked: -inf where c >= Nk or c > r + offset
             m_new = max(m_i, rowmax(S_ij))            warp shuffle butterfly over 32 lanes
             P~_ij = exp(S_ij - m_new)
-            l_i   = exp(m_i - m_new) l_i + rowsum(P~_ij)   warp shuffle butterfly
+            l_i   = exp(m_i - m_new) l_i + rowsum(P~_ij)   warp shuffle butterfly (undropped P~_ij)
+            P~_ij = P~_ij o Z_ij                      dropout: Z_ij = keep / (1 - p), only with p > 0
             O_i   = exp(m_i - m_new) O_i + P~_ij V_j  O_i unnormalised, on chip
             m_i   = m_new
         O_i = O_i / l_i,  L_i = m_i + log(l_i)        deferred normalisation, once
+
+Causal alignment: the wrapper passes offset = Nk - Nq (bottom-right, flash-attn's,
+the default) or 0 (top-left, PyTorch's ``is_causal``), from ``common.resolve_offset``;
+key c is visible to query r when c <= r + offset, and kv_tile_end(i) skips the
+tiles past that diagonal for either alignment.
+
+Dropout (FA1 paper, Algorithm 2): element (r, c) of query head h, batch b is kept
+when ``philox.keep(seed, b, h, r, c, p)``, the Philox4x32-10 bit the reference's
+mask (``flashnumba.philox.keep_mask``) is made of, regenerated here on chip, never
+stored. The statistics m_i, l_i and L_i are those of the undropped softmax; only
+the P~_ij that multiplies V_j is dropped. With p = 0 the kernel never calls Philox.
 
 Split-Q (FA2 section 3.3): the Br rows of Q_i are dealt to the block's warps,
 rows_per_warp = Br / num_warps each. A row never leaves its warp, so the
@@ -48,7 +60,10 @@ Speed, honestly (H200, fp32, B*H = 64, N = 4096, d = 64, default tiles):
 8.7 TFLOP/s (31.6 ms; causal 7.3), where PyTorch's fp32 memory-efficient SDPA
 reaches 35: about 4x slower. d = 128: 4.6 TFLOP/s. The kernel is bound by
 shared-memory loads, not arithmetic: a lane owns only Bc/32 columns of a row,
-so each broadcast Q_i[r, k] or P~_ij[r, c] serves one or two FMAs.
+so each broadcast Q_i[r, k] or P~_ij[r, c] serves one or two FMAs. Dropout is
+unmeasured on a GPU and not tuned: each lane calls one full Philox4x32-10 per
+score it owns and keeps one of the four words it makes (its columns are 32
+apart, so the other three belong to other lanes).
 """
 
 import functools
@@ -57,6 +72,7 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common
 from flashnumba.kernels.common import (
     FLOAT_BYTES,
@@ -66,6 +82,7 @@ from flashnumba.kernels.common import (
     require,
 )
 from flashnumba.kernels.geometry import kv_tile_end
+from flashnumba.kernels.philox import keep
 
 FULL_MASK = 0xFFFFFFFF     # every lane of the warp takes part in the shuffle
 MAX_REGISTER_TILE = 128    # floats per thread in register arrays; more would spill
@@ -175,13 +192,18 @@ def build(config):
     V_WIDTH = DIMS_PER_LANE * WARP_SIZE       # V_j padded so every lane owns DIMS_PER_LANE dims
 
     @cuda.jit
-    def fa2_forward_kernel(q, k, v, out, L, m, l, scale, causal, limit):
+    def fa2_forward_kernel(q, k, v, out, L, m, l, scale, causal, offset, dropout_p, seed, limit):
+        """q (B, Nq, Hq, d), k, v (B, Nk, Hkv, d) -> out (B, Nq, Hq, d); L, m, l (B, Hq, Nq).
+
+        scale: float32; causal: bool; offset: int64, key c visible to query r iff
+        c <= r + offset; dropout_p: float64; seed: uint64; limit: j steps to run (int64).
+        """
         # --- sizes ---
         _, N_q, H_q, d = q.shape
         N_k = k.shape[1]
         H_kv = k.shape[2]
         T_c = (N_k + Bc - 1) // Bc
-        offset = N_k - N_q                    # bottom-right causal diagonal
+        Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         # --- who am I ---
         i = cuda.blockIdx.x                   # Q tile
@@ -274,12 +296,25 @@ def build(config):
                     p = math.exp(S_ij[rr, t] - m_safe)       # P~_ij = exp(S_ij - m_new)
                     P_ij[r0 + rr, lane + WARP_SIZE * t] = p
                     l_tilde += p
-                l_tilde = warp_sum(l_tilde)                  # l~ = rowsum(P~_ij)
+                l_tilde = warp_sum(l_tilde)                  # l~ = rowsum(P~_ij), undropped
                 l_i[rr] = alpha[rr] * l_i[rr] + l_tilde      # l_i = e^(m_i - m_new) l_i + l~
                 m_i[rr] = m_new
+
+            # dropout: P~_ij <- P~_ij o Z_ij, Z_ij = 1/(1-p) where kept, 0 where dropped; each lane
+            # rescales its own entries (no barrier). A loop of its own, on shared memory only, so
+            # the Philox code cannot stop the loops above from keeping S_ij, m_i, l_i in registers.
+            if dropout_p > 0.0:
+                for rr in range(ROWS_PER_WARP):
+                    row = i * Br + r0 + rr
+                    for t in range(COLS_PER_LANE):
+                        c = lane + WARP_SIZE * t
+                        if keep(seed, b, h, row, j * Bc + c, dropout_p):
+                            P_ij[r0 + rr, c] *= Z_kept
+                        else:
+                            P_ij[r0 + rr, c] = 0.0
             cuda.syncwarp()  # this warp's rows of P~_ij written by all its lanes before any lane reads a whole row
 
-            # O_i = e^(m_i - m_new) O_i + P~_ij V_j; lane owns dims k = lane + 32 u
+            # O_i = e^(m_i - m_new) O_i + (P~_ij o Z_ij) V_j; lane owns dims k = lane + 32 u
             for rr in range(ROWS_PER_WARP):
                 for u in range(DIMS_PER_LANE):
                     O_i[rr, u] *= alpha[rr]
@@ -316,7 +351,8 @@ def compile_targets(config):
     """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as fa2_forward launches them."""
     a4 = types.Array(types.float32, 4, "C")
     a3 = types.Array(types.float32, 3, "C")
-    argtypes = (a4, a4, a4, a4, a3, a3, a3, types.float32, types.boolean, types.int64)
+    argtypes = (a4, a4, a4, a4, a3, a3, a3, types.float32, types.boolean,
+                types.int64, types.float64, types.uint64, types.int64)
     return [("fa2_forward", build(config), argtypes)]
 
 
@@ -329,15 +365,21 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None):
     return common.resolve_config(d, Br, Bc, num_warps, defaults=default_config, check=check_config)
 
 
-def fa2_forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, num_warps=None,
-                limit=None, return_state=False):
+def fa2_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
+                dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None,
+                return_state=False):
     """FlashAttention-2 forward. q (B, Nq, Hq, d), k, v (B, Nk, Hkv, d), float32.
 
     Returns (O (B, Nq, Hq, d), L (B, Hq, Nq)) with L = m + log l; with
     return_state=True, (O, L, m, l): the running max and sum after the last step.
+    alignment: where the causal diagonal sits, BOTTOM_RIGHT (flash-attn) or TOP_LEFT
+    (PyTorch). dropout_p, seed: O = (P o Z) V with Z = keep / (1 - p), keep from
+    ``philox.keep_mask(seed, p, B, Hq, Nq, Nk)``; L, m, l are the undropped softmax's.
     """
-    B, N_q, _, H_q, _, d = common.check_qkv(q, k, v)
+    B, N_q, N_k, H_q, _, d = common.check_qkv(q, k, v)
     scale = common.resolve_scale(softmax_scale, d)
+    offset = common.resolve_offset(causal, alignment, N_q, N_k)
+    dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps)
     kernel = build(config)
@@ -350,7 +392,8 @@ def fa2_forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, 
     l = arrays.empty((B, H_q, N_q))
 
     T_r = (N_q + config.Br - 1) // config.Br
-    kernel[(T_r, B * H_q), config.threads](q_d, k_d, v_d, out, L, m, l, np.float32(scale), bool(causal), steps)
+    kernel[(T_r, B * H_q), config.threads](q_d, k_d, v_d, out, L, m, l, np.float32(scale),
+                                           bool(causal), offset, dropout_p, seed, steps)
 
     if return_state:
         return arrays.result(out), arrays.result(L), arrays.result(m), arrays.result(l)
