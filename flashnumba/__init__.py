@@ -2,7 +2,11 @@
 
 Importing flashnumba first decides where kernels run (a CUDA GPU if present,
 else Numba's CUDA simulator, extended with warp intrinsics); see
-``flashnumba.device()``.
+``flashnumba.device()``. The public calls (``flash_attn_func``,
+``flash_attn_qkvpacked_func``, ``flash_attn_kvpacked_func``,
+``flash_attn_backward``, ``scaled_dot_product_attention``) live in
+``flashnumba.api`` and are loaded on first use, so ``import flashnumba`` stays
+light.
 """
 
 from flashnumba._device import device, on_simulator, select as _select
@@ -10,4 +14,13 @@ from flashnumba._device import device, on_simulator, select as _select
 _select()
 
 __version__ = "0.1.0"
-__all__ = ["device", "on_simulator", "__version__"]
+_API = ("flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+        "flash_attn_backward", "scaled_dot_product_attention")
+__all__ = ["device", "on_simulator", "__version__", *_API]
+
+
+def __getattr__(name):
+    if name in _API:
+        from flashnumba import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'flashnumba' has no attribute {name!r}")

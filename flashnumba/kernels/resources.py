@@ -79,7 +79,9 @@ KERNEL_MODULES = [
     "flashnumba.kernels.fa2_fast_backward",
     "flashnumba.kernels.fa2_backward",
 ]
-PLAIN_TARGETS = ["flashnumba.kernels.resources:gqa_targets", "flashnumba.kernels.naive:targets"]   # "module:function"
+PLAIN_TARGETS = ["flashnumba.kernels.resources:gqa_targets", "flashnumba.kernels.naive:targets",
+                 "flashnumba.kernels.cast:targets", "flashnumba.kernels.lse:targets",
+                 "flashnumba.kernels.dropout_mask:targets"]   # "module:function"
 DEFAULT_SOURCES = KERNEL_MODULES + PLAIN_TARGETS
 DEFAULT_CCS = ((8, 0), (9, 0))
 MAX_REGISTERS = 255                 # per thread, on every architecture since sm_35

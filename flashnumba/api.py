@@ -1,0 +1,281 @@
+"""The public calls: flash-attn's and PyTorch's attention functions, on flashnumba's kernels.
+
+    flash_attn_func(q, k, v, ...)                 q (batch, seqlen_q, nheads, headdim), causal bottom-right
+    flash_attn_qkvpacked_func(qkv, ...)           qkv (batch, seqlen, 3, nheads, headdim)
+    flash_attn_kvpacked_func(q, kv, ...)          kv (batch, seqlen_k, 2, nheads_kv, headdim)
+    flash_attn_backward(dout, q, k, v, out, softmax_lse, ...) -> (dq, dk, dv)
+    scaled_dot_product_attention(query, key, value, ...)   query (batch, nheads, seqlen_q, headdim),
+                                                           causal top-left, as torch.nn.functional's
+
+Each call checks everything first (``flashnumba.validate``), widens the inputs
+to float32 on the device if they are float16 or bfloat16 (``kernels.cast``),
+runs the kernels of the chosen algorithm, and gives the results back in the
+inputs' kind and dtype (``flashnumba.interop``). PyTorch tensors that require
+grad go through ``flashnumba.torch.function.FlashAttnFunction``, so
+``loss.backward()`` runs flashnumba's backward kernels.
+
+The two causal alignments
+-------------------------
+Key c is hidden from query r when c > r + offset:
+
+    flash-attn (flash_attn_func):   offset = Nk - Nq   bottom-right: the last query sees every key
+    PyTorch (is_causal=True):       offset = 0         top-left: query r sees keys 0 .. r
+
+    Nq = Nk   the same lower triangle either way
+    Nq < Nk   bottom-right: query r sees keys 0 .. r + Nk - Nq (decoding with a KV cache);
+              top-left: the last Nk - Nq keys are seen by no query
+    Nq > Nk   bottom-right: the first Nq - Nk queries see no key (out 0, lse -inf);
+              top-left: every query sees key 0
+
+Algorithms (``algorithm=``)
+---------------------------
+    "fa1"           FlashAttention-1: Algorithm 1 forward, one thread block per head
+                    (fa1_forward, fa1_backward); for reading, slow
+    "fa2"           FlashAttention-2, the register-tiled kernels (fa2_fast_forward,
+                    fa2_fast_backward); deterministic=True computes dQ with the
+                    readable kernel's separate pass instead of atomics
+    "fa2_readable"  FlashAttention-2, version 1 (fa2_forward, fa2_backward): the kernel
+                    the lessons read
+
+Dropout: the keep-mask of element (r, c) of head h, batch b is drawn by
+Philox4x32-10 from (seed, b, h, r, c) (``flashnumba.philox``): the forward,
+the backward and ``flashnumba.philox.keep_mask`` draw the same mask, and the
+same seed gives the same result. Kept values are scaled by 1 / (1 - p).
+"""
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda
+
+from flashnumba import validate
+from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT
+from flashnumba.interop import Operand, Results, swap_seq_heads, take
+from flashnumba.kernels import dropout_mask as dmask
+from flashnumba.kernels import lse as lse_kernels
+from flashnumba.kernels.common import resolve_offset
+
+
+
+@dataclass(frozen=True)
+class Call:
+    """The scalar options of one attention call, checked."""
+    scale: float
+    dropout_p: float
+    seed: int
+    causal: bool
+    alignment: str
+    algorithm: str
+    deterministic: bool
+
+    def kernel_options(self):
+        return dict(causal=self.causal, alignment=self.alignment, softmax_scale=self.scale,
+                    dropout_p=self.dropout_p, seed=self.seed)
+
+
+def _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, alignment,
+          scale_name="softmax_scale", causal_name="causal"):
+    p, seed = validate.dropout(dropout_p, seed)
+    return Call(scale=validate.scale(softmax_scale, d, scale_name), dropout_p=float(p), seed=int(seed),
+                causal=validate.flag(causal_name, causal), alignment=alignment,
+                algorithm=validate.algorithm(algorithm),
+                deterministic=validate.flag("deterministic", deterministic))
+
+
+def _needs_autograd(operands):
+    if not any(op.kind in ("torch", "torch-cpu") for op in operands):
+        return False
+    torch = sys.modules["torch"]
+    return torch.is_grad_enabled() and any(getattr(op.value, "requires_grad", False) for op in operands)
+
+
+# ---------------------------------------------------------------------------
+# The kernels of each algorithm, on float32 device arrays
+# ---------------------------------------------------------------------------
+
+def forward_kernels(call, Q, K, V):
+    """(O, L) float32 device arrays for float32 device inputs Q, K, V in flash layout."""
+    options = call.kernel_options()
+    if call.algorithm == "fa1":
+        from flashnumba.kernels.fa1_forward import fa1_forward
+        O, l, m = fa1_forward(Q, K, V, **options)
+        L = cuda.device_array(l.shape, dtype=np.float32)
+        lse_kernels.lse_from_ml[lse_kernels.blocks(L.size), lse_kernels.THREADS](
+            m.reshape(m.size), l.reshape(l.size), L.reshape(L.size))       # L = m + log l
+        return O, L
+    if call.algorithm == "fa2_readable":
+        from flashnumba.kernels.fa2_forward import fa2_forward
+        return fa2_forward(Q, K, V, **options)
+    from flashnumba.kernels.fa2_fast_forward import fa2_fast_forward
+    return fa2_fast_forward(Q, K, V, **options)
+
+
+def backward_kernels(call, dO, Q, K, V, O, L):
+    """(dQ, dK, dV) float32 device arrays."""
+    options = call.kernel_options()
+    if call.algorithm == "fa1":
+        from flashnumba.kernels.fa1_backward import fa1_backward
+        m = cuda.device_array(L.shape, dtype=np.float32)
+        l = cuda.device_array(L.shape, dtype=np.float32)
+        lse_kernels.ml_from_lse[lse_kernels.blocks(L.size), lse_kernels.THREADS](
+            L.reshape(L.size), m.reshape(m.size), l.reshape(l.size))       # m = L, l = 1
+        return fa1_backward(dO, Q, K, V, O, l, m, **options)
+    if call.algorithm == "fa2_readable" or call.deterministic:
+        from flashnumba.kernels.fa2_backward import fa2_backward
+        return fa2_backward(dO, Q, K, V, O, L, deterministic=call.deterministic, **options)
+    from flashnumba.kernels.fa2_fast_backward import fa2_fast_backward
+    return fa2_fast_backward(dO, Q, K, V, O, L, **options)
+
+
+def dropout_mask_kernel(call, Q, K, L):
+    """S_dmask (B, Hq, Nq, Nk) float32: P with the dropped entries negated."""
+    B, N_q, H_q, _ = Q.shape
+    N_k = K.shape[1]
+    S = cuda.device_array((B, H_q, N_q, N_k), dtype=np.float32)
+    offset = resolve_offset(call.causal, call.alignment, N_q, N_k)
+    dmask.dropout_mask[dmask.blocks(S.size), dmask.THREADS](
+        Q, K, L, S, np.float32(call.scale), call.causal, offset, np.float64(call.dropout_p),
+        np.uint64(call.seed))
+    return S
+
+
+# ---------------------------------------------------------------------------
+# Forward and backward on checked operands (no autograd)
+# ---------------------------------------------------------------------------
+
+def forward(operands, call, with_dmask):
+    """(out, softmax_lse, S_dmask) in the inputs' kind; out and S_dmask in their dtype, lse float32.
+    S_dmask is None without dropout or unless `with_dmask`."""
+    q, k, v = operands
+    Q, K, V = q.device_f32(), k.device_f32(), v.device_f32()
+    O, L = forward_kernels(call, Q, K, V)
+    results = Results(q)
+    S_dmask = None
+    if with_dmask and call.dropout_p > 0.0:
+        S_dmask = results.give(dropout_mask_kernel(call, Q, K, L))
+    return results.give(O), results.give(L, "float32"), S_dmask
+
+
+def backward(operands, call):
+    """(dq, dk, dv) in the inputs' kind and dtype."""
+    dout, q, k, v, out, lse = operands
+    arrays = [op.device_f32() for op in operands]
+    dQ, dK, dV = backward_kernels(call, *arrays)
+    results = Results(q)
+    return results.give(dQ), results.give(dK), results.give(dV)
+
+
+def _attention(q, k, v, call_args, return_attn_probs, alignment):
+    operands = validate.tensors(q=q, k=k, v=v)
+    d = validate.attention_shapes(*operands)[-1]
+    call = _call(d, alignment=alignment, **call_args)
+    return_attn_probs = validate.flag("return_attn_probs", return_attn_probs)
+    if _needs_autograd(operands):
+        from flashnumba.torch.function import FlashAttnFunction
+        return FlashAttnFunction.run(q, k, v, call, return_attn_probs)
+    out, lse, S_dmask = forward(operands, call, return_attn_probs)
+    return (out, lse, S_dmask) if return_attn_probs else out
+
+
+# ---------------------------------------------------------------------------
+# flash-attn's calls
+# ---------------------------------------------------------------------------
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False,
+                    return_attn_probs=False, *, algorithm="fa2", seed=0):
+    """Attention in flash-attn's layout: q (B, Nq, Hq, d), k and v (B, Nk, Hkv, d), Hq % Hkv == 0.
+
+    Returns out (B, Nq, Hq, d) in q's dtype; with return_attn_probs=True,
+    (out, softmax_lse (B, Hq, Nq) float32, S_dmask (B, Hq, Nq, Nk) in q's dtype:
+    the probabilities with dropped entries negated; None without dropout).
+    causal=True hides key c from query r when c > r + Nk - Nq (bottom-right).
+    softmax_scale defaults to 1/sqrt(d); deterministic=True makes the backward's dQ
+    bitwise reproducible; seed keys the dropout mask.
+    """
+    return _attention(q, k, v, dict(dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                                    deterministic=deterministic, algorithm=algorithm, seed=seed),
+                      return_attn_probs, BOTTOM_RIGHT)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False,
+                              return_attn_probs=False, *, algorithm="fa2", seed=0):
+    """flash_attn_func on qkv (B, S, 3, H, d): q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]."""
+    packed = Operand("qkv", qkv)
+    validate.ndim(packed, 5, "(batch, seqlen, 3, nheads, headdim)")
+    if packed.shape[2] != 3:
+        raise ValueError(f"qkv must have 3 at dim 2 (batch, seqlen, 3, nheads, headdim), got shape {packed.shape}")
+    q, k, v = (take(qkv, packed.kind, i) for i in range(3))
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, deterministic, return_attn_probs,
+                           algorithm=algorithm, seed=seed)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False,
+                             return_attn_probs=False, *, algorithm="fa2", seed=0):
+    """flash_attn_func on q (B, Nq, Hq, d) and kv (B, Nk, 2, Hkv, d): k, v = kv[:, :, 0], kv[:, :, 1]."""
+    packed = Operand("kv", kv)
+    validate.ndim(packed, 5, "(batch, seqlen_k, 2, nheads_kv, headdim)")
+    if packed.shape[2] != 2:
+        raise ValueError(f"kv must have 2 at dim 2 (batch, seqlen_k, 2, nheads_kv, headdim), "
+                         f"got shape {packed.shape}")
+    k, v = (take(kv, packed.kind, i) for i in range(2))
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, deterministic, return_attn_probs,
+                           algorithm=algorithm, seed=seed)
+
+
+def flash_attn_backward(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_scale=None, causal=False,
+                        deterministic=False, *, algorithm="fa2", seed=0):
+    """The gradients (dq, dk, dv) of flash_attn_func, for callers without an autograd framework.
+
+    out and softmax_lse are flash_attn_func's results for the same q, k, v and
+    options (dropout_p and seed too: the backward redraws the same mask).
+    dq, dk, dv come back shaped like q, k, v, in their dtype (dk, dv summed over
+    each group of query heads under grouped-query attention).
+    """
+    operands = validate.tensors(dout=dout, q=q, k=k, v=v, out=out)
+    B, N_q, _, H_q, _, d = validate.attention_shapes(*operands[1:4])
+    validate.like(operands[0], operands[1].shape, "like q")
+    validate.like(operands[4], operands[1].shape, "like q")
+    lse = Operand("softmax_lse", softmax_lse)
+    if lse.dtype != "float32":
+        raise TypeError(f"softmax_lse must be float32 (as flash_attn_func returns it), got {lse.dtype}")
+    if lse.on_host != operands[1].on_host:
+        raise TypeError(f"softmax_lse is {'on the host' if lse.on_host else 'on the device'} "
+                        f"({lse.kind}) but q is not ({operands[1].kind}); pass all tensors on one side")
+    validate.like(lse, (B, H_q, N_q), "(batch, nheads, seqlen_q)")
+    call = _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, BOTTOM_RIGHT)
+    return backward(operands + [lse], call)
+
+
+# ---------------------------------------------------------------------------
+# PyTorch's call
+# ---------------------------------------------------------------------------
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, seed=0):
+    """torch.nn.functional.scaled_dot_product_attention's call and layout on flashnumba's FA2 kernels.
+
+    query (B, Hq, Nq, d), key and value (B, Hkv, Nk, d); returns (B, Hq, Nq, d).
+    is_causal=True hides key c from query r when c > r (top-left, PyTorch's
+    alignment; flash_attn_func aligns bottom-right). Hq != Hkv needs enable_gqa=True.
+    attn_mask is not supported (pass None; use is_causal for the causal mask).
+    """
+    enable_gqa = validate.flag("enable_gqa", enable_gqa)
+    if attn_mask is not None:
+        raise ValueError("attn_mask is not supported by flashnumba: pass attn_mask=None "
+                         "(is_causal=True gives the causal mask)")
+    operands = validate.tensors(query=query, key=key, value=value)
+    _, _, _, H_q, H_kv, d = validate.attention_shapes(*operands, layout=validate.SDPA_LAYOUT)
+    if H_q != H_kv and not enable_gqa:
+        raise ValueError(f"query has {H_q} heads and key {H_kv}: different head counts need "
+                         f"enable_gqa=True")
+    call = _call(d, dropout_p, scale, is_causal, False, "fa2", seed, TOP_LEFT,
+                 scale_name="scale", causal_name="is_causal")
+    q, k, v = (swap_seq_heads(op) for op in operands)            # to (B, N, H, d), no copy
+    inner = validate.tensors(query=q, key=k, value=v)
+    if _needs_autograd(inner):
+        from flashnumba.torch.function import FlashAttnFunction
+        out = FlashAttnFunction.run(q, k, v, call, False)
+    else:
+        out = forward(inner, call, False)[0]
+    return swap_seq_heads(Operand("out", out))                   # back to (B, H, N, d)

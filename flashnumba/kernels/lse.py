@@ -1,0 +1,54 @@
+"""The log-sum-exp of a row, L_i = m_i + log(l_i), and back: FA1's statistics next to FA2's.
+
+FlashAttention-1 (Algorithm 1) leaves the running max m_i and sum l_i of each
+row in HBM; FlashAttention-2 stores only their combination L_i = m_i + log l_i,
+which is also what flash-attn returns as ``softmax_lse``. The public calls speak
+L; these two elementwise kernels let FA1's kernels join in:
+
+    lse_from_ml(m, l, L)   L = m + log l;  l = 0 (a row that sees no key): L = -inf
+    ml_from_lse(L, m, l)   m = L, l = 1;   L = -inf: l = 0
+
+The second is exact for the backward pass: FA1's backward forms
+P_ij = exp(S_ij - m_i) / l_i, and exp(S_ij - L_i) / 1 is the same softmax.
+A NaN stays NaN both ways (only l == 0 and L == -inf are special cases).
+All arrays are flat, float32.
+"""
+
+import math
+
+from numba import cuda, float32, types
+
+THREADS = 256
+
+
+def blocks(n):
+    return (n + THREADS - 1) // THREADS
+
+
+@cuda.jit
+def lse_from_ml(m, l, L):
+    """L[i] = m[i] + log(l[i]), -inf where l[i] == 0."""
+    i = cuda.grid(1)
+    if i < L.size:
+        if l[i] == 0.0:
+            L[i] = -math.inf
+        else:
+            L[i] = m[i] + math.log(l[i])
+
+
+@cuda.jit
+def ml_from_lse(L, m, l):
+    """m[i] = L[i], l[i] = 1 (0 where L[i] == -inf): the statistics FA1's backward reads."""
+    i = cuda.grid(1)
+    if i < L.size:
+        m[i] = L[i]
+        if L[i] == -math.inf:
+            l[i] = float32(0.0)
+        else:
+            l[i] = float32(1.0)
+
+
+def targets():
+    """(label, dispatcher, argtypes) for the resource check."""
+    a1 = types.Array(types.float32, 1, "C")
+    return [("lse_from_ml", lse_from_ml, (a1, a1, a1)), ("ml_from_lse", ml_from_lse, (a1, a1, a1))]

@@ -1,0 +1,112 @@
+"""Every check a public call makes before it launches anything, with messages that name the argument.
+
+Each function raises ``TypeError`` (wrong kind of thing) or ``ValueError``
+(right kind, wrong value) saying which argument, what it got and what it
+expects, e.g.
+
+    ValueError: k has head dim 32, expected q's head dim 64
+    TypeError: q is float16 but k is float32: q, k and v must share one dtype
+
+The checks read shapes and dtypes only (``interop.Operand``); no data moves.
+"""
+
+import math
+import numbers
+
+from flashnumba import dtypes
+from flashnumba.interop import Operand
+from flashnumba.kernels.common import MAX_HEAD_DIM, resolve_dropout
+
+ALGORITHMS = ("fa1", "fa2", "fa2_readable")
+
+
+def tensors(**named):
+    """Operand for each named input, all of a supported dtype, one dtype, one side (host or device)."""
+    operands = [Operand(name, x) for name, x in named.items()]
+    for op in operands:
+        if op.dtype not in dtypes.SUPPORTED:
+            raise TypeError(f"{op.name} has dtype {op.dtype}; expected one of {', '.join(dtypes.SUPPORTED)} "
+                            f"(bfloat16 from NumPy as ml_dtypes.bfloat16)")
+    first = operands[0]
+    for op in operands[1:]:
+        if op.on_host != first.on_host:
+            where = {True: "on the host", False: "on the device"}
+            raise TypeError(f"{first.name} is {where[first.on_host]} ({first.kind}) but {op.name} is "
+                            f"{where[op.on_host]} ({op.kind}); pass all tensors on one side")
+        if op.dtype != first.dtype:
+            names = ", ".join(o.name for o in operands)
+            raise TypeError(f"{first.name} is {first.dtype} but {op.name} is {op.dtype}: {names} must "
+                            f"share one dtype")
+    return operands
+
+
+def ndim(op, n, layout):
+    if op.ndim != n:
+        raise ValueError(f"{op.name} must be {n}-D {layout}, got shape {op.shape}")
+
+
+FLASH_LAYOUT = "(batch, seqlen, nheads, headdim)"
+SDPA_LAYOUT = "(batch, nheads, seqlen, headdim)"
+
+
+def attention_shapes(q, k, v, layout=FLASH_LAYOUT):
+    """(B, Nq, Nk, Hq, Hkv, d) of q (B, Nq, Hq, d), k and v (B, Nk, Hkv, d), or of
+    q (B, Hq, Nq, d), k, v (B, Hkv, Nk, d) with layout=SDPA_LAYOUT."""
+    for op in (q, k, v):
+        ndim(op, 4, layout)
+    seq, heads = (1, 2) if layout == FLASH_LAYOUT else (2, 1)
+    B, Nq, Hq, d = q.shape[0], q.shape[seq], q.shape[heads], q.shape[3]
+    Bk, Nk, Hkv, dk = k.shape[0], k.shape[seq], k.shape[heads], k.shape[3]
+    if v.shape != k.shape:
+        raise ValueError(f"{v.name} has shape {v.shape}, expected {k.name}'s shape {k.shape} "
+                         f"(same batch, seqlen, nheads and headdim)")
+    if Bk != B:
+        raise ValueError(f"{k.name} has batch {Bk}, expected {q.name}'s batch {B}")
+    if dk != d:
+        raise ValueError(f"{k.name} has head dim {dk}, expected {q.name}'s head dim {d}")
+    if B < 1:
+        raise ValueError(f"{q.name} has batch {B}; expected at least 1")
+    if Nq < 1 or Nk < 1:
+        raise ValueError(f"sequence lengths must be at least 1; got seqlen_q={Nq}, seqlen_k={Nk}")
+    if Hq < 1 or Hkv < 1:
+        raise ValueError(f"head counts must be at least 1; got nheads_q={Hq}, nheads_kv={Hkv}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"nheads_q={Hq} must be a multiple of nheads_kv={Hkv} (grouped-query attention)")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is not supported; expected 1 <= headdim <= {MAX_HEAD_DIM}")
+    return B, Nq, Nk, Hq, Hkv, d
+
+
+def like(op, shape, what):
+    if op.shape != tuple(shape):
+        raise ValueError(f"{op.name} must have shape {tuple(shape)} ({what}), got {op.shape}")
+
+
+def flag(name, value):
+    """A bool (Python or NumPy)."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def scale(softmax_scale, d, name="softmax_scale"):
+    """1/sqrt(d) for None, else a finite real number."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"{name} must be a finite number or None, got {softmax_scale!r}")
+    value = float(softmax_scale)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number or None, got {softmax_scale!r}")
+    return value
+
+
+def dropout(dropout_p, seed):
+    """(p, seed) checked: p in [0, 1), seed an integer in [0, 2^64)."""
+    return resolve_dropout(dropout_p, seed)
+
+
+def algorithm(name):
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(map(repr, ALGORITHMS))}, got {name!r}")
+    return name
