@@ -51,7 +51,12 @@ def main(argv=None):
     step.add_argument("--Br", type=int, default=None, help="tile rows (default: the kernel's)")
     step.add_argument("--Bc", type=int, default=None, help="tile columns (default: the kernel's)")
     step.add_argument("--causal", action="store_true")
-    step.add_argument("--seed", type=int, default=0)
+    step.add_argument("--top-left", action="store_true",
+                      help="causal diagonal at the top left (PyTorch's); default bottom-right (flash-attn's)")
+    step.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                      help="dropout probability (default 0: no dropout)")
+    step.add_argument("--seed", type=int, default=0,
+                      help="seeds the random inputs and the dropout mask (default 0)")
     step.set_defaults(run=_step)
 
     for name, fn, text in (("figures", _figures, "regenerate figures/"),

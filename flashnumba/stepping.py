@@ -16,15 +16,21 @@ The mirror computes in float64, the kernel in float32; a variable diverges when
 max |kernel - mirror| exceeds TOL times max |mirror| (non-finite entries must
 agree exactly: -inf in m where no key was seen yet).
 
+Both sides can run with PyTorch's top-left causal alignment and with dropout:
+the kernel gets (dropout_p, seed) and regenerates its mask with Philox on chip,
+the mirror gets the same mask, ``philox.keep_mask(seed, p, 1, 1, Nq, Nk)[0, 0]``
+(one head: batch 0, head 0), as ``keep=``.
+
     python -m flashnumba step fa2_forward --Nq 70 --Nk 100 --d 24 --Br 16 --Bc 32 --causal
+    python -m flashnumba step fa2_backward --causal --top-left --dropout 0.1 --seed 3
 """
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashnumba import mirror
-from flashnumba.geometry import Tiling
+from flashnumba import mirror, philox
+from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT, Tiling
 
 TOL = 1e-5
 ALGORITHMS = ("fa1_forward", "fa1_backward", "fa2_forward", "fa2_backward")
@@ -38,7 +44,7 @@ STATE = {
 
 @dataclass
 class Problem:
-    """One head's inputs (float64) and the tile sizes both sides use."""
+    """One head's inputs (float64), the tile sizes and the options both sides use."""
     Q: np.ndarray
     K: np.ndarray
     V: np.ndarray
@@ -46,10 +52,30 @@ class Problem:
     Br: int
     Bc: int
     causal: bool
+    alignment: str = BOTTOM_RIGHT
+    dropout_p: float = 0.0
+    dropout_seed: int = 0
 
     @property
     def tiling(self):
-        return Tiling(self.Q.shape[0], self.K.shape[0], self.Br, self.Bc, causal=self.causal)
+        return Tiling(self.Q.shape[0], self.K.shape[0], self.Br, self.Bc, causal=self.causal,
+                      alignment=self.alignment)
+
+    @property
+    def keep(self):
+        """The (Nq, Nk) keep-mask the kernel regenerates for its one head (None without dropout)."""
+        if self.dropout_p == 0.0:
+            return None
+        return philox.keep_mask(self.dropout_seed, self.dropout_p, 1, 1,
+                                self.Q.shape[0], self.K.shape[0])[0, 0]
+
+    def mirror_keywords(self, **extra):
+        return dict(Br=self.Br, Bc=self.Bc, causal=self.causal, alignment=self.alignment,
+                    keep=self.keep, dropout_p=self.dropout_p, **extra)
+
+    def kernel_keywords(self, **extra):
+        return dict(Br=self.Br, Bc=self.Bc, causal=self.causal, alignment=self.alignment,
+                    dropout_p=self.dropout_p, seed=self.dropout_seed, **extra)
 
     def as_kernel_input(self, X):
         """(N, d) float64 -> (1, N, 1, d) float32: batch 1, one head."""
@@ -70,8 +96,13 @@ class Report:
     def table(self):
         names = STATE[self.algorithm]
         t = self.problem.tiling
+        options = f"causal={t.causal}"
+        if t.causal:
+            options += f" ({t.alignment})"
+        if self.problem.dropout_p > 0:
+            options += f" dropout_p={self.problem.dropout_p} seed={self.problem.dropout_seed}"
         lines = [f"{self.algorithm}: Nq={t.Nq} Nk={t.Nk} d={self.problem.Q.shape[1]} "
-                 f"Br={t.Br} Bc={t.Bc} causal={t.causal}; max |kernel - mirror| / max |mirror|",
+                 f"Br={t.Br} Bc={t.Bc} {options}; max |kernel - mirror| / max |mirror|",
                  f"  {'k':>3} " + "".join(f"{n:>10}" for n in names)]
         for k, errs in self.rows:
             lines.append(f"  {k:>3} " + "".join(f"{errs[n]:>10.1e}" for n in names))
@@ -97,14 +128,14 @@ def block_loop_length(algorithm, tiling):
 
 def _forward_inputs(p):
     """O, l, m, L of the full forward pass (float64), inputs to the backward passes."""
-    O, l, m = mirror.fa1_forward(p.Q, p.K, p.V, Br=p.Br, Bc=p.Bc, causal=p.causal)
-    _, L = mirror.fa2_forward(p.Q, p.K, p.V, Br=p.Br, Bc=p.Bc, causal=p.causal)
+    O, l, m = mirror.fa1_forward(p.Q, p.K, p.V, **p.mirror_keywords())
+    _, L = mirror.fa2_forward(p.Q, p.K, p.V, **p.mirror_keywords())
     return O, l, m, L
 
 
 def mirror_state(algorithm, p, k):
     """The mirror's state after k iterations of each block's loop (float64, one head)."""
-    kw = dict(Br=p.Br, Bc=p.Bc, causal=p.causal, limit=k)
+    kw = p.mirror_keywords(limit=k)
     if algorithm == "fa1_forward":
         return dict(zip(("O", "l", "m"), mirror.fa1_forward(p.Q, p.K, p.V, **kw)))
     if algorithm == "fa2_forward":
@@ -126,7 +157,7 @@ def mirror_state(algorithm, p, k):
 def kernel_state(algorithm, p, k):
     """The kernel's state after k iterations of each block's loop (one head, as float64)."""
     q, k_, v, dout = (p.as_kernel_input(X) for X in (p.Q, p.K, p.V, p.dO))
-    kw = dict(Br=p.Br, Bc=p.Bc, causal=p.causal, limit=k)
+    kw = p.kernel_keywords(limit=k)
     head = lambda x: np.asarray(x, dtype=np.float64)[0, :, 0, :]      # noqa: E731
     stat = lambda x: np.asarray(x, dtype=np.float64)[0, 0]            # noqa: E731
     if algorithm == "fa1_forward":
@@ -185,15 +216,18 @@ def _locate(algorithm, p, k, name, x, ref):
     return f"j={j}", is_[min(k, len(is_)) - 1] if is_ else None, j
 
 
-def make_problem(Nq, Nk, d, causal=False, seed=0, Br=None, Bc=None, algorithm="fa2_forward"):
-    """Random inputs for one head, with the kernel's default tile sizes unless given."""
+def make_problem(Nq, Nk, d, causal=False, seed=0, Br=None, Bc=None, algorithm="fa2_forward",
+                 alignment=BOTTOM_RIGHT, dropout_p=0.0, dropout_seed=0):
+    """Random inputs for one head (from `seed`), with the kernel's default tile sizes unless
+    given; dropout with probability dropout_p, its mask from dropout_seed."""
     from importlib import import_module
     rng = np.random.default_rng(seed)
     Q, K, V = rng.standard_normal((Nq, d)), rng.standard_normal((Nk, d)), rng.standard_normal((Nk, d))
     dO = rng.standard_normal((Nq, d))
     config = import_module(f"flashnumba.kernels.{algorithm}").default_config(d)
     Q, K, V, dO = (X.astype(np.float32).astype(np.float64) for X in (Q, K, V, dO))
-    return Problem(Q, K, V, dO, Br or config.Br, Bc or config.Bc, causal)
+    return Problem(Q, K, V, dO, Br or config.Br, Bc or config.Bc, causal, alignment=alignment,
+                   dropout_p=float(dropout_p), dropout_seed=int(dropout_seed))
 
 
 def compare(algorithm, problem, kernel=kernel_state, tol=TOL):
@@ -222,7 +256,9 @@ def main(args):
     status = 0
     for algorithm in algorithms:
         p = make_problem(args.Nq, args.Nk, args.d, causal=args.causal, seed=args.seed,
-                         Br=args.Br, Bc=args.Bc, algorithm=algorithm)
+                         Br=args.Br, Bc=args.Bc, algorithm=algorithm,
+                         alignment=TOP_LEFT if getattr(args, "top_left", False) else BOTTOM_RIGHT,
+                         dropout_p=getattr(args, "dropout", 0.0), dropout_seed=args.seed)
         report = compare(algorithm, p)
         print(report.table(), "\n", flush=True)
         status |= not report.agrees

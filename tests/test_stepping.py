@@ -63,3 +63,35 @@ def test_unknown_algorithm_is_refused():
     p = make_problem(8, 8, 4, algorithm="fa2_forward")
     with pytest.raises(ValueError, match="algorithm='fa3'"):
         compare("fa3", p)
+
+
+# (Nq, Nk, d, causal, alignment, dropout_p, Br, Bc): PyTorch's top-left diagonal with dropout
+# (Nq < Nk: keys 64.. are seen by no query), and dropout where rows see no key (Nq > Nk).
+OPTION_CASES = [
+    (40, 70, 24, True, "top-left", 0.2, 16, 32),
+    (50, 33, 16, True, "bottom-right", 0.15, 16, 32),
+]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("Nq, Nk, d, causal, alignment, dropout_p, Br, Bc", OPTION_CASES)
+def test_kernel_and_mirror_agree_with_top_left_and_dropout(algorithm, Nq, Nk, d, causal, alignment,
+                                                          dropout_p, Br, Bc):
+    p = make_problem(Nq, Nk, d, causal=causal, seed=Nq, Br=Br, Bc=Bc, algorithm=algorithm,
+                     alignment=alignment, dropout_p=dropout_p, dropout_seed=Nk)
+    assert p.tiling.alignment == alignment
+    assert p.keep.shape == (Nq, Nk) and not p.keep.all()
+    report = compare(algorithm, p)
+    assert report.agrees, report.table()
+    assert len(report.rows) >= 2, "the case should take several steps"
+    assert f"dropout_p={dropout_p}" in report.table() and alignment in report.table()
+
+
+def test_step_command_takes_dropout_and_top_left(capsys):
+    from flashnumba.cli import main
+    status = main(["step", "fa2_forward", "--Nq", "20", "--Nk", "40", "--d", "8", "--Br", "16",
+                   "--Bc", "32", "--causal", "--top-left", "--dropout", "0.3", "--seed", "5"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "(top-left) dropout_p=0.3 seed=5" in out
+    assert "agree at every step" in out
