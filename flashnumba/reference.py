@@ -60,16 +60,16 @@ def _probabilities(q, k, causal, softmax_scale, alignment):
     Q = np.moveaxis(q.astype(np.float64), 2, 1)                 # (B, Hq, Nq, d)
     K = _expand_heads(k.astype(np.float64), Hq)                  # (B, Hq, Nk, d)
     S = scale * (Q @ np.swapaxes(K, -1, -2))                     # (B, Hq, Nq, Nk)
-    if causal:
-        S = np.where(causal_mask(Nq, Nk, alignment), S, -np.inf)
+    visible = causal_mask(Nq, Nk, alignment) if causal else np.ones((Nq, Nk), dtype=bool)
+    S = np.where(visible, S, -np.inf)
     m = S.max(axis=-1, keepdims=True)
     m_safe = np.where(np.isneginf(m), 0.0, m)                     # fully masked row: avoid -inf - -inf
     E = np.exp(S - m_safe)
     l = E.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
         lse = np.where(l == 0, -np.inf, m_safe + np.log(l))[..., 0]   # NaN inputs: NaN
-    P = E / np.where(l > 0, l, 1.0)
-    return P, lse, scale
+    P = np.where(visible, E / np.where(l > 0, l, 1.0), 0.0)      # a hidden key gets exactly 0, even in a NaN row
+    return P, lse, scale, visible
 
 
 def _dropped(P, dropout_p, dropout_mask):
@@ -89,7 +89,7 @@ def attention(q, k, v, causal=False, softmax_scale=None, dropout_p=0.0, dropout_
               alignment=BOTTOM_RIGHT):
     """Returns (out (B, Nq, Hq, d) float64, lse (B, Hq, Nq) float64)."""
     _check(q, k, v)
-    P, lse, _ = _probabilities(q, k, causal, softmax_scale, alignment)
+    P, lse, _, _ = _probabilities(q, k, causal, softmax_scale, alignment)
     P_drop = _dropped(P, dropout_p, dropout_mask)
     V = _expand_heads(v.astype(np.float64), q.shape[2])
     O = P_drop @ V                                               # (B, Hq, Nq, d)
@@ -104,11 +104,15 @@ def attention_backward(dout, q, k, v, causal=False, softmax_scale=None, dropout_
         dP = (dO V^T) * keep / (1 - p)
         dS = P * (dP - D),   D = rowsum(P * dP) = rowsum(dO * O)
         dQ = scale dS K,     dK = scale dS^T Q
+
+    A key hidden by the causal mask gets P = dS = 0 exactly, so a NaN or Inf
+    reaches only what it is visible to (a FlashAttention kernel never loads a
+    tile above the diagonal, so it could not do otherwise).
     """
     B, Nq, Nk, Hq, Hkv, d = _check(q, k, v)
     if dout.shape != q.shape:
         raise ValueError(f"dout must have q's shape {q.shape}, got {dout.shape}")
-    P, _, scale = _probabilities(q, k, causal, softmax_scale, alignment)
+    P, _, scale, visible = _probabilities(q, k, causal, softmax_scale, alignment)
     P_drop = _dropped(P, dropout_p, dropout_mask)
     Q = np.moveaxis(q.astype(np.float64), 2, 1)
     K = _expand_heads(k.astype(np.float64), Hq)
@@ -116,8 +120,8 @@ def attention_backward(dout, q, k, v, causal=False, softmax_scale=None, dropout_
     dO = np.moveaxis(dout.astype(np.float64), 2, 1)
     dV = np.swapaxes(P_drop, -1, -2) @ dO
     dP = _dropped(dO @ np.swapaxes(V, -1, -2), dropout_p, dropout_mask)
-    D = (P * dP).sum(axis=-1, keepdims=True)
-    dS = P * (dP - D)
+    D = np.where(visible, P * dP, 0.0).sum(axis=-1, keepdims=True)
+    dS = np.where(visible, P * (dP - D), 0.0)
     dQ = scale * (dS @ K)
     dK = scale * (np.swapaxes(dS, -1, -2) @ Q)
     return np.moveaxis(dQ, 1, 2), _sum_groups(dK, Hkv), _sum_groups(dV, Hkv)

@@ -140,7 +140,7 @@ def test_dropout_scales_kept_probabilities(rng):
     keep = keep_all.copy()
     keep[0, 1, 2, 3] = False
     out_one, _ = ref.attention(q, k, v, dropout_p=0.5, dropout_mask=keep)
-    P, _, _ = ref._probabilities(q, k, False, None, BOTTOM_RIGHT)
+    P, _, _, _ = ref._probabilities(q, k, False, None, BOTTOM_RIGHT)
     expected = out[0, 2, 1] / 0.5 - P[0, 1, 2, 3] * v[0, 3, 1] / 0.5
     np.testing.assert_allclose(out_one[0, 2, 1], expected, rtol=1e-13)
 
