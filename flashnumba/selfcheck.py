@@ -5,7 +5,10 @@ initcheck) in a few minutes:
 
     compute-sanitizer --tool racecheck python -m flashnumba.selfcheck
 
-Exits non-zero if any result is off by more than 1e-5 relative.
+Then the public calls (``flashnumba.accuracy``'s small table: float32 and
+bfloat16, with and without dropout, every algorithm), so the dtype, S_dmask
+and dropout kernels are covered too. Exits non-zero if any result is off by
+more than 1e-5 relative (or the half-precision rule).
 """
 
 import sys
@@ -85,6 +88,10 @@ def main(argv=None):
             shown = " ".join(f"{n}={e:.1e}" for n, e in errs.items())
             print(f"{'PASS' if ok else 'FAIL'} {name:<18} B={B} Nq={Nq} Nk={Nk} Hq={Hq} "
                   f"Hkv={Hkv} d={d} causal={causal}: {shown}", flush=True)
+    # the public calls: dtype casts, dropout (S_dmask, Philox in every kernel), every algorithm
+    from flashnumba import accuracy
+    _, api_failures = accuracy.table(accuracy.SIM_CASES, dtypes=("float32", "bfloat16"))
+    failures += api_failures
     print(f"selfcheck: {failures} failure(s) on {flashnumba.device()}")
     return 1 if failures else 0
 

@@ -1,0 +1,34 @@
+"""The accuracy table tool runs, judges and writes what it measured."""
+
+import json
+
+from flashnumba import accuracy
+
+
+def test_accuracy_table_passes_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "acc.json"
+    assert accuracy.main(["--small", "--dtypes", "float32", "bfloat16", "--algorithms", "fa2",
+                          "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| bfloat16 | fa2 |" in printed and "accuracy: 0 failure(s)" in printed
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 2 * len(accuracy.SIM_CASES)
+    fp32 = [r for r in rows if r["dtype"] == "float32"]
+    assert all(r[name] <= 1e-5 for r in fp32 for name in accuracy.NAMES)
+    low = [r for r in rows if r["dtype"] == "bfloat16"]
+    assert all(r["out"] <= 2 and r["dq"] <= 3 for r in low)
+
+
+def test_a_wrong_result_fails_the_table(monkeypatch):
+    """Halving the kernels' output must show up as a failure, not pass quietly."""
+    import flashnumba
+
+    real = flashnumba.flash_attn_func
+
+    def wrong(*args, **kwargs):
+        out, lse, S = real(*args, **kwargs)
+        return out * 0.5, lse, S
+
+    monkeypatch.setattr(flashnumba, "flash_attn_func", wrong, raising=False)
+    result = accuracy.measure("float32", "fa2_readable", *accuracy.SIM_CASES[0][1:])
+    assert not result["out"][1] and result["lse"][1]
