@@ -1,4 +1,4 @@
-"""The `flashnumba` command: demo, step, figures, bench, resources."""
+"""The `flashnumba` command: demo, step, train, accuracy, figures, bench, resources."""
 
 import argparse
 import sys
@@ -14,19 +14,14 @@ def _step(args):
     return main(args)
 
 
-def _figures(args):
-    from flashnumba.figures import main
-    return main(args.rest)
-
-
-def _bench(args):
-    from flashnumba.bench import main
-    return main(args.rest)
-
-
-def _resources(args):
-    from flashnumba.kernels.resources import main
-    return main(args.rest)
+# commands whose modules parse their own options: (module, help)
+PASSTHROUGH = {
+    "train": ("flashnumba.train", "train a tiny transformer with flashnumba's and PyTorch's attention"),
+    "accuracy": ("flashnumba.accuracy", "the accuracy table: every dtype and algorithm against float64"),
+    "figures": ("flashnumba.figures", "regenerate figures/"),
+    "bench": ("flashnumba.bench", "benchmark against PyTorch (needs a GPU)"),
+    "resources": ("flashnumba.kernels.resources", "compile every kernel config, report registers/spills/smem"),
+}
 
 
 def main(argv=None):
@@ -59,19 +54,13 @@ def main(argv=None):
                       help="seeds the random inputs and the dropout mask (default 0)")
     step.set_defaults(run=_step)
 
-    for name, fn, text in (("figures", _figures, "regenerate figures/"),
-                           ("bench", _bench, "benchmark against PyTorch (needs a GPU)"),
-                           ("resources", _resources, "compile every kernel config, report registers/spills/smem")):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(run=fn)
+    for name, (_, text) in PASSTHROUGH.items():   # listed for --help; their own parsers take the rest
+        sub.add_parser(name, help=text, add_help=False)
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    passthrough = {"figures": "flashnumba.figures", "bench": "flashnumba.bench",
-                   "resources": "flashnumba.kernels.resources"}
-    if argv and argv[0] in passthrough:          # their own parsers take the rest
+    if argv and argv[0] in PASSTHROUGH:
         from importlib import import_module
-        return import_module(passthrough[argv[0]]).main(argv[1:]) or 0
+        return import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:]) or 0
     args = parser.parse_args(argv)
     return args.run(args) or 0
 
