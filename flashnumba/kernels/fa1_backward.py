@@ -74,7 +74,7 @@ NEG_INF = np.float32(-np.inf)
 # Default (Br, Bc, num_warps) per head-dim bucket: Bc >= Br (dK_j, dV_j stay on
 # chip for a whole outer step, dQ_i makes a round trip per inner step) within
 # 48 KB of static shared memory; see smem_bytes.
-# ptxas, sm_80/sm_90: 127-165 registers, no spills (python -m flashnumba.kernels.resources).
+# ptxas, sm_80/sm_90: 154-171 registers, no spills (python -m flashnumba.kernels.resources).
 _DEFAULT_TILES = {
     16: (32, 64, 4),     # 38.0 KB
     32: (32, 32, 4),     # 33.7 KB

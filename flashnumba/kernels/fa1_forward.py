@@ -86,7 +86,7 @@ NEG_INF = np.float32(-np.inf)
 
 # Default (Br, Bc, num_warps) per head-dim bucket: 4 warps and tiles that fit
 # 48 KB of static shared memory (see smem_bytes; PV_warp is the big one).
-# ptxas, sm_80/sm_90: 147-198 registers, no spills (python -m flashnumba.kernels.resources).
+# ptxas, sm_80/sm_90: 122-165 registers, no spills (python -m flashnumba.kernels.resources).
 _DEFAULT_TILES = {
     16: (32, 64, 4),     # 28.8 KB
     32: (32, 32, 4),     # 34.8 KB
