@@ -229,7 +229,7 @@ def build(config):
                         dp += dO_i[r, x] * V_j[c, x]
                     p = float32(0.0)
                     visible = col < Nk and not (causal and col > row + offset)
-                    if visible and l_i[r] > float32(0.0):
+                    if visible and l_i[r] != float32(0.0):      # l = 0: the row saw no key (NaN: NaN)
                         p = math.exp(s * softmax_scale - m_i[r]) / l_i[r]
                     z = float32(1.0)                 # Z_ij: 1 without dropout
                     if dropout_p > 0.0:
@@ -237,7 +237,9 @@ def build(config):
                         if keep(seed, b, h, row, col, dropout_p):
                             z = Z_kept
                     P_ij[r, c] = p * z
-                    dS_ij[r, c] = p * (dp * z - D_i[r])
+                    dS_ij[r, c] = float32(0.0)       # a hidden key: exactly 0, even where D_i is NaN
+                    if visible:
+                        dS_ij[r, c] = p * (dp * z - D_i[r])
                 cuda.syncthreads()  # all of P_ij and dS_ij written before any thread sums over them
 
                 # dV_j += (P_ij o Z_ij)^T dO_i,   dK_j += softmax_scale * dS_ij^T Q_i   (entries (c, x)).

@@ -295,7 +295,10 @@ def build(config):
                 if dropout_p > 0.0:
                     z = dS_ij[r0 + rr, c]                       # Z_ij, parked above
                 P_ij[r0 + rr, c] = p * z                         # P_ij o Z_ij: all dV_j needs
-                dS_ij[r0 + rr, c] = p * (dP[rr, t] * z - D_r)    # dS_ij = P_ij (dP_ij o Z_ij - D_i)
+                ds = float32(0.0)                                # a hidden key: exactly 0, even if D_i is NaN
+                if visible:
+                    ds = p * (dP[rr, t] * z - D_r)               # dS_ij = P_ij (dP_ij o Z_ij - D_i)
+                dS_ij[r0 + rr, c] = ds
 
     @cuda.jit
     def dkdv(q, k, v, dout, L, D_rows, dq, dk, dv, scale, causal, offset, dropout_p, seed,

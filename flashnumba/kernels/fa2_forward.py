@@ -330,14 +330,14 @@ def build(config):
             row = i * Br + r0 + rr
             if row < N_q:
                 inv_l = float32(0.0)
-                if l_i[rr] > 0.0:
+                if l_i[rr] != 0.0:                            # 0: no visible key (a NaN l stays NaN)
                     inv_l = float32(1.0) / l_i[rr]
                 for u in range(DIMS_PER_LANE):
                     kk = lane + WARP_SIZE * u
                     if kk < d:
                         out[b, row, h, kk] = O_i[rr, u] * inv_l
                 if lane == 0:
-                    if l_i[rr] > 0.0:
+                    if l_i[rr] != 0.0:
                         L[b, h, row] = m_i[rr] + math.log(l_i[rr])
                     else:
                         L[b, h, row] = -math.inf
