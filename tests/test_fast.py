@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from flashnumba import reference
+from flashnumba import geometry, reference
 from flashnumba.kernels import fa2_fast_forward as fast
 from flashnumba.kernels.common import ConfigError, TileConfig
 
@@ -54,6 +54,29 @@ def test_fast_forward_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal):
     out, L = fast.fa2_fast_forward(q, k, v, causal=causal)
     ref_out, ref_L = reference.attention(q, k, v, causal=causal)
     _check_forward(out, L, ref_out, ref_L)
+
+
+# (Nq, Nk, d): PyTorch's top-left diagonal (key c visible to row r iff c <= r), both shapes
+TOP_LEFT_CASES = [
+    pytest.param(40, 100, 64, id="Nq=40 < Nk=100: keys past row 39 seen by no row"),
+    pytest.param(100, 40, 40, id="Nq=100 > Nk=40, d=40: no fully masked row"),
+]
+
+
+@pytest.mark.parametrize("N_q, N_k, d", TOP_LEFT_CASES)
+def test_fast_forward_top_left_causal(rng, N_q, N_k, d):
+    q, k, v = _inputs(rng, 1, N_q, N_k, 2, 1, d)
+    out, L = fast.fa2_fast_forward(q, k, v, causal=True, alignment=geometry.TOP_LEFT)
+    ref_out, ref_L = reference.attention(q, k, v, causal=True, alignment=geometry.TOP_LEFT)
+    _check_forward(out, L, ref_out, ref_L)
+    bottom_right, _ = reference.attention(q, k, v, causal=True)
+    assert rel_err(out, bottom_right) > 0.1, "the two alignments must differ for Nq != Nk"
+
+
+def test_fast_forward_alignment_is_checked(rng):
+    q, k, v = _inputs(rng, 1, 8, 8, 1, 1, 16)
+    with pytest.raises(ValueError, match="alignment"):
+        fast.fa2_fast_forward(q, k, v, causal=True, alignment="top-right")
 
 
 def test_fast_forward_softmax_scale_and_other_config(rng):

@@ -66,6 +66,21 @@ def test_fast_backward_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal)
     _check(grads, reference.attention_backward(dout, q, k, v, causal=causal))
 
 
+@pytest.mark.parametrize("N_q, N_k, d", [
+    pytest.param(24, 70, 64, id="Nq=24 < Nk=70: keys past row 23 get dK = dV = 0"),
+    pytest.param(70, 24, 40, id="Nq=70 > Nk=24, d=40"),
+])
+def test_top_left_causal(rng, N_q, N_k, d):
+    """PyTorch's diagonal (key c visible to row r iff c <= r), with the reference's O and L."""
+    q, k, v, dout = _inputs(rng, 1, N_q, N_k, 2, 1, d)
+    out, L = reference.attention(q, k, v, causal=True, alignment=geometry.TOP_LEFT)
+    grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out.astype(np.float32), L.astype(np.float32),
+                                       causal=True, alignment=geometry.TOP_LEFT)
+    _check(grads, reference.attention_backward(dout, q, k, v, causal=True, alignment=geometry.TOP_LEFT))
+    if N_k > N_q:
+        assert np.all(grads[1][0, N_q:] == 0.0) and np.all(grads[2][0, N_q:] == 0.0)
+
+
 def test_fully_masked_rows_get_zero_dq(rng):
     """Nq > Nk under bottom-right causal: query rows r < Nq - Nk see no key (L = -inf); their dQ
     is exactly 0, and no NaN reaches dK or dV."""

@@ -20,14 +20,21 @@ of the block (num_warps / 2 warps each); the two columns run side by side:
     for i from q_tile_start(j) (0 without causal) to Tr - 1:
         Q_i, dO_i -> shared
         group 0                                  group 1
+        .                                        Z_ij = keep / (1 - p)     dropout kernel only:
+        .                                                                  keep bits, from Philox
         S_ij  = Q_i K_j^T                        dP_ij = dO_i V_j^T        register tiles
         P_ij  = exp2(scale log2(e) S_ij          .
                      - log2(e) L_i)              .
                 0 where masked           -> Ps   .
-        .                                        dS_ij = scale P_ij (dP_ij - D_i)  -> dSs
-        dK_j += dS_ij^T Q_i                      dV_j += P_ij^T dO_i       register tiles
+        .                                        dS_ij = scale P_ij (dP_ij o Z_ij - D_i)  -> dSs
+        .                                        P_ij o Z_ij  -> Ps (dropout kernel only)
+        dK_j += dS_ij^T Q_i                      dV_j += (P_ij o Z_ij)^T dO_i   register tiles
         dQ_i  = dS_ij K_j   (both groups: the whole block)  -> cuda.atomic.add into dQ
     write dK_j (group 0), dV_j (group 1)
+
+Without dropout Z_ij = 1 and those lines vanish: dropout is a compile-time
+variant, ``build(config, dropout=True)``, launched when p > 0, so the p = 0
+kernel contains no Philox code at all.
 
 D_i = rowsum(dO_i * O_i) comes from ``fa2_backward.preprocess`` (run first);
 L_i is the forward's natural-log logsumexp (``fa2_fast_forward`` and
@@ -87,11 +94,32 @@ Q_i, dO_i loaded / P_ij written / dS_ij written) and one ``threadfence_block``
 that only orders the loads (see its comment), each explained where it is.
 
 Masking: P_ij = 0 for key c >= Nk, query row r >= Nq and, under causal, c > r +
-Nk - Nq (bottom-right), tested on edge and diagonal tiles only. A row that sees
-no key at all (L_i = -inf) is masked wherever it meets a key, so it contributes
-nothing and no NaN appears. Rows past Nq and dims past d load clamped, valid
+offset, tested on edge and diagonal tiles only. offset = Nk - Nq (bottom-right,
+flash-attn's, the default) or 0 (top-left, PyTorch's ``is_causal``) comes from
+``common.resolve_offset`` in the launcher; q_tile_start(j) skips the Q tiles
+above that diagonal for either. A row that sees no key at all (L_i = -inf) is
+masked wherever it meets a key, so it contributes nothing and no NaN appears. Rows past Nq and dims past d load clamped, valid
 addresses: Q_i and dO_i dims past d are zeros (so K_j's and V_j's padding adds
 nothing to S_ij, dP_ij), rows past Nq have P_ij = 0 and are never written.
+
+Dropout: element (r, c) of query head h (also under GQA), batch b is kept when
+``philox.keep(seed, b, h, r, c, p)``, the bit the forward and the reference's
+mask (``philox.keep_mask``) use: word c % 4 of Philox4x32-10 of counter
+(c // 4, r, h, b), key (seed lo, seed hi), compared as x 2^-32 >= p in float64.
+The mask is regenerated, never stored. Group 1 makes the keep bits of its own
+S_ij-shaped tile (keys c = 4 (tx + CG g) + t: one Philox call per row and group
+of 4 keys) right after the tile barrier, before dP_ij, while group 0 computes
+S_ij and P_ij; it keeps them in one integer, uses them for dP_ij o Z_ij, and
+overwrites its own entries of Ps with P_ij o Z_ij for dV_j (D_i = rowsum(dO_i
+o O_i) with the dropped O, unchanged). Group 0 is untouched. What it costs
+(read off the SASS, sm_90, D=64 default; not measured on a GPU): ~600 more
+instructions per group-1 thread and Q tile (4 Philox calls of ~100
+instructions, the float64 keep tests, the selects in dS_ij and Ps) against
+~3400 per Q tile (2560 FFMA), a sixth of them hidden behind group 0's exp2
+pass: I expect the dropout kernel 10-20% slower than the plain one. The 2-warp
+D=64 alternative's dropout kernel is compiled for 4 blocks per SM instead of 5
+(at 5, a 168-register cap, it spilled; see _DROPOUT_BLOCKS_PER_SM). Registers
+and spills of both: PERF-NOTES.md.
 
 GQA: dK_j, dV_j are written per *query* head into (B, Nk, Hq, d) buffers and
 summed over each group by ``gqa.sum_head_groups`` (into buffers the launcher
@@ -117,6 +145,7 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types
 
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, gqa
 from flashnumba.kernels.common import (
     FLOAT_BYTES,
@@ -133,8 +162,10 @@ from flashnumba.kernels.fa2_fast_forward import (
     REGISTERS_PER_SM,
     SM_SHARED_BYTES,
     fast_bucket,
+    kept,
 )
 from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.philox import philox4x32
 
 PAD = 4                                  # floats added to every shared row (see the docstring)
 CHUNK = 4                                # steps of a sum per 16-byte vector
@@ -155,6 +186,13 @@ _ALTERNATIVES = {
     64: [(32, 32, 2, 0),
          (32, 32, 4, 0)],    # the compiler's choice: 3 blocks (12 warps) per SM, 150 registers
     128: [],
+}
+# Blocks per SM for the dropout kernel where the plain kernel's launch bound leaves it no
+# registers for the Philox state: (Br, Bc, D, num_warps, blocks_per_sm) -> blocks per SM. The
+# 2-warp D=64 kernel runs 5 blocks per SM (168 registers, no headroom); its dropout kernel spilled
+# 44-60 B there, so it is compiled for 4 (8 warps per SM, a 255-register cap).
+_DROPOUT_BLOCKS_PER_SM = {
+    (32, 32, 64, 2, 0): 4,
 }
 
 
@@ -222,10 +260,14 @@ def smem_bytes(config):
     return (2 * D * (Bc + PAD) + 2 * Br * (D + PAD) + 2 * Br * (Bc + PAD)) * FLOAT_BYTES
 
 
-def min_blocks_per_sm(config):
+def min_blocks_per_sm(config, dropout=False):
     """Blocks per SM to ask the compiler for: config.blocks_per_sm if set, else as many as shared
     memory allows (1 KB per block is reserved by the hardware), but not so many that a thread
-    gets fewer than MIN_REGISTERS."""
+    gets fewer than MIN_REGISTERS. The dropout kernel of a config in _DROPOUT_BLOCKS_PER_SM
+    asks for fewer."""
+    key = (config.Br, config.Bc, config.D, config.num_warps, config.blocks_per_sm)
+    if dropout and key in _DROPOUT_BLOCKS_PER_SM:
+        return _DROPOUT_BLOCKS_PER_SM[key]
     if config.blocks_per_sm:
         return config.blocks_per_sm
     by_smem = SM_SHARED_BYTES // (smem_bytes(config) + 1024)
@@ -280,25 +322,34 @@ def _smem_alignment():
     return None if numba_config.ENABLE_CUDASIM else 16
 
 
-def _jit_options(config):
+def _jit_options(config, dropout):
     """Launch bounds for the real compiler (the simulator takes none)."""
     if numba_config.ENABLE_CUDASIM:
         return {}
-    return {"launch_bounds": (config.threads, min_blocks_per_sm(config))}
+    return {"launch_bounds": (config.threads, min_blocks_per_sm(config, dropout))}
 
 
 # ---------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------
 
+def build(config, dropout=False):
+    """The kernel for `config`; ``dropout=True`` is the variant that drops P_ij (a separate
+    compile: the default kernel has no Philox code at all). Cached per (config, variant)."""
+    return _build(config, bool(dropout))
+
+
 @functools.lru_cache(maxsize=None)
-def build(config):
+def _build(config, DROPOUT):
     """Compile-time sizes baked in as plain Python ints; returns the @cuda.jit kernel."""
     check_config(config)
     Br, Bc, D = int(config.Br), int(config.Bc), int(config.D)
     lay = layout(config)
     T, G = lay["T"], lay["G"]
     TM, TN, RG_S, CG_S = lay["S"]
+    require(not DROPOUT or TM * TN <= 64,
+            f"Br={Br}, Bc={Bc}, num_warps={config.num_warps}: the dropout kernel keeps the keep bits "
+            f"of a thread's {TM} x {TN} tile of S_ij in one 64-bit integer")
     TKC, TKN, RG_K, CG_K = lay["KV"]
     TQM, TQN, RG_Q, CG_Q = lay["Q"]
     NW = config.num_warps
@@ -406,15 +457,17 @@ def build(config):
             idx += step
             rr += 1
 
-    @cuda.jit(**_jit_options(config))
+    @cuda.jit(**_jit_options(config, DROPOUT))
     def fa2_fast_backward_kernel(q_flat, k, v, dout_flat, L, D_rows, dq_flat, dk, dv, scale, causal,
-                                 limit):
+                                 offset, dropout_p, seed, limit):
         # --- sizes (q_flat, dout_flat, dq_flat: flat views of (B, N_q, H_q, d) arrays) ---
+        # scale: float32; causal: bool; offset: int64, key c is visible to query r iff
+        # c <= r + offset; dropout_p: float64; seed: uint64 (both unused unless DROPOUT);
+        # limit: i steps to run (int64).
         _, N_k, H_kv, d = k.shape
         H_q = L.shape[1]
         N_q = L.shape[2]
         T_r = (N_q + Br - 1) // Br
-        offset = N_k - N_q                   # bottom-right causal diagonal
         scale_log2 = scale * float32(LOG2_E)
 
         # --- who am I ---
@@ -438,6 +491,12 @@ def build(config):
         row_stride = H_q * d                 # flat index of q[b, r + 1, h, 0] - q[b, r, h, 0]
         q_head = (b * N_q * H_q + h) * d     # flat index of q[b, 0, h, 0]
         q_last = q_head + (N_q - 1) * row_stride
+        if DROPOUT:                          # Philox key and the counter words fixed for this block
+            key0 = seed & np.uint64(0xFFFFFFFF)
+            key1 = seed >> np.uint64(32)
+            h_word = np.uint64(h)            # the query head, also under GQA
+            b_word = np.uint64(b)
+            Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         # --- shared memory (each array on its own line) ---
         Kt = cuda.shared.array((D, BcP), float32, alignment=ALIGN)     # K_j transposed
@@ -465,7 +524,9 @@ def build(config):
         i = 0
         if causal:
             i = q_tile_start(j, Br, Bc, N_q, offset)   # Q tiles above the diagonal are skipped
-        i_end = min(T_r, i + limit)
+        i_end = min(T_r, i + limit) & INDEX_MASK   # i_end < 2^31: its high word needs no register
+                                                   # (with offset an argument, the 2-warp D=64 kernel
+                                                   # spilled it on sm_90)
 
         while i < i_end:
             row0 = i * Br
@@ -488,6 +549,21 @@ def build(config):
                     stat[a] = L[b, h, row] * float32(LOG2_E)
                 else:
                     stat[a] = D_rows[b, h, row]
+
+            if DROPOUT and group == 1:
+                # keep bits of this thread's TM x TN entries of Z_ij (bit TN a + n), made while
+                # group 0 computes S_ij and P_ij, before dP_ij exists (fewer live registers).
+                # Keys 4 (tx_s + CG_S g) + t, t < 4, are one 4-aligned group: one
+                # Philox4x32-10 call makes their 4 words
+                keep_bits = 0
+                for a in range(TM):
+                    row = row0 + ty_s + RG_S * a
+                    for g in range(TN // 4):
+                        words = philox4x32(np.uint64(col0 // 4 + tx_s + CG_S * g), np.uint64(row),
+                                           h_word, b_word, key0, key1)
+                        for t in range(4):
+                            if kept(words[t], dropout_p):
+                                keep_bits |= 1 << (TN * a + 4 * g + t)
 
             # S_ij = Q_i K_j^T (group 0), dP_ij = dO_i V_j^T (group 1): eight k steps per trip
             for a in range(TM):
@@ -526,14 +602,25 @@ def build(config):
 
             if group == 1:
                 # dS_ij = scale P_ij (dP_ij - D_i): this thread's entries of P_ij, written by the
-                # group-0 thread with the same place in its group
+                # group-0 thread with the same place in its group. With dropout,
+                # dS_ij = scale P_ij (dP_ij o Z_ij - D_i), and P_ij o Z_ij replaces P_ij in Ps for
+                # dV_j (only this thread reads or writes these entries until the barrier)
                 for a in range(TM):
                     r = ty_s + RG_S * a
                     for g in range(TN // 4):
                         for t in range(4):
                             c = 4 * (tx_s + CG_S * g) + t
-                            dSs[r, c] = scale * Ps[r, c] * (S[a, 4 * g + t] - stat[a])
-            cuda.syncthreads()  # dS_ij written (group 1) before every warp reads it
+                            P_rc = Ps[r, c]
+                            dP_rc = S[a, 4 * g + t]
+                            if DROPOUT:
+                                if keep_bits & (1 << (TN * a + 4 * g + t)):
+                                    dP_rc *= Z_kept
+                                    Ps[r, c] = P_rc * Z_kept
+                                else:
+                                    dP_rc = float32(0.0)
+                                    Ps[r, c] = float32(0.0)
+                            dSs[r, c] = scale * P_rc * (dP_rc - stat[a])
+            cuda.syncthreads()  # dS_ij (and, with dropout, P_ij o Z_ij) written by group 1 before every warp reads it
 
             # dK_j += dS_ij^T Q_i (group 0), dV_j += P_ij^T dO_i (group 1): four rows r per trip
             r = 0
@@ -599,8 +686,10 @@ def compile_targets(config):
     a4 = types.Array(types.float32, 4, "C")
     a3 = types.Array(types.float32, 3, "C")
     a1 = types.Array(types.float32, 1, "C")
-    argtypes = (a1, a4, a4, a1, a3, a3, a1, a4, a4, types.float32, types.boolean, types.int64)
-    return [("fa2_fast_backward", build(config), argtypes)]
+    argtypes = (a1, a4, a4, a1, a3, a3, a1, a4, a4, types.float32, types.boolean, types.int64,
+                types.float64, types.uint64, types.int64)
+    return [("fa2_fast_backward", build(config), argtypes),
+            ("fa2_fast_backward_dropout", build(config, dropout=True), argtypes)]
 
 
 # ---------------------------------------------------------------------------
@@ -634,22 +723,25 @@ def _check_like(name, x, shape):
         raise TypeError(f"{name} must be float32, got {np.dtype(x.dtype)}")
 
 
-def launcher(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=None, Bc=None,
-             num_warps=None, limit=None, config=None):
+def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
+             dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None):
     """Check and allocate once; returns (launch, dq, dk, dv) with device arrays dq, dk, dv.
 
     ``launch()`` runs everything again into the same arrays, allocating nothing: zero dQ,
     D = rowsum(dO * O), the main kernel, and (GQA) the head-group sums of dK, dV. What the
-    benchmark times. The inputs must stay alive.
+    benchmark times. The inputs must stay alive. dropout_p > 0 launches the dropout variant
+    of the main kernel (out must then be the dropped forward's output); p = 0 the plain one.
     """
     B, N_q, N_k, H_q, H_kv, d = common.check_qkv(q, k, v)
     _check_like("dout", dout, q.shape)
     _check_like("out", out, q.shape)
     _check_like("L", L, (B, H_q, N_q))
     scale = common.resolve_scale(softmax_scale, d)
+    offset = common.resolve_offset(causal, alignment, N_q, N_k)
+    dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
-    kernel = build(config)
+    kernel = build(config, dropout=dropout_p > 0.0)
 
     arrays = common.Arrays(dout, q, k, v, out, L)
     dout_d, q_d, k_d, v_d, out_d, L_d = (arrays.to_device(x) for x in (dout, q, k, v, out, L))
@@ -678,7 +770,8 @@ def launcher(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=None
     def launch():
         zero_dq(dq_spare_4d)
         rowsum(dout_d, out_d, D_rows)
-        main(q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, scale32, causal, steps)
+        main(q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, scale32, causal,
+             offset, dropout_p, seed, steps)
         if grouped:
             group_sum(dk_heads, dk)
             group_sum(dv_heads, dv)
@@ -686,14 +779,18 @@ def launcher(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=None
     return launch, dq, dk, dv
 
 
-def fa2_fast_backward(dout, q, k, v, out, L, *, causal=False, softmax_scale=None, Br=None, Bc=None,
-                      num_warps=None, limit=None, config=None):
+def fa2_fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
+                      softmax_scale=None, dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None,
+                      limit=None, config=None):
     """FlashAttention-2 backward, register-tiled. Returns (dq, dk, dv) shaped like q, k, v.
 
-    dout, out (B, Nq, Hq, d) and L (B, Hq, Nq, natural-log logsumexp) come from the forward.
+    dout, out (B, Nq, Hq, d) and L (B, Hq, Nq, natural-log logsumexp) come from the forward,
+    run with the same causal, alignment, softmax_scale, dropout_p and seed (out is the dropped
+    output; L the undropped softmax's, as the forward writes it).
     NumPy in, NumPy out; device arrays in, device arrays out (no copies).
     """
-    launch, dq, dk, dv = launcher(dout, q, k, v, out, L, causal=causal, softmax_scale=softmax_scale,
+    launch, dq, dk, dv = launcher(dout, q, k, v, out, L, causal=causal, alignment=alignment,
+                                  softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
                                   Br=Br, Bc=Bc, num_warps=num_warps, limit=limit, config=config)
     launch()
     arrays = common.Arrays(dout, q, k, v, out, L)

@@ -18,16 +18,39 @@ The algorithm, with the papers' names (scores in log2 units, see below):
     m_i = -inf, l_i = 0, O_i = 0                               registers
     for j < Tc (causal: j < kv_tile_end(i), tiles above the diagonal skipped):
         K_j -> shared (transposed), V_j -> shared
+        Z_ij = keep / (1 - p)              dropout kernel only: the thread's keep bits, from Philox
         S_ij = Q_i K_j^T                   register tile, 4 rows x TN columns per thread
-        S_ij = -inf where key c >= Nk or (causal) c > r + Nk - Nq   (edge/diagonal tiles only)
+        S_ij = -inf where key c >= Nk or (causal) c > r + offset   (edge/diagonal tiles only)
         m_new = max(m_i, rowmax(S_ij))     over the thread's columns, then shfl_xor
                                            across the CG threads that share the row
         P_ij  = exp2(S_ij - m_new)
-        l_i   = exp2(m_i - m_new) l_i + rowsum(P_ij)   per thread's columns; the
-                                           CG partial sums are added once, at the end
-        O_i   = exp2(m_i - m_new) O_i + P_ij V_j     P_ij goes through shared memory
+        l_i   = exp2(m_i - m_new) l_i + rowsum(P_ij)   undropped P_ij; per thread's columns,
+                                           the CG partial sums are added once, at the end
+        O_i   = exp2(m_i - m_new) O_i + (P_ij o Z_ij) V_j   P_ij o Z_ij goes through shared
+                                           memory (P_ij itself without dropout)
         m_i   = m_new
     O_i = O_i / l_i,   L_i = (m_i + log2 l_i) ln 2   natural log, as fa2_forward
+
+Causal alignment: key c is visible to query r when c <= r + offset, with offset =
+Nk - Nq (bottom-right, flash-attn's, the default) or 0 (top-left, PyTorch's
+``is_causal``), computed by ``common.resolve_offset`` in the wrapper and passed
+as an int64; kv_tile_end(i) skips the tiles past that diagonal for either.
+
+Dropout is a compile-time variant, ``build(config, dropout=True)``, launched
+when p > 0: the p = 0 kernel contains no Philox code at all. Element (r, c) of
+query head h (also under GQA), batch b is kept when ``philox.keep(seed, b, h,
+r, c, p)``, the bit the reference's mask (``philox.keep_mask``) is made of:
+word c % 4 of Philox4x32-10 of counter (c // 4, r, h, b), key (seed lo, seed
+hi), compared as x 2^-32 >= p in float64. A thread's columns come in 4-aligned
+groups c = 4 (tx + CG g) + t, so one Philox call serves a (row, group): TM x NG
+calls per thread and tile, made right after the tile barrier, before S_ij
+exists (the registers are free then), into one integer of keep bits. m_i, l_i
+and L_i are those of the undropped softmax; only the P_ij that multiplies V_j
+is dropped. What it costs (read off the SASS, sm_90, D=64 default; not measured
+on a GPU): ~1000 more instructions per thread and K/V tile (4 rows x 2 Philox
+calls of ~100 instructions, 32 float64 keep tests, the selects) on top of ~5500
+(4096 of them FFMA), so I expect the dropout kernel 15-20% slower than the
+plain one. Registers and spills of both: PERF-NOTES.md.
 
 Thread layout (T threads; TM = 4 rows per thread; CG column groups)::
 
@@ -88,6 +111,7 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types
 
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common
 from flashnumba.kernels.common import (
     FLOAT_BYTES,
@@ -98,6 +122,7 @@ from flashnumba.kernels.common import (
     require,
 )
 from flashnumba.kernels.geometry import kv_tile_end
+from flashnumba.kernels.philox import philox4x32
 
 FULL_MASK = 0xFFFFFFFF
 LOG2_E = 1.4426950408889634
@@ -220,13 +245,29 @@ def _jit_options(config):
 # The kernel
 # ---------------------------------------------------------------------------
 
+@cuda.jit(device=True, inline="always")
+def kept(x, p):
+    """The test of ``flashnumba.philox.keep`` on a Philox word x already made: u = x 2^-32 >= p
+    (x a uint64 below 2^32, p the float64 dropout probability)."""
+    return np.float64(x) * 2.0 ** -32 >= p
+
+
+def build(config, dropout=False):
+    """The kernel for `config`; ``dropout=True`` is the variant that drops P_ij (a separate
+    compile: the default kernel has no Philox code at all). Cached per (config, variant)."""
+    return _build(config, bool(dropout))
+
+
 @functools.lru_cache(maxsize=None)
-def build(config):
+def _build(config, DROPOUT):
     """Compile-time sizes baked in as plain Python ints; returns the @cuda.jit kernel."""
     check_config(config)
     Br, Bc, D = int(config.Br), int(config.Bc), int(config.D)
     lay = layout(config)
     T, CG, TN, TD, NG, ND = lay["T"], lay["CG"], lay["TN"], lay["TD"], lay["NG"], lay["ND"]
+    require(not DROPOUT or TM * TN <= 64,
+            f"Br={Br}, Bc={Bc}, num_warps={config.num_warps}: the dropout kernel keeps the keep bits "
+            f"of a thread's {TM} x {TN} tile of S_ij in one 64-bit integer")
     T_MASK = T - 1
     LOG2_CG = CG.bit_length() - 1
     KP_ROWS = max(D, Bc)                    # Kt uses D rows, Pt uses Bc rows
@@ -257,14 +298,16 @@ def build(config):
                 C[a, n] += x[a] * y[n]
 
     @cuda.jit(**_jit_options(config))
-    def fa2_fast_forward_kernel(q, k, v, out, L, q_scale, causal, limit):
+    def fa2_fast_forward_kernel(q, k, v, out, L, q_scale, causal, offset, dropout_p, seed, limit):
         # --- sizes ---
+        # q_scale: float32 softmax scale times log2(e); causal: bool; offset: int64, key c is
+        # visible to query r iff c <= r + offset; dropout_p: float64; seed: uint64 (both unused
+        # unless DROPOUT); limit: j steps to run (int64).
         B, N_q, H_q, d = q.shape
         N_k = k.shape[1]
         H_kv = k.shape[2]
         T_r = (N_q + Br - 1) // Br
         T_c = (N_k + Bc - 1) // Bc
-        offset = N_k - N_q                  # bottom-right causal diagonal
 
         # --- who am I ---
         tid = cuda.threadIdx.x & T_MASK     # = threadIdx.x; the mask proves tid >= 0 to the compiler
@@ -281,6 +324,12 @@ def build(config):
         k_ld = tid % 4
         v_row = tid // WARP_SIZE            # loading V_j: rows v_row + V_ROWS rr, dims v_dim + 32 u
         v_dim = tid % WARP_SIZE
+        if DROPOUT:                         # Philox key and the counter words fixed for this block
+            key0 = seed & np.uint64(0xFFFFFFFF)
+            key1 = seed >> np.uint64(32)
+            h_word = np.uint64(h)           # the query head, also under GQA
+            b_word = np.uint64(b)
+            Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         # --- shared memory (each array on its own line) ---
         Qt = cuda.shared.array((D, Br), float32, alignment=ALIGN)
@@ -342,6 +391,21 @@ def build(config):
                     Vs[c, n] = v[b, col, h_kv, min(n, d - 1)]
             cuda.syncthreads()  # K_j, V_j (and Q_i, the first time) written before any warp reads them
 
+            if DROPOUT:
+                # keep bits of this thread's TM x TN entries of Z_ij (bit TN a + n), made before
+                # S_ij exists (fewer live registers) and applied when P_ij is stored. Columns
+                # 4 (tx + CG g) + t, t < 4, are one 4-aligned group: one Philox4x32-10 call
+                # makes their 4 words
+                keep_bits = 0
+                for a in range(TM):
+                    row = row0 + r_t + a
+                    for g in range(NG):
+                        words = philox4x32(np.uint64(col0 // 4 + tx + CG * g), np.uint64(row),
+                                           h_word, b_word, key0, key1)
+                        for t in range(4):
+                            if kept(words[t], dropout_p):
+                                keep_bits |= 1 << (TN * a + 4 * g + t)
+
             # S_ij = Q_i K_j^T: per k, one vector of Q (4 rows) and NG vectors of K (TN columns)
             for a in range(TM):
                 for n in range(TN):
@@ -381,8 +445,12 @@ def build(config):
                     p = math.exp2(S[a, n] - m_safe)  # P_ij = exp2(S_ij - m_new)
                     S[a, n] = p
                     l_tilde += p
-                l[a] = alpha * l[a] + l_tilde
+                l[a] = alpha * l[a] + l_tilde    # l_i of the undropped P_ij
                 m[a] = m_new
+                if DROPOUT:
+                    for n in range(TN):          # P_ij o Z_ij, for the P V product only
+                        kept_here = keep_bits & (1 << (TN * a + n))
+                        S[a, n] = S[a, n] * Z_kept if kept_here else float32(0.0)
                 for n in range(TD):
                     O[a, n] *= alpha
             cuda.syncthreads()  # every warp done reading K_j before P_ij overwrites it
@@ -433,8 +501,10 @@ def compile_targets(config):
     """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as the wrapper launches them."""
     a4 = types.Array(types.float32, 4, "C")
     a3 = types.Array(types.float32, 3, "C")
-    argtypes = (a4, a4, a4, a4, a3, types.float32, types.boolean, types.int64)
-    return [("fa2_fast_forward", build(config), argtypes)]
+    argtypes = (a4, a4, a4, a4, a3, types.float32, types.boolean, types.int64, types.float64,
+                types.uint64, types.int64)
+    return [("fa2_fast_forward", build(config), argtypes),
+            ("fa2_fast_forward_dropout", build(config, dropout=True), argtypes)]
 
 
 # ---------------------------------------------------------------------------
@@ -452,18 +522,21 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     return config
 
 
-def launcher(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, num_warps=None,
-             limit=None, config=None):
+def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None, dropout_p=0.0,
+             seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None):
     """Check and allocate once; returns (launch, out, L) with device arrays out, L.
 
     ``launch()`` runs the kernel again into the same out and L: what the
     benchmark times (no allocation inside the timed region). q, k, v must stay alive.
+    dropout_p > 0 launches the dropout variant of the kernel; p = 0 the plain one.
     """
     B, N_q, N_k, H_q, H_kv, d = common.check_qkv(q, k, v)
     scale = common.resolve_scale(softmax_scale, d)
+    offset = common.resolve_offset(causal, alignment, N_q, N_k)
+    dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
-    kernel = build(config)
+    kernel = build(config, dropout=dropout_p > 0.0)
 
     arrays = common.Arrays(q, k, v)
     q_d, k_d, v_d = arrays.to_device(q), arrays.to_device(k), arrays.to_device(v)
@@ -474,21 +547,26 @@ def launcher(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, num
     q_scale = np.float32(scale * LOG2_E)
 
     def launch():
-        launch_kernel(q_d, k_d, v_d, out, L, q_scale, bool(causal), steps)
+        launch_kernel(q_d, k_d, v_d, out, L, q_scale, bool(causal), offset, dropout_p, seed, steps)
 
     return launch, out, L
 
 
-def fa2_fast_forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None,
-                     num_warps=None, limit=None, config=None):
+def fa2_fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
+                     dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None,
+                     config=None):
     """FlashAttention-2 forward, register-tiled. q (B, Nq, Hq, d), k, v (B, Nk, Hkv, d), float32.
 
     Returns (O (B, Nq, Hq, d), L (B, Hq, Nq)), L = logsumexp of each row's
     scaled scores (natural log; -inf for a row with no visible key).
+    alignment: the causal diagonal, "bottom-right" (flash-attn, the default) or "top-left"
+    (PyTorch). dropout_p, seed: O = (P o Z) V with Z = keep / (1 - p), keep from
+    ``philox.keep_mask(seed, p, B, Hq, Nq, Nk)``; L is the undropped softmax's.
     NumPy in, NumPy out; device arrays in, device arrays out (no copies).
     """
-    launch, out, L = launcher(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc,
-                              num_warps=num_warps, limit=limit, config=config)
+    launch, out, L = launcher(q, k, v, causal=causal, alignment=alignment,
+                              softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, Br=Br,
+                              Bc=Bc, num_warps=num_warps, limit=limit, config=config)
     launch()
     arrays = common.Arrays(q, k, v)
     return arrays.result(out), arrays.result(L)

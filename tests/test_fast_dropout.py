@@ -1,0 +1,218 @@
+"""Dropout in the fast (register-tiled) FA2 kernels, against the float64 reference, on the simulator.
+
+The kernels regenerate the keep-mask from Philox4x32-10 (``flashnumba.philox``)
+on chip; the reference gets the same mask from ``philox.keep_mask(seed, p, B, Hq,
+Nq, Nk)``. A single element kept or dropped differently moves the output by
+about 1e-2 relative at these sizes, so rel_err <= 1e-5 checks the mask bit for
+bit, besides the arithmetic.
+
+Simulator-sized (B * H <= 2, N <= 100, few tiles): the forward's D=64 block is
+128 threads with 64 x 64 tiles, the backward's 128 threads with 32 x 32 tiles;
+each thread runs its Philox calls in Python here. The backward cases take O and
+L from the float64 reference (cast to float32), so they test the backward alone.
+"""
+
+import numpy as np
+import pytest
+from conftest import rel_err
+from numba import types
+
+from flashnumba import geometry, philox, reference
+from flashnumba.kernels import fa2_fast_backward as fast_bwd
+from flashnumba.kernels import fa2_fast_forward as fast_fwd
+from flashnumba.kernels.common import TileConfig
+
+TOL = 1e-5
+P = 0.17
+SEED = 20240917
+BR, TL = geometry.BOTTOM_RIGHT, geometry.TOP_LEFT
+
+
+def _inputs(rng, B, N_q, N_k, H_q, H_kv, d):
+    q = rng.standard_normal((B, N_q, H_q, d)).astype(np.float32)
+    k = rng.standard_normal((B, N_k, H_kv, d)).astype(np.float32)
+    v = rng.standard_normal((B, N_k, H_kv, d)).astype(np.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    return q, k, v, dout
+
+
+def _options(q, k, causal, alignment, p=P, seed=SEED):
+    """Keywords for the reference: the same Philox mask the kernels regenerate."""
+    B, N_q, H_q, _ = q.shape
+    mask = philox.keep_mask(seed, p, B, H_q, N_q, k.shape[1])
+    return {"causal": causal, "alignment": alignment, "dropout_p": p, "dropout_mask": mask}
+
+
+def _check_forward(out, L, ref_out, ref_L):
+    assert out.shape == ref_out.shape and L.shape == ref_L.shape
+    assert not np.isnan(out).any() and not np.isnan(L).any()
+    assert rel_err(out, ref_out) <= TOL, f"O: relative error {rel_err(out, ref_out):.2e}"
+    masked = np.isneginf(ref_L)
+    assert np.array_equal(np.isneginf(L), masked), "rows with no visible key must have L = -inf"
+    assert np.all(out[np.moveaxis(masked, 1, 2)] == 0.0), "rows with no visible key must be 0"
+    if (~masked).any():
+        assert np.max(np.abs(L[~masked] - ref_L[~masked])) <= TOL * np.max(np.abs(ref_L[~masked])) + 1e-5
+
+
+def _check_backward(grads, refs):
+    for name, x, r in zip(("dq", "dk", "dv"), grads, refs):
+        assert x.shape == r.shape, name
+        assert x.dtype == np.float32, name
+        assert not np.isnan(x).any(), name
+        err = rel_err(x, r)
+        assert err <= TOL, f"{name}: relative error {err:.2e}"
+
+
+# (B, Nq, Nk, Hq, Hkv, d, causal, alignment). Forward tiles are 64 x 64 (d <= 64) or
+# 32 x 32 (d = 128): N not a multiple of the tile, Nq != Nk both ways, odd head dims
+# (17 in the D=32 kernel, 40 in the D=64 one), GQA 2:1 (the mask is the query head's),
+# and fully masked rows (bottom-right, Nq > Nk).
+FORWARD_CASES = [
+    pytest.param(1, 100, 100, 1, 1, 64, False, BR, id="N=100 not a multiple, full"),
+    pytest.param(1, 70, 100, 2, 1, 40, True, BR, id="causal Nq=70 < Nk=100, d=40, GQA 2:1"),
+    pytest.param(1, 100, 40, 1, 1, 17, True, BR, id="causal Nq=100 > Nk=40, fully masked rows, d=17"),
+    pytest.param(1, 40, 100, 2, 1, 64, True, TL, id="top-left Nq=40 < Nk=100, GQA 2:1"),
+    pytest.param(1, 100, 40, 1, 1, 40, True, TL, id="top-left Nq=100 > Nk=40, d=40"),
+    pytest.param(1, 40, 50, 2, 2, 128, True, BR, id="d=128 (32 x 32 tiles), causal"),
+]
+
+
+@pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal, alignment", FORWARD_CASES)
+def test_forward_dropout_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal, alignment):
+    q, k, v, _ = _inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+    out, L = fast_fwd.fa2_fast_forward(q, k, v, causal=causal, alignment=alignment,
+                                       dropout_p=P, seed=SEED)
+    ref_out, ref_L = reference.attention(q, k, v, **_options(q, k, causal, alignment))
+    _check_forward(out, L, ref_out, ref_L)
+    undropped, undropped_L = reference.attention(q, k, v, causal=causal, alignment=alignment)
+    assert rel_err(out, undropped) > 0.05, "dropout must change the output"
+    np.testing.assert_array_equal(np.isneginf(L), np.isneginf(undropped_L))   # L is the undropped one
+
+
+def test_forward_dropout_other_config_and_softmax_scale(rng):
+    """The 2-warp 32 x 32 alternative for D=64: other thread tiles (TN = 4, one group of 4 keys)."""
+    q, k, v, _ = _inputs(rng, 1, 45, 70, 1, 1, 64)
+    config = TileConfig(Br=32, Bc=32, D=64, num_warps=2)
+    out, L = fast_fwd.fa2_fast_forward(q, k, v, causal=True, softmax_scale=0.3, dropout_p=0.4,
+                                       seed=7, config=config)
+    ref_out, ref_L = reference.attention(q, k, v, softmax_scale=0.3, **_options(q, k, True, BR, 0.4, 7))
+    _check_forward(out, L, ref_out, ref_L)
+
+
+def test_forward_same_seed_same_bits_other_seed_differs(rng):
+    q, k, v, _ = _inputs(rng, 1, 70, 70, 2, 1, 40)
+    first = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED)
+    again = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED)
+    other = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED + 2 ** 32)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    assert rel_err(other[0], first[0]) > 0.05, "another seed (its high word) must drop other elements"
+    np.testing.assert_array_equal(other[1], first[1])           # L does not depend on the mask
+
+
+def test_forward_p_zero_is_the_plain_kernel(rng):
+    """p = 0 launches the kernel without Philox code, whatever the seed: the same bits as no dropout."""
+    q, k, v, _ = _inputs(rng, 1, 40, 40, 1, 1, 64)
+    plain = fast_fwd.fa2_fast_forward(q, k, v, causal=True)
+    seeded = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=0.0, seed=12345)
+    for a, b in zip(plain, seeded):
+        np.testing.assert_array_equal(a, b)
+
+
+# (B, Nq, Nk, Hq, Hkv, d, causal, alignment). Backward tiles are 32 x 32 (d <= 64) or 16 x 16.
+BACKWARD_CASES = [
+    pytest.param(1, 50, 50, 1, 1, 64, False, BR, id="N=50 not a multiple, full"),
+    pytest.param(1, 40, 70, 2, 1, 40, True, BR, id="causal Nq=40 < Nk=70, d=40, GQA 2:1"),
+    pytest.param(1, 70, 24, 1, 1, 17, True, BR, id="causal Nq=70 > Nk=24, fully masked rows, d=17"),
+    pytest.param(1, 24, 70, 2, 1, 64, True, TL, id="top-left Nq=24 < Nk=70, GQA 2:1"),
+    pytest.param(1, 70, 24, 1, 1, 40, True, TL, id="top-left Nq=70 > Nk=24, d=40"),
+    pytest.param(1, 20, 28, 1, 1, 128, True, BR, id="d=128 (16 x 16 tiles), causal"),
+]
+
+
+@pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal, alignment", BACKWARD_CASES)
+def test_backward_dropout_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal, alignment):
+    q, k, v, dout = _inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+    options = _options(q, k, causal, alignment)
+    out, L = reference.attention(q, k, v, **options)
+    grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out.astype(np.float32), L.astype(np.float32),
+                                       causal=causal, alignment=alignment, dropout_p=P, seed=SEED)
+    _check_backward(grads, reference.attention_backward(dout, q, k, v, **options))
+    masked = np.isneginf(L[0, 0])
+    if masked.any():                                       # rows that see no key: dQ exactly 0
+        assert np.all(grads[0][0, masked] == 0.0)
+
+
+@pytest.mark.parametrize("config", [
+    TileConfig(Br=32, Bc=32, D=64, num_warps=2),     # its dropout kernel: 4 blocks per SM on a GPU
+    TileConfig(Br=32, Bc=32, D=64, num_warps=4),
+], ids=lambda c: f"Br={c.Br} Bc={c.Bc} w={c.num_warps}")
+def test_backward_dropout_other_configs(rng, config):
+    q, k, v, dout = _inputs(rng, 1, 40, 40, 1, 1, 64)
+    options = _options(q, k, True, BR)
+    out, L = reference.attention(q, k, v, **options)
+    grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out.astype(np.float32), L.astype(np.float32),
+                                       causal=True, dropout_p=P, seed=SEED, config=config)
+    _check_backward(grads, reference.attention_backward(dout, q, k, v, **options))
+
+
+def test_backward_after_the_fast_forward(rng):
+    """The training pipeline: the fast forward's dropped O and its L feed the backward, one seed."""
+    q, k, v, dout = _inputs(rng, 1, 45, 45, 2, 1, 40)
+    out, L = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED)
+    grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=True, dropout_p=P, seed=SEED)
+    _check_backward(grads, reference.attention_backward(dout, q, k, v, **_options(q, k, True, BR)))
+
+
+def test_backward_same_seed_same_bits_other_seed_differs(rng):
+    """dK and dV are sums in a fixed order: bitwise the same for the same seed. dQ adds one
+    float32 atomic per (i, j): bitwise on the simulator, only to rounding on a GPU."""
+    q, k, v, dout = _inputs(rng, 1, 40, 40, 1, 1, 64)
+    options = _options(q, k, False, BR)
+    out, L = (x.astype(np.float32) for x in reference.attention(q, k, v, **options))
+    first = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, dropout_p=P, seed=SEED)
+    again = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, dropout_p=P, seed=SEED)
+    other = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, dropout_p=P, seed=SEED + 1)
+    np.testing.assert_array_equal(first[1], again[1])
+    np.testing.assert_array_equal(first[2], again[2])
+    np.testing.assert_allclose(first[0], again[0], rtol=1e-6, atol=1e-7)
+    for name, a, b in zip(("dq", "dk", "dv"), first, other):
+        assert rel_err(b, a) > 0.05, f"{name}: another seed must drop other elements"
+
+
+# ---------------------------------------------------------------- the variants and their checks
+
+@pytest.mark.parametrize("module", [fast_fwd, fast_bwd], ids=["forward", "backward"])
+def test_dropout_is_a_separate_cached_variant(module):
+    for config in module.shipped_configs():
+        assert module.build(config) is module.build(config, dropout=False)
+        assert module.build(config, dropout=True) is not module.build(config)
+        targets = module.compile_targets(config)
+        labels = [label for label, _, _ in targets]
+        assert len(set(labels)) == 2 and sum(label.endswith("_dropout") for label in labels) == 1
+        for _, _, argtypes in targets:
+            # ..., causal, offset (int64), dropout_p (float64), seed (uint64), limit
+            assert tuple(argtypes[-5:]) == (types.boolean, types.int64, types.float64, types.uint64,
+                                            types.int64)
+
+
+def test_backward_dropout_launch_bounds():
+    """Only the 2-warp D=64 config's dropout kernel asks for fewer blocks per SM (4, not 5)."""
+    for config in fast_bwd.shipped_configs():
+        expected = fast_bwd.min_blocks_per_sm(config)
+        if (config.Br, config.Bc, config.D, config.num_warps, config.blocks_per_sm) == (32, 32, 64, 2, 0):
+            assert expected == 5
+            expected = 4
+        assert fast_bwd.min_blocks_per_sm(config, dropout=True) == expected
+
+
+@pytest.mark.parametrize("bad, error", [({"dropout_p": 1.0}, ValueError), ({"dropout_p": -0.1}, ValueError),
+                                        ({"dropout_p": True}, TypeError), ({"seed": -1}, ValueError),
+                                        ({"seed": 2 ** 64}, ValueError), ({"seed": 1.5}, TypeError)])
+def test_bad_dropout_arguments_are_refused(rng, bad, error):
+    q, k, v, dout = _inputs(rng, 1, 8, 8, 1, 1, 16)
+    with pytest.raises(error):
+        fast_fwd.fa2_fast_forward(q, k, v, **({"dropout_p": P} | bad))
+    out, L = (x.astype(np.float32) for x in reference.attention(q, k, v))
+    with pytest.raises(error):
+        fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, **({"dropout_p": P} | bad))
