@@ -90,7 +90,8 @@ def measure(dtype, algorithm, B, Nq, Nk, Hq, Hkv, d, causal, dropout_p, seed=0):
     return {name: result[name] for name in NAMES}
 
 
-def table(cases, dtypes=DTYPES, algorithms=ALGORITHMS, stream=sys.stdout):
+def table(cases, dtypes=DTYPES, algorithms=ALGORITHMS, stream=None):
+    stream = sys.stdout if stream is None else stream
     rows, failures = [], 0
     print("| dtype | algorithm | case | " + " | ".join(NAMES) + " |", file=stream)
     print("| --- | --- | --- | " + " | ".join("---" for _ in NAMES) + " |", file=stream, flush=True)

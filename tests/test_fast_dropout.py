@@ -197,13 +197,18 @@ def test_dropout_is_a_separate_cached_variant(module):
 
 
 def test_backward_dropout_launch_bounds():
-    """Only the 2-warp D=64 config's dropout kernel asks for fewer blocks per SM (4, not 5)."""
+    """The dropout kernel asks for fewer blocks per SM only where listed (their plain kernels leave
+    no registers for the Philox state); everywhere else it runs as many as the plain kernel."""
+    listed = fast_bwd._DROPOUT_BLOCKS_PER_SM
+    assert (32, 32, 64, 2, 0) in listed and (16, 16, 128, 2, 0) in listed
     for config in fast_bwd.shipped_configs():
-        expected = fast_bwd.min_blocks_per_sm(config)
-        if (config.Br, config.Bc, config.D, config.num_warps, config.blocks_per_sm) == (32, 32, 64, 2, 0):
-            assert expected == 5
-            expected = 4
-        assert fast_bwd.min_blocks_per_sm(config, dropout=True) == expected
+        plain = fast_bwd.min_blocks_per_sm(config)
+        key = (config.Br, config.Bc, config.D, config.num_warps, config.blocks_per_sm)
+        if key in listed:
+            assert listed[key] < plain
+            assert fast_bwd.min_blocks_per_sm(config, dropout=True) == listed[key]
+        else:
+            assert fast_bwd.min_blocks_per_sm(config, dropout=True) == plain
 
 
 @pytest.mark.parametrize("bad, error", [({"dropout_p": 1.0}, ValueError), ({"dropout_p": -0.1}, ValueError),

@@ -190,9 +190,12 @@ _ALTERNATIVES = {
 # Blocks per SM for the dropout kernel where the plain kernel's launch bound leaves it no
 # registers for the Philox state: (Br, Bc, D, num_warps, blocks_per_sm) -> blocks per SM. The
 # 2-warp D=64 kernel runs 5 blocks per SM (168 registers, no headroom); its dropout kernel spilled
-# 44-60 B there, so it is compiled for 4 (8 warps per SM, a 255-register cap).
+# 44-60 B there, so it is compiled for 4 (8 warps per SM, a 255-register cap). The D=128 dropout
+# kernel spilled 8 B on sm_80 once dQ's padding dims were masked (a NaN must not leak into other
+# entries of dQ): 4 blocks per SM too.
 _DROPOUT_BLOCKS_PER_SM = {
     (32, 32, 64, 2, 0): 4,
+    (16, 16, 128, 2, 0): 4,
 }
 
 
@@ -480,6 +483,7 @@ def _build(config, DROPOUT):
         tx_k = gid % CG_K
         ty_q = tid // CG_Q                   # dQ_i: rows ty_q + RG_Q a, dims tx_q + CG_Q t
         tx_q = tid % CG_Q
+        t_valid = (d - tx_q + CG_Q - 1) // CG_Q  # dims n = tx_q + CG_Q t of dQ_i below d: t < t_valid
         warp = tid // WARP_SIZE
         lane = tid % WARP_SIZE
         j = cuda.blockIdx.x & INDEX_MASK     # K/V tile (ascending: under causal, the most Q tiles first)
@@ -596,7 +600,7 @@ def _build(config, DROPOUT):
                             if masked_tile:
                                 col = col0 + c
                                 if row >= N_q or col >= N_k or (causal and col > row + offset):
-                                    p = float32(0.0)
+                                    p = float32(-0.0)    # hidden: -0, so group 1 can tell it from an underflow
                             Ps[r, c] = p
             cuda.syncthreads()  # P_ij written (group 0) before group 1 reads it
 
@@ -619,7 +623,10 @@ def _build(config, DROPOUT):
                                 else:
                                     dP_rc = float32(0.0)
                                     Ps[r, c] = float32(0.0)
-                            dSs[r, c] = scale * P_rc * (dP_rc - stat[a])
+                            ds = scale * P_rc * (dP_rc - stat[a])
+                            if P_rc == 0.0 and math.copysign(float32(1.0), P_rc) < 0.0:
+                                ds = float32(0.0)   # a hidden key (P = -0): exactly 0, even where D_i is NaN
+                            dSs[r, c] = ds
             cuda.syncthreads()  # dS_ij (and, with dropout, P_ij o Z_ij) written by group 1 before every warp reads it
 
             # dK_j += dS_ij^T Q_i (group 0), dV_j += P_ij^T dO_i (group 1): four rows r per trip
@@ -651,16 +658,20 @@ def _build(config, DROPOUT):
                     c0 += CHUNK
                 c0 += CHUNK
             # One atomic per entry; a warp's atomics for one (a, t) cover CG_Q consecutive dims of
-            # each of its rows (whole 32-byte sectors). Dims n >= d of dQ_i are exactly 0 (K_j's
-            # padding dims are zeros), so they need no test: their atomics add 0 to the entries
-            # that follow in the flat array (other dims, or the D spare floats at its end), one
-            # instruction each at an immediate offset. Rows past N_q are skipped.
+            # each of its rows (whole 32-byte sectors), one instruction each at an immediate
+            # offset. Dims n >= d (t >= t_valid) add an exact 0, selected rather than branched on,
+            # to the entries that follow in the flat array (other dims, or the D spare floats at
+            # its end): K_j's padding dims are zeros, but a NaN in dS_ij times 0 is NaN. Rows past
+            # N_q are skipped.
             for a in range(TQM):
                 row = row0 + ty_q + RG_Q * a
                 if row < N_q:
                     idx = (q_head + row * row_stride + tx_q) & DQ_MASK
                     for t in range(TQN):
-                        cuda.atomic.add(dq_flat, idx + CG_Q * t, dQ[a, t])
+                        value = dQ[a, t]
+                        if t >= t_valid:
+                            value = float32(0.0)
+                        cuda.atomic.add(dq_flat, idx + CG_Q * t, value)
             i += 1
 
         # dK_j (group 0) or dV_j (group 1), per query head; dS_ij already carried the scale

@@ -481,7 +481,7 @@ def _build(config, DROPOUT):
             row = row0 + r_t + a
             if row < N_q:
                 inv_l = float32(0.0)
-                if l_row > 0.0:
+                if l_row != 0.0:                 # 0: no visible key (a NaN l stays NaN)
                     inv_l = float32(1.0) / l_row
                 for g in range(ND):
                     for t in range(4):
@@ -489,7 +489,7 @@ def _build(config, DROPOUT):
                         if n < d:
                             out[b, row, h, n] = O[a, 4 * g + t] * inv_l
                 if tx == 0:
-                    if l_row > 0.0:
+                    if l_row != 0.0:
                         L[b, h, row] = (m[a] + math.log2(l_row)) * LN_2
                     else:
                         L[b, h, row] = -math.inf
