@@ -155,6 +155,8 @@ class Operand:
         if self.kind == "torch":
             x = x.detach()
             _check_torch_device(self.name, x)
+            if 0 in x.stride():                           # a broadcast (expanded) tensor: make it real
+                x = x.contiguous()
             if self.dtype == dtypes.BFLOAT16:           # "<V2" means nothing to Numba: read the bits
                 return cuda.as_cuda_array(x.view(sys.modules["torch"].int16)).view(bits)
             return cuda.as_cuda_array(x)

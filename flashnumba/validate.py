@@ -13,6 +13,8 @@ The checks read shapes and dtypes only (``interop.Operand``); no data moves.
 import math
 import numbers
 
+import numpy as np
+
 from flashnumba import dtypes
 from flashnumba.interop import Operand
 from flashnumba.kernels.common import MAX_HEAD_DIM, resolve_dropout
@@ -84,7 +86,7 @@ def like(op, shape, what):
 
 def flag(name, value):
     """A bool (Python or NumPy)."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 

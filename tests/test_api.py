@@ -60,8 +60,8 @@ def test_forward_and_backward_match_reference(case, algorithm, rng):
 
 def test_softmax_scale_is_used(rng):
     q, k, v = make(rng, 1, 20, 20, 1, 1, 16)
-    out = flashnumba.flash_attn_func(q, k, v, softmax_scale=0.3)
-    assert rel_err(out, reference.attention(q, k, v, softmax_scale=0.3)[0]) <= TOL
+    out = flashnumba.flash_attn_func(q, k, v, softmax_scale=np.float32(0.3), causal=np.False_)
+    assert rel_err(out, reference.attention(q, k, v, softmax_scale=np.float32(0.3))[0]) <= TOL
     assert rel_err(out, reference.attention(q, k, v)[0]) > 1e-2
 
 

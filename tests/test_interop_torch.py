@@ -99,7 +99,11 @@ def test_cupy_in_cupy_out(rng):
 def test_any_cuda_array_interface_and_bfloat16_interface(rng):
     q, k, v = make(rng)
     tensors = [torch.tensor(x, device="cuda", dtype=torch.bfloat16) for x in (q, k, v)]
-    plain = [_Interface(_interface(t), owner=t) for t in tensors]         # typestr "<V2"
+    plain = []
+    for t in tensors:                                  # bfloat16 as ml_dtypes and PyTorch spell it
+        cai = _interface(t.view(torch.int16))
+        cai["typestr"] = "<V2"
+        plain.append(_Interface(cai, owner=t))
     out = flashnumba.flash_attn_func(*plain)
     assert out.__cuda_array_interface__["typestr"] == "<V2"
     got = torch.as_tensor(out.owner.view(np.int16), device="cuda").view(torch.bfloat16)
