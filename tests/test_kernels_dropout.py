@@ -255,7 +255,7 @@ def test_bad_alignment_or_dropout_is_refused_before_launch(fn, kw, error, words,
     module = {fa1_fwd.fa1_forward: fa1_fwd, fa1_bwd.fa1_backward: fa1_bwd,
               fa2_fwd.fa2_forward: fa2_fwd, fa2_bwd.fa2_backward: fa2_bwd}[fn]
 
-    def no_build(config):
+    def no_build(config, *args, **kwargs):
         raise AssertionError("build reached with bad keywords")
 
     monkeypatch.setattr(module, "build", no_build)

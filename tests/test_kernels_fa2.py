@@ -219,7 +219,7 @@ def test_bad_config_fails_before_launch(rng, monkeypatch):
     """The wrappers raise ConfigError before anything is built or launched."""
     q, k, v = make_qkv(rng, 1, 8, 8, 1, 1, 64)
 
-    def no_build(config):
+    def no_build(config, *args, **kwargs):
         raise AssertionError("build reached with a bad config")
 
     monkeypatch.setattr(fwd, "build", no_build)

@@ -74,7 +74,8 @@ NEG_INF = np.float32(-np.inf)
 # Default (Br, Bc, num_warps) per head-dim bucket: Bc >= Br (dK_j, dV_j stay on
 # chip for a whole outer step, dQ_i makes a round trip per inner step) within
 # 48 KB of static shared memory; see smem_bytes.
-# ptxas, sm_80/sm_90: 154-171 registers, no spills (python -m flashnumba.kernels.resources).
+# ptxas, sm_80/sm_90: 128-165 registers (dropout variant 154-171), no spills
+# (python -m flashnumba.kernels.resources).
 _DEFAULT_TILES = {
     16: (32, 64, 4),     # 38.0 KB
     32: (32, 32, 4),     # 33.7 KB
@@ -114,9 +115,10 @@ def check_config(config):
 
 
 @functools.cache
-def build(config):
+def build(config, dropout=False):
     """The backward kernel for one TileConfig, its sizes baked in as compile-time constants."""
     check_config(config)
+    DROPOUT = bool(dropout)          # compile time: the kernel without dropout has no Philox code
     Br, Bc, D, num_warps = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
     THREADS = num_warps * WARP_SIZE
     D_pad = D + 1                   # padded row stride: threads reading different rows of
@@ -232,7 +234,7 @@ def build(config):
                     if visible and l_i[r] != float32(0.0):      # l = 0: the row saw no key (NaN: NaN)
                         p = math.exp(s * softmax_scale - m_i[r]) / l_i[r]
                     z = float32(1.0)                 # Z_ij: 1 without dropout
-                    if dropout_p > 0.0:
+                    if DROPOUT:
                         z = float32(0.0)
                         if keep(seed, b, h, row, col, dropout_p):
                             z = Z_kept
@@ -290,7 +292,8 @@ def compile_targets(config):
                 types.float32, types.boolean, types.int64, types.float64, types.uint64, types.int32)
     label = (f"fa1_backward Br={config.Br} Bc={config.Bc} D={config.D} "
              f"num_warps={config.num_warps}")
-    return [(label, build(config), argtypes)]
+    return [(label, build(config), argtypes),
+            (label.replace("fa1_backward", "fa1_backward_dropout"), build(config, dropout=True), argtypes)]
 
 
 def resolve_config(d, Br=None, Bc=None, num_warps=None):
@@ -336,7 +339,7 @@ def fa1_backward(dout, q, k, v, out, l, m, *, causal=False, alignment=BOTTOM_RIG
     dV_per_q_head = arrays.empty((B, Nk, Hq, d))
     # Launch: one block per (batch, query head), which zeroes its dQ, dK, dV; then sum GQA groups.
     Tc = (Nk + config.Bc - 1) // config.Bc
-    kernel = build(config)
+    kernel = build(config, dropout=dropout_p > 0.0)
     kernel[(B, Hq), config.threads](dO, Q, K, V, O, L, M, dQ, dK_per_q_head, dV_per_q_head,
                                     np.float32(scale), bool(causal), offset, dropout_p, seed,
                                     np.int32(min(steps, Tc)))

@@ -86,7 +86,8 @@ NEG_INF = np.float32(-np.inf)
 
 # Default (Br, Bc, num_warps) per head-dim bucket: 4 warps and tiles that fit
 # 48 KB of static shared memory (see smem_bytes; PV_warp is the big one).
-# ptxas, sm_80/sm_90: 122-165 registers, no spills (python -m flashnumba.kernels.resources).
+# ptxas, sm_80/sm_90: 125-164 registers (dropout variant 122-165), no spills
+# (python -m flashnumba.kernels.resources).
 _DEFAULT_TILES = {
     16: (32, 64, 4),     # 28.8 KB
     32: (32, 32, 4),     # 34.8 KB
@@ -132,9 +133,10 @@ def check_config(config):
 
 
 @functools.cache
-def build(config):
+def build(config, dropout=False):
     """The forward kernel for one TileConfig, its sizes baked in as compile-time constants."""
     check_config(config)
+    DROPOUT = bool(dropout)          # compile time: the kernel without dropout has no Philox code
     Br, Bc, D, num_warps = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
     THREADS = num_warps * WARP_SIZE
     Bcw = Bc // num_warps           # keys (columns of S_ij) per warp
@@ -260,7 +262,7 @@ def build(config):
                         if m_tilde != NEG_INF:
                             p = math.exp(S_ij[r, c] - m_tilde)
                         row_sum += p
-                        if dropout_p > 0.0:
+                        if DROPOUT:
                             if keep(seed, b, h, i * Br + r, j * Bc + c, dropout_p):
                                 p *= Z_kept
                             else:
@@ -330,7 +332,8 @@ def compile_targets(config):
                 types.int64, types.float64, types.uint64, types.int32)
     label = (f"fa1_forward Br={config.Br} Bc={config.Bc} D={config.D} "
              f"num_warps={config.num_warps}")
-    return [(label, build(config), argtypes)]
+    return [(label, build(config), argtypes),
+            (label.replace("fa1_forward", "fa1_forward_dropout"), build(config, dropout=True), argtypes)]
 
 
 def resolve_config(d, Br=None, Bc=None, num_warps=None):
@@ -367,7 +370,7 @@ def fa1_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=
     m = arrays.empty((B, Hq, Nq))
     # Launch: one block per (batch, query head); the kernel initialises O, l, m.
     Tc = (Nk + config.Bc - 1) // config.Bc
-    kernel = build(config)
+    kernel = build(config, dropout=dropout_p > 0.0)
     kernel[(B, Hq), config.threads](Q, K, V, O, l, m, np.float32(scale), bool(causal),
                                     offset, dropout_p, seed, np.int32(min(steps, Tc)))
     return arrays.result(O), arrays.result(l), arrays.result(m)

@@ -221,9 +221,10 @@ Fa2BackwardKernels = collections.namedtuple("Fa2BackwardKernels", "preprocess dk
 
 
 @functools.cache
-def build(config):
+def build(config, dropout=False):
     """Compile-time sizes baked in as plain Python ints; returns Fa2BackwardKernels(preprocess, dkdv, dq)."""
     check_config(config)
+    DROPOUT = bool(dropout)          # compile time: the kernel without dropout has no Philox code
     Br, Bc, D, num_warps = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
     THREADS = num_warps * WARP_SIZE
     ROWS_PER_WARP, KEYS_PER_WARP, COLS_PER_LANE, DIMS_PER_LANE = _sizes(config)
@@ -252,7 +253,7 @@ def build(config):
         # dS_ij until the last loop below reads each back and overwrites it (same lane: no
         # barrier). A loop of its own, on shared memory only: inside the loops below the Philox
         # code would keep the compiler from holding S and dP in registers.
-        if dropout_p > 0.0:
+        if DROPOUT:
             Z_kept = float32(1.0 / (1.0 - dropout_p))
             for rr in range(ROWS_PER_WARP):
                 row = i * Br + r0 + rr
@@ -292,7 +293,7 @@ def build(config):
                 if visible and L_r != -math.inf:      # L_r = -inf: the row saw no key, P = 0
                     p = math.exp(scale * S[rr, t] - L_r)        # P_ij = exp(S_ij - L_i)
                 z = float32(1.0)                                # Z_ij: 1 without dropout
-                if dropout_p > 0.0:
+                if DROPOUT:
                     z = dS_ij[r0 + rr, c]                       # Z_ij, parked above
                 P_ij[r0 + rr, c] = p * z                         # P_ij o Z_ij: all dV_j needs
                 ds = float32(0.0)                                # a hidden key: exactly 0, even if D_i is NaN
@@ -469,16 +470,18 @@ def compile_targets(config):
     """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as fa2_backward launches them."""
     a4 = types.Array(types.float32, 4, "C")
     a3 = types.Array(types.float32, 3, "C")
-    kernels = build(config)
+    dkdv_types = (a4, a4, a4, a4, a3, a3, a4, a4, a4, types.float32, types.boolean,
+                  types.int64, types.float64, types.uint64, types.boolean, types.int64)
+    dq_types = (a4, a4, a4, a4, a3, a3, a4, types.float32, types.boolean,
+                types.int64, types.float64, types.uint64, types.int64)
+    plain, dropout = build(config), build(config, dropout=True)
     return [
         ("fa2_backward_zero_fill", zero_fill, (a4,)),
-        ("fa2_backward_preprocess", kernels.preprocess, (a4, a4, a3)),
-        ("fa2_backward_dkdv", kernels.dkdv,
-         (a4, a4, a4, a4, a3, a3, a4, a4, a4, types.float32, types.boolean,
-          types.int64, types.float64, types.uint64, types.boolean, types.int64)),
-        ("fa2_backward_dq", kernels.dq,
-         (a4, a4, a4, a4, a3, a3, a4, types.float32, types.boolean,
-          types.int64, types.float64, types.uint64, types.int64)),
+        ("fa2_backward_preprocess", plain.preprocess, (a4, a4, a3)),
+        ("fa2_backward_dkdv", plain.dkdv, dkdv_types),
+        ("fa2_backward_dq", plain.dq, dq_types),
+        ("fa2_backward_dkdv_dropout", dropout.dkdv, dkdv_types),
+        ("fa2_backward_dq_dropout", dropout.dq, dq_types),
     ]
 
 
@@ -524,7 +527,7 @@ def fa2_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = common.resolve_config(d, Br, Bc, num_warps, defaults=default_config, check=check_config)
-    kernels = build(config)
+    kernels = build(config, dropout=dropout_p > 0.0)
 
     arrays = common.Arrays(dout, q, k, v, out, L)
     dout_d, q_d, k_d, v_d = (arrays.to_device(x) for x in (dout, q, k, v))

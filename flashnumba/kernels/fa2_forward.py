@@ -182,9 +182,10 @@ def check_config(config):
 # ---------------------------------------------------------------------------
 
 @functools.cache
-def build(config):
+def build(config, dropout=False):
     """Compile-time sizes baked in as plain Python ints; returns the @cuda.jit kernel."""
     check_config(config)
+    DROPOUT = bool(dropout)          # compile time: the kernel without dropout has no Philox code
     Br, Bc, D, num_warps = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
     THREADS = num_warps * WARP_SIZE
     ROWS_PER_WARP, COLS_PER_LANE, DIMS_PER_LANE = _sizes(config)
@@ -303,7 +304,7 @@ def build(config):
             # dropout: P~_ij <- P~_ij o Z_ij, Z_ij = 1/(1-p) where kept, 0 where dropped; each lane
             # rescales its own entries (no barrier). A loop of its own, on shared memory only, so
             # the Philox code cannot stop the loops above from keeping S_ij, m_i, l_i in registers.
-            if dropout_p > 0.0:
+            if DROPOUT:
                 for rr in range(ROWS_PER_WARP):
                     row = i * Br + r0 + rr
                     for t in range(COLS_PER_LANE):
@@ -353,7 +354,8 @@ def compile_targets(config):
     a3 = types.Array(types.float32, 3, "C")
     argtypes = (a4, a4, a4, a4, a3, a3, a3, types.float32, types.boolean,
                 types.int64, types.float64, types.uint64, types.int64)
-    return [("fa2_forward", build(config), argtypes)]
+    return [("fa2_forward", build(config), argtypes),
+            ("fa2_forward_dropout", build(config, dropout=True), argtypes)]
 
 
 # ---------------------------------------------------------------------------
@@ -382,7 +384,7 @@ def fa2_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps)
-    kernel = build(config)
+    kernel = build(config, dropout=dropout_p > 0.0)
 
     arrays = common.Arrays(q, k, v)
     q_d, k_d, v_d = arrays.to_device(q), arrays.to_device(k), arrays.to_device(v)
