@@ -257,6 +257,38 @@ def summary(curves, between):
               f"held-out final {between['held_out_final_abs_diff']:.2e}")
 
 
+def plot(result, path):
+    """Both loss curves (training, and held-out as points) over the steps, and the gap between
+    them, drawn from `result` (what ``run`` returns or --json wrote) into a PNG at `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1.4]})
+    colours = {"flashnumba": "tab:orange", "torch": "tab:blue"}
+    for c in result["curves"]:
+        ms = "" if c["ms_per_step"] is None else f", {c['ms_per_step']:.1f} ms/step"
+        colour = colours.get(c["attention"])
+        top.plot(c["train_loss"], lw=1, color=colour, label=f"{c['attention']} (train{ms})")
+        steps, losses = zip(*c["held_out"])
+        top.plot(steps, losses, "o--", ms=4, color=colour, label=f"{c['attention']} (held-out)")
+    top.set_ylabel("cross-entropy (nats per character)")
+    config = result["config"]
+    top.set_title(f"{config['layers']} layers, {config['heads']} heads, dim {config['dim']}, "
+                  f"seq-len {config['seq_len']}, batch {config['batch']}, {config['device']} "
+                  f"{config['dtype']}, flashnumba on the {result['flashnumba_device']}", fontsize=9)
+    top.legend(fontsize=8)
+    if len(result["curves"]) == 2:
+        a, b = (c["train_loss"] for c in result["curves"])
+        bottom.semilogy([max(abs(x - y), 1e-9) for x, y in zip(a, b)], lw=1, color="k")
+        bottom.set_ylabel("|difference|")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -293,7 +325,13 @@ def parse_args(argv=None):
                    help="float32, or bfloat16 autocast (weights and optimizer stay float32)")
     p.add_argument("--seed", type=int, default=0, help="initial weights, batches and dropout")
     p.add_argument("--json", metavar="PATH", default=None, help="write the curves to PATH as JSON")
+    p.add_argument("--plot", metavar="PATH", default=None, help="draw both curves into a PNG at PATH")
+    p.add_argument("--from-json", metavar="PATH", default=None,
+                   help="do not train: read the curves a run wrote with --json, print the summary "
+                        "and (with --plot) draw them")
     args = p.parse_args(argv)
+    if args.from_json:
+        return args
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -347,11 +385,23 @@ def run(args):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"curves written to {args.json}")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"curves drawn in {args.plot}")
     return result
 
 
 def main(argv=None):
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+        summary(result["curves"], result["gap"])
+        if args.plot:
+            plot(result, args.plot)
+            print(f"curves drawn in {args.plot}")
+        return 0
+    run(args)
     return 0
 
 

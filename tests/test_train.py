@@ -41,9 +41,9 @@ def test_batches_are_windows_shifted_by_one_and_fixed_by_seed():
 
 def test_both_attentions_train_the_same_curve(tmp_path, capsys):
     """Four AdamW steps, once per attention, from the same weights on the same batches."""
-    path = tmp_path / "curves.json"
+    path, png = tmp_path / "curves.json", tmp_path / "curves.png"
     result = train.run(train.parse_args(TINY + ["--steps", "4", "--eval-every", "100",
-                                                "--json", str(path)]))
+                                                "--json", str(path), "--plot", str(png)]))
     flash, ref = result["curves"]
     assert (flash["attention"], ref["attention"]) == ("flashnumba", "torch")
     for c in (flash, ref):
@@ -60,6 +60,14 @@ def test_both_attentions_train_the_same_curve(tmp_path, capsys):
     assert json.loads(path.read_text())["curves"][1]["train_loss"] == ref["train_loss"]
     out = capsys.readouterr().out
     assert "summary" in out and "gap between the curves" in out and "|diff| vs flashnumba" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --from-json redraws and summarises a saved run without training
+    again = tmp_path / "again.png"
+    assert train.main(["--from-json", str(path), "--plot", str(again)]) == 0
+    replay = capsys.readouterr().out
+    assert f"{flash['train_loss'][-1]:.4f}" in replay and "ms/step" not in replay.split("summary")[0]
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_one_attention_grouped_query_bfloat16():
