@@ -37,29 +37,28 @@ def blocks(n):
     return (n + THREADS - 1) // THREADS
 
 
+@cuda.jit(device=True)
+def element(idx, shape):
+    """(b, n, h, k) of flat index idx in a C-contiguous array of this 4-D shape."""
+    _, N, H, d = shape
+    return idx // (d * H * N), (idx // (d * H)) % N, (idx // d) % H, idx % d
+
+
 @cuda.jit
 def widen(src, dst):
     """dst[b, n, h, k] = float32(src[b, n, h, k]); src float32 or float16 with any strides, dst C-contiguous."""
-    B, N, H, d = dst.shape
     idx = cuda.grid(1)
-    if idx < B * N * H * d:
-        k = idx % d
-        h = (idx // d) % H
-        n = (idx // (d * H)) % N
-        b = idx // (d * H * N)
+    if idx < dst.size:
+        b, n, h, k = element(idx, dst.shape)
         dst[b, n, h, k] = src[b, n, h, k]
 
 
 @cuda.jit
 def widen_bf16(src_bits, dst_bits):
     """dst_bits[b, n, h, k] = src_bits[b, n, h, k] << 16: bfloat16 bits (uint16, any strides) to float32 bits."""
-    B, N, H, d = dst_bits.shape
     idx = cuda.grid(1)
-    if idx < B * N * H * d:
-        k = idx % d
-        h = (idx // d) % H
-        n = (idx // (d * H)) % N
-        b = idx // (d * H * N)
+    if idx < dst_bits.size:
+        b, n, h, k = element(idx, dst_bits.shape)
         dst_bits[b, n, h, k] = np.uint64(src_bits[b, n, h, k]) << np.uint64(16)
 
 
