@@ -16,6 +16,12 @@ def test_demo_prints_every_implementation_with_small_errors(capsys):
         bound = 1e-12 if "float64" in name else 1e-5
         assert len(errs) == 5 and max(errs) <= bound, (name, errs)
     assert "online softmax" in out and "float64 reference lse" in out
+    api = {m.group(1): m.group(2).split()[:5]
+           for m in re.finditer(r"^  (float32|float16|bfloat16) +(.+)$", out, re.M)}
+    assert set(api) == {"float32", "float16", "bfloat16"}, out
+    assert all(not cell.endswith("!") for cells in api.values() for cell in cells)   # all pass
+    assert max(float(x) for x in api["float32"]) <= 1e-5
+    assert all(float(x.rstrip("x")) <= 2 for x in api["bfloat16"][:1])
     assert "simulator" in out or "GPU" in out
 
 
