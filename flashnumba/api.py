@@ -57,7 +57,6 @@ from flashnumba.kernels import lse as lse_kernels
 from flashnumba.kernels.common import resolve_offset
 
 
-
 @dataclass(frozen=True)
 class Call:
     """The scalar options of one attention call, checked."""
@@ -158,11 +157,9 @@ def forward(operands, call, with_dmask):
 
 
 def backward(operands, call):
-    """(dq, dk, dv) in the inputs' kind and dtype."""
-    dout, q, k, v, out, lse = operands
-    arrays = [op.device_f32() for op in operands]
-    dQ, dK, dV = backward_kernels(call, *arrays)
-    results = Results(q)
+    """(dq, dk, dv) in the inputs' kind and dtype; operands are dout, q, k, v, out, softmax_lse."""
+    dQ, dK, dV = backward_kernels(call, *(op.device_f32() for op in operands))
+    results = Results(operands[1])
     return results.give(dQ), results.give(dK), results.give(dV)
 
 

@@ -4,11 +4,11 @@ and, on a GPU, CuPy arrays and any __cuda_array_interface__ object."""
 import numpy as np
 import pytest
 from conftest import rel_err
+from test_interop import TOL, gpu_only, make
 
 import flashnumba
 from flashnumba import reference
-from flashnumba.interop import Operand, _interface, _Interface
-from test_interop import TOL, gpu_only, make
+from flashnumba.interop import Operand, _Interface, _interface
 
 # ---------------------------------------------------------------- PyTorch (CPU or CUDA)
 

@@ -11,4 +11,4 @@ already go through FlashAttnFunction when given tensors that require grad.
 from flashnumba.torch.function import FlashAttnFunction
 from flashnumba.torch.modules import FlashAttention, MultiheadSelfAttention
 
-__all__ = ["FlashAttnFunction", "FlashAttention", "MultiheadSelfAttention"]
+__all__ = ["FlashAttention", "FlashAttnFunction", "MultiheadSelfAttention"]
