@@ -30,8 +30,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import flashnumba
+from flashnumba.validate import ALGORITHMS   # noqa: F401  (re-exported for the training example)
 
-ALGORITHMS = ("fa1", "fa2", "fa2_readable")
 ATTENTIONS = ("flashnumba", "torch")
 
 
