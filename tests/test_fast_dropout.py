@@ -15,6 +15,7 @@ L from the float64 reference (cast to float32), so they test the backward alone.
 import numpy as np
 import pytest
 from conftest import rel_err
+from test_fast_backward import _check as _check_backward
 from numba import types
 
 from flashnumba import geometry, philox, reference
@@ -52,15 +53,6 @@ def _check_forward(out, L, ref_out, ref_L):
     assert np.all(out[np.moveaxis(masked, 1, 2)] == 0.0), "rows with no visible key must be 0"
     if (~masked).any():
         assert np.max(np.abs(L[~masked] - ref_L[~masked])) <= TOL * np.max(np.abs(ref_L[~masked])) + 1e-5
-
-
-def _check_backward(grads, refs):
-    for name, x, r in zip(("dq", "dk", "dv"), grads, refs):
-        assert x.shape == r.shape, name
-        assert x.dtype == np.float32, name
-        assert not np.isnan(x).any(), name
-        err = rel_err(x, r)
-        assert err <= TOL, f"{name}: relative error {err:.2e}"
 
 
 # (B, Nq, Nk, Hq, Hkv, d, causal, alignment). Forward tiles are 64 x 64 (d <= 64) or
