@@ -15,8 +15,8 @@ L from the float64 reference (cast to float32), so they test the backward alone.
 import numpy as np
 import pytest
 from conftest import rel_err
-from test_fast_backward import _check as _check_backward
 from numba import types
+from test_fast_backward import _check as _check_backward
 
 from flashnumba import geometry, philox, reference
 from flashnumba.kernels import fa2_fast_backward as fast_bwd
