@@ -54,7 +54,7 @@ from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT
 from flashnumba.interop import Operand, Results, swap_seq_heads, take
 from flashnumba.kernels import dropout_mask as dmask
 from flashnumba.kernels import lse as lse_kernels
-from flashnumba.kernels.common import resolve_offset
+from flashnumba.kernels.common import resolve_dropout, resolve_offset
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class Call:
 
 def _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, alignment,
           scale_name="softmax_scale", causal_name="causal"):
-    p, seed = validate.dropout(dropout_p, seed)
+    p, seed = resolve_dropout(dropout_p, seed)           # p in [0, 1), seed in [0, 2^64)
     return Call(scale=validate.scale(softmax_scale, d, scale_name), dropout_p=float(p), seed=int(seed),
                 causal=validate.flag(causal_name, causal), alignment=alignment,
                 algorithm=validate.algorithm(algorithm),

@@ -47,8 +47,3 @@ def name_of(x):
 def round_to(x, name):
     """float64/float32 values rounded to dtype `name` (nearest, ties to even), returned as float32."""
     return np.asarray(x).astype(NUMPY[name]).astype(np.float32)
-
-
-def eps(name):
-    """Machine epsilon of a storage dtype."""
-    return float(ml_dtypes.finfo(NUMPY[name]).eps)

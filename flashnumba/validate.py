@@ -17,7 +17,7 @@ import numpy as np
 
 from flashnumba import dtypes
 from flashnumba.interop import Operand
-from flashnumba.kernels.common import MAX_HEAD_DIM, resolve_dropout
+from flashnumba.kernels.common import MAX_HEAD_DIM
 
 ALGORITHMS = ("fa1", "fa2", "fa2_readable")
 
@@ -101,11 +101,6 @@ def scale(softmax_scale, d, name="softmax_scale"):
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number or None, got {softmax_scale!r}")
     return value
-
-
-def dropout(dropout_p, seed):
-    """(p, seed) checked: p in [0, 1), seed an integer in [0, 2^64)."""
-    return resolve_dropout(dropout_p, seed)
 
 
 def algorithm(name):
