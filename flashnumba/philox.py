@@ -96,9 +96,14 @@ def dropout_word(seed, b, h, r, c):
     return x3
 
 
+def kept(x, p):
+    """The keep test on a word x already drawn (a uint64 below 2^32): u = x 2^-32 >= p, p float64."""
+    return np.float64(x) * 2.0 ** -32 >= p
+
+
 def keep(seed, b, h, r, c, p):
     """True when element (r, c) of head h, batch b survives dropout with probability p: x 2^-32 >= p."""
-    return np.float64(dropout_word(seed, b, h, r, c)) * 2.0 ** -32 >= p
+    return kept(dropout_word(seed, b, h, r, c), p)
 
 
 # ---------------------------------------------------------------- host side only

@@ -162,10 +162,9 @@ from flashnumba.kernels.fa2_fast_forward import (
     REGISTERS_PER_SM,
     SM_SHARED_BYTES,
     fast_bucket,
-    kept,
 )
 from flashnumba.kernels.geometry import q_tile_start
-from flashnumba.kernels.philox import philox4x32
+from flashnumba.kernels.philox import kept, philox4x32
 
 PAD = 4                                  # floats added to every shared row (see the docstring)
 CHUNK = 4                                # steps of a sum per 16-byte vector

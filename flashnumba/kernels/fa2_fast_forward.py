@@ -122,7 +122,7 @@ from flashnumba.kernels.common import (
     require,
 )
 from flashnumba.kernels.geometry import kv_tile_end
-from flashnumba.kernels.philox import philox4x32
+from flashnumba.kernels.philox import kept, philox4x32   # kept: philox.keep's test on a drawn word
 
 FULL_MASK = 0xFFFFFFFF
 LOG2_E = 1.4426950408889634
@@ -244,13 +244,6 @@ def _jit_options(config):
 # ---------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------
-
-@cuda.jit(device=True, inline="always")
-def kept(x, p):
-    """The test of ``flashnumba.philox.keep`` on a Philox word x already made: u = x 2^-32 >= p
-    (x a uint64 below 2^32, p the float64 dropout probability)."""
-    return np.float64(x) * 2.0 ** -32 >= p
-
 
 def build(config, dropout=False):
     """The kernel for `config`; ``dropout=True`` is the variant that drops P_ij (a separate
