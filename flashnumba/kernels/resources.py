@@ -285,7 +285,8 @@ def _enumerate(sources):
             if function_name:
                 jobs = [(None, getattr(module, function_name)(), None)]
             else:
-                jobs = [(config, module.compile_targets(config), module.smem_bytes(config))
+                static_bytes = getattr(module, "static_smem_bytes", module.smem_bytes)
+                jobs = [(config, module.compile_targets(config), static_bytes(config))
                         for config in module.shipped_configs()]
                 if not jobs:
                     raise ValueError(f"{module_name}.shipped_configs() is empty")
