@@ -1,0 +1,90 @@
+"""One launch of each fast kernel at one shape, for a profiler to capture (not a benchmark).
+
+    ncu --kernel-name regex:fa2_fast --launch-skip 2 --launch-count 2 \\
+        --section SpeedOfLight --section WarpStateStats ... \\
+        python -m flashnumba.bench.profile --shape 4x16x4096x64
+
+Each kernel is launched three times: the first compiles it (and is what
+``--launch-skip`` skips), the others are the ones to profile. Without a
+profiler it prints each launch's time from CUDA events, which is a smoke test
+and nothing more: ``flashnumba bench`` is the benchmark.
+
+``--config Br,Bc,warps[,blocks_per_sm]`` picks a fast backward configuration
+other than the default (``fa2_fast_backward.shipped_configs()`` lists them).
+"""
+
+import argparse
+import sys
+
+LAUNCHES = 3
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m flashnumba.bench.profile", description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="4x16x4096x64", help="BxHxNxd (default 4x16x4096x64)")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--direction", choices=("fwd", "bwd", "both"), default="both")
+    p.add_argument("--config", help="fast backward config Br,Bc,warps[,blocks_per_sm]")
+    return p.parse_args(argv)
+
+
+def parse_shape(text):
+    try:
+        B, H, N, d = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shape must be BxHxNxd with four integers, got {text!r}") from None
+    return B, H, N, d
+
+
+def parse_config(text, d):
+    from flashnumba.kernels.common import TileConfig
+    from flashnumba.kernels.fa2_fast_forward import fast_bucket
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (3, 4):
+        raise SystemExit(f"--config must be Br,Bc,warps[,blocks_per_sm], got {text!r}")
+    Br, Bc, warps = values[:3]
+    blocks = values[3] if len(values) == 4 else 0
+    return TileConfig(Br=Br, Bc=Bc, D=fast_bucket(d), num_warps=warps, blocks_per_sm=blocks)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from flashnumba._device import on_simulator
+    if on_simulator():
+        print("profile: no CUDA GPU here (this module launches real kernels for a profiler)")
+        return 2
+    import numpy as np
+    from numba import cuda
+
+    from flashnumba.kernels import fa2_fast_backward, fa2_fast_forward
+    B, H, N, d = parse_shape(args.shape)
+    config = parse_config(args.config, d) if args.config else None
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (cuda.to_device(rng.standard_normal((B, N, H, d), dtype=np.float32))
+                     for _ in range(4))
+    out, L = fa2_fast_forward.fa2_fast_forward(q, k, v, causal=args.causal)
+    launches = []
+    if args.direction in ("fwd", "both"):
+        launch, _, _ = fa2_fast_forward.launcher(q, k, v, causal=args.causal)
+        launches.append(("fa2_fast_forward", launch))
+    if args.direction in ("bwd", "both"):
+        launch, _, _, _ = fa2_fast_backward.launcher(dout, q, k, v, out, L, causal=args.causal,
+                                                     config=config)
+        launches.append(("fa2_fast_backward", launch))
+    for name, launch in launches:
+        for n in range(LAUNCHES):
+            start, stop = cuda.event(), cuda.event()
+            start.record()
+            launch()
+            stop.record()
+            stop.synchronize()
+            print(f"{name} {args.shape}{' causal' if args.causal else ''} launch {n}: "
+                  f"{start.elapsed_time(stop):.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
