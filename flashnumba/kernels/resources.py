@@ -10,8 +10,10 @@ nvJitLink, for sm_80 (A100) and sm_90 (H100/H200), and reads ptxas's report:
     ptxas info    : Used 168 registers, used 1 barriers, 33792 bytes smem
 
 A kernel passes when it links, spills nothing, uses at most 255 registers and
-48 KB of static shared memory, and its shared memory equals what its module's
-``smem_bytes(config)`` promises. The stack frame (local memory: a
+48 KB of static shared memory, and its static shared memory equals what its
+module promises: ``static_smem_bytes(config)`` where the module has one (a
+kernel whose tiles live in dynamic shared memory says 0), else
+``smem_bytes(config)``. The stack frame (local memory: a
 ``cuda.local.array`` indexed at run time lands there) is reported, not failed.
 
     python -m flashnumba.kernels.resources            # table for sm_80 and sm_90
