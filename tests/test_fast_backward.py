@@ -13,7 +13,7 @@ import pytest
 from conftest import rel_err
 
 from flashnumba import geometry, reference
-from flashnumba.kernels import common
+from flashnumba.kernels import common, smem_limit
 from flashnumba.kernels import fa2_fast_backward as fast_bwd
 from flashnumba.kernels import fa2_fast_forward as fast_fwd
 from flashnumba.kernels.common import ConfigError, TileConfig
@@ -104,6 +104,8 @@ def test_after_the_fast_forward_with_softmax_scale(rng):
     TileConfig(Br=16, Bc=32, D=64, num_warps=2),
     TileConfig(Br=32, Bc=32, D=64, num_warps=2),
     TileConfig(Br=32, Bc=32, D=64, num_warps=4),          # 3 blocks per SM (the default runs 4)
+    TileConfig(Br=32, Bc=64, D=64, num_warps=4),          # 70 KB of shared memory
+    TileConfig(Br=64, Bc=64, D=64, num_warps=8, blocks_per_sm=2),
 ], ids=lambda c: f"Br={c.Br} Bc={c.Bc} w={c.num_warps} b={c.blocks_per_sm}")
 def test_alternative_configs(rng, config):
     q, k, v, dout = _inputs(rng, 1, 40, 40, 1, 1, 64)
@@ -144,7 +146,8 @@ def test_limit_is_the_truncated_sum(rng, causal):
     q, k, v, dout = _inputs(rng, 1, 64, 64, 1, 1, 64)
     out, L = _forward(q, k, v, causal)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=causal, limit=1)
-    _check(grads, _truncated_backward(dout, q, k, v, out, causal, 32, 32, 1))
+    config = fast_bwd.default_config(64)            # the tiles decide which pairs are visited
+    _check(grads, _truncated_backward(dout, q, k, v, out, causal, config.Br, config.Bc, 1))
 
     zeros = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=causal, limit=0)
     assert all(np.all(x == 0.0) for x in zeros)
@@ -171,9 +174,11 @@ def test_device_arrays_and_relaunch(rng):
 def test_configs_are_checked():
     for config in fast_bwd.shipped_configs():
         fast_bwd.check_config(config)
-        assert fast_bwd.smem_bytes(config) <= 48 * 1024
+        assert fast_bwd.smem_bytes(config) <= smem_limit.MAX_BLOCK_BYTES
     assert [fast_bwd.default_config(d).D for d in (1, 32, 33, 64, 65, 128)] == [32, 32, 64, 64, 128, 128]
-    with pytest.raises(ConfigError, match="static shared memory"):
+    with pytest.raises(ConfigError, match="bytes of shared memory per block"):
+        fast_bwd.check_config(TileConfig(Br=128, Bc=128, D=128, num_warps=32))
+    with pytest.raises(ConfigError, match="would spill"):
         fast_bwd.check_config(TileConfig(Br=64, Bc=64, D=64, num_warps=4))
     with pytest.raises(ConfigError, match="do not fit on one SM"):
         fast_bwd.check_config(TileConfig(Br=32, Bc=32, D=64, num_warps=4, blocks_per_sm=6))

@@ -192,7 +192,7 @@ def test_backward_dropout_launch_bounds():
     """The dropout kernel asks for fewer blocks per SM only where listed (their plain kernels leave
     no registers for the Philox state); everywhere else it runs as many as the plain kernel."""
     listed = fast_bwd._DROPOUT_BLOCKS_PER_SM
-    assert (32, 32, 64, 2, 0) in listed and (16, 16, 128, 2, 0) in listed
+    assert (16, 16, 128, 2, 0) in listed
     for config in fast_bwd.shipped_configs():
         plain = fast_bwd.min_blocks_per_sm(config)
         key = (config.Br, config.Bc, config.D, config.num_warps, config.blocks_per_sm)

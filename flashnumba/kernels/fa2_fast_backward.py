@@ -39,9 +39,11 @@ kernel contains no Philox code at all.
 D_i = rowsum(dO_i * O_i) comes from ``fa2_backward.preprocess`` (run first);
 L_i is the forward's natural-log logsumexp (``fa2_fast_forward`` and
 ``fa2_forward`` both write L = m + log l in natural log), so
-exp(scale S - L) = exp2(scale log2(e) S - log2(e) L): one ``ex2`` per entry.
-The softmax scale is folded into dS_ij as it is stored, so dK_j and dQ_i come
-out scaled with no extra multiply.
+exp(scale S - L) = exp2(scale log2(e) S - log2(e) L): one multiply-add and one
+``ex2.approx.ftz`` per entry (``fast_math.exp2_ftz``). The softmax scale is folded
+into dS_ij as it is made, dS_ij = P_ij (scale dP_ij - scale D_i) (one multiply-add
+and one multiply per entry), so dK_j and dQ_i come out scaled with no extra
+multiply.
 
 How the operands are read: 16-byte vectors, used two ways
 --------------------------------------------------------
@@ -56,7 +58,10 @@ floats of a row as one ``ld.shared.v4`` and uses them in one of two ways:
   (S_ij = Q_i K_j^T sums over k: Q_i[r, k0:k0+4] is "a chunk of 4 k steps"
   of row r). A thread holds one chunk per row of its tile.
 
-So no tile needs a second, transposed copy, and the five products fit in 48 KB:
+So no tile needs a second, transposed copy; the six tiles (70 KB for the D=64
+default) live in one dynamic shared array at the offsets of ``smem_offsets``
+(more than 48 KB per block needs a dynamic array and a raised limit:
+``smem_limit``):
 
     Kt[k, c]   K_j^T   (D x Bc+4)   S_ij (vectors along c), dQ_i (chunks along c)
     Vt[k, c]   V_j^T   (D x Bc+4)   dP_ij (vectors along c)
@@ -72,12 +77,13 @@ sector. Every row is padded by 4 floats, to 4 x (an odd number): the chunks of
 8 consecutive rows at the same column fall in 8 different groups of 4 banks,
 so a warp's chunk loads are conflict-free.
 
-Register tiles per thread (sizes from ``layout(config)``; the D=64 default shown)::
+Register tiles per thread (sizes from ``layout(config)``; the D=64 default,
+Br=32, Bc=64, 4 warps, shown)::
 
     S_ij / dP_ij  TM x TN     (4 x 8)   rows r = ty + RG a (chunks of Qs, dOs),
                                         keys c = 4 (tx + CG g) + t (vectors of Kt, Vt)
     dK_j / dV_j   TKC x TKN   (8 x 8)   keys c = 4 (ty + RG g) + t, dims n = 4 (tx + CG g) + t
-    dQ_i          TQM x TQN   (4 x 8)   rows r = ty + RG a, dims n = tx + CG t (chunks of both)
+    dQ_i          TQM x TQN   (4 x 4)   rows r = ty + RG a, dims n = tx + CG t (chunks of both)
 
 A group's thread holds dK_j or dV_j (64 floats) for the whole i loop, so the
 block's two groups each keep one of them: 64 accumulators per thread instead of
@@ -85,13 +91,13 @@ block's two groups each keep one of them: 64 accumulators per thread instead of
 
 Global memory: q, dout and dq are passed as flat 1-D views, so a row's address
 is one 64-bit add from the last one (Numba's 4-D indexing redoes the whole
-index product per element). dQ's dims n >= d are exactly 0 (K_j's padding dims
-are zeros): their atomics add 0 to whatever follows in the flat array, which
-has D spare floats at its end, so the atomics need no test per entry.
+index product per element). A *whole* Q tile (all Br rows exist and d == D, every
+tile of the benchmark but the causal diagonal's tails) is loaded and added into
+dQ with no bounds tests at all; an edge tile clamps its rows and zero-fills or
+zero-adds the dims past d.
 
 Barriers per Q tile: four ``syncthreads`` (Q_i, dO_i free to overwrite /
-Q_i, dO_i loaded / P_ij written / dS_ij written) and one ``threadfence_block``
-that only orders the loads (see its comment), each explained where it is.
+Q_i, dO_i loaded / P_ij written / dS_ij written), each explained where it is.
 
 Masking: P_ij = 0 for key c >= Nk, query row r >= Nq and, under causal, c > r +
 offset, tested on edge and diagonal tiles only. offset = Nk - Nq (bottom-right,
@@ -116,10 +122,10 @@ o O_i) with the dropped O, unchanged). Group 0 is untouched. What it costs
 instructions per group-1 thread and Q tile (4 Philox calls of ~100
 instructions, the float64 keep tests, the selects in dS_ij and Ps) against
 ~3400 per Q tile (2560 FFMA), a sixth of them hidden behind group 0's exp2
-pass: I expect the dropout kernel 10-20% slower than the plain one. The 2-warp
-D=64 alternative's dropout kernel is compiled for 4 blocks per SM instead of 5
-(at 5, a 168-register cap, it spilled; see _DROPOUT_BLOCKS_PER_SM). Registers
-and spills of both: PERF-NOTES.md.
+pass: I expect the dropout kernel 10-20% slower than the plain one. Where the
+plain kernel's register cap leaves no room, the dropout kernel runs fewer blocks
+per SM or one dQ chunk per loop trip (_DROPOUT_BLOCKS_PER_SM, DQ_TWO_CHUNKS).
+Registers and spills of both: PERF-NOTES.md.
 
 GQA: dK_j, dV_j are written per *query* head into (B, Nk, Hq, d) buffers and
 summed over each group by ``gqa.sum_head_groups`` (into buffers the launcher
@@ -129,27 +135,24 @@ i loop and writes its dK_j, dV_j; dQ holds what was added so far.
 Head dims: compiled for D in FAST_HEAD_DIMS (32, 64, 128), as the fast forward;
 d <= D is zero-padded in shared memory and only n < d is written out.
 
-Known limits: fp32 FMA only; 48 KB of static shared memory caps the tiles at
-Br = Bc = 32 for D <= 64 and 16 for D = 128 (so dQ gets Nk / Bc atomics per
-entry); no prefetch of Q_{i+1}, dO_{i+1} (no registers left under the
-168-register cap of 5 blocks per SM: other blocks hide that latency); q, dout
+Known limits: fp32 FMA only; dQ gets Nk / Bc float32 atomics per entry (Bc = 64
+for the D=64 default); no prefetch of Q_{i+1}, dO_{i+1} (no registers left under
+the 168-register cap of 3 blocks per SM: other blocks hide that latency); q, dout
 must be C-contiguous (flat views); one float32 atomic per dQ entry per (i, j),
 so dQ is not bitwise reproducible (fa2_backward has a deterministic mode, this
 kernel does not).
 """
 
 import functools
-import math
 
 import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types
 
 from flashnumba.geometry import BOTTOM_RIGHT
-from flashnumba.kernels import common, gqa
+from flashnumba.kernels import common, gqa, smem_limit
 from flashnumba.kernels.common import (
     FLOAT_BYTES,
-    STATIC_SMEM_LIMIT,
     WARP_SIZE,
     ConfigError,
     TileConfig,
@@ -163,6 +166,7 @@ from flashnumba.kernels.fa2_fast_forward import (
     SM_SHARED_BYTES,
     fast_bucket,
 )
+from flashnumba.kernels.fast_math import exp2_ftz, is_negative_zero
 from flashnumba.kernels.geometry import q_tile_start
 from flashnumba.kernels.philox import kept, philox4x32
 
@@ -171,29 +175,30 @@ CHUNK = 4                                # steps of a sum per 16-byte vector
 MIN_REGISTERS = 160                      # per thread: dK_j or dV_j, S_ij or dQ_i, operands
 MAX_REGISTER_FLOATS = 136                # floats per thread in register arrays; more would spill
 
-# Default tiles per head-dim bucket: (Br, Bc, num_warps, blocks_per_sm). D=64, measured on an
-# H200 at N=4096 (bench --tune, PERF-NOTES.md): 4 warps at 4 blocks per SM 33.0 TFLOP/s (causal
-# 31.4), 4 warps at the compiler's choice (3 blocks) 31.7 (30.2), 2 warps 30.8 (27.8).
+# Default tiles per head-dim bucket: (Br, Bc, num_warps, blocks_per_sm), blocks_per_sm 0 meaning
+# min_blocks_per_sm's choice. Measured on an H200 at N=4096 (bench --tune, PERF-NOTES.md, run 7):
+# D=64: Br=32 Bc=64 4 warps (70 KB of shared memory, 3 blocks per SM) 36.3 TFLOP/s; Br=Bc=64
+# 8 warps 35.0 (not shipped: it spills 4 B on sm_80); Br=Bc=32 4 warps at 4 blocks per SM 33.2.
+# D=128: Br=16 Bc=32 4 warps 30.5; Br=Bc=32 8 warps 29.0; Br=Bc=16 2 warps 26.7.
 _DEFAULTS = {
     32: (32, 32, 2, 0),
-    64: (32, 32, 4, 4),
-    128: (16, 16, 2, 0),
+    64: (32, 64, 4, 0),
+    128: (16, 32, 4, 0),
 }
-# Other configurations that compile cleanly, for tuning on a GPU (bench --tune):
-# (Br, Bc, num_warps, blocks_per_sm), blocks_per_sm 0 meaning min_blocks_per_sm's choice.
+# Other configurations that compile cleanly, for tuning on a GPU (bench --tune).
 _ALTERNATIVES = {
-    64: [(32, 32, 2, 0),
-         (32, 32, 4, 0)],    # the compiler's choice: 3 blocks (12 warps) per SM, 150 registers
-    128: [],
+    64: [(32, 32, 4, 4),     # 44 KB (fits without raising the limit), 4 blocks per SM, 128 registers
+         (32, 32, 4, 0)],    # the compiler's choice: 3 blocks (12 warps) per SM
+    128: [(16, 16, 2, 0),    # 39 KB, 5 blocks per SM
+          (32, 32, 8, 2)],   # 78 KB, 2 blocks (16 warps) per SM, 128 registers
 }
 # Blocks per SM for the dropout kernel where the plain kernel's launch bound leaves it no
 # registers for the Philox state: (Br, Bc, D, num_warps, blocks_per_sm) -> blocks per SM. The
-# 2-warp D=64 kernel runs 5 blocks per SM (168 registers, no headroom); its dropout kernel spilled
-# 44-60 B there, so it is compiled for 4 (8 warps per SM, a 255-register cap). The D=128 dropout
-# kernel spilled 8 B on sm_80 once dQ's padding dims were masked (a NaN must not leak into other
-# entries of dQ): 4 blocks per SM too.
+# Br=Bc=16 D=128 dropout kernel spilled 8 B on sm_80 at 5 blocks per SM once dQ's padding dims
+# were masked (a NaN must not leak into other entries of dQ), so it is compiled for 4.
+# (Every other dropout kernel keeps its plain kernel's blocks per SM; those with
+# blocks_per_sm = 0 run one 4-key chunk per dQ loop trip instead of two: DQ_TWO_CHUNKS.)
 _DROPOUT_BLOCKS_PER_SM = {
-    (32, 32, 64, 2, 0): 4,
     (16, 16, 128, 2, 0): 4,
 }
 
@@ -256,10 +261,29 @@ def shipped_configs():
     return configs
 
 
-def smem_bytes(config):
-    """Kt, Vt (D x Bc+4), Qs, dOs (Br x D+4), Ps, dSs (Br x Bc+4), float32."""
+def smem_offsets(config):
+    """Where each tile starts in the block's dynamic shared array, in floats, and the array's
+    length: Kt, Vt (D x Bc+4), Qs, dOs (Br x D+4), Ps, dSs (Br x Bc+4), in that order. Every
+    offset and row length is a multiple of 4 floats, so 16-byte vectors stay aligned."""
     Br, Bc, D = config.Br, config.Bc, config.D
-    return (2 * D * (Bc + PAD) + 2 * Br * (D + PAD) + 2 * Br * (Bc + PAD)) * FLOAT_BYTES
+    sizes = (("Kt", D * (Bc + PAD)), ("Vt", D * (Bc + PAD)), ("Qs", Br * (D + PAD)),
+             ("dOs", Br * (D + PAD)), ("Ps", Br * (Bc + PAD)), ("dSs", Br * (Bc + PAD)))
+    offsets, at = {}, 0
+    for name, size in sizes:
+        offsets[name] = at
+        at += size
+    offsets["floats"] = at
+    return offsets
+
+
+def smem_bytes(config):
+    """Shared memory per block (all of it dynamic): the six tiles of smem_offsets, float32."""
+    return smem_offsets(config)["floats"] * FLOAT_BYTES
+
+
+def static_smem_bytes(config):
+    """Static shared memory per block, as ptxas counts it: none (see smem_limit)."""
+    return 0
 
 
 def min_blocks_per_sm(config, dropout=False):
@@ -307,9 +331,9 @@ def check_config(config):
                 f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps}: {what} does not split into "
                 f"equal register tiles (runs of 4 where vectors are read)")
     smem = smem_bytes(config)
-    require(smem <= STATIC_SMEM_LIMIT,
-            f"Br={Br}, Bc={Bc}, D={D} needs {smem} bytes of static shared memory "
-            f"> {STATIC_SMEM_LIMIT} (48 KB); use smaller tiles")
+    require(smem <= smem_limit.MAX_BLOCK_BYTES,
+            f"Br={Br}, Bc={Bc}, D={D} needs {smem} bytes of shared memory per block "
+            f"> {smem_limit.MAX_BLOCK_BYTES} (227 KB, an H100's most); use smaller tiles")
     TM, TN = lay["S"][:2]
     TKC, TKN = lay["KV"][:2]
     TQM, TQN = lay["Q"][:2]
@@ -364,15 +388,21 @@ def _build(config, DROPOUT):
                                              # compiler x >= 0 (no negative-index wraparound code)
     FLAT_MASK = 0x7FFFFFFFFFFFFFFF           # the same for 64-bit flat indices
     DQ_MASK = 0x3FFFFFFFFFFFFFFF             # idx & DQ_MASK plus a small constant is still >= 0
-    DQ_TWO_CHUNKS = config.blocks_per_sm == 0   # two 4-key chunks per dQ loop trip; one when the
+    DQ_TWO_CHUNKS = config.blocks_per_sm == 0 and not DROPOUT   # two 4-key chunks per dQ loop trip; one when the
                                              # register cap is tighter (two spilled 8 B on sm_90
                                              # at 128 registers)
+    SM = smem_offsets(config)                # tile offsets in the dynamic shared array, floats
+    KT, VT, QS, DOS, PS, DSS = (SM[name] for name in ("Kt", "Vt", "Qs", "dOs", "Ps", "dSs"))
     X_ROWS = max(TM, TQM, TKC // 4)
     Y_LEN = max(TN, TKC, TKN, CHUNK)
     ALIGN = _smem_alignment()
 
+    # The tiles live in one dynamic shared array `sm` (more than 48 KB needs it: smem_limit):
+    # element [r, c] of the tile at offset A with rows of length W is sm[A + r W + c]. The
+    # device functions take the tile's offset (a compile-time constant once inlined).
+
     @cuda.jit(device=True, inline="always")
-    def chunk_ab(C, As, Bt, k0, ty, tx, x, y):
+    def chunk_ab(C, sm, As, Bt, k0, ty, tx, x, y):
         """C[a, 4 g + t] += sum over k0 <= k < k0 + 4 of As[ty + RG_S a, k] Bt[k, 4 (tx + CG_S g) + t].
 
         S_ij += Q_i K_j^T (As = Qs, Bt = Kt) or dP_ij += dO_i V_j^T (As = dOs, Bt = Vt), four
@@ -381,17 +411,17 @@ def _build(config, DROPOUT):
         """
         for a in range(TM):
             for s in range(CHUNK):
-                x[a, s] = As[ty + RG_S * a, k0 + s]
+                x[a, s] = sm[As + (ty + RG_S * a) * DP + k0 + s]
         for s in range(CHUNK):
             for g in range(TN // 4):
                 for t in range(4):
-                    y[4 * g + t] = Bt[k0 + s, 4 * (tx + CG_S * g) + t]
+                    y[4 * g + t] = sm[Bt + (k0 + s) * BcP + 4 * (tx + CG_S * g) + t]
             for a in range(TM):
                 for n in range(TN):
                     C[a, n] += x[a, s] * y[n]
 
     @cuda.jit(device=True, inline="always")
-    def step_atb(C, As, Bs, r, ty, tx, x, y):
+    def step_atb(C, sm, As, Bs, r, ty, tx, x, y):
         """C[4 g + t, 4 g2 + t2] += As[r, 4 (ty + RG_K g) + t] Bs[r, 4 (tx + CG_K g2) + t2].
 
         dK_j += dS_ij^T Q_i (As = dSs, Bs = Qs) or dV_j += P_ij^T dO_i (As = Ps, Bs = dOs),
@@ -399,16 +429,16 @@ def _build(config, DROPOUT):
         """
         for g in range(TKC // 4):
             for t in range(4):
-                x[g, t] = As[r, 4 * (ty + RG_K * g) + t]
+                x[g, t] = sm[As + r * BcP + 4 * (ty + RG_K * g) + t]
         for g in range(TKN // 4):
             for t in range(4):
-                y[4 * g + t] = Bs[r, 4 * (tx + CG_K * g) + t]
+                y[4 * g + t] = sm[Bs + r * DP + 4 * (tx + CG_K * g) + t]
         for c in range(TKC):
             for n in range(TKN):
                 C[c, n] += x[c // 4, c % 4] * y[n]
 
     @cuda.jit(device=True, inline="always")
-    def chunk_abt(C, As, Bs, c0, ty, tx, x, y):
+    def chunk_abt(C, sm, As, Bs, c0, ty, tx, x, y):
         """C[a, t] += sum over c0 <= c < c0 + 4 of As[ty + RG_Q a, c] Bs[tx + CG_Q t, c].
 
         dQ_i += dS_ij K_j (As = dSs, Bs = Kt: K_j transposed, so its column n is a row),
@@ -416,16 +446,16 @@ def _build(config, DROPOUT):
         """
         for a in range(TQM):
             for s in range(CHUNK):
-                x[a, s] = As[ty + RG_Q * a, c0 + s]
+                x[a, s] = sm[As + (ty + RG_Q * a) * BcP + c0 + s]
         for t in range(TQN):
             for s in range(CHUNK):
-                y[s] = Bs[tx + CG_Q * t, c0 + s]
+                y[s] = sm[Bs + (tx + CG_Q * t) * BcP + c0 + s]
             for s in range(CHUNK):
                 for a in range(TQM):
                     C[a, t] += x[a, s] * y[s]
 
     @cuda.jit(device=True, inline="always")
-    def load_kv_transposed(dst, src, b, h, start, N, d, warp, lane):
+    def load_kv_transposed(sm, dst, src, b, h, start, N, d, warp, lane):
         """dst[n, c] = src[b, start + c, h, n] for this warp's keys c = warp + NW cc, n < D; zeros
         past N and past d. Once per block, so plainly written (the transposed store has bank
         conflicts; it happens once, against Tr Q tiles of work)."""
@@ -436,18 +466,28 @@ def _build(config, DROPOUT):
                 value = float32(0.0)
                 if start + c < N and n < d:
                     value = src[b, start + c, h, n]
-                dst[n, c] = value
+                sm[dst + n * BcP + c] = value
 
     @cuda.jit(device=True, inline="always")
-    def load_q_rows(dst, src_flat, first, last, row_stride, d, warp, lane):
+    def load_q_rows(sm, dst, src_flat, first, last, row_stride, d, warp, lane, whole):
         """dst[r, n] = Q_i[r, n] (or dO_i) for this warp's rows r = warp + NW rr, n = lane + 32 u < D,
-        from the flat array: row r of the tile starts at first + r row_stride; a row past N_q
-        reads the last row (flat index `last`: a valid address, masked later); dims past d are
-        zeros. Lanes along consecutive dims: coalesced loads, conflict-free stores. Per row one
-        add and one min of the flat index, per element a load, a select and a store (about 10
-        instructions per element in all: 64-bit index arithmetic)."""
+        from the flat array: row r of the tile starts at first + r row_stride. Lanes along
+        consecutive dims: coalesced loads, conflict-free stores.
+
+        whole (every row of the tile exists and d == D): one 64-bit add per row, and the row's
+        elements at constant offsets from it (about 3 instructions per element). Otherwise a
+        row past N_q reads the last row (flat index `last`: a valid address, masked later) and
+        dims past d are zeros: per row an add and a min, per element a clamped index, a load,
+        a select and a store (about 15 instructions per element: 64-bit index arithmetic)."""
         idx = first + warp * row_stride
         step = NW * row_stride
+        if whole:
+            for rr in range(ROWS_PER_WARP):
+                row_idx = (idx + lane) & FLAT_MASK
+                for u in range(D_LANES):
+                    sm[dst + (warp + NW * rr) * DP + lane + WARP_SIZE * u] = src_flat[row_idx + WARP_SIZE * u]
+                idx += step
+            return
         rr = 0
         while rr < ROWS_PER_WARP:
             r = warp + NW * rr
@@ -455,7 +495,7 @@ def _build(config, DROPOUT):
             for u in range(D_LANES):
                 n = lane + WARP_SIZE * u
                 value = src_flat[(row_idx + min(n, d - 1)) & FLAT_MASK]
-                dst[r, n] = value if n < d else float32(0.0)
+                sm[dst + r * DP + n] = value if n < d else float32(0.0)
             idx += step
             rr += 1
 
@@ -501,19 +541,16 @@ def _build(config, DROPOUT):
             b_word = np.uint64(b)
             Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
-        # --- shared memory (each array on its own line) ---
-        Kt = cuda.shared.array((D, BcP), float32, alignment=ALIGN)     # K_j transposed
-        Vt = cuda.shared.array((D, BcP), float32, alignment=ALIGN)     # V_j transposed
-        Qs = cuda.shared.array((Br, DP), float32, alignment=ALIGN)     # Q_i
-        dOs = cuda.shared.array((Br, DP), float32, alignment=ALIGN)    # dO_i
-        Ps = cuda.shared.array((Br, BcP), float32, alignment=ALIGN)    # P_ij
-        dSs = cuda.shared.array((Br, BcP), float32, alignment=ALIGN)   # dS_ij, times scale
+        # --- shared memory: one dynamic array, smem_bytes(config) long (the launch gives it);
+        # at offsets KT: K_j transposed, VT: V_j transposed, QS: Q_i, DOS: dO_i, PS: P_ij,
+        # DSS: dS_ij times scale (smem_offsets) ---
+        sm = cuda.shared.array(0, float32, alignment=ALIGN)
 
         # --- registers ---
         acc = cuda.local.array((TKC, TKN), float32)    # dK_j (group 0) or dV_j (group 1)
         S = cuda.local.array((TM, TN), float32)        # S_ij -> P_ij (group 0) or dP_ij -> dS_ij (group 1)
         dQ = cuda.local.array((TQM, TQN), float32)     # dQ_i, this K/V tile's share
-        stat = cuda.local.array(TM, float32)           # log2(e) L_i (group 0) or D_i (group 1), per row
+        stat = cuda.local.array(TM, float32)           # log2(e) L_i (group 0) or scale D_i (group 1), per row
         x = cuda.local.array((X_ROWS, CHUNK), float32)  # chunks of the left operand
         y = cuda.local.array(Y_LEN, float32)           # a chunk or vectors of the right operand
         for c in range(TKC):
@@ -521,8 +558,8 @@ def _build(config, DROPOUT):
                 acc[c, n] = 0.0
 
         # K_j, V_j -> shared, transposed, once; keys past N_k and dims past d are zeros
-        load_kv_transposed(Kt, k, b, h_kv, col0, N_k, d, warp, lane)
-        load_kv_transposed(Vt, v, b, h_kv, col0, N_k, d, warp, lane)
+        load_kv_transposed(sm, KT, k, b, h_kv, col0, N_k, d, warp, lane)
+        load_kv_transposed(sm, VT, v, b, h_kv, col0, N_k, d, warp, lane)
 
         i = 0
         if causal:
@@ -537,21 +574,19 @@ def _build(config, DROPOUT):
 
             # Q_i, dO_i -> shared (rows past N_q: clamped, masked below; dims past d: zeros)
             first = q_head + row0 * row_stride
-            load_q_rows(Qs, q_flat, first, q_last, row_stride, d, warp, lane)
-            cuda.threadfence_block()  # not for data: dO_i's loads may not be hoisted above Q_i's stores.
-                                      # With both tiles' 64 loads in flight the kernel spilled under the
-                                      # 168-register cap; one tile in flight costs one more L2 round trip
-            load_q_rows(dOs, dout_flat, first, q_last, row_stride, d, warp, lane)
+            whole = row0 + Br <= N_q and d == D
+            load_q_rows(sm, QS, q_flat, first, q_last, row_stride, d, warp, lane, whole)
+            load_q_rows(sm, DOS, dout_flat, first, q_last, row_stride, d, warp, lane, whole)
             cuda.syncthreads()  # Q_i, dO_i (and K_j, V_j the first time) written before any warp reads them
 
-            # this thread's rows of log2(e) L_i (group 0) or of D_i (group 1), loaded now so that
+            # this thread's rows of log2(e) L_i (group 0) or of scale D_i (group 1), loaded now so that
             # their latency hides behind the products, not in front of exp2
             for a in range(TM):
                 row = min(row0 + ty_s + RG_S * a, N_q - 1) & INDEX_MASK
                 if group == 0:
                     stat[a] = L[b, h, row] * float32(LOG2_E)
                 else:
-                    stat[a] = D_rows[b, h, row]
+                    stat[a] = D_rows[b, h, row] * scale
 
             if DROPOUT and group == 1:
                 # keep bits of this thread's TM x TN entries of Z_ij (bit TN a + n), made while
@@ -575,13 +610,13 @@ def _build(config, DROPOUT):
             k0 = 0
             if group == 0:
                 while k0 < D:
-                    chunk_ab(S, Qs, Kt, k0, ty_s, tx_s, x, y)
-                    chunk_ab(S, Qs, Kt, k0 + CHUNK, ty_s, tx_s, x, y)
+                    chunk_ab(S, sm, QS, KT, k0, ty_s, tx_s, x, y)
+                    chunk_ab(S, sm, QS, KT, k0 + CHUNK, ty_s, tx_s, x, y)
                     k0 += 2 * CHUNK
             else:
                 while k0 < D:
-                    chunk_ab(S, dOs, Vt, k0, ty_s, tx_s, x, y)
-                    chunk_ab(S, dOs, Vt, k0 + CHUNK, ty_s, tx_s, x, y)
+                    chunk_ab(S, sm, DOS, VT, k0, ty_s, tx_s, x, y)
+                    chunk_ab(S, sm, DOS, VT, k0 + CHUNK, ty_s, tx_s, x, y)
                     k0 += 2 * CHUNK
 
             # edge and diagonal tiles: some (row, key) pairs are masked
@@ -595,16 +630,16 @@ def _build(config, DROPOUT):
                     for g in range(TN // 4):
                         for t in range(4):
                             c = 4 * (tx_s + CG_S * g) + t
-                            p = math.exp2(S[a, 4 * g + t] * scale_log2 - stat[a])
+                            p = exp2_ftz(S[a, 4 * g + t] * scale_log2 - stat[a])
                             if masked_tile:
                                 col = col0 + c
                                 if row >= N_q or col >= N_k or (causal and col > row + offset):
                                     p = float32(-0.0)    # hidden: -0, so group 1 can tell it from an underflow
-                            Ps[r, c] = p
+                            sm[PS + r * BcP + c] = p
             cuda.syncthreads()  # P_ij written (group 0) before group 1 reads it
 
             if group == 1:
-                # dS_ij = scale P_ij (dP_ij - D_i): this thread's entries of P_ij, written by the
+                # dS_ij = P_ij (scale dP_ij - scale D_i): this thread's entries of P_ij, written by the
                 # group-0 thread with the same place in its group. With dropout,
                 # dS_ij = scale P_ij (dP_ij o Z_ij - D_i), and P_ij o Z_ij replaces P_ij in Ps for
                 # dV_j (only this thread reads or writes these entries until the barrier)
@@ -613,36 +648,36 @@ def _build(config, DROPOUT):
                     for g in range(TN // 4):
                         for t in range(4):
                             c = 4 * (tx_s + CG_S * g) + t
-                            P_rc = Ps[r, c]
+                            P_rc = sm[PS + r * BcP + c]
                             dP_rc = S[a, 4 * g + t]
                             if DROPOUT:
                                 if keep_bits & (1 << (TN * a + 4 * g + t)):
                                     dP_rc *= Z_kept
-                                    Ps[r, c] = P_rc * Z_kept
+                                    sm[PS + r * BcP + c] = P_rc * Z_kept
                                 else:
                                     dP_rc = float32(0.0)
-                                    Ps[r, c] = float32(0.0)
-                            ds = scale * P_rc * (dP_rc - stat[a])
-                            if P_rc == 0.0 and math.copysign(float32(1.0), P_rc) < 0.0:
+                                    sm[PS + r * BcP + c] = float32(0.0)
+                            ds = P_rc * (dP_rc * scale - stat[a])
+                            if is_negative_zero(P_rc):
                                 ds = float32(0.0)   # a hidden key (P = -0): exactly 0, even where D_i is NaN
-                            dSs[r, c] = ds
+                            sm[DSS + r * BcP + c] = ds
             cuda.syncthreads()  # dS_ij (and, with dropout, P_ij o Z_ij) written by group 1 before every warp reads it
 
             # dK_j += dS_ij^T Q_i (group 0), dV_j += P_ij^T dO_i (group 1): four rows r per trip
             r = 0
             if group == 0:
                 while r < Br:
-                    step_atb(acc, dSs, Qs, r, ty_k, tx_k, x, y)
-                    step_atb(acc, dSs, Qs, r + 1, ty_k, tx_k, x, y)
-                    step_atb(acc, dSs, Qs, r + 2, ty_k, tx_k, x, y)
-                    step_atb(acc, dSs, Qs, r + 3, ty_k, tx_k, x, y)
+                    step_atb(acc, sm, DSS, QS, r, ty_k, tx_k, x, y)
+                    step_atb(acc, sm, DSS, QS, r + 1, ty_k, tx_k, x, y)
+                    step_atb(acc, sm, DSS, QS, r + 2, ty_k, tx_k, x, y)
+                    step_atb(acc, sm, DSS, QS, r + 3, ty_k, tx_k, x, y)
                     r += CHUNK
             else:
                 while r < Br:
-                    step_atb(acc, Ps, dOs, r, ty_k, tx_k, x, y)
-                    step_atb(acc, Ps, dOs, r + 1, ty_k, tx_k, x, y)
-                    step_atb(acc, Ps, dOs, r + 2, ty_k, tx_k, x, y)
-                    step_atb(acc, Ps, dOs, r + 3, ty_k, tx_k, x, y)
+                    step_atb(acc, sm, PS, DOS, r, ty_k, tx_k, x, y)
+                    step_atb(acc, sm, PS, DOS, r + 1, ty_k, tx_k, x, y)
+                    step_atb(acc, sm, PS, DOS, r + 2, ty_k, tx_k, x, y)
+                    step_atb(acc, sm, PS, DOS, r + 3, ty_k, tx_k, x, y)
                     r += CHUNK
 
             # dQ_i = dS_ij K_j (the whole block), added into global dQ: eight keys per trip
@@ -651,9 +686,9 @@ def _build(config, DROPOUT):
                     dQ[a, n] = 0.0
             c0 = 0
             while c0 < Bc:
-                chunk_abt(dQ, dSs, Kt, c0, ty_q, tx_q, x, y)
+                chunk_abt(dQ, sm, DSS, KT, c0, ty_q, tx_q, x, y)
                 if DQ_TWO_CHUNKS:
-                    chunk_abt(dQ, dSs, Kt, c0 + CHUNK, ty_q, tx_q, x, y)
+                    chunk_abt(dQ, sm, DSS, KT, c0 + CHUNK, ty_q, tx_q, x, y)
                     c0 += CHUNK
                 c0 += CHUNK
             # One atomic per entry; a warp's atomics for one (a, t) cover CG_Q consecutive dims of
@@ -661,16 +696,23 @@ def _build(config, DROPOUT):
             # offset. Dims n >= d (t >= t_valid) add an exact 0, selected rather than branched on,
             # to the entries that follow in the flat array (other dims, or the D spare floats at
             # its end): K_j's padding dims are zeros, but a NaN in dS_ij times 0 is NaN. Rows past
-            # N_q are skipped.
-            for a in range(TQM):
-                row = row0 + ty_q + RG_Q * a
-                if row < N_q:
-                    idx = (q_head + row * row_stride + tx_q) & DQ_MASK
+            # N_q are skipped. A whole tile (every row exists, d == D) needs neither test.
+            if whole:
+                idx = (q_head + (row0 + ty_q) * row_stride + tx_q) & DQ_MASK
+                for a in range(TQM):
                     for t in range(TQN):
-                        value = dQ[a, t]
-                        if t >= t_valid:
-                            value = float32(0.0)
-                        cuda.atomic.add(dq_flat, idx + CG_Q * t, value)
+                        cuda.atomic.add(dq_flat, idx + CG_Q * t, dQ[a, t])
+                    idx += RG_Q * row_stride
+            else:
+                for a in range(TQM):
+                    row = row0 + ty_q + RG_Q * a
+                    if row < N_q:
+                        idx = (q_head + row * row_stride + tx_q) & DQ_MASK
+                        for t in range(TQN):
+                            value = dQ[a, t]
+                            if t >= t_valid:
+                                value = float32(0.0)
+                            cuda.atomic.add(dq_flat, idx + CG_Q * t, value)
             i += 1
 
         # dK_j (group 0) or dV_j (group 1), per query head; dS_ij already carried the scale
@@ -771,17 +813,20 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     zero_dq = zero_fill[(dq_spare.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS]
     rowsum = preprocess[((N_q + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, B * H_q), PRE_THREADS]
     T_c = (N_k + config.Bc - 1) // config.Bc
-    main = kernel[(T_c, B * H_q), config.threads]
+    nbytes = smem_bytes(config)
+    main = kernel[(T_c, B * H_q), config.threads, 0, nbytes]
     n_kv = B * N_k * H_kv * d
     group_sum = gqa.sum_head_groups[(n_kv + gqa.THREADS - 1) // gqa.THREADS, gqa.THREADS]
     scale32, causal = np.float32(scale), bool(causal)
     q_flat, dout_flat = _flat(q_d, "q"), _flat(dout_d, "dout")
+    args = (q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, scale32, causal,
+            offset, dropout_p, seed, steps)
+    smem_limit.raise_dynamic_limit(kernel, args, nbytes)   # above 48 KB the driver must allow it
 
     def launch():
         zero_dq(dq_spare_4d)
         rowsum(dout_d, out_d, D_rows)
-        main(q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, scale32, causal,
-             offset, dropout_p, seed, steps)
+        main(*args)
         if grouped:
             group_sum(dk_heads, dk)
             group_sum(dv_heads, dv)
