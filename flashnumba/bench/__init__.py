@@ -51,6 +51,7 @@ MAX_PRIMARY_RUN_S = 12.0         # fast kernels and torch: skip a shape predicte
 MAX_SLOW_RUN_S = 1.5             # readable kernels and the naive baseline: likewise
 MEMORY_FRACTION = 0.8            # of free device memory that an N x N matrix may take
 VALIDATION_SHAPES = ((1, 2, 200, 64), (1, 2, 200, 128))   # (B, H, N, d), causal and not
+TUNE_HEAD_DIMS = (64, 128)       # --tune: every shipped config of these buckets, at N=4096
 
 
 def parse_args(argv):
@@ -255,40 +256,50 @@ def input_sets_for(case, torch, l2_bytes):
 
 
 def tune(torch, log, budget):
-    """Every shipped config of the fast kernels at B=4, H=16, N=4096, d=64 (causal and not)."""
+    """Every shipped config of the fast kernels at B=4, H=16, N=4096, d=64 and d=128 (each
+    config at the head dim of its bucket), causal and not."""
     from flashnumba.bench import timing
     from flashnumba.bench.impls import FastBackward, FastForward, Inputs
     from flashnumba.kernels import fa2_fast_forward
     rows = []
-    configs = [("fwd", c) for c in fa2_fast_forward.shipped_configs() if c.D == 64]
+    configs = [("fwd", c) for c in fa2_fast_forward.shipped_configs()]
     try:
         from flashnumba.kernels import fa2_fast_backward
-        configs += [("bwd", c) for c in fa2_fast_backward.shipped_configs() if c.D == 64]
+        configs += [("bwd", c) for c in fa2_fast_backward.shipped_configs()]
     except ImportError:
         pass
-    for causal in (False, True):
-        case = cases_mod.Case(4, 16, 4096, 64, causal)
-        inputs = Inputs(case)
-        for direction, config in configs:
-            impl = (FastForward if direction == "fwd" else FastBackward)(config=config)
-            label = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}"
-            if config.blocks_per_sm:
-                label += f" blocks/SM={config.blocks_per_sm}"
-            try:
-                run = impl.prepare(inputs, case)
-                run()
-                first = timing.time_runs([run], 1)[0]
-                n = int(min(MAX_RUNS, max(MIN_RUNS, budget * 1e3 / max(first, 1e-3))))
-                ms = timing.summarise(timing.time_runs([run], n))["median_ms"]
-                tflops = case.flops(direction) / (ms * 1e-3) / 1e12
-                rows.append({"direction": direction, "case": case.label, "config": label,
-                             "median_ms": ms, "tflops": tflops})
-                log(f"tune {direction} {case.label:<26} {label:<26} {tflops:6.2f} TFLOP/s {ms:8.3f} ms")
-            except Exception as exc:
-                rows.append({"direction": direction, "case": case.label, "config": label,
-                             "error": f"{type(exc).__name__}: {exc}"})
-                log(f"tune {direction} {case.label:<26} {label:<26} ERROR {type(exc).__name__}: {exc}")
+    for d in TUNE_HEAD_DIMS:
+        for causal in (False, True):
+            case = cases_mod.Case(4, 16, 4096, d, causal)
+            inputs = Inputs(case)
+            for direction, config in configs:
+                if config.D != d:
+                    continue
+                rows.append(_tune_one(case, inputs, direction, config, budget, log, timing,
+                                      FastForward if direction == "fwd" else FastBackward))
     return rows
+
+
+def _tune_one(case, inputs, direction, config, budget, log, timing, impl_class):
+    """Time one config on one case: a row of the tuning table (or its error)."""
+    impl = impl_class(config=config)
+    label = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}"
+    if config.blocks_per_sm:
+        label += f" blocks/SM={config.blocks_per_sm}"
+    try:
+        run = impl.prepare(inputs, case)
+        run()
+        first = timing.time_runs([run], 1)[0]
+        n = int(min(MAX_RUNS, max(MIN_RUNS, budget * 1e3 / max(first, 1e-3))))
+        ms = timing.summarise(timing.time_runs([run], n))["median_ms"]
+        tflops = case.flops(direction) / (ms * 1e-3) / 1e12
+        log(f"tune {direction} {case.label:<26} {label:<26} {tflops:6.2f} TFLOP/s {ms:8.3f} ms")
+        return {"direction": direction, "case": case.label, "config": label,
+                "median_ms": ms, "tflops": tflops}
+    except Exception as exc:
+        log(f"tune {direction} {case.label:<26} {label:<26} ERROR {type(exc).__name__}: {exc}")
+        return {"direction": direction, "case": case.label, "config": label,
+                "error": f"{type(exc).__name__}: {exc}"}
 
 
 def main(argv=None):
