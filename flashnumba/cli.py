@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+from flashnumba.stepping import ALGORITHMS
+
 
 def _demo(args):
     from flashnumba.demo import main
@@ -39,7 +41,7 @@ def main(argv=None):
 
     step = sub.add_parser("step", help="step a kernel and its mirror side by side")
     step.add_argument("algorithm", nargs="?", default="all",
-                      choices=["all", "fa1_forward", "fa1_backward", "fa2_forward", "fa2_backward"])
+                      choices=["all", *ALGORITHMS])
     step.add_argument("--Nq", type=int, default=70)
     step.add_argument("--Nk", type=int, default=100)
     step.add_argument("--d", type=int, default=24)

@@ -6,11 +6,17 @@ the same ``limit`` with the same meaning. ``compare`` runs both for k = 1, 2,
 ..., T on the same inputs and reports, step by step, the largest difference per
 state variable, and names the first (block, i, j, variable) that diverges.
 
-    algorithm      the loop a thread block runs   state after k iterations
-    fa1_forward    outer j (one block per head)   O, l, m          (HBM arrays)
-    fa1_backward   outer j (one block per head)   dQ, dK, dV
-    fa2_forward    j, for its Q tile i            O (= O_i / l_i), m, l
-    fa2_backward   i, for its K/V tile j          dQ, dK, dV
+    algorithm          the loop a thread block runs   state after k iterations
+    fa1_forward        outer j (one block per head)   O, l, m          (HBM arrays)
+    fa1_backward       outer j (one block per head)   dQ, dK, dV
+    fa2_forward        j, for its Q tile i            O (= O_i / l_i), m, l
+    fa2_backward       i, for its K/V tile j          dQ, dK, dV
+    fa2_fast_forward   j, for its Q tile i            O (= O_i / l_i), L (= m_i + log l_i)
+    fa2_fast_backward  i, for its K/V tile j          dQ, dK, dV
+
+The fast kernels (version 2 of FA2) step against the same mirrors as the readable
+ones, with the fast kernels' own tile sizes (their ``default_config``); the fast
+forward keeps m and l in registers and writes only what its output holds, O and L.
 
 The mirror computes in float64, the kernel in float32; a variable diverges when
 max |kernel - mirror| exceeds TOL times max |mirror| (non-finite entries must
@@ -33,13 +39,17 @@ from flashnumba import mirror, philox
 from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT, Tiling
 
 TOL = 1e-5
-ALGORITHMS = ("fa1_forward", "fa1_backward", "fa2_forward", "fa2_backward")
+ALGORITHMS = ("fa1_forward", "fa1_backward", "fa2_forward", "fa2_backward",
+              "fa2_fast_forward", "fa2_fast_backward")
 STATE = {
     "fa1_forward": ("O", "l", "m"),
     "fa1_backward": ("dQ", "dK", "dV"),
     "fa2_forward": ("O", "m", "l"),
     "fa2_backward": ("dQ", "dK", "dV"),
+    "fa2_fast_forward": ("O", "L"),
+    "fa2_fast_backward": ("dQ", "dK", "dV"),
 }
+FORWARD_FA2 = ("fa2_forward", "fa2_fast_forward")    # block = Q tile i, loop over j
 
 
 @dataclass
@@ -55,6 +65,7 @@ class Problem:
     alignment: str = BOTTOM_RIGHT
     dropout_p: float = 0.0
     dropout_seed: int = 0
+    num_warps: int | None = None      # the kernel's warps per block (None: its default config's)
 
     @property
     def tiling(self):
@@ -74,6 +85,8 @@ class Problem:
                     keep=self.keep, dropout_p=self.dropout_p, **extra)
 
     def kernel_keywords(self, **extra):
+        if self.num_warps is not None:
+            extra["num_warps"] = self.num_warps
         return dict(Br=self.Br, Bc=self.Bc, causal=self.causal, alignment=self.alignment,
                     dropout_p=self.dropout_p, seed=self.dropout_seed, **extra)
 
@@ -119,7 +132,7 @@ def block_loop_length(algorithm, tiling):
     """T: the most iterations any thread block's loop makes."""
     if algorithm.startswith("fa1"):
         return tiling.Tc
-    if algorithm == "fa2_forward":
+    if algorithm in FORWARD_FA2:
         return max(len(tiling.kv_range(i)) for i in range(tiling.Tr))
     return max(len(tiling.q_range(j)) for j in range(tiling.Tc))
 
@@ -146,6 +159,8 @@ def mirror_state(algorithm, p, k):
             m[step.rows[0]:step.rows[1]] = step.state["m_i"]
             l[step.rows[0]:step.rows[1]] = step.state["l_i"]
         return {"O": O, "m": m, "l": l}
+    if algorithm == "fa2_fast_forward":
+        return dict(zip(("O", "L"), mirror.fa2_forward(p.Q, p.K, p.V, **kw)))
     O, l, m, L = _forward_inputs(p)
     if algorithm == "fa1_backward":
         grads = mirror.fa1_backward(p.dO, p.Q, p.K, p.V, O, l, m, **kw)
@@ -168,12 +183,19 @@ def kernel_state(algorithm, p, k):
         from flashnumba.kernels.fa2_forward import fa2_forward
         O, _, m, l = fa2_forward(q, k_, v, return_state=True, **kw)
         return {"O": head(O), "m": stat(m), "l": stat(l)}
+    if algorithm == "fa2_fast_forward":
+        from flashnumba.kernels.fa2_fast_forward import fa2_fast_forward
+        O, L = fa2_fast_forward(q, k_, v, **kw)
+        return {"O": head(O), "L": stat(L)}
     O, l, m, L = _forward_inputs(p)
     O = p.as_kernel_input(O)
     if algorithm == "fa1_backward":
         from flashnumba.kernels.fa1_backward import fa1_backward
         grads = fa1_backward(dout, q, k_, v, O, l[None, None].astype(np.float32),
                              m[None, None].astype(np.float32), **kw)
+    elif algorithm == "fa2_fast_backward":
+        from flashnumba.kernels.fa2_fast_backward import fa2_fast_backward
+        grads = fa2_fast_backward(dout, q, k_, v, O, L[None, None].astype(np.float32), **kw)
     else:
         from flashnumba.kernels.fa2_backward import fa2_backward
         grads = fa2_backward(dout, q, k_, v, O, L[None, None].astype(np.float32), **kw)
@@ -205,7 +227,7 @@ def _locate(algorithm, p, k, name, x, ref):
         j = min(k, t.Tc) - 1
         i = row // t.Br if name in ("O", "l", "m", "dQ") else "all"
         return "(b=0, h=0)", i, j
-    if algorithm == "fa2_forward":                  # block = Q tile i
+    if algorithm in FORWARD_FA2:                    # block = Q tile i
         i = row // t.Br
         js = list(t.kv_range(i))
         return f"i={i}", i, js[min(k, len(js)) - 1] if js else None
@@ -217,9 +239,9 @@ def _locate(algorithm, p, k, name, x, ref):
 
 
 def make_problem(Nq, Nk, d, causal=False, seed=0, Br=None, Bc=None, algorithm="fa2_forward",
-                 alignment=BOTTOM_RIGHT, dropout_p=0.0, dropout_seed=0):
-    """Random inputs for one head (from `seed`), with the kernel's default tile sizes unless
-    given; dropout with probability dropout_p, its mask from dropout_seed."""
+                 alignment=BOTTOM_RIGHT, dropout_p=0.0, dropout_seed=0, num_warps=None):
+    """Random inputs for one head (from `seed`), with the kernel's default tile sizes (and warps)
+    unless given; dropout with probability dropout_p, its mask from dropout_seed."""
     from importlib import import_module
     rng = np.random.default_rng(seed)
     Q, K, V = rng.standard_normal((Nq, d)), rng.standard_normal((Nk, d)), rng.standard_normal((Nk, d))
@@ -227,7 +249,7 @@ def make_problem(Nq, Nk, d, causal=False, seed=0, Br=None, Bc=None, algorithm="f
     config = import_module(f"flashnumba.kernels.{algorithm}").default_config(d)
     Q, K, V, dO = (X.astype(np.float32).astype(np.float64) for X in (Q, K, V, dO))
     return Problem(Q, K, V, dO, Br or config.Br, Bc or config.Bc, causal, alignment=alignment,
-                   dropout_p=float(dropout_p), dropout_seed=int(dropout_seed))
+                   dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), num_warps=num_warps)
 
 
 def compare(algorithm, problem, kernel=kernel_state, tol=TOL):

@@ -14,10 +14,18 @@ CASES = [
 ]
 
 
+def _tiles(algorithm, Br, Bc):
+    """(Br, Bc, num_warps) for the case. The fast forward stores P_ij in K_j's shared array,
+    so its tiles are square, and 32 x 32 tiles take 2 warps (4 x 8 register tiles)."""
+    return (Bc, Bc, 2) if algorithm == "fa2_fast_forward" else (Br, Bc, None)
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("Nq, Nk, d, causal, Br, Bc", CASES)
 def test_kernel_and_mirror_agree_at_every_step(algorithm, Nq, Nk, d, causal, Br, Bc):
-    p = make_problem(Nq, Nk, d, causal=causal, seed=Nq + Nk, Br=Br, Bc=Bc, algorithm=algorithm)
+    Br, Bc, warps = _tiles(algorithm, Br, Bc)
+    p = make_problem(Nq, Nk, d, causal=causal, seed=Nq + Nk, Br=Br, Bc=Bc, algorithm=algorithm,
+                     num_warps=warps)
     report = compare(algorithm, p)
     assert report.agrees, report.table()
     assert [k for k, _ in report.rows] == list(range(1, stepping.block_loop_length(algorithm, p.tiling) + 1))
@@ -41,6 +49,8 @@ def _faulty(algorithm, at_step, variable, row):
     ("fa2_forward", "l", 37, ("i=2", 2, 1)),                # block i=2 (rows 32..47), its 2nd K/V tile
     ("fa2_backward", "dK", 40, ("j=1", 1, 1)),              # block j=1 (cols 32..63), its 2nd Q tile
     ("fa1_backward", "dQ", 5, ("(b=0, h=0)", 0, 1)),
+    ("fa2_fast_forward", "L", 37, ("i=2", 2, 1)),
+    ("fa2_fast_backward", "dV", 40, ("j=1", 1, 1)),
 ])
 def test_first_divergence_is_named(algorithm, variable, row, expect):
     p = make_problem(60, 70, 8, seed=1, Br=16, Bc=32, algorithm=algorithm)
@@ -77,8 +87,9 @@ OPTION_CASES = [
 @pytest.mark.parametrize("Nq, Nk, d, causal, alignment, dropout_p, Br, Bc", OPTION_CASES)
 def test_kernel_and_mirror_agree_with_top_left_and_dropout(algorithm, Nq, Nk, d, causal, alignment,
                                                           dropout_p, Br, Bc):
+    Br, Bc, warps = _tiles(algorithm, Br, Bc)
     p = make_problem(Nq, Nk, d, causal=causal, seed=Nq, Br=Br, Bc=Bc, algorithm=algorithm,
-                     alignment=alignment, dropout_p=dropout_p, dropout_seed=Nk)
+                     alignment=alignment, dropout_p=dropout_p, dropout_seed=Nk, num_warps=warps)
     assert p.tiling.alignment == alignment
     assert p.keep.shape == (Nq, Nk) and not p.keep.all()
     report = compare(algorithm, p)
