@@ -43,9 +43,9 @@ def _check(grads, refs):
         assert err <= TOL, f"{name}: relative error {err:.2e}"
 
 
-# (B, Nq, Nk, Hq, Hkv, d, causal): the awkward sizes. The shipped config for d <= 64 has
-# Br = Bc = 32; d = 40 runs the D = 64 kernel with zero padding, d = 24 the D = 32 one,
-# d = 128 the D = 128 one (Br = Bc = 16).
+# (B, Nq, Nk, Hq, Hkv, d, causal): the awkward sizes. The shipped config for 32 < d <= 64 has
+# Br = 32, Bc = 64; d = 40 runs that D = 64 kernel with zero padding, d = 24 the D = 32 one
+# (Br = Bc = 32), d = 128 the D = 128 one (Br = 16, Bc = 32).
 CASES = [
     pytest.param(1, 64, 64, 1, 1, 64, False, id="N=64 multiple of the tile"),
     pytest.param(1, 50, 50, 2, 1, 64, True, id="N=50 not a multiple, causal, GQA 2:1"),
@@ -55,6 +55,7 @@ CASES = [
     pytest.param(2, 20, 28, 4, 2, 40, False, id="d=40 (D=64), B=2, GQA 4:2"),
     pytest.param(1, 40, 36, 1, 1, 24, True, id="d=24 (D=32) causal"),
     pytest.param(1, 20, 20, 1, 1, 128, True, id="d=128 causal"),
+    pytest.param(1, 100, 130, 2, 2, 64, True, id="Nq=100 Nk=130 causal: three K/V tiles, whole and edge Q tiles"),
 ]
 
 
