@@ -388,9 +388,10 @@ def _build(config, DROPOUT):
                                              # compiler x >= 0 (no negative-index wraparound code)
     FLAT_MASK = 0x7FFFFFFFFFFFFFFF           # the same for 64-bit flat indices
     DQ_MASK = 0x3FFFFFFFFFFFFFFF             # idx & DQ_MASK plus a small constant is still >= 0
-    DQ_TWO_CHUNKS = config.blocks_per_sm == 0 and not DROPOUT   # two 4-key chunks per dQ loop trip; one when the
-                                             # register cap is tighter (two spilled 8 B on sm_90
-                                             # at 128 registers)
+    # two 4-key chunks per dQ loop trip; one where registers are tighter: under a set
+    # blocks_per_sm (two spilled 8 B on sm_90 at 128 registers) and in the dropout kernel
+    # (the Br=32 Bc=64 one spilled 4 B with two)
+    DQ_TWO_CHUNKS = config.blocks_per_sm == 0 and not DROPOUT
     SM = smem_offsets(config)                # tile offsets in the dynamic shared array, floats
     KT, VT, QS, DOS, PS, DSS = (SM[name] for name in ("Kt", "Vt", "Qs", "dOs", "Ps", "dSs"))
     X_ROWS = max(TM, TQM, TKC // 4)
@@ -680,7 +681,8 @@ def _build(config, DROPOUT):
                     step_atb(acc, sm, PS, DOS, r + 3, ty_k, tx_k, x, y)
                     r += CHUNK
 
-            # dQ_i = dS_ij K_j (the whole block), added into global dQ: eight keys per trip
+            # dQ_i = dS_ij K_j (the whole block), added into global dQ: eight keys per trip (four
+            # without DQ_TWO_CHUNKS)
             for a in range(TQM):
                 for n in range(TQN):
                     dQ[a, n] = 0.0
