@@ -178,7 +178,8 @@ MIN_REGISTERS = 160                      # per thread: dK_j or dV_j, S_ij or dQ_
 MAX_REGISTER_FLOATS = 136                # floats per thread in register arrays; more would spill
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps, blocks_per_sm), blocks_per_sm 0 meaning
-# min_blocks_per_sm's choice. Measured on an H200 at N=4096 (bench --tune, PERF-NOTES.md, run 7):
+# min_blocks_per_sm's choice. Measured on an H200 at N=4096 (bench --tune, PERF-NOTES.md, run 8,
+# before exp2_ftz and the folded dS_ij, which took the default to 37.9 in run 9):
 # D=64: Br=32 Bc=64 4 warps (70 KB of shared memory, 3 blocks per SM) 36.3 TFLOP/s; Br=Bc=64
 # 8 warps 35.0 (not shipped: it spills 4 B on sm_80); Br=Bc=32 4 warps at 4 blocks per SM 33.2.
 # D=128: Br=16 Bc=32 4 warps 30.5; Br=Bc=32 8 warps 29.0; Br=Bc=16 2 warps 26.7.
