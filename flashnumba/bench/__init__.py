@@ -258,8 +258,7 @@ def input_sets_for(case, torch, l2_bytes):
 def tune(torch, log, budget):
     """Every shipped config of the fast kernels at B=4, H=16, N=4096, d=64 and d=128 (each
     config at the head dim of its bucket), causal and not."""
-    from flashnumba.bench import timing
-    from flashnumba.bench.impls import FastBackward, FastForward, Inputs
+    from flashnumba.bench.impls import Inputs
     from flashnumba.kernels import fa2_fast_forward
     rows = []
     configs = [("fwd", c) for c in fa2_fast_forward.shipped_configs()]
@@ -272,20 +271,20 @@ def tune(torch, log, budget):
         for causal in (False, True):
             case = cases_mod.Case(4, 16, 4096, d, causal)
             inputs = Inputs(case)
-            for direction, config in configs:
-                if config.D != d:
-                    continue
-                rows.append(_tune_one(case, inputs, direction, config, budget, log, timing,
-                                      FastForward if direction == "fwd" else FastBackward))
+            rows += [_tune_one(case, inputs, direction, config, budget, log)
+                     for direction, config in configs if config.D == d]
     return rows
 
 
-def _tune_one(case, inputs, direction, config, budget, log, timing, impl_class):
+def _tune_one(case, inputs, direction, config, budget, log):
     """Time one config on one case: a row of the tuning table (or its error)."""
-    impl = impl_class(config=config)
+    from flashnumba.bench import timing
+    from flashnumba.bench.impls import FastBackward, FastForward
+    impl = (FastForward if direction == "fwd" else FastBackward)(config=config)
     label = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}"
     if config.blocks_per_sm:
         label += f" blocks/SM={config.blocks_per_sm}"
+    row = {"direction": direction, "case": case.label, "config": label}
     try:
         run = impl.prepare(inputs, case)
         run()
@@ -294,12 +293,10 @@ def _tune_one(case, inputs, direction, config, budget, log, timing, impl_class):
         ms = timing.summarise(timing.time_runs([run], n))["median_ms"]
         tflops = case.flops(direction) / (ms * 1e-3) / 1e12
         log(f"tune {direction} {case.label:<26} {label:<26} {tflops:6.2f} TFLOP/s {ms:8.3f} ms")
-        return {"direction": direction, "case": case.label, "config": label,
-                "median_ms": ms, "tflops": tflops}
+        return {**row, "median_ms": ms, "tflops": tflops}
     except Exception as exc:
         log(f"tune {direction} {case.label:<26} {label:<26} ERROR {type(exc).__name__}: {exc}")
-        return {"direction": direction, "case": case.label, "config": label,
-                "error": f"{type(exc).__name__}: {exc}"}
+        return {**row, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def main(argv=None):
