@@ -80,11 +80,15 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds=ROUNDS):
     return c0, c1, c2, c3
 
 
+def philox_key(seed):
+    """The Philox key of a 64-bit seed: (k0, k1) = (seed low word, seed high word), as uint64."""
+    seed64 = np.uint64(seed)
+    return seed64 & np.uint64(0xFFFFFFFF), seed64 >> np.uint64(32)
+
+
 def dropout_word(seed, b, h, r, c):
     """The 32-bit random word x of element (r, c) of head h, batch b (a uint64 < 2^32)."""
-    seed64 = np.uint64(seed)
-    k0 = seed64 & np.uint64(0xFFFFFFFF)                          # key = (seed low, seed high)
-    k1 = seed64 >> np.uint64(32)
+    k0, k1 = philox_key(seed)
     x0, x1, x2, x3 = philox4x32(np.uint64(c // 4), np.uint64(r), np.uint64(h), np.uint64(b), k0, k1)
     word = c % 4                                                 # column c uses word c % 4
     if word == 0:
@@ -120,8 +124,7 @@ def uniforms(seed, B, H, Nq, Nk):
     seed = _check_seed(seed)
     if min(B, H, Nq, Nk) < 1:
         raise ValueError(f"need B, H, Nq, Nk >= 1, got {(B, H, Nq, Nk)}")
-    k0 = np.uint64(seed & 0xFFFFFFFF)
-    k1 = np.uint64(seed >> 32)
+    k0, k1 = philox_key(seed)
     groups = (Nk + 3) // 4                                       # Philox calls per row
     c0 = np.arange(groups, dtype=np.uint64)[None, None, None, :]     # column // 4
     c1 = np.arange(Nq, dtype=np.uint64)[None, None, :, None]         # row

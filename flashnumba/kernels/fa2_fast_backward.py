@@ -170,7 +170,7 @@ from flashnumba.kernels.fa2_fast_forward import (
 )
 from flashnumba.kernels.fast_math import exp2_ftz, is_negative_zero
 from flashnumba.kernels.geometry import q_tile_start
-from flashnumba.kernels.philox import kept, philox4x32
+from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 PAD = 4                                  # floats added to every shared row (see the docstring)
 CHUNK = 4                                # steps of a sum per 16-byte vector
@@ -539,8 +539,7 @@ def _build(config, DROPOUT):
         q_head = (b * N_q * H_q + h) * d     # flat index of q[b, 0, h, 0]
         q_last = q_head + (N_q - 1) * row_stride
         if DROPOUT:                          # Philox key and the counter words fixed for this block
-            key0 = seed & np.uint64(0xFFFFFFFF)
-            key1 = seed >> np.uint64(32)
+            key0, key1 = philox_key(seed)
             h_word = np.uint64(h)            # the query head, also under GQA
             b_word = np.uint64(b)
             Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)

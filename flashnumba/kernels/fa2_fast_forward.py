@@ -122,7 +122,7 @@ from flashnumba.kernels.common import (
     require,
 )
 from flashnumba.kernels.geometry import kv_tile_end
-from flashnumba.kernels.philox import kept, philox4x32   # kept: philox.keep's test on a drawn word
+from flashnumba.kernels.philox import kept, philox4x32, philox_key   # kept: philox.keep's test on a drawn word
 
 FULL_MASK = 0xFFFFFFFF
 LOG2_E = 1.4426950408889634
@@ -318,8 +318,7 @@ def _build(config, DROPOUT):
         v_row = tid // WARP_SIZE            # loading V_j: rows v_row + V_ROWS rr, dims v_dim + 32 u
         v_dim = tid % WARP_SIZE
         if DROPOUT:                         # Philox key and the counter words fixed for this block
-            key0 = seed & np.uint64(0xFFFFFFFF)
-            key1 = seed >> np.uint64(32)
+            key0, key1 = philox_key(seed)
             h_word = np.uint64(h)           # the query head, also under GQA
             b_word = np.uint64(b)
             Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
