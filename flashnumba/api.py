@@ -29,13 +29,10 @@ Key c is hidden from query r when c > r + offset:
 
 Algorithms (``algorithm=``)
 ---------------------------
-    "fa1"           FlashAttention-1: Algorithm 1 forward, one thread block per head
-                    (fa1_forward, fa1_backward); for reading, slow
-    "fa2"           FlashAttention-2, the register-tiled kernels (fa2_fast_forward,
-                    fa2_fast_backward); deterministic=True computes dQ with the
-                    readable kernel's separate pass instead of atomics
-    "fa2_readable"  FlashAttention-2, version 1 (fa2_forward, fa2_backward): the kernel
-                    the lessons read
+A kernel version named in ``flashnumba.registry`` ("fa1", "fa2", "fa2_fast");
+None (the default) runs ``registry.DEFAULT``, the fast FA2 kernels.
+deterministic=True makes the backward's dQ bitwise reproducible: it runs the
+version's ``deterministic_backward`` (FA2's separate dQ pass instead of atomics).
 
 Dropout: the keep-mask of element (r, c) of head h, batch b is drawn by
 Philox4x32-10 from (seed, b, h, r, c) (``flashnumba.philox``): the forward,
@@ -44,33 +41,12 @@ same seed gives the same result. Kept values are scaled by 1 / (1 - p).
 """
 
 import sys
-from dataclasses import dataclass
-
-import numpy as np
-from numba import cuda
 
 from flashnumba import validate
+from flashnumba.attention import Call, backward, forward
 from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT
-from flashnumba.interop import Operand, Results, swap_seq_heads, take
-from flashnumba.kernels import dropout_mask as dmask
-from flashnumba.kernels import lse as lse_kernels
-from flashnumba.kernels.common import resolve_dropout, resolve_offset
-
-
-@dataclass(frozen=True)
-class Call:
-    """The scalar options of one attention call, checked."""
-    scale: float
-    dropout_p: float
-    seed: int
-    causal: bool
-    alignment: str
-    algorithm: str
-    deterministic: bool
-
-    def kernel_options(self):
-        return dict(causal=self.causal, alignment=self.alignment, softmax_scale=self.scale,
-                    dropout_p=self.dropout_p, seed=self.seed)
+from flashnumba.interop import Operand, swap_seq_heads, take
+from flashnumba.kernels.common import resolve_dropout
 
 
 def _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, alignment,
@@ -87,80 +63,6 @@ def _needs_autograd(operands):
         return False
     torch = sys.modules["torch"]
     return torch.is_grad_enabled() and any(getattr(op.value, "requires_grad", False) for op in operands)
-
-
-# ---------------------------------------------------------------------------
-# The kernels of each algorithm, on float32 device arrays
-# ---------------------------------------------------------------------------
-
-def forward_kernels(call, Q, K, V):
-    """(O, L) float32 device arrays for float32 device inputs Q, K, V in flash layout."""
-    options = call.kernel_options()
-    if call.algorithm == "fa1":
-        from flashnumba.kernels.fa1_forward import fa1_forward
-        O, l, m = fa1_forward(Q, K, V, **options)
-        L = cuda.device_array(l.shape, dtype=np.float32)
-        lse_kernels.lse_from_ml[lse_kernels.blocks(L.size), lse_kernels.THREADS](
-            m.reshape(m.size), l.reshape(l.size), L.reshape(L.size))       # L = m + log l
-        return O, L
-    if call.algorithm == "fa2_readable":
-        from flashnumba.kernels.fa2_forward import fa2_forward
-        return fa2_forward(Q, K, V, **options)
-    from flashnumba.kernels.fa2_fast_forward import fa2_fast_forward
-    return fa2_fast_forward(Q, K, V, **options)
-
-
-def backward_kernels(call, dO, Q, K, V, O, L):
-    """(dQ, dK, dV) float32 device arrays."""
-    options = call.kernel_options()
-    if call.algorithm == "fa1":
-        from flashnumba.kernels.fa1_backward import fa1_backward
-        m = cuda.device_array(L.shape, dtype=np.float32)
-        l = cuda.device_array(L.shape, dtype=np.float32)
-        lse_kernels.ml_from_lse[lse_kernels.blocks(L.size), lse_kernels.THREADS](
-            L.reshape(L.size), m.reshape(m.size), l.reshape(l.size))       # m = L, l = 1
-        return fa1_backward(dO, Q, K, V, O, l, m, **options)
-    if call.algorithm == "fa2_readable" or call.deterministic:
-        from flashnumba.kernels.fa2_backward import fa2_backward
-        return fa2_backward(dO, Q, K, V, O, L, deterministic=call.deterministic, **options)
-    from flashnumba.kernels.fa2_fast_backward import fa2_fast_backward
-    return fa2_fast_backward(dO, Q, K, V, O, L, **options)
-
-
-def dropout_mask_kernel(call, Q, K, L):
-    """S_dmask (B, Hq, Nq, Nk) float32: P with the dropped entries negated."""
-    B, N_q, H_q, _ = Q.shape
-    N_k = K.shape[1]
-    S = cuda.device_array((B, H_q, N_q, N_k), dtype=np.float32)
-    offset = resolve_offset(call.causal, call.alignment, N_q, N_k)
-    dmask.dropout_mask[dmask.blocks(S.size), dmask.THREADS](
-        Q, K, L, S, np.float32(call.scale), call.causal, offset, np.float64(call.dropout_p),
-        np.uint64(call.seed))
-    return S
-
-
-# ---------------------------------------------------------------------------
-# Forward and backward on checked operands (no autograd)
-# ---------------------------------------------------------------------------
-
-def forward(operands, call, with_dmask):
-    """(out, softmax_lse, S_dmask) in the inputs' kind; out and S_dmask in their dtype, lse float32.
-    S_dmask is None without dropout or unless `with_dmask`."""
-    q, k, v = operands
-    Q, K, V = q.device_f32(), k.device_f32(), v.device_f32()
-    O, L = forward_kernels(call, Q, K, V)
-    results = Results(q)
-    S_dmask = None
-    if with_dmask and call.dropout_p > 0.0:
-        S_dmask = results.give(dropout_mask_kernel(call, Q, K, L))
-    return results.give(O), results.give(L, "float32"), S_dmask
-
-
-def backward(operands, call):
-    """(dq, dk, dv) in the inputs' kind and dtype; operands are dout, q, k, v, out, softmax_lse."""
-    dQ, dK, dV = backward_kernels(call, *(op.device_f32() for op in operands))
-    results = Results(operands[1])
-    return results.give(dQ), results.give(dK), results.give(dV)
 
 
 def _attention(q, k, v, call_args, return_attn_probs, alignment):
@@ -180,7 +82,7 @@ def _attention(q, k, v, call_args, return_attn_probs, alignment):
 # ---------------------------------------------------------------------------
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False,
-                    return_attn_probs=False, *, algorithm="fa2", seed=0):
+                    return_attn_probs=False, *, algorithm=None, seed=0):
     """Attention in flash-attn's layout: q (B, Nq, Hq, d), k and v (B, Nk, Hkv, d), Hq % Hkv == 0.
 
     Returns out (B, Nq, Hq, d) in q's dtype; with return_attn_probs=True,
@@ -196,7 +98,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, de
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False,
-                              return_attn_probs=False, *, algorithm="fa2", seed=0):
+                              return_attn_probs=False, *, algorithm=None, seed=0):
     """flash_attn_func on qkv (B, S, 3, H, d): q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]."""
     packed = Operand("qkv", qkv)
     validate.ndim(packed, 5, "(batch, seqlen, 3, nheads, headdim)")
@@ -208,7 +110,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False,
-                             return_attn_probs=False, *, algorithm="fa2", seed=0):
+                             return_attn_probs=False, *, algorithm=None, seed=0):
     """flash_attn_func on q (B, Nq, Hq, d) and kv (B, Nk, 2, Hkv, d): k, v = kv[:, :, 0], kv[:, :, 1]."""
     packed = Operand("kv", kv)
     validate.ndim(packed, 5, "(batch, seqlen_k, 2, nheads_kv, headdim)")
@@ -221,7 +123,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 
 def flash_attn_backward(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_scale=None, causal=False,
-                        deterministic=False, *, algorithm="fa2", seed=0):
+                        deterministic=False, *, algorithm=None, seed=0):
     """The gradients (dq, dk, dv) of flash_attn_func, for callers without an autograd framework.
 
     out and softmax_lse are flash_attn_func's results for the same q, k, v and
@@ -250,7 +152,7 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  scale=None, enable_gqa=False, *, seed=0):
-    """torch.nn.functional.scaled_dot_product_attention's call and layout on flashnumba's FA2 kernels.
+    """torch.nn.functional.scaled_dot_product_attention's call and layout on flashnumba's default kernels.
 
     query (B, Hq, Nq, d), key and value (B, Hkv, Nk, d); returns (B, Hq, Nq, d).
     is_causal=True hides key c from query r when c > r (top-left, PyTorch's
@@ -266,7 +168,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if H_q != H_kv and not enable_gqa:
         raise ValueError(f"query has {H_q} heads and key {H_kv}: different head counts need "
                          f"enable_gqa=True")
-    call = _call(d, dropout_p, scale, is_causal, False, "fa2", seed, TOP_LEFT,
+    call = _call(d, dropout_p, scale, is_causal, False, None, seed, TOP_LEFT,
                  scale_name="scale", causal_name="is_causal")
     q, k, v = (swap_seq_heads(op) for op in operands)            # to (B, N, H, d), no copy
     inner = validate.tensors(query=q, key=k, value=v)

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from flashnumba.stepping import ALGORITHMS
+from flashnumba import registry
 
 
 def _demo(args):
@@ -41,7 +41,7 @@ def main(argv=None):
 
     step = sub.add_parser("step", help="step a kernel and its mirror side by side")
     step.add_argument("algorithm", nargs="?", default="all",
-                      choices=["all", *ALGORITHMS])
+                      choices=["all", *registry.kernels()])
     step.add_argument("--Nq", type=int, default=70)
     step.add_argument("--Nk", type=int, default=100)
     step.add_argument("--d", type=int, default=24)

@@ -6,14 +6,12 @@ the same ``limit`` with the same meaning. ``compare`` runs both for k = 1, 2,
 ..., T on the same inputs and reports, step by step, the largest difference per
 state variable, and names the first (block, i, j, variable) that diverges.
 
-    algorithm          the loop a thread block runs   state after k iterations
-    fa1_forward        outer j (one block per head)   O, l, m          (HBM arrays)
-    fa1_backward       outer j (one block per head)   dQ, dK, dV
-    fa2_forward        j, for its Q tile i            O (= O_i / l_i), m, l
-    fa2_backward       i, for its K/V tile j          dQ, dK, dV
-    fa2_fast_forward   j, for its Q tile i            O (= O_i / l_i), L (= m_i + log l_i)
-    fa2_fast_backward  i, for its K/V tile j          dQ, dK, dV
+    kernel (registry.kernels())   the loop a thread block runs     state after k iterations
+    fa1_forward / _backward        K/V tile j, one block per head    O, l, m / dQ, dK, dV
+    fa2_forward, fa2_fast_forward  K/V tile j, for its Q tile i      O (= O_i / l_i), m, l / O, L
+    fa2_backward, ...              Q tile i, for its K/V tile j      dQ, dK, dV
 
+(the registry names each version's state variables and loop).
 The fast kernels (version 2 of FA2) step against the same mirrors as the readable
 ones, with the fast kernels' own tile sizes (their ``default_config``); the fast
 forward keeps m and l in registers and writes only what its output holds, O and L.
@@ -35,21 +33,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashnumba import mirror, philox
+from flashnumba import philox, registry
 from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT, Tiling
 
 TOL = 1e-5
-ALGORITHMS = ("fa1_forward", "fa1_backward", "fa2_forward", "fa2_backward",
-              "fa2_fast_forward", "fa2_fast_backward")
-STATE = {
-    "fa1_forward": ("O", "l", "m"),
-    "fa1_backward": ("dQ", "dK", "dV"),
-    "fa2_forward": ("O", "m", "l"),
-    "fa2_backward": ("dQ", "dK", "dV"),
-    "fa2_fast_forward": ("O", "L"),
-    "fa2_fast_backward": ("dQ", "dK", "dV"),
-}
-FORWARD_FA2 = ("fa2_forward", "fa2_fast_forward")    # block = Q tile i, loop over j
 
 
 @dataclass
@@ -106,8 +93,13 @@ class Report:
     def agrees(self):
         return self.divergence is None
 
+    @property
+    def names(self):
+        version, direction = registry.kernel(self.algorithm)
+        return version.state(direction)
+
     def table(self):
-        names = STATE[self.algorithm]
+        names = self.names
         t = self.problem.tiling
         options = f"causal={t.causal}"
         if t.causal:
@@ -130,76 +122,47 @@ class Report:
 
 def block_loop_length(algorithm, tiling):
     """T: the most iterations any thread block's loop makes."""
-    if algorithm.startswith("fa1"):
+    version, direction = registry.kernel(algorithm)
+    if version.algorithm.block_per_head:
         return tiling.Tc
-    if algorithm in FORWARD_FA2:
+    if direction == registry.FORWARD:
         return max(len(tiling.kv_range(i)) for i in range(tiling.Tr))
     return max(len(tiling.q_range(j)) for j in range(tiling.Tc))
 
 
 # ------------------------------------------------------------------ the two sides
 
-def _forward_inputs(p):
-    """O, l, m, L of the full forward pass (float64), inputs to the backward passes."""
-    O, l, m = mirror.fa1_forward(p.Q, p.K, p.V, **p.mirror_keywords())
-    _, L = mirror.fa2_forward(p.Q, p.K, p.V, **p.mirror_keywords())
-    return O, l, m, L
+def _forward_outputs(p):
+    """O and L of the full forward pass (float64 mirror), the inputs of every backward."""
+    return registry.FA2.mirror(registry.FORWARD)(p.Q, p.K, p.V, **p.mirror_keywords())
 
 
 def mirror_state(algorithm, p, k):
     """The mirror's state after k iterations of each block's loop (float64, one head)."""
+    version, direction = registry.kernel(algorithm)
+    state = version.algorithm.mirror(direction, "state")
     kw = p.mirror_keywords(limit=k)
-    if algorithm == "fa1_forward":
-        return dict(zip(("O", "l", "m"), mirror.fa1_forward(p.Q, p.K, p.V, **kw)))
-    if algorithm == "fa2_forward":
-        records, (O, _) = mirror.run(mirror.fa2_forward_steps(p.Q, p.K, p.V, **kw))
-        m = np.full(p.Q.shape[0], -np.inf)
-        l = np.zeros(p.Q.shape[0])
-        for step in records:           # the last record of each Q tile holds its m_i, l_i
-            m[step.rows[0]:step.rows[1]] = step.state["m_i"]
-            l[step.rows[0]:step.rows[1]] = step.state["l_i"]
-        return {"O": O, "m": m, "l": l}
-    if algorithm == "fa2_fast_forward":
-        return dict(zip(("O", "L"), mirror.fa2_forward(p.Q, p.K, p.V, **kw)))
-    O, l, m, L = _forward_inputs(p)
-    if algorithm == "fa1_backward":
-        grads = mirror.fa1_backward(p.dO, p.Q, p.K, p.V, O, l, m, **kw)
-    else:
-        grads = mirror.fa2_backward(p.dO, p.Q, p.K, p.V, O, L, **kw)
-    return dict(zip(("dQ", "dK", "dV"), grads))
+    if direction == registry.FORWARD:
+        return state(p.Q, p.K, p.V, **kw)
+    return state(p.dO, p.Q, p.K, p.V, *_forward_outputs(p), **kw)
 
 
 def kernel_state(algorithm, p, k):
     """The kernel's state after k iterations of each block's loop (one head, as float64)."""
+    version, direction = registry.kernel(algorithm)
+    module = version.module(direction)
     q, k_, v, dout = (p.as_kernel_input(X) for X in (p.Q, p.K, p.V, p.dO))
     kw = p.kernel_keywords(limit=k)
-    head = lambda x: np.asarray(x, dtype=np.float64)[0, :, 0, :]      # noqa: E731
-    stat = lambda x: np.asarray(x, dtype=np.float64)[0, 0]            # noqa: E731
-    if algorithm == "fa1_forward":
-        from flashnumba.kernels.fa1_forward import fa1_forward
-        O, l, m = fa1_forward(q, k_, v, **kw)
-        return {"O": head(O), "l": stat(l), "m": stat(m)}
-    if algorithm == "fa2_forward":
-        from flashnumba.kernels.fa2_forward import fa2_forward
-        O, _, m, l = fa2_forward(q, k_, v, return_state=True, **kw)
-        return {"O": head(O), "m": stat(m), "l": stat(l)}
-    if algorithm == "fa2_fast_forward":
-        from flashnumba.kernels.fa2_fast_forward import fa2_fast_forward
-        O, L = fa2_fast_forward(q, k_, v, **kw)
-        return {"O": head(O), "L": stat(L)}
-    O, l, m, L = _forward_inputs(p)
-    O = p.as_kernel_input(O)
-    if algorithm == "fa1_backward":
-        from flashnumba.kernels.fa1_backward import fa1_backward
-        grads = fa1_backward(dout, q, k_, v, O, l[None, None].astype(np.float32),
-                             m[None, None].astype(np.float32), **kw)
-    elif algorithm == "fa2_fast_backward":
-        from flashnumba.kernels.fa2_fast_backward import fa2_fast_backward
-        grads = fa2_fast_backward(dout, q, k_, v, O, L[None, None].astype(np.float32), **kw)
-    else:
-        from flashnumba.kernels.fa2_backward import fa2_backward
-        grads = fa2_backward(dout, q, k_, v, O, L[None, None].astype(np.float32), **kw)
-    return dict(zip(("dQ", "dK", "dV"), (head(g) for g in grads)))
+
+    def one_head(name, x):                  # (1, N, 1, d) arrays and (1, 1, N) statistics
+        x = np.asarray(x, dtype=np.float64)
+        return x[0, :, 0, :] if x.ndim == 4 else x[0, 0]
+
+    if direction == registry.FORWARD:
+        return {name: one_head(name, x) for name, x in module.state(q, k_, v, **kw).items()}
+    O, L = _forward_outputs(p)
+    grads = module.backward(dout, q, k_, v, p.as_kernel_input(O), L[None, None].astype(np.float32), **kw)
+    return dict(zip(version.backward_state, (one_head(n, g) for n, g in zip(version.backward_state, grads))))
 
 
 # ------------------------------------------------------------------ comparing
@@ -223,11 +186,12 @@ def _locate(algorithm, p, k, name, x, ref):
     bad = np.abs(np.nan_to_num(np.asarray(x, dtype=np.float64) - ref, nan=np.inf, posinf=np.inf,
                                neginf=np.inf))
     row = int(np.unravel_index(np.argmax(bad), bad.shape)[0])
-    if algorithm.startswith("fa1"):                 # one block per head; outer step j = k - 1
+    version, direction = registry.kernel(algorithm)
+    if version.algorithm.block_per_head:            # one block per head; outer step j = k - 1
         j = min(k, t.Tc) - 1
         i = row // t.Br if name in ("O", "l", "m", "dQ") else "all"
         return "(b=0, h=0)", i, j
-    if algorithm in FORWARD_FA2:                    # block = Q tile i
+    if direction == registry.FORWARD:               # block = Q tile i
         i = row // t.Br
         js = list(t.kv_range(i))
         return f"i={i}", i, js[min(k, len(js)) - 1] if js else None
@@ -242,11 +206,11 @@ def make_problem(Nq, Nk, d, causal=False, seed=0, Br=None, Bc=None, algorithm="f
                  alignment=BOTTOM_RIGHT, dropout_p=0.0, dropout_seed=0, num_warps=None):
     """Random inputs for one head (from `seed`), with the kernel's default tile sizes (and warps)
     unless given; dropout with probability dropout_p, its mask from dropout_seed."""
-    from importlib import import_module
     rng = np.random.default_rng(seed)
     Q, K, V = rng.standard_normal((Nq, d)), rng.standard_normal((Nk, d)), rng.standard_normal((Nk, d))
     dO = rng.standard_normal((Nq, d))
-    config = import_module(f"flashnumba.kernels.{algorithm}").default_config(d)
+    version, direction = registry.kernel(algorithm)
+    config = version.module(direction).default_config(d)
     Q, K, V, dO = (X.astype(np.float32).astype(np.float64) for X in (Q, K, V, dO))
     return Problem(Q, K, V, dO, Br or config.Br, Bc or config.Bc, causal, alignment=alignment,
                    dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), num_warps=num_warps)
@@ -254,16 +218,15 @@ def make_problem(Nq, Nk, d, causal=False, seed=0, Br=None, Bc=None, algorithm="f
 
 def compare(algorithm, problem, kernel=kernel_state, tol=TOL):
     """Run mirror and kernel for k = 1..T; return a Report (rows and the first divergence)."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
+    registry.kernel(algorithm)                      # a ValueError naming the kernels if unknown
     report = Report(algorithm, problem)
     for k in range(1, block_loop_length(algorithm, problem.tiling) + 1):
         ref = mirror_state(algorithm, problem, k)
         got = kernel(algorithm, problem, k)
-        errs = {name: error(got[name], ref[name]) for name in STATE[algorithm]}
+        errs = {name: error(got[name], ref[name]) for name in report.names}
         report.rows.append((k, errs))
         if report.divergence is None:
-            for name in STATE[algorithm]:
+            for name in report.names:
                 if errs[name] > tol:
                     block, i, j = _locate(algorithm, problem, k, name, got[name], ref[name])
                     report.divergence = (k, block, i, j, name, errs[name])
@@ -273,7 +236,7 @@ def compare(algorithm, problem, kernel=kernel_state, tol=TOL):
 
 def main(args):
     import flashnumba
-    algorithms = ALGORITHMS if args.algorithm == "all" else (args.algorithm,)
+    algorithms = registry.kernels() if args.algorithm == "all" else (args.algorithm,)
     print(f"stepping kernels against mirrors on {flashnumba.device()}\n")
     status = 0
     for algorithm in algorithms:

@@ -15,12 +15,9 @@ import numbers
 
 import numpy as np
 
-from flashnumba import dtypes
+from flashnumba import dtypes, registry
 from flashnumba.interop import Operand
 from flashnumba.kernels.common import MAX_HEAD_DIM
-
-ALGORITHMS = ("fa1", "fa2", "fa2_readable")
-
 
 def tensors(**named):
     """Operand for each named input, all of a supported dtype, one dtype, one side (host or device)."""
@@ -104,6 +101,9 @@ def scale(softmax_scale, d, name="softmax_scale"):
 
 
 def algorithm(name):
-    if name not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {', '.join(map(repr, ALGORITHMS))}, got {name!r}")
-    return name
+    """A version name of flashnumba.registry; None: registry.DEFAULT."""
+    if name is None:
+        return registry.DEFAULT
+    if not isinstance(name, str):
+        raise TypeError(f"algorithm must be a string or None, got {name!r}")
+    return registry.version(name).name

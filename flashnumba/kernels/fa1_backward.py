@@ -350,3 +350,15 @@ def fa1_backward(dout, q, k, v, out, l, m, *, causal=False, alignment=BOTTOM_RIG
 
 __all__ = ["ConfigError", "build", "check_config", "compile_targets", "default_config",
            "fa1_backward", "resolve_config", "shipped_configs", "smem_bytes"]
+
+
+# ---------------------------------------------------------------------------
+# The registry's entry point (flashnumba.registry)
+# ---------------------------------------------------------------------------
+
+def backward(dout, q, k, v, out, L, deterministic=False, **options):
+    """(dq, dk, dv) from FA2's L: m = L and l = 1 give the same P_ij = exp(S_ij - m_i) / l_i.
+    Deterministic whatever `deterministic` says: one block per head adds every dQ_i in order."""
+    from flashnumba.kernels.lse import ml_of
+    m, l = ml_of(L)
+    return fa1_backward(dout, q, k, v, out, l, m, **options)

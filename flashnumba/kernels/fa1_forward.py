@@ -378,3 +378,19 @@ def fa1_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=
 
 __all__ = ["ConfigError", "build", "check_config", "compile_targets", "default_config",
            "fa1_forward", "resolve_config", "shipped_configs", "smem_bytes"]
+
+
+# ---------------------------------------------------------------------------
+# The registry's entry points (flashnumba.registry)
+# ---------------------------------------------------------------------------
+
+def forward(q, k, v, **options):
+    """(O, L): fa1_forward with its (m, l) combined into FA2's L = m + log l."""
+    from flashnumba.kernels.lse import lse_of
+    O, l, m = fa1_forward(q, k, v, **options)
+    return O, lse_of(m, l)
+
+
+def state(q, k, v, **options):
+    """What a step shows: O, l, m in HBM after the steps done."""
+    return dict(zip(("O", "l", "m"), fa1_forward(q, k, v, **options)))

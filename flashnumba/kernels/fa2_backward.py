@@ -554,3 +554,12 @@ def fa2_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
     dk = gqa.reduce_groups(dk_per_head, H_kv)
     dv = gqa.reduce_groups(dv_per_head, H_kv)
     return arrays.result(dq), arrays.result(dk), arrays.result(dv)
+
+
+# ---------------------------------------------------------------------------
+# The registry's entry point (flashnumba.registry)
+# ---------------------------------------------------------------------------
+
+def backward(dout, q, k, v, out, L, deterministic=False, **options):
+    """(dq, dk, dv); deterministic=True: dQ in a separate pass, bitwise reproducible."""
+    return fa2_backward(dout, q, k, v, out, L, deterministic=deterministic, **options)

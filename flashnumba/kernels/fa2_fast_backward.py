@@ -854,3 +854,16 @@ def fa2_fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_R
     launch()
     arrays = common.Arrays(dout, q, k, v, out, L)
     return arrays.result(dq), arrays.result(dk), arrays.result(dv)
+
+
+# ---------------------------------------------------------------------------
+# The registry's entry point (flashnumba.registry)
+# ---------------------------------------------------------------------------
+
+def backward(dout, q, k, v, out, L, deterministic=False, **options):
+    """(dq, dk, dv). Not deterministic (dQ by atomics): the registry sends deterministic=True
+    to the version named by its ``deterministic_backward``."""
+    if deterministic:
+        raise ValueError("fa2_fast_backward adds dQ with atomics; deterministic=True runs "
+                         "fa2_backward (registry: deterministic_backward)")
+    return fa2_fast_backward(dout, q, k, v, out, L, **options)

@@ -562,3 +562,17 @@ def fa2_fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_s
     launch()
     arrays = common.Arrays(q, k, v)
     return arrays.result(out), arrays.result(L)
+
+
+# ---------------------------------------------------------------------------
+# The registry's entry points (flashnumba.registry)
+# ---------------------------------------------------------------------------
+
+def forward(q, k, v, **options):
+    """(O, L)."""
+    return fa2_fast_forward(q, k, v, **options)
+
+
+def state(q, k, v, **options):
+    """What a step shows: O (= O_i / l_i so far) and L (= m_i + log l_i): m and l stay in registers."""
+    return dict(zip(("O", "L"), fa2_fast_forward(q, k, v, **options)))

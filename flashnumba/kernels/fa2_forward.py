@@ -405,3 +405,18 @@ def fa2_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=
 def fa2_forward_state(q, k, v, **kwargs):
     """fa2_forward with the running state: (O, L, m, l)."""
     return fa2_forward(q, k, v, return_state=True, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# The registry's entry points (flashnumba.registry)
+# ---------------------------------------------------------------------------
+
+def forward(q, k, v, **options):
+    """(O, L)."""
+    return fa2_forward(q, k, v, **options)
+
+
+def state(q, k, v, **options):
+    """What a step shows: O (= O_i / l_i so far), m, l after the steps done."""
+    O, _, m, l = fa2_forward(q, k, v, return_state=True, **options)
+    return {"O": O, "m": m, "l": l}

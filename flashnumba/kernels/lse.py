@@ -16,7 +16,10 @@ All arrays are flat, float32.
 
 import math
 
+import numpy as np
 from numba import cuda, float32, types
+
+from flashnumba.kernels.common import is_device_array
 
 THREADS = 256
 
@@ -46,6 +49,27 @@ def ml_from_lse(L, m, l):
             l[i] = float32(0.0)
         else:
             l[i] = float32(1.0)
+
+
+def lse_of(m, l):
+    """L = m + log l for FA1's (m, l), on the side they are on (device arrays: the kernel above)."""
+    if not is_device_array(m):
+        with np.errstate(divide="ignore"):
+            return np.where(l == 0, -np.inf, m + np.log(l)).astype(np.float32)
+    L = cuda.device_array(l.shape, dtype=np.float32)
+    lse_from_ml[blocks(L.size), THREADS](m.reshape(m.size), l.reshape(l.size), L.reshape(L.size))
+    return L
+
+
+def ml_of(L):
+    """(m, l) = (L, 1) (l = 0 where L = -inf) for FA1's backward, on the side L is on."""
+    if not is_device_array(L):
+        L = np.asarray(L, dtype=np.float32)
+        return L.copy(), np.where(L == -np.inf, 0.0, 1.0).astype(np.float32)
+    m = cuda.device_array(L.shape, dtype=np.float32)
+    l = cuda.device_array(L.shape, dtype=np.float32)
+    ml_from_lse[blocks(L.size), THREADS](L.reshape(L.size), m.reshape(m.size), l.reshape(l.size))
+    return m, l
 
 
 def targets():

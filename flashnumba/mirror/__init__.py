@@ -10,9 +10,12 @@ read and write goes through a ``flashnumba.hbm.HBM`` counter.
     fa2_forward  FlashAttention-2 forward: Q tiles outer; O_i unnormalised on chip; stores O, L
     fa2_backward FlashAttention-2 backward: D first; K/V tiles outer; P recomputed from L
 
-Each algorithm comes twice: ``fa2_forward(Q, K, V, ...)`` returns the outputs;
-``fa2_forward_steps(Q, K, V, ...)`` is a generator yielding a ``Step`` (see
-``trace``) after every inner step and returning the outputs at its end.
+Each algorithm comes three times: ``fa2_forward(Q, K, V, ...)`` returns the
+outputs; ``fa2_forward_steps(Q, K, V, ...)`` is a generator yielding a ``Step``
+(see ``trace``) after every inner step and returning the outputs at its end;
+``fa2_forward_state(Q, K, V, limit=k)`` is the state ``flashnumba.stepping``
+compares with the kernel's after k steps. The algorithms themselves are listed
+once, in ``flashnumba.registry``.
 
 Shared keywords (``common.prepare``): Br, Bc or M (on-chip floats, default
 DEFAULT_M), causal, alignment, softmax_scale, keep (boolean (Nq, Nk) keep-mask),
@@ -22,10 +25,10 @@ no Br, Bc, M or limit.
 """
 
 from flashnumba.mirror.common import DEFAULT_M
-from flashnumba.mirror.fa1_backward import fa1_backward, fa1_backward_steps
-from flashnumba.mirror.fa1_forward import fa1_forward, fa1_forward_steps
-from flashnumba.mirror.fa2_backward import fa2_backward, fa2_backward_steps
-from flashnumba.mirror.fa2_forward import fa2_forward, fa2_forward_steps
+from flashnumba.mirror.fa1_backward import fa1_backward, fa1_backward_state, fa1_backward_steps
+from flashnumba.mirror.fa1_forward import fa1_forward, fa1_forward_state, fa1_forward_steps
+from flashnumba.mirror.fa2_backward import fa2_backward, fa2_backward_state, fa2_backward_steps
+from flashnumba.mirror.fa2_forward import fa2_forward, fa2_forward_state, fa2_forward_steps
 from flashnumba.mirror.standard import (
     standard_backward,
     standard_backward_steps,
@@ -36,8 +39,10 @@ from flashnumba.mirror.trace import Step, finish, nth, run
 
 __all__ = [
     "DEFAULT_M", "Step",
-    "fa1_backward", "fa1_backward_steps", "fa1_forward", "fa1_forward_steps",
-    "fa2_backward", "fa2_backward_steps", "fa2_forward", "fa2_forward_steps",
+    "fa1_backward", "fa1_backward_state", "fa1_backward_steps",
+    "fa1_forward", "fa1_forward_state", "fa1_forward_steps",
+    "fa2_backward", "fa2_backward_state", "fa2_backward_steps",
+    "fa2_forward", "fa2_forward_state", "fa2_forward_steps",
     "finish", "nth", "run",
     "standard_backward", "standard_backward_steps", "standard_forward", "standard_forward_steps",
 ]

@@ -118,3 +118,10 @@ def fa1_backward_steps(dO, Q, K, V, O, l, m, *, Br=None, Bc=None, M=None, causal
 def fa1_backward(dO, Q, K, V, O, l, m, **keywords):
     """FlashAttention-1 backward of one head: (dQ, dK, dV). Keywords as fa1_backward_steps."""
     return finish(fa1_backward_steps(dO, Q, K, V, O, l, m, **keywords))
+
+
+def fa1_backward_state(dO, Q, K, V, O, L, **keywords):
+    """What a step shows (``flashnumba.stepping``): dQ, dK, dV after the steps done, from FA2's
+    L: m = L and l = 1 give the same P_ij = exp(S_ij - m_i) / l_i (l = 0 where L = -inf)."""
+    l = np.where(np.isneginf(L), 0.0, 1.0)
+    return dict(zip(("dQ", "dK", "dV"), fa1_backward(dO, Q, K, V, O, l, L, **keywords)))

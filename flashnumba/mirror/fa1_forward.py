@@ -99,3 +99,8 @@ def fa1_forward(Q, K, V, **keywords):
     The log-sum-exp of each row is L = m + log(l).
     """
     return finish(fa1_forward_steps(Q, K, V, **keywords))
+
+
+def fa1_forward_state(Q, K, V, **keywords):
+    """What a step shows (``flashnumba.stepping``): O, l, m in HBM after the steps done."""
+    return dict(zip(("O", "l", "m"), fa1_forward(Q, K, V, **keywords)))

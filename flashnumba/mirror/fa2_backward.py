@@ -123,3 +123,8 @@ def fa2_backward_steps(dO, Q, K, V, O, L, *, Br=None, Bc=None, M=None, causal=Fa
 def fa2_backward(dO, Q, K, V, O, L, **keywords):
     """FlashAttention-2 backward of one head: (dQ, dK, dV). Keywords as fa2_backward_steps."""
     return finish(fa2_backward_steps(dO, Q, K, V, O, L, **keywords))
+
+
+def fa2_backward_state(dO, Q, K, V, O, L, **keywords):
+    """What a step shows (``flashnumba.stepping``): dQ, dK, dV after the steps done."""
+    return dict(zip(("dQ", "dK", "dV"), fa2_backward(dO, Q, K, V, O, L, **keywords)))

@@ -41,7 +41,7 @@ from flashnumba.mirror.common import (
     scores,
     store,
 )
-from flashnumba.mirror.trace import finish, record
+from flashnumba.mirror.trace import finish, record, run
 
 ALGORITHM = "fa2_forward"
 
@@ -113,3 +113,15 @@ def fa2_forward_steps(Q, K, V, *, Br=None, Bc=None, M=None, causal=False, alignm
 def fa2_forward(Q, K, V, **keywords):
     """FlashAttention-2 forward of one head: (O, L). Keywords as fa2_forward_steps."""
     return finish(fa2_forward_steps(Q, K, V, **keywords))
+
+
+def fa2_forward_state(Q, K, V, **keywords):
+    """What a step shows (``flashnumba.stepping``): O and L as written, and each row's m_i, l_i
+    after the steps done (read from the last step record of its Q tile)."""
+    records, (O, L) = run(fa2_forward_steps(Q, K, V, **keywords))
+    m = np.full(Q.shape[0], -np.inf)
+    l = np.zeros(Q.shape[0])
+    for step in records:
+        m[step.rows[0]:step.rows[1]] = step.state["m_i"]
+        l[step.rows[0]:step.rows[1]] = step.state["l_i"]
+    return {"O": O, "L": L, "m": m, "l": l}

@@ -2,8 +2,8 @@
 
     out, softmax_lse, S_dmask = FlashAttnFunction.apply(q, k, v, call, return_attn_probs)
 
-forward runs ``api.forward`` on the (detached) tensors and saves q, k, v,
-out and softmax_lse; backward runs ``api.backward`` with the same options, so
+forward runs ``attention.forward`` on the (detached) tensors and saves q, k, v,
+out and softmax_lse; backward runs ``attention.backward`` with the same options, so
 dropout redraws the forward's mask from the same seed instead of storing it.
 CUDA tensors are read and written in place through __cuda_array_interface__
 (no copies); CPU tensors go through NumPy (on the simulator where there is no
@@ -13,17 +13,17 @@ call this for tensors that require grad, so users never need to.
 
 import torch
 
-from flashnumba import api, validate
+from flashnumba import attention, validate
 from flashnumba.interop import Operand
 
 
 class FlashAttnFunction(torch.autograd.Function):
-    """Attention in flash layout (B, N, H, d); `call` is an ``api.Call`` (scale, dropout, causal, ...)."""
+    """Attention in flash layout (B, N, H, d); `call` is an ``attention.Call`` (scale, dropout, causal, ...)."""
 
     @staticmethod
     def forward(ctx, q, k, v, call, return_attn_probs):
         operands = validate.tensors(q=q, k=k, v=v)
-        out, lse, S_dmask = api.forward(operands, call, return_attn_probs)
+        out, lse, S_dmask = attention.forward(operands, call, return_attn_probs)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
         ctx.mark_non_differentiable(lse)
@@ -35,7 +35,7 @@ class FlashAttnFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse, _dS_dmask):
         q, k, v, out, lse = ctx.saved_tensors
         operands = validate.tensors(dout=dout, q=q, k=k, v=v, out=out) + [Operand("softmax_lse", lse)]
-        dq, dk, dv = api.backward(operands, ctx.call)
+        dq, dk, dv = attention.backward(operands, ctx.call)
         return dq, dk, dv, None, None
 
     @classmethod

@@ -1,0 +1,88 @@
+"""Attention on checked operands: the chosen version's kernels, between the public calls and the kernels.
+
+    call = Call(...)                                 the scalar options, checked (api._call builds it)
+    out, softmax_lse, S_dmask = forward(operands, call, with_dmask)
+    dq, dk, dv = backward(operands, call)            operands: dout, q, k, v, out, softmax_lse
+
+Operands are ``interop.Operand``s (any array kind, float32, float16 or
+bfloat16); they are widened to float32 on the device (``kernels.cast``), run
+through the kernels of the version ``call.algorithm`` names
+(``flashnumba.registry``), and the results come back in the inputs' kind and
+dtype. Both ``flashnumba.api`` (the public calls) and
+``flashnumba.torch.function`` (autograd) call these, so neither imports the
+other.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda
+
+from flashnumba import registry
+from flashnumba.interop import Results
+from flashnumba.kernels import dropout_mask as dmask
+from flashnumba.kernels.common import resolve_offset
+
+
+@dataclass(frozen=True)
+class Call:
+    """The scalar options of one attention call, checked."""
+    scale: float
+    dropout_p: float
+    seed: int
+    causal: bool
+    alignment: str
+    algorithm: str            # a version name of flashnumba.registry
+    deterministic: bool
+
+    def kernel_options(self):
+        return dict(causal=self.causal, alignment=self.alignment, softmax_scale=self.scale,
+                    dropout_p=self.dropout_p, seed=self.seed)
+
+
+def forward_kernels(call, Q, K, V):
+    """(O, L) float32 device arrays for float32 device inputs Q, K, V in flash layout."""
+    return registry.version(call.algorithm).module(registry.FORWARD).forward(
+        Q, K, V, **call.kernel_options())
+
+
+def backward_kernels(call, dO, Q, K, V, O, L):
+    """(dQ, dK, dV) float32 device arrays; deterministic=True runs the version's
+    ``deterministic_backward``."""
+    version = registry.version(call.algorithm)
+    if call.deterministic:
+        version = registry.version(version.deterministic_backward)
+    return version.module(registry.BACKWARD).backward(
+        dO, Q, K, V, O, L, deterministic=call.deterministic, **call.kernel_options())
+
+
+def dropout_mask_kernel(call, Q, K, L):
+    """S_dmask (B, Hq, Nq, Nk) float32: P with the dropped entries negated."""
+    B, Nq, Hq, _ = Q.shape
+    Nk = K.shape[1]
+    S = cuda.device_array((B, Hq, Nq, Nk), dtype=np.float32)
+    offset = resolve_offset(call.causal, call.alignment, Nq, Nk)
+    dmask.dropout_mask[dmask.blocks(S.size), dmask.THREADS](
+        Q, K, L, S, np.float32(call.scale), call.causal, offset, np.float64(call.dropout_p),
+        np.uint64(call.seed))
+    return S
+
+
+def forward(operands, call, with_dmask):
+    """(out, softmax_lse, S_dmask) in the inputs' kind; out and S_dmask in their dtype, lse float32.
+    S_dmask is None without dropout or unless `with_dmask`."""
+    q, k, v = operands
+    Q, K, V = q.device_f32(), k.device_f32(), v.device_f32()
+    O, L = forward_kernels(call, Q, K, V)
+    results = Results(q)
+    S_dmask = None
+    if with_dmask and call.dropout_p > 0.0:
+        S_dmask = results.give(dropout_mask_kernel(call, Q, K, L))
+    return results.give(O), results.give(L, "float32"), S_dmask
+
+
+def backward(operands, call):
+    """(dq, dk, dv) in the inputs' kind and dtype; operands are dout, q, k, v, out, softmax_lse."""
+    dQ, dK, dV = backward_kernels(call, *(op.device_f32() for op in operands))
+    results = Results(operands[1])
+    return results.give(dQ), results.give(dK), results.give(dV)
