@@ -9,7 +9,8 @@ else Numba's CUDA simulator, extended with warp intrinsics); see
 light.
 """
 
-from flashnumba._device import device, on_simulator, select as _select
+from flashnumba._device import device, on_simulator
+from flashnumba._device import select as _select
 
 _select()
 

@@ -19,10 +19,10 @@ def _step(args):
 # commands whose modules parse their own options: (module, help)
 PASSTHROUGH = {
     "train": ("flashnumba.train", "train a tiny transformer with flashnumba's and PyTorch's attention"),
-    "accuracy": ("flashnumba.accuracy", "the accuracy table: every dtype and algorithm against float64"),
+    "accuracy": ("flashnumba.tools.accuracy", "the accuracy table: every dtype and algorithm against float64"),
     "figures": ("flashnumba.figures", "regenerate figures/"),
-    "bench": ("flashnumba.bench", "benchmark against PyTorch (needs a GPU)"),
-    "resources": ("flashnumba.kernels.resources", "compile every kernel config, report registers/spills/smem"),
+    "bench": ("flashnumba.bench.run", "benchmark against PyTorch (needs a GPU)"),
+    "resources": ("flashnumba.tools.resources", "compile every kernel config, report registers/spills/smem"),
 }
 
 

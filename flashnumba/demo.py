@@ -2,7 +2,7 @@
 
 Prints, for each implementation, the relative error against the float64
 reference; then the public call ``flash_attn_func`` in each storage dtype with
-dropout (the official accuracy rule, ``flashnumba.accuracy``); then a
+dropout (the official accuracy rule, ``flashnumba.tools.accuracy``); then a
 step-by-step table of FA2's online softmax for one row; and says where the
 kernels ran (GPU or simulator).
 """
@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 import flashnumba
-from flashnumba import mirror, reference
+from flashnumba import mirror, reference, registry
 from flashnumba.geometry import Tiling
 
 
@@ -53,53 +53,32 @@ def _mirror_rows(q, k, v, dout, causal, Br, Bc):
 
 
 def _kernel_rows(q, k, v, dout, causal):
-    """(name, errors, seconds) for each CUDA kernel, fp32."""
-    from flashnumba.kernels.fa1_backward import fa1_backward
-    from flashnumba.kernels.fa1_forward import fa1_forward
-    from flashnumba.kernels.fa2_backward import fa2_backward
-    from flashnumba.kernels.fa2_fast_backward import fa2_fast_backward
-    from flashnumba.kernels.fa2_fast_forward import fa2_fast_forward
-    from flashnumba.kernels.fa2_forward import fa2_forward
-
+    """(name, errors, seconds) for each registry version's kernels, fp32."""
     out_ref, lse_ref = reference.attention(q, k, v, causal=causal)
     grads_ref = reference.attention_backward(dout, q, k, v, causal=causal)
     refs = (out_ref, lse_ref, *grads_ref)
     rows = []
-
-    start = time.perf_counter()
-    O, l, m = fa1_forward(q, k, v, causal=causal)
-    with np.errstate(divide="ignore"):
-        lse = m + np.log(l)
-    grads = fa1_backward(dout, q, k, v, O, l, m, causal=causal)
-    rows.append(("kernel fa1 (fp32)", [rel_err(x, r) for x, r in zip((O, lse, *grads), refs)],
-                 time.perf_counter() - start))
-
-    start = time.perf_counter()
-    O, L = fa2_forward(q, k, v, causal=causal)
-    grads = fa2_backward(dout, q, k, v, O, L, causal=causal)
-    rows.append(("kernel fa2 (fp32)", [rel_err(x, r) for x, r in zip((O, L, *grads), refs)],
-                 time.perf_counter() - start))
-
-    start = time.perf_counter()
-    O, L = fa2_fast_forward(q, k, v, causal=causal)
-    grads = fa2_fast_backward(dout, q, k, v, O, L, causal=causal)
-    rows.append(("kernel fa2 fast (fp32)", [rel_err(x, r) for x, r in zip((O, L, *grads), refs)],
-                 time.perf_counter() - start))
+    for version in registry.VERSIONS:
+        start = time.perf_counter()
+        O, L = version.module(registry.FORWARD).forward(q, k, v, causal=causal)
+        grads = version.module(registry.BACKWARD).backward(dout, q, k, v, O, L, causal=causal)
+        rows.append((f"kernel {version.name} (fp32)", [rel_err(x, r) for x, r in zip((O, L, *grads), refs)],
+                     time.perf_counter() - start))
     return rows
 
 
 def _api_lines(N, d, causal, seed, dropout_p=0.1):
     """flash_attn_func + flash_attn_backward in every storage dtype, with dropout, judged as
     ``flashnumba accuracy`` judges them."""
-    from flashnumba import accuracy
-    lines = [f"flashnumba.flash_attn_func and flash_attn_backward, algorithm 'fa2', 2 query heads "
+    from flashnumba.tools import accuracy
+    lines = [f"flashnumba.flash_attn_func and flash_attn_backward, algorithm {registry.DEFAULT!r}, 2 query heads "
              f"sharing 1 K/V head, dropout p={dropout_p}:",
              "  float32: ||x - ref|| / ||ref||;  float16, bfloat16: max|x - ref| / max|dense attention "
              "in that dtype - ref| (passes at <= 2, gradients <= 3)",
              f"  {'dtype':<10}" + "".join(f"{n:>10}" for n in accuracy.NAMES) + f"{'':>4}time"]
     for dtype in accuracy.DTYPES:
         start = time.perf_counter()
-        result = accuracy.measure(dtype, "fa2", 1, N, N, 2, 1, d, causal, dropout_p, seed=seed)
+        result = accuracy.measure(dtype, registry.DEFAULT, 1, N, N, 2, 1, d, causal, dropout_p, seed=seed)
         cells = []
         for name in accuracy.NAMES:
             value, ok = result[name]

@@ -202,10 +202,13 @@ def _locate(algorithm, p, k, name, x, ref):
     return f"j={j}", is_[min(k, len(is_)) - 1] if is_ else None, j
 
 
-def make_problem(Nq, Nk, d, causal=False, seed=0, Br=None, Bc=None, algorithm="fa2_forward",
+def make_problem(Nq, Nk, d, causal=False, seed=0, Br=None, Bc=None, algorithm=None,
                  alignment=BOTTOM_RIGHT, dropout_p=0.0, dropout_seed=0, num_warps=None):
     """Random inputs for one head (from `seed`), with the kernel's default tile sizes (and warps)
-    unless given; dropout with probability dropout_p, its mask from dropout_seed."""
+    unless given (algorithm: a kernel name, None for the default version's forward); dropout with
+    probability dropout_p, its mask from dropout_seed."""
+    if algorithm is None:
+        algorithm = registry.version(registry.DEFAULT).kernel(registry.FORWARD)
     rng = np.random.default_rng(seed)
     Q, K, V = rng.standard_normal((Nq, d)), rng.standard_normal((Nk, d)), rng.standard_normal((Nk, d))
     dO = rng.standard_normal((Nq, d))

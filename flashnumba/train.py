@@ -44,7 +44,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import flashnumba
-from flashnumba.torch.modules import ALGORITHMS, ATTENTIONS, MultiheadSelfAttention
+from flashnumba import registry
+from flashnumba.torch.modules import ATTENTIONS, MultiheadSelfAttention
 
 TEXT = "sonnets.txt"
 HELD_OUT = 0.1                       # the last 10% of the characters
@@ -124,7 +125,7 @@ class TinyTransformer(nn.Module):
     """Character-level causal language model: ids (batch, T) -> logits (batch, T, vocab)."""
 
     def __init__(self, vocab, seq_len, dim, layers, heads, kv_heads=None, dropout=0.0,
-                 algorithm="fa2"):
+                 algorithm=None):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab, dim)
         self.pos_emb = nn.Embedding(seq_len, dim)
@@ -303,8 +304,8 @@ def parse_args(argv=None):
                    help="where the model lives (default: cuda if torch sees a GPU)")
     p.add_argument("--attention", choices=[*ATTENTIONS, "both"], default="both",
                    help="which attention to train with (default both: one run each, same start)")
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="fa2",
-                   help="flashnumba's kernels (default fa2)")
+    p.add_argument("--algorithm", choices=registry.names(), default=registry.DEFAULT,
+                   help="flashnumba's kernel version (default: %(default)s)")
     sized = [("--steps", "training steps"), ("--batch", "sequences per batch"),
              ("--seq-len", "characters per sequence"), ("--layers", "transformer blocks"),
              ("--heads", "attention heads"), ("--dim", "embedding width"),

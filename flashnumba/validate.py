@@ -19,6 +19,7 @@ from flashnumba import dtypes, registry
 from flashnumba.interop import Operand
 from flashnumba.kernels.common import MAX_HEAD_DIM
 
+
 def tensors(**named):
     """Operand for each named input, all of a supported dtype, one dtype, one side (host or device)."""
     operands = [Operand(name, x) for name, x in named.items()]

@@ -2,7 +2,7 @@
 
 import json
 
-from flashnumba import accuracy
+from flashnumba.tools import accuracy
 
 
 def test_accuracy_table_passes_and_writes_json(tmp_path, capsys):

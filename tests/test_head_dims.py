@@ -7,8 +7,8 @@ padding: 40 and 80 are zero-padded, 96 and 128 take the larger buckets.
 
 import numpy as np
 import pytest
-
 from conftest import rel_err
+
 from flashnumba import reference
 from flashnumba.kernels.fa1_backward import fa1_backward
 from flashnumba.kernels.fa1_forward import fa1_forward

@@ -15,7 +15,7 @@ import pytest
 from conftest import rel_err
 
 from flashnumba import reference
-from flashnumba.kernels import common
+from flashnumba.kernels import common, hardware
 from flashnumba.kernels import fa1_backward as bwd_module
 from flashnumba.kernels import fa1_forward as fwd_module
 from flashnumba.kernels.fa1_backward import fa1_backward
@@ -215,7 +215,7 @@ def test_shipped_configs_fit(module):
     assert [c.D for c in configs] == list(common.HEAD_DIM_BUCKETS)
     for config in configs:
         module.check_config(config)
-        assert module.smem_bytes(config) <= common.STATIC_SMEM_LIMIT
+        assert module.smem_bytes(config) <= hardware.STATIC_SMEM_LIMIT
         assert module.default_config(config.D) == config
         for label, dispatcher, argtypes in module.compile_targets(config):
             params = inspect.signature(dispatcher.py_func).parameters

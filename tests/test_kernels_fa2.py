@@ -11,7 +11,7 @@ import pytest
 from conftest import rel_err
 
 from flashnumba import reference
-from flashnumba.kernels import common
+from flashnumba.kernels import common, hardware
 from flashnumba.kernels import fa2_backward as bwd
 from flashnumba.kernels import fa2_forward as fwd
 from flashnumba.kernels.common import ConfigError, TileConfig
@@ -196,7 +196,7 @@ def test_shipped_configs_fit(module):
     assert [c.D for c in configs] == list(common.HEAD_DIM_BUCKETS)
     for config in configs:
         module.check_config(config)
-        assert module.smem_bytes(config) <= common.STATIC_SMEM_LIMIT
+        assert module.smem_bytes(config) <= hardware.STATIC_SMEM_LIMIT
         assert module.default_config(config.D) == config
 
 

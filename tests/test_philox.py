@@ -209,7 +209,8 @@ PTX_CHECK = textwrap.dedent("""
     import os
     os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
     from numba import cuda, types                      # the real target, before flashnumba
-    from flashnumba.kernels import philox, resources
+    from flashnumba.kernels import philox
+    from flashnumba.tools import resources
 
     def kernel(seed, p, out):
         r, c = cuda.grid(2)

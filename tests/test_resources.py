@@ -7,7 +7,7 @@ Then the checker itself is checked: its log parser on captured real logs, and
 kernels built to fail (too much shared memory, spills, a run-time indexed local
 array) must be caught.
 
-Everything is built once per session (flashnumba.kernels.resources starts the
+Everything is built once per session (flashnumba.tools.resources starts the
 compiler workers). Under pytest-xdist the first worker to need the build does it
 and leaves it in pytest's shared temp directory; the other waits for it.
 """
@@ -21,8 +21,8 @@ import re
 import pytest
 from numba import cuda, float32, types
 
-from flashnumba.kernels import resources
-from flashnumba.kernels.common import STATIC_SMEM_LIMIT
+from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT
+from flashnumba.tools import resources
 
 pytestmark = pytest.mark.xdist_group("resources")   # with --dist loadgroup: one worker
 

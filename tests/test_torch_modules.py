@@ -11,8 +11,7 @@ torch = pytest.importorskip("torch")
 from conftest import rel_err
 
 from flashnumba import philox, reference
-from flashnumba.torch.modules import (ALGORITHMS, FlashAttention,
-                                      MultiheadSelfAttention, draw_seed)
+from flashnumba.torch.modules import ALGORITHMS, FlashAttention, MultiheadSelfAttention, draw_seed
 
 TOL = 1e-5
 

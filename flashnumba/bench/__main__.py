@@ -1,7 +1,7 @@
-"""python -m flashnumba.bench: see flashnumba.bench."""
+"""python -m flashnumba.bench: see flashnumba.bench.run."""
 
 import sys
 
-from flashnumba.bench import main
+from flashnumba.bench.run import main
 
 sys.exit(main())

@@ -10,15 +10,13 @@ flashnumba kernels take numba device arrays made once from the torch inputs
 ``scaled_dot_product_attention`` takes (B, H, N, d): it gets transposed views
 of the same (B, N, H, d) tensors, no copy.
 
-The fast kernels preallocate their outputs (``launcher``) so that no
-allocation falls inside the timed region; the readable kernels and the naive
-baseline go through their wrappers, which allocate (their kernels are much
-longer than an allocation).
+The versions with a ``launcher`` (``flashnumba.registry``) preallocate their
+outputs so that no allocation falls inside the timed region; the other
+versions and the naive baseline go through their wrappers, which allocate
+(their kernels are much longer than an allocation).
 """
 
-import importlib
-
-DIRECTIONS = ("fwd", "bwd")
+from flashnumba import registry
 
 
 class Impl:
@@ -52,19 +50,17 @@ class Impl:
 # flashnumba
 # ---------------------------------------------------------------------------
 
-def _module(name):
-    return importlib.import_module(f"flashnumba.kernels.{name}")
+class LauncherForward(Impl):
+    """A version with a ``launcher``: checked and allocated once, the launch alone timed."""
 
-
-class FastForward(Impl):
-    def __init__(self, config=None, name="flashnumba fa2_fast"):
-        super().__init__(name, "fwd")
+    def __init__(self, version, config=None):
+        super().__init__(f"flashnumba {version.name}", "fwd")
+        self.version = version
         self.config = config
 
     def prepare(self, inputs, case):
-        fast = _module("fa2_fast_forward")
-        launch, out, L = fast.launcher(inputs.nq, inputs.nk, inputs.nv, causal=case.causal,
-                                       config=self.config)
+        launch, out, L = self.version.module(registry.FORWARD).launcher(
+            inputs.nq, inputs.nk, inputs.nv, causal=case.causal, config=self.config)
         outputs = (out, L)
 
         def run():
@@ -76,24 +72,18 @@ class FastForward(Impl):
         return super().as_torch(raw[:1])
 
 
-class FastBackward(Impl):
-    def __init__(self, config=None, name="flashnumba fa2_fast"):
-        super().__init__(name, "bwd")
+class LauncherBackward(Impl):
+    def __init__(self, version, config=None):
+        super().__init__(f"flashnumba {version.name}", "bwd")
+        self.version = version
         self.config = config
 
-    def unavailable(self):
-        try:
-            _module("fa2_fast_backward")
-        except ImportError as exc:
-            return f"fa2_fast_backward not importable: {exc}"
-        return None
-
     def prepare(self, inputs, case):
-        fast_fwd = _module("fa2_fast_forward")
-        fast_bwd = _module("fa2_fast_backward")
-        out, L = fast_fwd.fa2_fast_forward(inputs.nq, inputs.nk, inputs.nv, causal=case.causal)
-        launch, dq, dk, dv = fast_bwd.launcher(inputs.ndout, inputs.nq, inputs.nk, inputs.nv, out, L,
-                                               causal=case.causal, config=self.config)
+        out, L = self.version.module(registry.FORWARD).forward(inputs.nq, inputs.nk, inputs.nv,
+                                                               causal=case.causal)
+        launch, dq, dk, dv = self.version.module(registry.BACKWARD).launcher(
+            inputs.ndout, inputs.nq, inputs.nk, inputs.nv, out, L, causal=case.causal,
+            config=self.config)
         outputs = (dq, dk, dv)
 
         def run():
@@ -102,39 +92,47 @@ class FastBackward(Impl):
         return run
 
 
-class ReadableForward(Impl):
+class WrapperForward(Impl):
+    """A version timed through its wrapper, which allocates (its kernel is much longer)."""
     primary = False
 
-    def __init__(self, algorithm):
-        super().__init__(f"flashnumba {algorithm}", "fwd")
-        self.algorithm = algorithm
+    def __init__(self, version):
+        super().__init__(f"flashnumba {version.name}", "fwd")
+        self.version = version
 
     def prepare(self, inputs, case):
-        fn = getattr(_module(f"{self.algorithm}_forward"), f"{self.algorithm}_forward")
+        forward = self.version.module(registry.FORWARD).forward
 
         def run():
-            return fn(inputs.nq, inputs.nk, inputs.nv, causal=case.causal)
+            return forward(inputs.nq, inputs.nk, inputs.nv, causal=case.causal)
         return run
 
     def as_torch(self, raw):
         return super().as_torch(raw[:1])
 
 
-class ReadableBackward(Impl):
+class WrapperBackward(Impl):
     primary = False
 
-    def __init__(self, algorithm):
-        super().__init__(f"flashnumba {algorithm}", "bwd")
-        self.algorithm = algorithm
+    def __init__(self, version):
+        super().__init__(f"flashnumba {version.name}", "bwd")
+        self.version = version
 
     def prepare(self, inputs, case):
-        fwd = getattr(_module(f"{self.algorithm}_forward"), f"{self.algorithm}_forward")
-        bwd = getattr(_module(f"{self.algorithm}_backward"), f"{self.algorithm}_backward")
-        saved = fwd(inputs.nq, inputs.nk, inputs.nv, causal=case.causal)   # fa1: (O, l, m); fa2: (O, L)
+        out, L = self.version.module(registry.FORWARD).forward(inputs.nq, inputs.nk, inputs.nv,
+                                                               causal=case.causal)
+        backward = self.version.module(registry.BACKWARD).backward
 
         def run():
-            return bwd(inputs.ndout, inputs.nq, inputs.nk, inputs.nv, *saved, causal=case.causal)
+            return backward(inputs.ndout, inputs.nq, inputs.nk, inputs.nv, out, L, causal=case.causal)
         return run
+
+
+def flashnumba_impl(version, direction, config=None):
+    """The benchmark's implementation of one registry version in one direction."""
+    if version.launcher:
+        return (LauncherForward if direction == "fwd" else LauncherBackward)(version, config)
+    return (WrapperForward if direction == "fwd" else WrapperBackward)(version)
 
 
 class NaiveForward(Impl):
@@ -145,7 +143,7 @@ class NaiveForward(Impl):
         super().__init__("numba naive", "fwd")
 
     def prepare(self, inputs, case):
-        naive = _module("naive")
+        from flashnumba.kernels import naive
 
         def run():
             return naive.naive_attention(inputs.nq, inputs.nk, inputs.nv, causal=case.causal)
@@ -207,9 +205,10 @@ class TorchSDPA(Impl):
 
 def implementations():
     """Every implementation, forward then backward, in the order of the tables."""
-    impls = [FastForward(), ReadableForward("fa2"), ReadableForward("fa1"), NaiveForward()]
+    versions = sorted(registry.VERSIONS, key=lambda v: not v.launcher)   # the timed-bare ones first
+    impls = [flashnumba_impl(v, "fwd") for v in versions] + [NaiveForward()]
     impls += [TorchSDPA(label, backend, dtype, "fwd") for label, backend, dtype in TORCH_BACKENDS]
-    impls += [FastBackward(), ReadableBackward("fa2"), ReadableBackward("fa1")]
+    impls += [flashnumba_impl(v, "bwd") for v in versions]
     impls += [TorchSDPA(label, backend, dtype, "bwd") for label, backend, dtype in TORCH_BACKENDS]
     return impls
 

@@ -1,4 +1,4 @@
-"""One launch of each fast kernel at one shape, for a profiler to capture (not a benchmark).
+"""One launch of each kernel of a version with a launcher, at one shape, for a profiler (not a benchmark).
 
     ncu --kernel-name regex:fa2_fast --launch-skip 2 --launch-count 2 \\
         --section SpeedOfLight --section WarpStateStats ... \\
@@ -9,12 +9,15 @@ Each kernel is launched three times: the first compiles it (and is what
 profiler it prints each launch's time from CUDA events, which is a smoke test
 and nothing more: ``flashnumba bench`` is the benchmark.
 
-``--config Br,Bc,warps[,blocks_per_sm]`` picks a fast backward configuration
-other than the default (``fa2_fast_backward.shipped_configs()`` lists them).
+``--version`` picks the registry version (default: the public calls' default);
+``--config Br,Bc,warps[,blocks_per_sm]`` a backward configuration other than
+the default (its module's ``shipped_configs()`` lists them).
 """
 
 import argparse
 import sys
+
+from flashnumba import registry
 
 LAUNCHES = 3
 
@@ -24,7 +27,10 @@ def parse_args(argv):
     p.add_argument("--shape", default="4x16x4096x64", help="BxHxNxd (default 4x16x4096x64)")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--direction", choices=("fwd", "bwd", "both"), default="both")
-    p.add_argument("--config", help="fast backward config Br,Bc,warps[,blocks_per_sm]")
+    p.add_argument("--version", default=registry.DEFAULT,
+                   choices=[v.name for v in registry.VERSIONS if v.launcher],
+                   help="the kernel version (default: %(default)s)")
+    p.add_argument("--config", help="backward config Br,Bc,warps[,blocks_per_sm]")
     return p.parse_args(argv)
 
 
@@ -36,9 +42,8 @@ def parse_shape(text):
     return B, H, N, d
 
 
-def parse_config(text, d):
+def parse_config(text, d, version):
     from flashnumba.kernels.common import TileConfig
-    from flashnumba.kernels.fa2_fast_forward import fast_bucket
     try:
         values = [int(x) for x in text.split(",")]
     except ValueError:
@@ -47,7 +52,8 @@ def parse_config(text, d):
         raise SystemExit(f"--config must be Br,Bc,warps[,blocks_per_sm], got {text!r}")
     Br, Bc, warps = values[:3]
     blocks = values[3] if len(values) == 4 else 0
-    return TileConfig(Br=Br, Bc=Bc, D=fast_bucket(d), num_warps=warps, blocks_per_sm=blocks)
+    D = version.module(registry.BACKWARD).default_config(d).D
+    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=warps, blocks_per_sm=blocks)
 
 
 def main(argv=None):
@@ -59,21 +65,21 @@ def main(argv=None):
     import numpy as np
     from numba import cuda
 
-    from flashnumba.kernels import fa2_fast_backward, fa2_fast_forward
+    version = registry.version(args.version)
+    forward, backward = version.module(registry.FORWARD), version.module(registry.BACKWARD)
     B, H, N, d = parse_shape(args.shape)
-    config = parse_config(args.config, d) if args.config else None
+    config = parse_config(args.config, d, version) if args.config else None
     rng = np.random.default_rng(0)
     q, k, v, dout = (cuda.to_device(rng.standard_normal((B, N, H, d), dtype=np.float32))
                      for _ in range(4))
-    out, L = fa2_fast_forward.fa2_fast_forward(q, k, v, causal=args.causal)
+    out, L = forward.forward(q, k, v, causal=args.causal)
     launches = []
     if args.direction in ("fwd", "both"):
-        launch, _, _ = fa2_fast_forward.launcher(q, k, v, causal=args.causal)
-        launches.append(("fa2_fast_forward", launch))
+        launch, _, _ = forward.launcher(q, k, v, causal=args.causal)
+        launches.append((version.kernel(registry.FORWARD), launch))
     if args.direction in ("bwd", "both"):
-        launch, _, _, _ = fa2_fast_backward.launcher(dout, q, k, v, out, L, causal=args.causal,
-                                                     config=config)
-        launches.append(("fa2_fast_backward", launch))
+        launch, _, _, _ = backward.launcher(dout, q, k, v, out, L, causal=args.causal, config=config)
+        launches.append((version.kernel(registry.BACKWARD), launch))
     for name, launch in launches:
         for n in range(LAUNCHES):
             start, stop = cuda.event(), cuda.event()

@@ -7,54 +7,40 @@ verdict the GPU benchmark uses. Nothing is timed: the simulator runs Python
 threads, its speed says nothing about a GPU.
 """
 
-import importlib
 import time
 
 import numpy as np
 
-from flashnumba import reference
+from flashnumba import reference, registry
 from flashnumba.bench.check import verdict
 
 # (B, Nq, Nk, Hq, Hkv, d, causal)
 SIM_SHAPES = ((1, 40, 40, 2, 1, 32, False), (1, 72, 40, 2, 2, 24, True))
 
 
-def _kernels(name):
-    return importlib.import_module(f"flashnumba.kernels.{name}")
-
-
 def sim_functions():
-    """[(name, direction, fn)], fn(q, k, v, dout, causal) -> outputs: (O,) or (dq, dk, dv)."""
+    """[(name, direction, fn)], fn(q, k, v, dout, causal) -> outputs: (O,) or (dq, dk, dv):
+    every registry version both ways, and the naive baseline forward."""
     fns = []
 
-    def fwd(module, attr, picks=1):
+    def forward(version):
         def fn(q, k, v, dout, causal):
-            return getattr(_kernels(module), attr)(q, k, v, causal=causal)[:picks]
+            return version.module(registry.FORWARD).forward(q, k, v, causal=causal)[:1]
         return fn
 
-    fns.append(("flashnumba fa2_fast", "fwd", fwd("fa2_fast_forward", "fa2_fast_forward")))
-    fns.append(("flashnumba fa2", "fwd", fwd("fa2_forward", "fa2_forward")))
-    fns.append(("flashnumba fa1", "fwd", fwd("fa1_forward", "fa1_forward")))
-    fns.append(("numba naive", "fwd", fwd("naive", "naive_attention")))
-
-    def fast_bwd(q, k, v, dout, causal):
-        out, L = _kernels("fa2_fast_forward").fa2_fast_forward(q, k, v, causal=causal)
-        return _kernels("fa2_fast_backward").fa2_fast_backward(dout, q, k, v, out, L, causal=causal)
-
-    def readable_bwd(algorithm):
+    def backward(version):
         def fn(q, k, v, dout, causal):
-            saved = getattr(_kernels(f"{algorithm}_forward"), f"{algorithm}_forward")(q, k, v, causal=causal)
-            bwd = getattr(_kernels(f"{algorithm}_backward"), f"{algorithm}_backward")
-            return bwd(dout, q, k, v, *saved, causal=causal)
+            out, L = version.module(registry.FORWARD).forward(q, k, v, causal=causal)
+            return version.module(registry.BACKWARD).backward(dout, q, k, v, out, L, causal=causal)
         return fn
 
-    try:
-        _kernels("fa2_fast_backward")
-        fns.append(("flashnumba fa2_fast", "bwd", fast_bwd))
-    except ImportError:
-        pass
-    fns.append(("flashnumba fa2", "bwd", readable_bwd("fa2")))
-    fns.append(("flashnumba fa1", "bwd", readable_bwd("fa1")))
+    def naive(q, k, v, dout, causal):
+        from flashnumba.kernels.naive import naive_attention
+        return naive_attention(q, k, v, causal=causal)[:1]
+
+    fns += [(f"flashnumba {v.name}", "fwd", forward(v)) for v in registry.VERSIONS]
+    fns.append(("numba naive", "fwd", naive))
+    fns += [(f"flashnumba {v.name}", "bwd", backward(v)) for v in registry.VERSIONS]
     return fns
 
 

@@ -15,12 +15,12 @@ import numpy as np
 from numba import cuda
 
 from flashnumba import geometry
+from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT, WARP_SIZE
 
 HEAD_DIM_BUCKETS = (16, 32, 64, 96, 128)
 MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
-WARP_SIZE = 32
-STATIC_SMEM_LIMIT = 48 * 1024      # bytes of static shared memory per block
-FLOAT_BYTES = 4
+FAST_HEAD_DIMS = (32, 64, 128)           # the fast kernels' compile-time D; d <= 16 runs in D = 32,
+                                         # 64 < d <= 96 in D = 128 (a D = 96 build spilled: 12-wide rows)
 
 
 @cuda.jit(device=True)
@@ -37,6 +37,13 @@ def head_dim_bucket(d):
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim d={d} is not supported: expected 1 <= d <= {MAX_HEAD_DIM}")
     return next(D for D in HEAD_DIM_BUCKETS if d <= D)
+
+
+def fast_bucket(d):
+    """The compile-time head dim D of the fast kernels that serves head dim d."""
+    if not 1 <= d <= FAST_HEAD_DIMS[-1]:
+        raise ValueError(f"head dim d={d} is not supported: expected 1 <= d <= {FAST_HEAD_DIMS[-1]}")
+    return next(D for D in FAST_HEAD_DIMS if d <= D)
 
 
 @dataclass(frozen=True)

@@ -52,14 +52,10 @@ import numpy as np
 from numba import cuda, float32, types
 
 from flashnumba.geometry import BOTTOM_RIGHT
-from flashnumba.kernels import gqa
-from flashnumba.kernels import common
+from flashnumba.kernels import common, gqa
 from flashnumba.kernels.common import (
-    FLOAT_BYTES,
     HEAD_DIM_BUCKETS,
-    WARP_SIZE,
     Arrays,
-    ConfigError,
     TileConfig,
     check_qkv,
     head_dim_bucket,
@@ -67,7 +63,10 @@ from flashnumba.kernels.common import (
     resolve_scale,
 )
 from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.hardware import FLOAT_BYTES, WARP_SIZE
 from flashnumba.kernels.philox import keep
+
+NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 
 NEG_INF = np.float32(-np.inf)
 
@@ -75,7 +74,7 @@ NEG_INF = np.float32(-np.inf)
 # chip for a whole outer step, dQ_i makes a round trip per inner step) within
 # 48 KB of static shared memory; see smem_bytes.
 # ptxas, sm_80/sm_90: 128-165 registers (dropout variant 154-171), no spills
-# (python -m flashnumba.kernels.resources).
+# (flashnumba resources).
 _DEFAULT_TILES = {
     16: (32, 64, 4),     # 38.0 KB
     32: (32, 32, 4),     # 33.7 KB
@@ -110,8 +109,8 @@ def smem_bytes(config):
 
 def check_config(config):
     """Raise ConfigError unless ``build(config)`` can run on a GPU."""
-    common.check_sizes(config, "fa1_backward")
-    common.check_smem(config, smem_bytes(config), "fa1_backward")
+    common.check_sizes(config, NAME)
+    common.check_smem(config, smem_bytes(config), NAME)
 
 
 @functools.cache
@@ -293,7 +292,7 @@ def compile_targets(config):
     label = (f"fa1_backward Br={config.Br} Bc={config.Bc} D={config.D} "
              f"num_warps={config.num_warps}")
     return [(label, build(config), argtypes),
-            (label.replace("fa1_backward", "fa1_backward_dropout"), build(config, dropout=True), argtypes)]
+            (label.replace(NAME, f"{NAME}_dropout"), build(config, dropout=True), argtypes)]
 
 
 def resolve_config(d, Br=None, Bc=None, num_warps=None):
@@ -348,8 +347,6 @@ def fa1_backward(dout, q, k, v, out, l, m, *, causal=False, alignment=BOTTOM_RIG
     return arrays.result(dQ), arrays.result(dK), arrays.result(dV)
 
 
-__all__ = ["ConfigError", "build", "check_config", "compile_targets", "default_config",
-           "fa1_backward", "resolve_config", "shipped_configs", "smem_bytes"]
 
 
 # ---------------------------------------------------------------------------

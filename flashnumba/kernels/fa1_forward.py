@@ -66,11 +66,8 @@ from numba import cuda, float32, types
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common
 from flashnumba.kernels.common import (
-    FLOAT_BYTES,
     HEAD_DIM_BUCKETS,
-    WARP_SIZE,
     Arrays,
-    ConfigError,
     TileConfig,
     check_qkv,
     head_dim_bucket,
@@ -80,14 +77,17 @@ from flashnumba.kernels.common import (
     resolve_scale,
 )
 from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.hardware import FLOAT_BYTES, WARP_SIZE
 from flashnumba.kernels.philox import keep
+
+NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 
 NEG_INF = np.float32(-np.inf)
 
 # Default (Br, Bc, num_warps) per head-dim bucket: 4 warps and tiles that fit
 # 48 KB of static shared memory (see smem_bytes; PV_warp is the big one).
 # ptxas, sm_80/sm_90: 125-164 registers (dropout variant 122-165), no spills
-# (python -m flashnumba.kernels.resources).
+# (flashnumba resources).
 _DEFAULT_TILES = {
     16: (32, 64, 4),     # 28.8 KB
     32: (32, 32, 4),     # 34.8 KB
@@ -125,11 +125,11 @@ def smem_bytes(config):
 
 def check_config(config):
     """Raise ConfigError unless ``build(config)`` can run on a GPU."""
-    common.check_sizes(config, "fa1_forward")
+    common.check_sizes(config, NAME)
     require(config.Bc % config.num_warps == 0,
             f"fa1_forward: the warps split the Bc keys of S_ij evenly, but Bc={config.Bc} "
             f"is not a multiple of num_warps={config.num_warps}")
-    common.check_smem(config, smem_bytes(config), "fa1_forward")
+    common.check_smem(config, smem_bytes(config), NAME)
 
 
 @functools.cache
@@ -333,7 +333,7 @@ def compile_targets(config):
     label = (f"fa1_forward Br={config.Br} Bc={config.Bc} D={config.D} "
              f"num_warps={config.num_warps}")
     return [(label, build(config), argtypes),
-            (label.replace("fa1_forward", "fa1_forward_dropout"), build(config, dropout=True), argtypes)]
+            (label.replace(NAME, f"{NAME}_dropout"), build(config, dropout=True), argtypes)]
 
 
 def resolve_config(d, Br=None, Bc=None, num_warps=None):
@@ -376,8 +376,6 @@ def fa1_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=
     return arrays.result(O), arrays.result(l), arrays.result(m)
 
 
-__all__ = ["ConfigError", "build", "check_config", "compile_targets", "default_config",
-           "fa1_forward", "resolve_config", "shipped_configs", "smem_bytes"]
 
 
 # ---------------------------------------------------------------------------

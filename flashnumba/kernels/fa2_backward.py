@@ -87,15 +87,14 @@ from numba import cuda, float32, types
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, gqa
 from flashnumba.kernels.common import (
-    FLOAT_BYTES,
     HEAD_DIM_BUCKETS,
-    WARP_SIZE,
     TileConfig,
     require,
 )
-from flashnumba.kernels.fa2_forward import FULL_MASK, MAX_REGISTER_TILE
 from flashnumba.kernels.geometry import kv_tile_end, q_tile_start
+from flashnumba.kernels.hardware import FLOAT_BYTES, MAX_REGISTER_TILE, WARP_SIZE
 from flashnumba.kernels.philox import keep
+from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess, zero_fill
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps). All fit in 48 KB of
 # static shared memory (see smem_bytes) and keep their register arrays in
@@ -109,17 +108,11 @@ _DEFAULTS = {
     128: (8, 32, 4),
 }
 
-# preprocess: 8 lanes per row, 4 rows per warp, 4 warps per block
-LANES_PER_ROW = 8
-ROWS_PER_PRE_WARP = WARP_SIZE // LANES_PER_ROW
-PRE_WARPS = 4
-PRE_THREADS = PRE_WARPS * WARP_SIZE
-PRE_ROWS_PER_BLOCK = PRE_WARPS * ROWS_PER_PRE_WARP
-
-
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
+
+NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 
 def _sizes(config):
     """rows of Q_i per warp, key rows per warp, score columns per lane, dims per lane."""
@@ -157,7 +150,7 @@ def smem_bytes(config):
 
 def check_config(config):
     """Raise ConfigError unless the configuration can compile and launch."""
-    common.check_sizes(config, "fa2_backward")
+    common.check_sizes(config, NAME)
     Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
     require(Br % num_warps == 0,
             f"Br={Br} must be a multiple of num_warps={num_warps}: each warp owns Br/num_warps rows of Q_i")
@@ -165,52 +158,13 @@ def check_config(config):
             f"Bc={Bc} must be a multiple of {WARP_SIZE}: each lane owns Bc/32 score columns")
     require(Bc % num_warps == 0,
             f"Bc={Bc} must be a multiple of num_warps={num_warps}: each warp owns Bc/num_warps rows of dK_j, dV_j")
-    common.check_smem(config, smem_bytes(config), "fa2_backward")
+    common.check_smem(config, smem_bytes(config), NAME)
     rows_per_warp, keys_per_warp, cols_per_lane, dims_per_lane = _sizes(config)
     registers = max(2 * rows_per_warp * cols_per_lane,                  # S_ij, dP_ij
                     2 * keys_per_warp * dims_per_lane + rows_per_warp * dims_per_lane)  # dK_j, dV_j, dQ_i
     require(registers <= MAX_REGISTER_TILE,
             f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps} holds {registers} floats per thread "
             f"in register arrays (> {MAX_REGISTER_TILE}, would spill); use more warps or smaller tiles")
-
-
-# ---------------------------------------------------------------------------
-# Kernel 1: D_i = rowsum(dO_i * O_i), with a sub-warp shuffle butterfly
-# ---------------------------------------------------------------------------
-
-@cuda.jit
-def preprocess(dout, out, D_rows):
-    """D_rows[b, h, r] = sum_k dout[b, r, h, k] * out[b, r, h, k]."""
-    _, N_q, H_q, d = out.shape
-    b = cuda.blockIdx.y // H_q
-    h = cuda.blockIdx.y % H_q
-    tid = cuda.threadIdx.x
-    warp = tid // WARP_SIZE
-    lane = tid % WARP_SIZE
-    row = cuda.blockIdx.x * PRE_ROWS_PER_BLOCK + warp * ROWS_PER_PRE_WARP + lane // LANES_PER_ROW
-    sub = lane % LANES_PER_ROW                 # this lane's place among its row's 8 lanes
-
-    partial = float32(0.0)
-    if row < N_q:
-        for kk in range(sub, d, LANES_PER_ROW):
-            partial += dout[b, row, h, kk] * out[b, row, h, kk]
-    # butterfly over the 8 lanes of this row (xor offsets < 8 never leave the group);
-    # every lane takes part, also those past N_q, so the full mask is right
-    offset = LANES_PER_ROW // 2
-    while offset > 0:
-        partial += cuda.shfl_xor_sync(FULL_MASK, partial, offset)
-        offset //= 2
-    if sub == 0 and row < N_q:
-        D_rows[b, h, row] = partial
-
-
-@cuda.jit
-def zero_fill(x):
-    """x[...] = 0 for a 4-D array: dQ starts at zero before the atomics add into it."""
-    B, N, H, d = x.shape
-    idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if idx < B * N * H * d:
-        x[idx // (N * H * d), (idx // (H * d)) % N, (idx // d) % H, idx % d] = 0.0
 
 
 # ---------------------------------------------------------------------------

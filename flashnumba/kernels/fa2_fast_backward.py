@@ -153,24 +153,14 @@ from numba import cuda, float32, types
 
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, gqa, smem_limit
-from flashnumba.kernels.common import (
-    FLOAT_BYTES,
-    WARP_SIZE,
-    ConfigError,
-    TileConfig,
-    require,
-)
-from flashnumba.kernels.fa2_backward import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess, zero_fill
-from flashnumba.kernels.fa2_fast_forward import (
-    FAST_HEAD_DIMS,
-    LOG2_E,
-    REGISTERS_PER_SM,
-    SM_SHARED_BYTES,
-    fast_bucket,
-)
-from flashnumba.kernels.fast_math import exp2_ftz, is_negative_zero
+from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
+from flashnumba.kernels.fast_math import LOG2_E, exp2_ftz, is_negative_zero
 from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.hardware import FLOAT_BYTES, REGISTERS_PER_SM, SM_SHARED_BYTES, WARP_SIZE
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
+from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess, zero_fill
+
+NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 
 PAD = 4                                  # floats added to every shared row (see the docstring)
 CHUNK = 4                                # steps of a sum per 16-byte vector
@@ -744,8 +734,8 @@ def compile_targets(config):
     a1 = types.Array(types.float32, 1, "C")
     argtypes = (a1, a4, a4, a1, a3, a3, a1, a4, a4, types.float32, types.boolean, types.int64,
                 types.float64, types.uint64, types.int64)
-    return [("fa2_fast_backward", build(config), argtypes),
-            ("fa2_fast_backward_dropout", build(config, dropout=True), argtypes)]
+    return [(NAME, build(config), argtypes),
+            (f"{NAME}_dropout", build(config, dropout=True), argtypes)]
 
 
 # ---------------------------------------------------------------------------

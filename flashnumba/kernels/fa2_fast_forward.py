@@ -113,25 +113,26 @@ from numba import cuda, float32, types
 
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common
-from flashnumba.kernels.common import (
+from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
+from flashnumba.kernels.fast_math import LN_2, LOG2_E
+from flashnumba.kernels.geometry import kv_tile_end
+from flashnumba.kernels.hardware import (
     FLOAT_BYTES,
+    FULL_MASK,
+    REGISTERS_PER_SM,
+    SM_SHARED_BYTES,
     STATIC_SMEM_LIMIT,
     WARP_SIZE,
-    ConfigError,
-    TileConfig,
-    require,
 )
-from flashnumba.kernels.geometry import kv_tile_end
-from flashnumba.kernels.philox import kept, philox4x32, philox_key   # kept: philox.keep's test on a drawn word
+from flashnumba.kernels.philox import (  # kept: philox.keep's test on a drawn word
+    kept,
+    philox4x32,
+    philox_key,
+)
 
-FULL_MASK = 0xFFFFFFFF
-LOG2_E = 1.4426950408889634
-LN_2 = 0.6931471805599453
+NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
+
 TM = 4                                   # rows of S_ij and O_i per thread (one 16-byte vector)
-FAST_HEAD_DIMS = (32, 64, 128)           # compile-time D; d <= 16 runs in D = 32, 64 < d <= 96 in D = 128
-                                         # (a D = 96 build spilled: 12-wide register rows)
-SM_SHARED_BYTES = 227 * 1024             # usable shared memory per SM on sm_90 (sm_80: 163 KB)
-REGISTERS_PER_SM = 65536
 MIN_REGISTERS = 160                      # per thread: S_ij, O_i, operands, and one tile of loads in flight
 MAX_REGISTER_FLOATS = 112                # S_ij + O_i + operands per thread; more would spill
 
@@ -146,13 +147,6 @@ _ALTERNATIVES = {
     64: [(32, 32, 2)],
     128: [],
 }
-
-
-def fast_bucket(d):
-    """The compile-time head dim D of the fast kernels that serves head dim d."""
-    if not 1 <= d <= FAST_HEAD_DIMS[-1]:
-        raise ValueError(f"head dim d={d} is not supported: expected 1 <= d <= {FAST_HEAD_DIMS[-1]}")
-    return next(D for D in FAST_HEAD_DIMS if d <= D)
 
 
 # ---------------------------------------------------------------------------
@@ -495,8 +489,8 @@ def compile_targets(config):
     a3 = types.Array(types.float32, 3, "C")
     argtypes = (a4, a4, a4, a4, a3, types.float32, types.boolean, types.int64, types.float64,
                 types.uint64, types.int64)
-    return [("fa2_fast_forward", build(config), argtypes),
-            ("fa2_fast_forward_dropout", build(config, dropout=True), argtypes)]
+    return [(NAME, build(config), argtypes),
+            (f"{NAME}_dropout", build(config, dropout=True), argtypes)]
 
 
 # ---------------------------------------------------------------------------

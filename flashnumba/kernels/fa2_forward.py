@@ -74,18 +74,10 @@ from numba import cuda, float32, types
 
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common
-from flashnumba.kernels.common import (
-    FLOAT_BYTES,
-    HEAD_DIM_BUCKETS,
-    WARP_SIZE,
-    TileConfig,
-    require,
-)
+from flashnumba.kernels.common import HEAD_DIM_BUCKETS, TileConfig, require
 from flashnumba.kernels.geometry import kv_tile_end
+from flashnumba.kernels.hardware import FLOAT_BYTES, FULL_MASK, MAX_REGISTER_TILE, WARP_SIZE
 from flashnumba.kernels.philox import keep
-
-FULL_MASK = 0xFFFFFFFF     # every lane of the warp takes part in the shuffle
-MAX_REGISTER_TILE = 128    # floats per thread in register arrays; more would spill
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps). All fit in 48 KB of
 # static shared memory (see smem_bytes) and keep their register arrays in
@@ -104,6 +96,8 @@ _DEFAULTS = {
 # ---------------------------------------------------------------------------
 # Warp reductions: xor butterflies, every lane ends with the same value
 # ---------------------------------------------------------------------------
+
+NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 
 @cuda.jit(device=True)
 def warp_max(x):
@@ -163,13 +157,13 @@ def smem_bytes(config):
 
 def check_config(config):
     """Raise ConfigError unless the configuration can compile and launch."""
-    common.check_sizes(config, "fa2_forward")
+    common.check_sizes(config, NAME)
     Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
     require(Br % num_warps == 0,
             f"Br={Br} must be a multiple of num_warps={num_warps}: each warp owns Br/num_warps rows")
     require(Bc % WARP_SIZE == 0,
             f"Bc={Bc} must be a multiple of {WARP_SIZE}: each lane owns Bc/32 score columns")
-    common.check_smem(config, smem_bytes(config), "fa2_forward")
+    common.check_smem(config, smem_bytes(config), NAME)
     rows_per_warp, cols_per_lane, dims_per_lane = _sizes(config)
     registers = rows_per_warp * (cols_per_lane + dims_per_lane + 3)
     require(registers <= MAX_REGISTER_TILE,
@@ -354,8 +348,8 @@ def compile_targets(config):
     a3 = types.Array(types.float32, 3, "C")
     argtypes = (a4, a4, a4, a4, a3, a3, a3, types.float32, types.boolean,
                 types.int64, types.float64, types.uint64, types.int64)
-    return [("fa2_forward", build(config), argtypes),
-            ("fa2_forward_dropout", build(config, dropout=True), argtypes)]
+    return [(NAME, build(config), argtypes),
+            (f"{NAME}_dropout", build(config, dropout=True), argtypes)]
 
 
 # ---------------------------------------------------------------------------

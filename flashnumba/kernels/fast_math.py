@@ -23,6 +23,9 @@ import struct
 from numba import config as numba_config
 from numba import cuda, types
 
+LOG2_E = 1.4426950408889634               # exp(x) = exp2(x log2 e)
+LN_2 = 0.6931471805599453                 # log(x) = log2(x) ln 2
+
 SMALLEST_NORMAL = 2.0 ** -126
 NEGATIVE_ZERO_BITS = -2 ** 31            # 0x80000000 read as int32
 

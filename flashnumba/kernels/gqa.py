@@ -37,3 +37,10 @@ def reduce_groups(dX_per_q_head, Hkv):
     n = B * N * Hkv * d
     sum_head_groups[(n + THREADS - 1) // THREADS, THREADS](dX_per_q_head, dX)
     return dX
+
+
+def targets():
+    """(label, dispatcher, argtypes) for the resource check: the GQA reduction."""
+    from numba import types
+    array4 = types.Array(types.float32, 4, "C")
+    return [("sum_head_groups", sum_head_groups, (array4, array4))]

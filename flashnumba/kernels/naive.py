@@ -143,7 +143,7 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None):
 
 
 def targets():
-    """[(label, dispatcher, argtypes)] for flashnumba.kernels.resources (a plain target)."""
+    """[(label, dispatcher, argtypes)] for flashnumba.tools.resources (a plain target)."""
     from numba import types
     a4 = types.Array(types.float32, 4, "C")
     a3 = types.Array(types.float32, 3, "C")

@@ -43,7 +43,7 @@ from flashnumba.mirror.common import (
 )
 from flashnumba.mirror.trace import finish, record
 
-ALGORITHM = "fa1_backward"
+ALGORITHM = __name__.rpartition(".")[2]     # "fa2_forward": the name its steps carry
 
 
 def fa1_backward_steps(dO, Q, K, V, O, l, m, *, Br=None, Bc=None, M=None, causal=False,

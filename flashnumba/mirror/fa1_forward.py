@@ -32,7 +32,7 @@ from flashnumba.hbm import HBM
 from flashnumba.mirror.common import divide_rows, dropped, load, prepare, safe, scores, store
 from flashnumba.mirror.trace import finish, record
 
-ALGORITHM = "fa1_forward"
+ALGORITHM = __name__.rpartition(".")[2]     # "fa2_forward": the name its steps carry
 
 
 def fa1_forward_steps(Q, K, V, *, Br=None, Bc=None, M=None, causal=False, alignment=BOTTOM_RIGHT,

@@ -38,7 +38,7 @@ from flashnumba.hbm import HBM
 from flashnumba.mirror.common import as_matrix, dropped, load, prepare, safe, scores, store
 from flashnumba.mirror.trace import finish, record
 
-ALGORITHM = "fa2_backward"
+ALGORITHM = __name__.rpartition(".")[2]     # "fa2_forward": the name its steps carry
 
 
 def fa2_backward_steps(dO, Q, K, V, O, L, *, Br=None, Bc=None, M=None, causal=False,

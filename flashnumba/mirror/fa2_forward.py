@@ -43,7 +43,7 @@ from flashnumba.mirror.common import (
 )
 from flashnumba.mirror.trace import finish, record, run
 
-ALGORITHM = "fa2_forward"
+ALGORITHM = __name__.rpartition(".")[2]     # "fa2_forward": the name its steps carry
 
 
 def _write_out(hbm, O, L, rows, O_i, l_i, m_i):

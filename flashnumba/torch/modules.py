@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import flashnumba
-from flashnumba.validate import ALGORITHMS   # noqa: F401  (re-exported for the training example)
+from flashnumba import validate
 
 ATTENTIONS = ("flashnumba", "torch")
 
@@ -51,11 +51,10 @@ class FlashAttention(nn.Module):
     training mode only.
     """
 
-    def __init__(self, causal=False, softmax_scale=None, dropout=0.0, algorithm="fa2",
+    def __init__(self, causal=False, softmax_scale=None, dropout=0.0, algorithm=None,
                  deterministic=False):
         super().__init__()
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        algorithm = validate.algorithm(algorithm)          # a registry version; None: the default
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.causal = bool(causal)
@@ -92,7 +91,7 @@ class MultiheadSelfAttention(nn.Module):
     """
 
     def __init__(self, embed_dim, num_heads, num_kv_heads=None, dropout=0.0, causal=False,
-                 bias=True, attention="flashnumba", algorithm="fa2", softmax_scale=None,
+                 bias=True, attention="flashnumba", algorithm=None, softmax_scale=None,
                  device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from flashnumba import registry
 from flashnumba.geometry import BOTTOM_RIGHT, FULL, PARTIAL, SKIPPED, TOP_LEFT
 from flashnumba.viz import style
 from flashnumba.viz.traces import record
@@ -71,7 +72,7 @@ def causal_skipping_figure(Br=8, Bc=8, d=4, seed=0, cases=CASES):
     data = []
     for row, (Nq, Nk, what) in enumerate(cases):
         for col, alignment in enumerate((BOTTOM_RIGHT, TOP_LEFT)):
-            trace = record("fa2_forward", Nq, Nk, d, Br, Bc, causal=True, alignment=alignment, seed=seed)
+            trace = record(registry.FA2.mirror_forward, Nq, Nk, d, Br, Bc, causal=True, alignment=alignment, seed=seed)
             panel = tile_kinds(trace)
             panel.update(Nq=Nq, Nk=Nk, alignment=alignment, case=what)
             n = panel["counts"]

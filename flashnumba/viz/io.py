@@ -16,18 +16,18 @@ falling with M: about 2 N^2 + 2 N d.
 
 import numpy as np
 
+from flashnumba import registry
 from flashnumba.viz import style
 from flashnumba.viz.traces import hbm_counts
 
-ALGORITHMS = {"standard_forward": "standard attention", "fa1_forward": "FlashAttention-1",
-              "fa2_forward": "FlashAttention-2"}
-MARKERS = {"standard_forward": "s", "fa1_forward": "o", "fa2_forward": "^"}
+ALGORITHMS = {a.mirror_forward: a.title for a in registry.ALGORITHMS}   # mirror -> label
+MARKERS = dict(zip(ALGORITHMS, "so^v"))
 
 
 def formula(algorithm, N, d, M):
     """The paper's bound without its constant: N d + N^2 (standard), N^2 d^2 / M (FlashAttention)."""
     N, M = np.asarray(N, dtype=float), np.asarray(M, dtype=float)
-    if algorithm == "standard_forward":
+    if algorithm == registry.STANDARD.mirror_forward:
         return N * d + N ** 2 + 0 * M
     return N ** 2 * d ** 2 / M
 
@@ -54,7 +54,7 @@ def io_figure(d=8, N_fixed=128, Ms=(64, 128, 256, 512, 1024), M_fixed=1024, Ns=(
         for n, (algorithm, label) in enumerate(ALGORITHMS.items()):
             measured = [measure(algorithm, N, d, M) for N, M in points]
             bound = [formula(algorithm, N, d, M) for N, M in points]
-            if algorithm == "fa2_forward":
+            if algorithm == registry.FA2.mirror_forward:
                 # the bound is for the regime Br = Bc < d (M < 4 d^2); fit there when possible
                 fit_on = [k for k, (N, M) in enumerate(points) if M < 4 * d * d] or range(len(points))
             else:
@@ -65,8 +65,8 @@ def io_figure(d=8, N_fixed=128, Ms=(64, 128, 256, 512, 1024), M_fixed=1024, Ns=(
             fine = np.geomspace(xs[0], xs[-1], 50)
             curve = [c * formula(algorithm, x if key == "vs_N" else N_fixed, d,
                                  x if key == "vs_M" else M_fixed) for x in fine]
-            paper = "(N d + N^2)" if algorithm == "standard_forward" else "N^2 d^2 / M"
-            if algorithm == "fa2_forward" and key == "vs_M":
+            paper = "(N d + N^2)" if algorithm == registry.STANDARD.mirror_forward else "N^2 d^2 / M"
+            if algorithm == registry.FA2.mirror_forward and key == "vs_M":
                 paper += ", fit for M < 4d^2"
             ax.plot(fine, curve, "-", color=colour, lw=1.2, alpha=0.8,
                     label=f"{label}: {c:.2g} x {paper}")

@@ -11,6 +11,7 @@ which the mirror computed it (within its thread block), its colour the block.
 
 from itertools import pairwise
 
+from flashnumba import registry
 from flashnumba.geometry import SKIPPED
 from flashnumba.viz import style
 from flashnumba.viz.traces import record, within_block_step
@@ -59,8 +60,8 @@ def _draw(ax, tiling, sched, title):
 
 def loop_order_figure(Nq=32, Nk=32, d=4, Br=8, Bc=8, causal=False, seed=0):
     """FA1's schedule beside FA2's, from the fa1_forward and fa2_forward mirrors' traces."""
-    fa1 = record("fa1_forward", Nq, Nk, d, Br, Bc, causal=causal, seed=seed)
-    fa2 = record("fa2_forward", Nq, Nk, d, Br, Bc, causal=causal, seed=seed)
+    fa1 = record(registry.FA1.mirror_forward, Nq, Nk, d, Br, Bc, causal=causal, seed=seed)
+    fa2 = record(registry.FA2.mirror_forward, Nq, Nk, d, Br, Bc, causal=causal, seed=seed)
     # FA1: one thread block per (batch, head) does every tile. FA2: one block per Q tile i.
     s1 = schedule(fa1, block_of=lambda s: 0)
     s2 = schedule(fa2, block_of=lambda s: s.i)
@@ -78,5 +79,5 @@ def loop_order_figure(Nq=32, Nk=32, d=4, Br=8, Bc=8, causal=False, seed=0):
     fig.supxlabel("number = step within its thread block;  arrows = order of the steps\n"
                   "colour = thread block: tiles of one colour are computed one after another, "
                   "blocks of different colours at the same time", fontsize=8)
-    fig.flashnumba_data = {"tiling": t, "fa1": s1, "fa2": s2}
+    fig.flashnumba_data = {"tiling": t, registry.FA1.name: s1, registry.FA2.name: s2}
     return fig

@@ -12,7 +12,7 @@ HBM counter recorded for it. Bytes assume float32 (4 bytes per element).
 
 import numpy as np
 
-from flashnumba import mirror
+from flashnumba import mirror, registry
 from flashnumba.hbm import HBM
 from flashnumba.mirror.trace import run
 from flashnumba.viz import style
@@ -20,9 +20,9 @@ from flashnumba.viz.traces import problem, tile_of
 
 BYTES = 4   # float32
 OUTPUTS = {"O"}
-ALGORITHMS = {"standard_forward": "standard attention: S and P (N x N each)",
-              "fa1_forward": "FlashAttention-1: l and m (N each)",
-              "fa2_forward": "FlashAttention-2: L = m + log l (N)"}
+STORES = {registry.STANDARD: "S and P (N x N each)", registry.FA1: "l and m (N each)",
+          registry.FA2: "L = m + log l (N)"}      # what each algorithm keeps in HBM beyond O
+ALGORITHMS = {a.mirror_forward: f"{a.title}: {STORES[a]}" for a in registry.ALGORITHMS}
 
 
 def extra_elements(steps):
@@ -47,7 +47,7 @@ def extra_elements(steps):
 def footprint(algorithm, N, d=8, Br=8, Bc=8, seed=0):
     """{tensor: elements} stored beyond O by one forward run on N queries and N keys."""
     x = problem(N, N, d, seed)
-    if algorithm == "standard_forward":
+    if algorithm == registry.STANDARD.mirror_forward:
         steps, _ = run(mirror.standard_forward_steps(x["Q"], x["K"], x["V"], hbm=HBM()))
     else:
         steps, _ = run(getattr(mirror, algorithm + "_steps")(x["Q"], x["K"], x["V"], Br=Br, Bc=Bc,
@@ -61,8 +61,8 @@ def memory_figure(Ns=(16, 32, 64, 128, 256), d=8, N_max=16384, d_io=64):
     ax = fig.subplots()
     data = {"N": list(Ns), "bytes": {}, "tensors": {}}
     far = np.geomspace(Ns[0], N_max, 60)
-    per_N = {"standard_forward": lambda N: 2 * N * N, "fa1_forward": lambda N: 2 * N,
-             "fa2_forward": lambda N: N}
+    per_N = {registry.STANDARD.mirror_forward: lambda N: 2 * N * N, registry.FA1.mirror_forward: lambda N: 2 * N,
+             registry.FA2.mirror_forward: lambda N: N}
     for n, (algorithm, label) in enumerate(ALGORITHMS.items()):
         sizes = [footprint(algorithm, N, d) for N in Ns]
         measured = [BYTES * sum(s.values()) for s in sizes]

@@ -20,6 +20,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from flashnumba import registry
 from flashnumba.viz import style
 from flashnumba.viz.traces import record, tile_of
 
@@ -58,12 +59,12 @@ def step_view(trace, k):
 
 
 
-NAMES = {"fa1_forward": "FlashAttention-1", "fa2_forward": "FlashAttention-2"}
+NAMES = {a.mirror_forward: a.title for a in (registry.FA1, registry.FA2)}
 NOTES = {
-    "fa1_forward": ["O, l, m live in HBM: every step",
+    registry.FA1.mirror_forward: ["O, l, m live in HBM: every step",
                     "loads O_i, l_i, m_i and stores",
                     "them back."],
-    "fa2_forward": ["O_i, l_i, m_i stay in SRAM for a",
+    registry.FA2.mirror_forward: ["O_i, l_i, m_i stay in SRAM for a",
                     "whole row of tiles; its last step",
                     "stores O_i and L_i = m_i + log l_i."],
 }

@@ -14,6 +14,7 @@ Every value drawn is read from the mirror's Step.state after each step.
 
 import numpy as np
 
+from flashnumba import registry
 from flashnumba.reference import single_head
 from flashnumba.viz import style
 from flashnumba.viz.traces import record
@@ -50,8 +51,10 @@ def _rows_with_most_new_maxima(history, n):
     return sorted(count, key=lambda r: (-count[r], r))[:n]
 
 
-def online_softmax_figure(algorithm="fa2_forward", Nq=16, Nk=64, d=8, Br=8, Bc=8, n_rows=3, seed=3):
-    """Running m, l, rescale factor and m + log l for a few rows of Q tile 0, against the reference lse."""
+def online_softmax_figure(algorithm=None, Nq=16, Nk=64, d=8, Br=8, Bc=8, n_rows=3, seed=3):
+    """Running m, l, rescale factor and m + log l for a few rows of Q tile 0, against the reference lse
+    (algorithm: a tiled mirror's name; None: FA2's forward)."""
+    algorithm = registry.FA2.mirror_forward if algorithm is None else algorithm
     trace = record(algorithm, Nq, Nk, d, Br, Bc, seed=seed)
     x = trace.inputs
     _, lse_ref = single_head(x["Q"], x["K"], x["V"])
@@ -95,7 +98,7 @@ def online_softmax_figure(algorithm="fa2_forward", Nq=16, Nk=64, d=8, Br=8, Bc=8
     ax_l.legend(fontsize=7)
     ax_lse.set_title("m_i + log l_i after each step; dashed: reference lse (float64)", fontsize=9)
     ax_lse.legend(fontsize=7, loc="lower right")
-    name = {"fa1_forward": "FlashAttention-1", "fa2_forward": "FlashAttention-2"}[algorithm]
+    name = next(a.title for a in registry.ALGORITHMS if a.mirror_forward == algorithm)
     fig.suptitle(f"Online softmax in the {name} mirror: rows {', '.join(map(str, rows))} of Q tile 0 "
                  f"(Nk = {Nk} keys in {trace.tiling.Tc} tiles of Bc = {Bc})", fontsize=10)
     final_lse = {r: history[r]["lse"][-1] for r in rows}

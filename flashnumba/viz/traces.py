@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashnumba import mirror
+from flashnumba import mirror, registry
 from flashnumba.geometry import BOTTOM_RIGHT, Tiling, default_block_sizes
 from flashnumba.hbm import HBM
 from flashnumba.mirror.trace import run
 
-ALGORITHMS = ("fa1_forward", "fa2_forward", "fa1_backward", "fa2_backward")
+# the tiled algorithms' mirrors, forward then backward: "fa1_forward", "fa2_forward", ...
+ALGORITHMS = tuple(a.mirror(direction).__name__ for direction in registry.DIRECTIONS
+                   for a in registry.ALGORITHMS if a is not registry.STANDARD)
 
 
 @dataclass
@@ -72,11 +74,11 @@ def record(algorithm, Nq, Nk, d, Br=None, Bc=None, M=None, causal=False,
 def hbm_counts(algorithm, N, d, M=None, Br=None, Bc=None, seed=0):
     """The HBM counter after one forward run of N queries and N keys: (reads, writes) dicts.
 
-    algorithm: "standard_forward" (no tiling), "fa1_forward" or "fa2_forward".
+    algorithm: registry.STANDARD.mirror_forward (no tiling), registry.FA1.mirror_forward or registry.FA2.mirror_forward.
     """
     x = problem(N, N, d, seed)
     hbm = HBM()
-    if algorithm == "standard_forward":
+    if algorithm == registry.STANDARD.mirror_forward:
         mirror.standard_forward(x["Q"], x["K"], x["V"], hbm=hbm)
     else:
         Br, Bc = block_sizes(d, Br, Bc, M)

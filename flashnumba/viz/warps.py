@@ -19,6 +19,7 @@ it is drawn from the fa2_backward mirror's trace.
 
 import numpy as np
 
+from flashnumba import registry
 from flashnumba.geometry import SKIPPED
 from flashnumba.viz import style
 from flashnumba.viz.traces import record, tile_of, within_block_step
@@ -164,7 +165,7 @@ def backward_blocks_figure(Nq=32, Nk=32, d=4, Br=8, Bc=8, causal=True, seed=0):
     them, numbered by step within that block. Right: which blocks write each
     tile of dK, dV (one each) and add into each tile of dQ (many).
     """
-    trace = record("fa2_backward", Nq, Nk, d, Br, Bc, causal=causal, seed=seed)
+    trace = record(registry.FA2.mirror_backward, Nq, Nk, d, Br, Bc, causal=causal, seed=seed)
     t = trace.tiling
     writers = {}     # (tensor, tile) -> blocks that stored into it, in order
     for s in trace.steps:

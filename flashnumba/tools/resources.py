@@ -16,8 +16,8 @@ kernel whose tiles live in dynamic shared memory says 0), else
 ``smem_bytes(config)``. The stack frame (local memory: a
 ``cuda.local.array`` indexed at run time lands there) is reported, not failed.
 
-    python -m flashnumba.kernels.resources            # table for sm_80 and sm_90
-    python -m flashnumba.kernels.resources --cc 90 --json
+    flashnumba resources            # table for sm_80 and sm_90
+    flashnumba resources --cc 90 --json
 
     check_all(ccs=((8, 0), (9, 0))) -> [KernelResources]   one record per kernel x config x arch
     find_problems(records)          -> [str]               empty when everything passes
@@ -71,17 +71,12 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from flashnumba.kernels.common import STATIC_SMEM_LIMIT, TileConfig
+from flashnumba import registry
+from flashnumba.kernels.common import TileConfig
+from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT
 
-KERNEL_MODULES = [
-    "flashnumba.kernels.fa1_forward",
-    "flashnumba.kernels.fa1_backward",
-    "flashnumba.kernels.fa2_forward",
-    "flashnumba.kernels.fa2_fast_forward",
-    "flashnumba.kernels.fa2_fast_backward",
-    "flashnumba.kernels.fa2_backward",
-]
-PLAIN_TARGETS = ["flashnumba.kernels.resources:gqa_targets", "flashnumba.kernels.naive:targets",
+KERNEL_MODULES = list(registry.kernel_modules())      # every version's forward and backward
+PLAIN_TARGETS = ["flashnumba.kernels.gqa:targets", "flashnumba.kernels.naive:targets",
                  "flashnumba.kernels.cast:targets", "flashnumba.kernels.lse:targets",
                  "flashnumba.kernels.dropout_mask:targets"]   # "module:function"
 DEFAULT_SOURCES = KERNEL_MODULES + PLAIN_TARGETS
@@ -92,7 +87,7 @@ MAX_REGISTERS = 255                 # per thread, on every architecture since sm
 @dataclass
 class KernelResources:
     """What ptxas reports for one kernel, one tile config, one architecture."""
-    source: str                     # source_name(): "fa1_forward", "resources:gqa_targets"
+    source: str                     # source_name(): "fa1_forward", "gqa:targets"
     label: str                      # from compile_targets ("" when the source itself failed)
     config: TileConfig | None       # None for a kernel without tile config
     cc: tuple                       # (8, 0) -> sm_80
@@ -112,19 +107,6 @@ class KernelResources:
     @property
     def name(self):
         return f"{self.source}.{self.label}" if self.label else self.source
-
-
-# ---------------------------------------------------------------------------
-# Kernels without a tile config
-# ---------------------------------------------------------------------------
-
-def gqa_targets():
-    """The GQA reduction: dK, dV summed over each group of query heads."""
-    from numba import types
-
-    from flashnumba.kernels import gqa
-    array4 = types.Array(types.float32, 4, "C")
-    return [("sum_head_groups", gqa.sum_head_groups, (array4, array4))]
 
 
 # ---------------------------------------------------------------------------
@@ -273,7 +255,7 @@ def _short_error(exc):
 
 def source_name(spec):
     """How records name a source: "flashnumba.kernels.fa1_forward" -> "fa1_forward",
-    "flashnumba.kernels.resources:gqa_targets" -> "resources:gqa_targets"."""
+    "flashnumba.kernels.gqa:targets" -> "gqa:targets"."""
     return spec.rpartition(".")[2]
 
 
@@ -365,7 +347,7 @@ def _worker_main(argv):
 
 # Imports numba.cuda before anything from flashnumba, so flashnumba keeps the real target.
 _WORKER_BOOTSTRAP = ("import sys, numba.cuda; "
-                     "from flashnumba.kernels.resources import _worker_main; "
+                     "from flashnumba.tools.resources import _worker_main; "
                      "sys.exit(_worker_main(sys.argv[1:]))")
 
 

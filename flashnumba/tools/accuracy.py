@@ -1,7 +1,7 @@
 """The accuracy table: every public algorithm in every storage dtype, against the float64 reference.
 
-    python -m flashnumba.accuracy                  # the table, on the GPU (or, small, on the simulator)
-    python -m flashnumba.accuracy --json acc.json
+    flashnumba accuracy                  # the table, on the GPU (or, small, on the simulator)
+    flashnumba accuracy --json acc.json
 
 For each dtype, algorithm and case it runs ``flash_attn_func`` (with
 ``return_attn_probs``) and ``flash_attn_backward`` and reports, per output,
@@ -11,7 +11,7 @@ For each dtype, algorithm and case it runs ``flash_attn_func`` (with
 
 where ref is the float64 reference on exactly the inputs the kernels saw
 (rounded to the dtype) and dense is the same attention computed in that dtype
-(``reference.attention_in_dtype``: every intermediate rounded, as PyTorch
+(``tools.emulation.attention_in_dtype``: every intermediate rounded, as PyTorch
 computes it without upcasting): the official library's rule. lse is float32
 in every dtype and is held to 1e-5 relative. Dropout cases use the mask the
 kernels drew, read back from S_dmask (negative = dropped).
@@ -25,10 +25,11 @@ import ml_dtypes
 import numpy as np
 
 import flashnumba
-from flashnumba import reference
+from flashnumba import reference, registry
+from flashnumba.tools.emulation import attention_backward_in_dtype, attention_in_dtype
 
 DTYPES = ("float32", "float16", "bfloat16")
-ALGORITHMS = ("fa1", "fa2", "fa2_readable")
+ALGORITHMS = registry.names()
 NAMES = ("out", "lse", "dq", "dk", "dv")
 NP = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 LIMITS = {"out": 2.0, "lse": 1e-5, "dq": 3.0, "dk": 3.0, "dv": 3.0}
@@ -79,8 +80,8 @@ def measure(dtype, algorithm, B, Nq, Nk, Hq, Hkv, d, causal, dropout_p, seed=0):
         for name, x, ref in zip(NAMES, got, refs):
             result[name] = (_rel(x, ref), None)
     else:
-        lows = (reference.attention_in_dtype(q64, k64, v64, dtype, **options), None,
-                *reference.attention_backward_in_dtype(dout64, q64, k64, v64, dtype, **options))
+        lows = (attention_in_dtype(q64, k64, v64, dtype, **options), None,
+                *attention_backward_in_dtype(dout64, q64, k64, v64, dtype, **options))
         for name, x, ref, low in zip(NAMES, got, refs, lows):
             if name != "lse":
                 result[name] = (_max(x, ref) / max(_max(low, ref), 1e-30), None)
@@ -121,7 +122,7 @@ def _device_name():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m flashnumba.accuracy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="flashnumba accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--small", action="store_true", help="the simulator-sized cases, also on a GPU")
     parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)

@@ -3,9 +3,9 @@
 Small enough to run under compute-sanitizer (memcheck, racecheck, synccheck,
 initcheck) in a few minutes:
 
-    compute-sanitizer --tool racecheck python -m flashnumba.selfcheck
+    compute-sanitizer --tool racecheck python -m flashnumba.tools.selfcheck
 
-Then the public calls (``flashnumba.accuracy``'s small table: float32 and
+Then the public calls (``flashnumba.tools.accuracy``'s small table: float32 and
 bfloat16, with and without dropout, every algorithm), so the dtype, S_dmask
 and dropout kernels are covered too. Exits non-zero if any result is off by
 more than 1e-5 relative (or the half-precision rule).
@@ -40,32 +40,21 @@ def _rel_err(x, ref):
 
 
 def _implementations():
-    from flashnumba.kernels.fa1_backward import fa1_backward
-    from flashnumba.kernels.fa1_forward import fa1_forward
-    from flashnumba.kernels.fa2_backward import fa2_backward
-    from flashnumba.kernels.fa2_forward import fa2_forward
+    """{label: fn(q, k, v, dout, causal) -> (out, lse, dq, dk, dv)}: every registry version, and
+    every version's deterministic backward."""
+    from flashnumba import registry
 
-    def fa1(q, k, v, dout, causal):
-        O, l, m = fa1_forward(q, k, v, causal=causal)
-        with np.errstate(divide="ignore"):
-            lse = m + np.log(l)
-        return (O, lse, *fa1_backward(dout, q, k, v, O, l, m, causal=causal))
+    def run(version, deterministic=False):
+        def fn(q, k, v, dout, causal):
+            O, L = version.module(registry.FORWARD).forward(q, k, v, causal=causal)
+            backward = registry.version(version.deterministic_backward) if deterministic else version
+            return (O, L, *backward.module(registry.BACKWARD).backward(
+                dout, q, k, v, O, L, causal=causal, deterministic=deterministic))
+        return fn
 
-    def fa2(q, k, v, dout, causal, deterministic=False):
-        O, L = fa2_forward(q, k, v, causal=causal)
-        return (O, L, *fa2_backward(dout, q, k, v, O, L, causal=causal,
-                                    deterministic=deterministic))
-
-    impls = {"fa1": fa1, "fa2": fa2,
-             "fa2 deterministic": lambda *a: fa2(*a, deterministic=True)}
-    from flashnumba.kernels.fa2_fast_backward import fa2_fast_backward
-    from flashnumba.kernels.fa2_fast_forward import fa2_fast_forward
-
-    def fa2_fast(q, k, v, dout, causal):
-        O, L = fa2_fast_forward(q, k, v, causal=causal)
-        return (O, L, *fa2_fast_backward(dout, q, k, v, O, L, causal=causal))
-
-    impls["fa2 fast"] = fa2_fast
+    impls = {v.name: run(v) for v in registry.VERSIONS}
+    impls.update({f"{v.name} deterministic": run(v, True) for v in registry.VERSIONS
+                  if v.deterministic_backward == v.name})
     return impls
 
 
@@ -89,7 +78,7 @@ def main(argv=None):
             print(f"{'PASS' if ok else 'FAIL'} {name:<18} B={B} Nq={Nq} Nk={Nk} Hq={Hq} "
                   f"Hkv={Hkv} d={d} causal={causal}: {shown}", flush=True)
     # the public calls: dtype casts, dropout (S_dmask, Philox in every kernel), every algorithm
-    from flashnumba import accuracy
+    from flashnumba.tools import accuracy
     _, api_failures = accuracy.table(accuracy.SIM_CASES, dtypes=("float32", "bfloat16"))
     failures += api_failures
     print(f"selfcheck: {failures} failure(s) on {flashnumba.device()}")

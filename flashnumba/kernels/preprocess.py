@@ -1,0 +1,58 @@
+"""Before an FA2 backward: D_i = rowsum(dO_i * O_i) (FA2 Alg. 2 l. 4) and dQ = 0 (l. 3).
+
+Shared by every FA2 backward kernel version, so no version imports another's
+module. D_i is the rowsum of dO_i o O_i, which equals rowsum(P_ij o dP_ij) over
+all j: the softmax's backward needs it for every tile of row i, so it is
+computed once, before the main kernel, by 8 lanes per row reducing with a
+shuffle butterfly.
+"""
+
+from numba import cuda, float32
+
+from flashnumba.kernels.hardware import FULL_MASK, WARP_SIZE
+
+# preprocess: 8 lanes per row, 4 rows per warp, 4 warps per block
+LANES_PER_ROW = 8
+ROWS_PER_PRE_WARP = WARP_SIZE // LANES_PER_ROW
+PRE_WARPS = 4
+PRE_THREADS = PRE_WARPS * WARP_SIZE
+PRE_ROWS_PER_BLOCK = PRE_WARPS * ROWS_PER_PRE_WARP
+
+
+# ---------------------------------------------------------------------------
+# Kernel 1: D_i = rowsum(dO_i * O_i), with a sub-warp shuffle butterfly
+# ---------------------------------------------------------------------------
+
+@cuda.jit
+def preprocess(dout, out, D_rows):
+    """D_rows[b, h, r] = sum_k dout[b, r, h, k] * out[b, r, h, k]."""
+    _, N_q, H_q, d = out.shape
+    b = cuda.blockIdx.y // H_q
+    h = cuda.blockIdx.y % H_q
+    tid = cuda.threadIdx.x
+    warp = tid // WARP_SIZE
+    lane = tid % WARP_SIZE
+    row = cuda.blockIdx.x * PRE_ROWS_PER_BLOCK + warp * ROWS_PER_PRE_WARP + lane // LANES_PER_ROW
+    sub = lane % LANES_PER_ROW                 # this lane's place among its row's 8 lanes
+
+    partial = float32(0.0)
+    if row < N_q:
+        for kk in range(sub, d, LANES_PER_ROW):
+            partial += dout[b, row, h, kk] * out[b, row, h, kk]
+    # butterfly over the 8 lanes of this row (xor offsets < 8 never leave the group);
+    # every lane takes part, also those past N_q, so the full mask is right
+    offset = LANES_PER_ROW // 2
+    while offset > 0:
+        partial += cuda.shfl_xor_sync(FULL_MASK, partial, offset)
+        offset //= 2
+    if sub == 0 and row < N_q:
+        D_rows[b, h, row] = partial
+
+
+@cuda.jit
+def zero_fill(x):
+    """x[...] = 0 for a 4-D array: dQ starts at zero before the atomics add into it."""
+    B, N, H, d = x.shape
+    idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if idx < B * N * H * d:
+        x[idx // (N * H * d), (idx // (H * d)) % N, (idx // d) % H, idx % d] = 0.0
