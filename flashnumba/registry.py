@@ -163,6 +163,12 @@ def kernel(name):
     raise ValueError(f"kernel must be one of {', '.join(kernels())}, got {name!r}")
 
 
+def mirrors():
+    """The tiled algorithms' mirror names, forward then backward: "fa1_forward", "fa2_forward", ..."""
+    return tuple(getattr(a, f"mirror_{direction}") for direction in DIRECTIONS
+                 for a in ALGORITHMS if a is not STANDARD)
+
+
 def kernel_modules():
     """Every kernel module's import path, for the resource check."""
     return tuple(f"flashnumba.kernels.{name}" for name in kernels())

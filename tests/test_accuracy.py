@@ -30,5 +30,5 @@ def test_a_wrong_result_fails_the_table(monkeypatch):
         return out * 0.5, lse, S
 
     monkeypatch.setattr(flashnumba, "flash_attn_func", wrong, raising=False)
-    result = accuracy.measure("float32", "fa2_readable", *accuracy.SIM_CASES[0][1:])
+    result = accuracy.measure("float32", "fa2", *accuracy.SIM_CASES[0][1:])
     assert not result["out"][1] and result["lse"][1]

@@ -8,11 +8,11 @@ import pytest
 from conftest import rel_err
 
 import flashnumba
-from flashnumba import philox, reference
+from flashnumba import philox, reference, registry
 from flashnumba.geometry import TOP_LEFT
 
 TOL = 1e-5
-ALGORITHMS = ("fa1", "fa2", "fa2_readable")
+ALGORITHMS = registry.names()
 
 # (B, Nq, Nk, Hq, Hkv, d, causal): N not a tile multiple, Nq != Nk, an odd d, grouped-query
 # heads, fully masked rows (causal, Nq > Nk: the first 18 queries see no key)

@@ -12,10 +12,11 @@ import pytest
 from conftest import rel_err
 
 import flashnumba
-from flashnumba import dtypes, philox, reference
+from flashnumba import dtypes, philox, reference, registry
+from flashnumba.tools import emulation
 
 NP = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-ALGORITHMS = ("fa1", "fa2", "fa2_readable")
+ALGORITHMS = registry.names()
 
 
 def max_err(x, ref):
@@ -41,14 +42,14 @@ def test_low_precision_within_the_official_rule(dtype, algorithm, dropout_p, rng
     q64, k64, v64, dout64 = (x.astype(np.float64) for x in (q, k, v, dout))
     options = dict(causal=causal, dropout_p=dropout_p, dropout_mask=keep)
     out_ref, lse_ref = reference.attention(q64, k64, v64, **options)
-    out_low = reference.attention_in_dtype(q64, k64, v64, dtype, **options)
+    out_low = emulation.attention_in_dtype(q64, k64, v64, dtype, **options)
     assert max_err(out, out_ref) <= 2 * max_err(out_low, out_ref)
     assert rel_err(lse, lse_ref) <= 1e-5                            # lse is computed in fp32 throughout
 
     grads = flashnumba.flash_attn_backward(dout, q, k, v, out, lse, dropout_p=dropout_p, causal=causal,
                                            algorithm=algorithm, seed=4)
     refs = reference.attention_backward(dout64, q64, k64, v64, **options)
-    lows = reference.attention_backward_in_dtype(dout64, q64, k64, v64, dtype, **options)
+    lows = emulation.attention_backward_in_dtype(dout64, q64, k64, v64, dtype, **options)
     for name, x, ref, low in zip(("dq", "dk", "dv"), grads, refs, lows):
         assert x.dtype == NP[dtype], name
         assert max_err(x, ref) <= 3 * max_err(low, ref), name
@@ -61,7 +62,7 @@ def test_the_rule_has_teeth(rng):
     q, k, v = (dtypes.round_to(x, "bfloat16").astype(np.float64) for x in (q, k, v))
     out_ref, _ = reference.attention(q, k, v)
     rounded_once = dtypes.round_to(out_ref, "bfloat16")
-    low = reference.attention_in_dtype(q, k, v, "bfloat16")
+    low = emulation.attention_in_dtype(q, k, v, "bfloat16")
     assert max_err(rounded_once, out_ref) < 0.5 * max_err(low, out_ref)
 
 
@@ -71,6 +72,6 @@ def test_sdpa_takes_float16(rng):
     assert out.dtype == np.float16
     ref = reference.attention(*(x.transpose(0, 2, 1, 3).astype(np.float64) for x in (q, k, v)),
                               causal=True, alignment="top-left")[0].transpose(0, 2, 1, 3)
-    low = reference.attention_in_dtype(*(x.transpose(0, 2, 1, 3).astype(np.float64) for x in (q, k, v)),
+    low = emulation.attention_in_dtype(*(x.transpose(0, 2, 1, 3).astype(np.float64) for x in (q, k, v)),
                                        "float16", causal=True, alignment="top-left").transpose(0, 2, 1, 3)
     assert max_err(out, ref) <= 2 * max_err(low, ref)

@@ -9,6 +9,7 @@ from test_interop import TOL, gpu_only, make
 import flashnumba
 from flashnumba import reference
 from flashnumba.interop import Operand, _Interface, _interface
+from flashnumba.tools import emulation
 
 # ---------------------------------------------------------------- PyTorch (CPU or CUDA)
 
@@ -37,8 +38,8 @@ def test_torch_in_torch_out_with_autograd(device, dtype, rng):
         for x, ref in zip(got, [out_ref, *grads_ref]):
             assert rel_err(x.detach().cpu().numpy(), ref) <= TOL
     else:
-        lows = [reference.attention_in_dtype(*rounded, "bfloat16", causal=True),
-                *reference.attention_backward_in_dtype(dout64, *rounded, "bfloat16", causal=True)]
+        lows = [emulation.attention_in_dtype(*rounded, "bfloat16", causal=True),
+                *emulation.attention_backward_in_dtype(dout64, *rounded, "bfloat16", causal=True)]
         for factor, x, ref, low in zip((2, 3, 3, 3), got, [out_ref, *grads_ref], lows):
             err = np.abs(x.detach().to(torch.float64).cpu().numpy() - ref).max()
             assert err <= factor * np.abs(low - ref).max()

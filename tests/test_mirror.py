@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashnumba import reference as ref
+from flashnumba import registry
 from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT
 from flashnumba.mirror import (
     fa1_backward,
@@ -24,7 +25,7 @@ from flashnumba.mirror import (
 )
 
 TOL = 1e-12
-ALGORITHMS = ("fa1", "fa2", "standard")
+ALGORITHMS = tuple(a.name for a in registry.ALGORITHMS)
 
 
 def lse_from(m, l):

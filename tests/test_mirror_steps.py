@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
+from flashnumba import registry
 from flashnumba.geometry import FULL, PARTIAL, SKIPPED, TOP_LEFT, Tiling, causal_offset
 from flashnumba.hbm import HBM
 from flashnumba.mirror import (
@@ -55,7 +56,7 @@ def loop_order(algorithm, t):
     return [(i, j) for j in range(t.Tc) for i in range(t.Tr) if visited(i, j)]
 
 
-ALGORITHMS = ("fa1_forward", "fa1_backward", "fa2_forward", "fa2_backward")
+ALGORITHMS = registry.mirrors()
 GEOMETRIES = [  # Nq, Nk, Br, Bc, causal, alignment
     pytest.param(13, 13, 4, 4, False, "bottom-right", id="square"),
     pytest.param(13, 13, 4, 4, True, "bottom-right", id="causal-square"),

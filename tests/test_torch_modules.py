@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 
 from conftest import rel_err
 
-from flashnumba import philox, reference
-from flashnumba.torch.modules import ALGORITHMS, FlashAttention, MultiheadSelfAttention, draw_seed
+from flashnumba import philox, reference, registry
+from flashnumba.torch.modules import FlashAttention, MultiheadSelfAttention, draw_seed
 
 TOL = 1e-5
 
@@ -53,7 +53,7 @@ FLASH_CASES = {
 }
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", registry.names())
 @pytest.mark.parametrize("case", FLASH_CASES)
 def test_flash_attention_matches_float64_reference(algorithm, case):
     B, Nq, Nk, H, H_kv, d, causal = FLASH_CASES[case]

@@ -15,8 +15,7 @@ from flashnumba.hbm import HBM
 from flashnumba.mirror.trace import run
 
 # the tiled algorithms' mirrors, forward then backward: "fa1_forward", "fa2_forward", ...
-ALGORITHMS = tuple(a.mirror(direction).__name__ for direction in registry.DIRECTIONS
-                   for a in registry.ALGORITHMS if a is not registry.STANDARD)
+ALGORITHMS = registry.mirrors()
 
 
 @dataclass
