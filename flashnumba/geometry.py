@@ -97,11 +97,6 @@ def tile_kind(i, j, Br, Bc, Nq, Nk, causal, offset):
     return PARTIAL
 
 
-def visible(r, c, offset):
-    """Is key c visible to query r under the causal mask?"""
-    return c <= r + offset
-
-
 class Tiling:
     """The tiles of one attention problem, for code that wants them by name."""
 

@@ -29,12 +29,14 @@ Numba turns uint64 mixed with int64 into float64).
 import numpy as np
 from numba import cuda, types
 
+from flashnumba.geometry import num_tiles
+
 THREADS = 256
 
 
 def blocks(n):
     """Blocks of THREADS threads covering n elements."""
-    return (n + THREADS - 1) // THREADS
+    return num_tiles(n, THREADS)
 
 
 @cuda.jit(device=True)

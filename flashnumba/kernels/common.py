@@ -60,10 +60,10 @@ class TileConfig:
         return self.num_warps * WARP_SIZE
 
 
-def resolve_config(d, Br, Bc, num_warps, *, defaults, check, base=None):
-    """The config for head dim d: `base` (default: ``defaults(d)``) with any of Br, Bc,
-    num_warps overridden, checked by ``check`` before anything is launched."""
-    base = defaults(d) if base is None else base
+def resolve_config(d, Br, Bc, num_warps, *, defaults, check):
+    """The config for head dim d: ``defaults(d)`` with any of Br, Bc, num_warps overridden,
+    checked by ``check`` before anything is launched."""
+    base = defaults(d)
     config = TileConfig(Br=base.Br if Br is None else Br,
                         Bc=base.Bc if Bc is None else Bc,
                         D=base.D,

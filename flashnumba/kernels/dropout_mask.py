@@ -20,13 +20,14 @@ import math
 
 from numba import cuda, float32, types
 
+from flashnumba.geometry import num_tiles
 from flashnumba.kernels import philox
 
 THREADS = 256
 
 
 def blocks(n):
-    return (n + THREADS - 1) // THREADS
+    return num_tiles(n, THREADS)
 
 
 @cuda.jit

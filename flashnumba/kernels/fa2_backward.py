@@ -68,13 +68,10 @@ scratch and summed over each group by ``gqa.reduce_groups``.
 and writes its dK_j, dV_j; dQ holds what was added so far (the ``dq`` kernel,
 when deterministic, adds exactly the same (i, j) pairs).
 
-Speed, honestly (H200, fp32, B*H = 64, N = 4096, d = 64, default tiles,
-counting 2.5x the forward's FLOPs): 10.2 TFLOP/s with atomics (67.7 ms; causal
-9.6), where PyTorch's fp32 memory-efficient SDPA backward reaches 35: about
-3.5x slower. ``deterministic=True``: 6.2 TFLOP/s (111 ms), because the ``dq``
-kernel recomputes S_ij, P_ij, dP_ij and dS_ij. Like the forward, it is bound by
-shared-memory loads (about one per FMA in phase A). Dropout is unmeasured on a
-GPU: each element costs one full Philox4x32-10, in ``dkdv`` and again in ``dq``.
+What bounds it: like the forward, shared-memory loads (about one per FMA in
+phase A). ``deterministic=True`` is slower still, because the ``dq`` kernel
+recomputes S_ij, P_ij, dP_ij and dS_ij. Dropout costs each element one full
+Philox4x32-10, in ``dkdv`` and again in ``dq``. Measured speeds: PERF-NOTES.md.
 """
 
 import collections
@@ -84,7 +81,7 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
-from flashnumba.geometry import BOTTOM_RIGHT
+from flashnumba.geometry import BOTTOM_RIGHT, num_tiles
 from flashnumba.kernels import common, gqa
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
@@ -98,8 +95,8 @@ from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, prepr
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps). All fit in 48 KB of
 # static shared memory (see smem_bytes) and keep their register arrays in
-# registers on sm_80/sm_90. Picked on an H200, fp32, B*H = 64, N = 2048-4096,
-# among the configurations that fit (d=64: 10.2 TFLOP/s; 8 warps 8.9, 2 warps 8.0).
+# registers on sm_80/sm_90. Picked on a GPU among the configurations that fit
+# (PERF-NOTES.md, "Figures moved from the code").
 _DEFAULTS = {
     16: (32, 64, 4),
     32: (32, 64, 4),
@@ -457,7 +454,7 @@ def fa2_backward_preprocess(dout, out):
     B, N_q, H_q, _ = out.shape
     arrays = common.Arrays(dout, out)
     D_rows = arrays.empty((B, H_q, N_q))
-    grid = ((N_q + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, B * H_q)
+    grid = (num_tiles(N_q, PRE_ROWS_PER_BLOCK), B * H_q)
     preprocess[grid, PRE_THREADS](arrays.to_device(dout), arrays.to_device(out), D_rows)
     return arrays.result(D_rows)
 
@@ -493,7 +490,7 @@ def fa2_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
 
     if not deterministic:
         zero_fill[(dq.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS](dq)
-    pre_grid = ((N_q + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, B * H_q)
+    pre_grid = (num_tiles(N_q, PRE_ROWS_PER_BLOCK), B * H_q)
     kernels.preprocess[pre_grid, PRE_THREADS](dout_d, out_d, D_rows)
     T_r = (N_q + config.Br - 1) // config.Br
     T_c = (N_k + config.Bc - 1) // config.Bc

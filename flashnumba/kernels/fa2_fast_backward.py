@@ -7,13 +7,13 @@ matrix-product kernels lay it out:
 
     version 1  fa2_backward.py       one lane per score column or output dim; every
                multiply-add loads an operand from shared memory. Simple;
-               shared-memory bound: 10.0 TFLOP/s (H200, fp32, B=4 H=16 N=4096 d=64).
+               shared-memory bound.
     version 2  this file             the block's two warp groups split the five
                products between them; each thread owns a register tile of every
                product and reads its operands as 16-byte vectors, so one shared
-               load feeds 4-16 multiply-adds. fp32 FMA (no tensor cores): 37.9
-               TFLOP/s on the same shape, 1.04x PyTorch's MATH fp32 backward,
-               three quarters of the fp32 matrix-product rate (PERF-NOTES.md).
+               load feeds 4-16 multiply-adds. fp32 FMA (no tensor cores): bound
+               by the FMA rate and the shared-memory loads that feed it; its
+               speed beside PyTorch's is in PERF-NOTES.md (v5) and the README.
 
 The algorithm, with the papers' names. Group 0 and group 1 are the two halves
 of the block (num_warps / 2 warps each); the two columns run side by side:
@@ -168,11 +168,9 @@ MIN_REGISTERS = 160                      # per thread: dK_j or dV_j, S_ij or dQ_
 MAX_REGISTER_FLOATS = 136                # floats per thread in register arrays; more would spill
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps, blocks_per_sm), blocks_per_sm 0 meaning
-# min_blocks_per_sm's choice. Measured on an H200 at N=4096 (bench --tune, PERF-NOTES.md, run 8,
-# before exp2_ftz and the folded dS_ij, which took the default to 37.9 in run 9):
-# D=64: Br=32 Bc=64 4 warps (70 KB of shared memory, 3 blocks per SM) 36.3 TFLOP/s; Br=Bc=64
-# 8 warps 35.0 (not shipped: it spills 4 B on sm_80); Br=Bc=32 4 warps at 4 blocks per SM 33.2.
-# D=128: Br=16 Bc=32 4 warps 30.5; Br=Bc=32 8 warps 29.0; Br=Bc=16 2 warps 26.7.
+# min_blocks_per_sm's choice. Chosen by `flashnumba bench --tune` (PERF-NOTES.md, runs 7 and 8):
+# D=64: Br=32 Bc=64 4 warps (70 KB of shared memory, 3 blocks per SM) was fastest; Br=Bc=64
+# 8 warps is not shipped (it spills 4 B on sm_80). D=128: Br=16 Bc=32 4 warps.
 _DEFAULTS = {
     32: (32, 32, 2, 0),
     64: (32, 64, 4, 0),

@@ -56,12 +56,10 @@ number of output dims), and only k < d is written out.
 finishes as usual (divides by l_i, writes O, L, m, l): the state after k steps.
 m and l (B, Hq, Nq) are always written, so the running state is readable.
 
-Speed, honestly (H200, fp32, B*H = 64, N = 4096, d = 64, default tiles):
-8.7 TFLOP/s (31.6 ms; causal 7.3), where PyTorch's fp32 memory-efficient SDPA
-reaches 35: about 4x slower. d = 128: 4.6 TFLOP/s. The kernel is bound by
-shared-memory loads, not arithmetic: a lane owns only Bc/32 columns of a row,
-so each broadcast Q_i[r, k] or P~_ij[r, c] serves one or two FMAs. Dropout is
-unmeasured on a GPU and not tuned: each lane calls one full Philox4x32-10 per
+What bounds it: shared-memory loads, not arithmetic: a lane owns only Bc/32
+columns of a row, so each broadcast Q_i[r, k] or P~_ij[r, c] serves one or two
+FMAs (its measured speed, several times below the fast version's, is in
+PERF-NOTES.md and figures/bench/readable). Dropout is not tuned: each lane calls one full Philox4x32-10 per
 score it owns and keeps one of the four words it makes (its columns are 32
 apart, so the other three belong to other lanes).
 """
@@ -81,9 +79,9 @@ from flashnumba.kernels.philox import keep
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps). All fit in 48 KB of
 # static shared memory (see smem_bytes) and keep their register arrays in
-# registers on sm_80/sm_90 (no stack frame, no spill). Picked on an H200, fp32,
-# B*H = 64, N = 2048-4096, among the configurations that fit: more warps per
-# block beat more rows per warp (d=64: 8.7 TFLOP/s with 8 warps, 8.2 with 4).
+# registers on sm_80/sm_90 (no stack frame, no spill). Picked on a GPU among the
+# configurations that fit: more warps per block beat more rows per warp
+# (PERF-NOTES.md, "Figures moved from the code").
 _DEFAULTS = {
     16: (64, 64, 8),
     32: (64, 64, 8),

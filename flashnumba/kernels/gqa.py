@@ -7,6 +7,8 @@ buffers; this kernel then sums each group of Hq // Hkv heads into
 
 from numba import cuda
 
+from flashnumba.geometry import num_tiles
+
 THREADS = 128
 
 
@@ -35,7 +37,7 @@ def reduce_groups(dX_per_q_head, Hkv):
         return dX_per_q_head
     dX = cuda.device_array((B, N, Hkv, d), dtype=dX_per_q_head.dtype)
     n = B * N * Hkv * d
-    sum_head_groups[(n + THREADS - 1) // THREADS, THREADS](dX_per_q_head, dX)
+    sum_head_groups[num_tiles(n, THREADS), THREADS](dX_per_q_head, dX)
     return dX
 
 

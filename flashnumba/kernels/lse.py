@@ -19,13 +19,14 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
+from flashnumba.geometry import num_tiles
 from flashnumba.kernels.common import is_device_array
 
 THREADS = 256
 
 
 def blocks(n):
-    return (n + THREADS - 1) // THREADS
+    return num_tiles(n, THREADS)
 
 
 @cuda.jit

@@ -20,6 +20,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
+from flashnumba.geometry import num_tiles
 from flashnumba.kernels import common
 
 SCORE_THREADS = (16, 16)        # a 16 x 16 patch of S per block: (key c, query r)
@@ -134,11 +135,11 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None):
     out = arrays.empty((B, N_q, H_q, d))
 
     tx, ty = SCORE_THREADS
-    scores[((N_k + tx - 1) // tx, (N_q + ty - 1) // ty, B * H_q), SCORE_THREADS](
+    scores[(num_tiles(N_k, tx), num_tiles(N_q, ty), B * H_q), SCORE_THREADS](
         q_d, k_d, S, np.float32(scale), bool(causal))
     softmax_rows[(N_q, B * H_q), SOFTMAX_THREADS](S, L)
     tx, ty = OUTPUT_THREADS
-    output[((d + tx - 1) // tx, (N_q + ty - 1) // ty, B * H_q), OUTPUT_THREADS](S, v_d, out)
+    output[(num_tiles(d, tx), num_tiles(N_q, ty), B * H_q), OUTPUT_THREADS](S, v_d, out)
     return arrays.result(out), arrays.result(L)
 
 

@@ -4,7 +4,6 @@ A matrix is drawn the way it is printed: row 0 at the top, column 0 at the left,
 one unit per element, so a tile of Br rows and Bc columns is a Br x Bc box.
 """
 
-import io
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -111,8 +110,4 @@ def save(figure_or_animation, path, fps=2):
         figure_or_animation.savefig(str(path), metadata={"Software": None})
 
 
-def png_bytes(fig):
-    """The PNG of a figure as bytes (used by tests and by frame dumps)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+
