@@ -156,7 +156,7 @@ def build(config, dropout=False):
         l_i = cuda.shared.array(Br, float32)
         D_i = cuda.shared.array(Br, float32)
 
-        # dQ = 0 in HBM; dK = dV = 0 too, so a K_j that is skipped or past `limit` reads 0.
+        # Alg. 4 l. 5: dQ = 0 in HBM; dK = dV = 0 too, so a K_j that is skipped or past `limit` reads 0.
         for e in range(tid, Nq * d, THREADS):
             dQ[b, e // d, h, e % d] = float32(0.0)
         for e in range(tid, Nk * d, THREADS):
@@ -164,14 +164,14 @@ def build(config, dropout=False):
             dV[b, e // d, h, e % d] = float32(0.0)
         cuda.syncthreads()  # dQ zeroed before threads read back rows others zeroed
 
-        for j in range(min(Tc, limit)):
+        for j in range(min(Tc, limit)):                                   # Alg. 4 l. 6
             i_first = 0
             if causal:
                 i_first = q_tile_start(j, Br, Bc, Nq, offset)
             if i_first >= Tr:
                 continue                    # K_j is above the diagonal for every query: skipped
 
-            # Load K_j, V_j (zero-padded past Nk and past d); dK_j = dV_j = 0.
+            # Alg. 4 l. 7-8: load K_j, V_j (zero-padded past Nk and past d); dK_j = dV_j = 0.
             # Thread t owns entries e = t, t + THREADS, ... of dK_j and dV_j for the whole step.
             for e in range(tid, Bc * D, THREADS):
                 c = e // D
@@ -186,8 +186,8 @@ def build(config, dropout=False):
                 dK_j[c, x] = float32(0.0)
                 dV_j[c, x] = float32(0.0)
 
-            for i in range(i_first, Tr):
-                # Load Q_i, dO_i (zero-padded) and l_i, m_i;  D_i = rowsum(dO_i o O_i),
+            for i in range(i_first, Tr):                                  # Alg. 4 l. 9
+                # Alg. 4 l. 10, 19: load Q_i, dO_i (zero-padded) and l_i, m_i;  D_i = rowsum(dO_i o O_i),
                 # read straight from HBM (O_i is needed for nothing else).
                 for e in range(tid, Br * D, THREADS):
                     r = e // D
@@ -214,7 +214,7 @@ def build(config, dropout=False):
                         D_i[r] = float32(0.0)
                 cuda.syncthreads()  # K_j, V_j, Q_i, dO_i, m_i, l_i, D_i loaded before any thread reads them
 
-                # For each entry (r, c) of the tile:
+                # Alg. 4 l. 11-20, for each entry (r, c) of the tile:
                 #   S_ij = softmax_scale * Q_i K_j^T,   P_ij = exp(S_ij - m_i) / l_i  (0 where masked),
                 #   dP_ij = dO_i V_j^T,                  dS_ij = P_ij o (dP_ij o Z_ij - D_i);
                 #   the P_ij array keeps P_ij o Z_ij, all that dV_j needs.
@@ -243,7 +243,7 @@ def build(config, dropout=False):
                         dS_ij[r, c] = p * (dp * z - D_i[r])
                 cuda.syncthreads()  # all of P_ij and dS_ij written before any thread sums over them
 
-                # dV_j += (P_ij o Z_ij)^T dO_i,   dK_j += softmax_scale * dS_ij^T Q_i   (entries (c, x)).
+                # Alg. 4 l. 16, 22: dV_j += (P_ij o Z_ij)^T dO_i,   dK_j += softmax_scale * dS_ij^T Q_i   (entries (c, x)).
                 for e in range(tid, Bc * D, THREADS):
                     c = e // D
                     x = e % D
@@ -255,7 +255,7 @@ def build(config, dropout=False):
                     dV_j[c, x] += acc_v
                     dK_j[c, x] += softmax_scale * acc_k
 
-                # dQ_i += softmax_scale * dS_ij K_j   (entries (r, x), read-modify-write in HBM).
+                # Alg. 4 l. 21: dQ_i += softmax_scale * dS_ij K_j   (entries (r, x), read-modify-write in HBM).
                 for e in range(tid, Br * D, THREADS):
                     r = e // D
                     x = e % D
@@ -267,7 +267,7 @@ def build(config, dropout=False):
                         dQ[b, row, h, x] += softmax_scale * acc
                 cuda.syncthreads()  # Q_i, dO_i, P_ij, dS_ij (and K_j, V_j) all read before they are overwritten
 
-            # Write dK_j, dV_j (each thread the entries it accumulated: no barrier needed).
+            # Alg. 4 l. 24: write dK_j, dV_j (each thread the entries it accumulated: no barrier needed).
             for e in range(tid, Bc * D, THREADS):
                 c = e // D
                 x = e % D
@@ -332,14 +332,14 @@ def fa1_backward(dout, q, k, v, out, l, m, *, causal=False, alignment=BOTTOM_RIG
     config = resolve_config(d, Br, Bc, num_warps)
     # Allocate.
     arrays = Arrays(dout, q, k, v, out, l, m)
-    dO, Q, K, V, O, L, M = (arrays.to_device(x) for x in (dout, q, k, v, out, l, m))
+    dO, Q, K, V, O, l_dev, m_dev = (arrays.to_device(x) for x in (dout, q, k, v, out, l, m))
     dQ = arrays.empty((B, Nq, Hq, d))
     dK_per_q_head = arrays.empty((B, Nk, Hq, d))
     dV_per_q_head = arrays.empty((B, Nk, Hq, d))
     # Launch: one block per (batch, query head), which zeroes its dQ, dK, dV; then sum GQA groups.
     Tc = (Nk + config.Bc - 1) // config.Bc
     kernel = build(config, dropout=dropout_p > 0.0)
-    kernel[(B, Hq), config.threads](dO, Q, K, V, O, L, M, dQ, dK_per_q_head, dV_per_q_head,
+    kernel[(B, Hq), config.threads](dO, Q, K, V, O, l_dev, m_dev, dQ, dK_per_q_head, dV_per_q_head,
                                     np.float32(scale), bool(causal), offset, dropout_p, seed,
                                     np.int32(min(steps, Tc)))
     dK = gqa.reduce_groups(dK_per_q_head, Hkv)

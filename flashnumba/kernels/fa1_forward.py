@@ -177,7 +177,7 @@ def build(config, dropout=False):
         m_new = cuda.shared.array(Br, float32)
         l_new = cuda.shared.array(Br, float32)
 
-        # Line 2: O = 0, l = 0, m = -inf in HBM (this block owns head (b, h) of all three).
+        # Alg. 1 l. 2: O = 0, l = 0, m = -inf in HBM (this block owns head (b, h) of all three).
         for e in range(tid, Nq * d, THREADS):
             O[b, e // d, h, e % d] = float32(0.0)
         for r in range(tid, Nq, THREADS):
@@ -185,14 +185,14 @@ def build(config, dropout=False):
             m[b, h, r] = NEG_INF
         cuda.syncthreads()  # O, l, m initialised before threads read back rows others wrote
 
-        for j in range(min(Tc, limit)):
+        for j in range(min(Tc, limit)):                                   # Alg. 1 l. 5
             i_first = 0
             if causal:
                 i_first = q_tile_start(j, Br, Bc, Nq, offset)
             if i_first >= Tr:
                 continue                    # K_j is above the diagonal for every query: skipped
 
-            # Load K_j, V_j (keys j*Bc ..), zero-padded past Nk and past d.
+            # Alg. 1 l. 6: load K_j, V_j (keys j*Bc ..), zero-padded past Nk and past d.
             for e in range(tid, Bc * D, THREADS):
                 c = e // D
                 x = e % D
@@ -204,8 +204,8 @@ def build(config, dropout=False):
                     K_j[c, x] = float32(0.0)
                     V_j[c, x] = float32(0.0)
 
-            for i in range(i_first, Tr):
-                # Load Q_i (zero-padded) and the row statistics l_i, m_i from HBM.
+            for i in range(i_first, Tr):                                  # Alg. 1 l. 7
+                # Alg. 1 l. 8: load Q_i (zero-padded) and the row statistics l_i, m_i from HBM.
                 for e in range(tid, Br * D, THREADS):
                     r = e // D
                     x = e % D
@@ -224,7 +224,7 @@ def build(config, dropout=False):
                         l_i[r] = float32(0.0)
                 cuda.syncthreads()  # K_j, V_j, Q_i, m_i, l_i loaded before any warp reads them
 
-                # S_ij = softmax_scale * Q_i K_j^T, warp w computing its keys c in
+                # Alg. 1 l. 9: S_ij = softmax_scale * Q_i K_j^T, warp w computing its keys c in
                 # [w*Bcw, (w+1)*Bcw) for all Br rows; -inf where the key is masked.
                 for e in range(lane, Br * Bcw, WARP_SIZE):
                     r = e // Bcw
@@ -240,7 +240,7 @@ def build(config, dropout=False):
                     S_ij[r, c] = s
                 cuda.syncthreads()  # warp w's slice of S_ij complete before its row max reads it
 
-                # m_warp[w] = rowmax of S_ij over warp w's keys (one lane per row).
+                # Alg. 1 l. 10, split-K: m_warp[w] = rowmax of S_ij over warp w's keys (one lane per row).
                 for r in range(lane, Br, WARP_SIZE):
                     mx = NEG_INF
                     for cc in range(Bcw):
@@ -248,7 +248,7 @@ def build(config, dropout=False):
                     m_warp[warp, r] = mx
                 cuda.syncthreads()  # every warp's row max written before warps combine them
 
-                # m~_ij = max over warps of m_warp;  P~_ij = exp(S_ij - m~_ij) on warp w's
+                # Alg. 1 l. 10: m~_ij = max over warps of m_warp;  P~_ij = exp(S_ij - m~_ij) on warp w's
                 # keys (0 in a row with no visible key);  l_warp[w] = its row sum of P~_ij
                 # (undropped);  then P~_ij o Z_ij, Z_ij = 1/(1-p) where kept, 0 where dropped.
                 for r in range(lane, Br, WARP_SIZE):
@@ -281,7 +281,7 @@ def build(config, dropout=False):
                         acc += S_ij[r, c] * V_j[c, x]
                     PV_warp[warp, r, x] = acc
 
-                # m~_ij = max_w m_warp, l~_ij = sum_w l_warp;  m_i_new = max(m_i, m~_ij);
+                # Alg. 1 l. 11: m~_ij = max_w m_warp, l~_ij = sum_w l_warp;  m_i_new = max(m_i, m~_ij);
                 # l_i_new = e^(m_i - m_i_new) l_i + e^(m~_ij - m_i_new) l~_ij.
                 for r in range(tid, Br, THREADS):
                     m_tilde = NEG_INF
@@ -298,7 +298,7 @@ def build(config, dropout=False):
                     l_new[r] = ln
                 cuda.syncthreads()  # all PV_warp partials and the new statistics written before the combine
 
-                # O_i <- diag(l_i_new)^-1 (diag(l_i) e^(m_i - m_i_new) O_i
+                # Alg. 1 l. 12: O_i <- diag(l_i_new)^-1 (diag(l_i) e^(m_i - m_i_new) O_i
                 #   + e^(m~_ij - m_i_new) (P~_ij o Z_ij) V_j),  (P~_ij o Z_ij) V_j = sum_w PV_warp.
                 for e in range(tid, Br * D, THREADS):
                     r = e // D
@@ -313,7 +313,7 @@ def build(config, dropout=False):
                             o = (l_i[r] * math.exp(m_i[r] - m_new[r]) * O[b, row, h, x]
                                  + math.exp(m_ij[r] - m_new[r]) * PV) / l_new[r]
                         O[b, row, h, x] = o
-                # l_i <- l_i_new, m_i <- m_i_new in HBM.
+                # Alg. 1 l. 13: l_i <- l_i_new, m_i <- m_i_new in HBM.
                 for r in range(tid, Br, THREADS):
                     row = i * Br + r
                     if row < Nq:

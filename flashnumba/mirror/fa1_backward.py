@@ -4,22 +4,24 @@ P is never stored: each tile P_ij is recomputed from Q_i, K_j and the forward's
 l, m. dK_j, dV_j accumulate on chip; dQ_i is read, updated and written back in HBM
 at every inner step:
 
-    dQ = 0 (Nq x d), dK = 0, dV = 0 (Nk x d)                      in HBM
-    for j in 0 .. Tc-1:                                           (the thread block's loop)
-        load K_j, V_j
-        dK_j = 0, dV_j = 0                                        on chip
-        for i in 0 .. Tr-1:
-            load Q_i, O_i, dO_i, dQ_i, l_i, m_i
-            S_ij = scale Q_i K_j^T                                 (-inf where masked)
-            P_ij = diag(l_i)^-1 exp(S_ij - m_i)
-            dV_j <- dV_j + (P_ij * Z_ij)^T dO_i
-            dP_ij = (dO_i V_j^T) * Z_ij
-            D_i = rowsum(dO_i * O_i)
-            dS_ij = P_ij * (dP_ij - D_i)
-            dQ_i <- dQ_i + scale dS_ij K_j                         (written to HBM)
-            dK_j <- dK_j + scale dS_ij^T Q_i
-        write dK_j, dV_j
-    return dQ, dK, dV
+    dQ = 0 (Nq x d), dK = 0, dV = 0 (Nk x d)                      in HBM        l. 5
+    for j in 0 .. Tc-1:                                           (block loop)  l. 6
+        load K_j, V_j                                                           l. 7
+        dK_j = 0, dV_j = 0                                        on chip       l. 8
+        for i in 0 .. Tr-1:                                                     l. 9
+            load Q_i, O_i, dO_i, dQ_i, l_i, m_i                                 l. 10
+            S_ij = scale Q_i K_j^T                                 (-inf where masked)   l. 11-12
+            P_ij = diag(l_i)^-1 exp(S_ij - m_i)                                         l. 13
+            dV_j <- dV_j + (P_ij * Z_ij)^T dO_i                                         l. 14-16
+            dP_ij = (dO_i V_j^T) * Z_ij                                                 l. 17-18
+            D_i = rowsum(dO_i * O_i)                                                    l. 19
+            dS_ij = P_ij * (dP_ij - D_i)                                                l. 20
+            dQ_i <- dQ_i + scale dS_ij K_j                         (to HBM)             l. 21
+            dK_j <- dK_j + scale dS_ij^T Q_i                                            l. 22
+        write dK_j, dV_j                                                                l. 24
+    return dQ, dK, dV                                                                   l. 26
+
+(l. n: the line of Algorithm 4 in the paper; the code below carries the same numbers.)
 
 Z_ij = keep / (1 - p) is the forward's dropout matrix (1 without dropout).
 Causal: the i loop runs over Tiling.q_range(j); a K/V tile no Q tile sees is not
@@ -66,43 +68,43 @@ def fa1_backward_steps(dO, Q, K, V, O, l, m, *, Br=None, Bc=None, M=None, causal
         raise ValueError(f"dO and O must have Q's shape {Q.shape}, l and m shape {(t.Nq,)}; got "
                          f"{dO.shape}, {O.shape}, {l.shape}, {m.shape}")
 
-    # dQ = 0, dK = 0, dV = 0 in HBM
+    # dQ = 0, dK = 0, dV = 0 in HBM                            Alg. 4 l. 5
     dQ = np.zeros_like(Q)
     dK = np.zeros_like(K)
     dV = np.zeros_like(V)
 
     step = 0
-    for j in range(t.Tc)[:problem.limit]:
+    for j in range(t.Tc)[:problem.limit]:                        # Alg. 4 l. 6
         i_range = t.q_range(j)
         if len(i_range) == 0:
             continue                                   # no Q tile sees K_j: dK_j = dV_j = 0
         cols = t.cols(j)
-        K_j = load(hbm, "K", K, cols)
+        K_j = load(hbm, "K", K, cols)                        # Alg. 4 l. 7
         V_j = load(hbm, "V", V, cols)
-        dK_j = np.zeros_like(K_j)                      # on chip
+        dK_j = np.zeros_like(K_j)                      # on chip    Alg. 4 l. 8
         dV_j = np.zeros_like(V_j)
 
-        for i in i_range:
+        for i in i_range:                                    # Alg. 4 l. 9
             rows = t.rows(i)
-            Q_i = load(hbm, "Q", Q, rows)
+            Q_i = load(hbm, "Q", Q, rows)                    # Alg. 4 l. 10
             O_i = load(hbm, "O", O, rows)
             dO_i = load(hbm, "dO", dO, rows)
             dQ_i = load(hbm, "dQ", dQ, rows)
             l_i = load(hbm, "l", l, rows)
             m_i = load(hbm, "m", m, rows)
 
-            S_ij = scores(problem, Q_i, K_j, i, j)                     # scale Q_i K_j^T
-            P_ij = divide_rows(np.exp(S_ij - safe(m_i)[:, None]), l_i)  # diag(l_i)^-1 exp(S_ij - m_i)
-            dV_j += dropped(P_ij, problem, i, j).T @ dO_i               # dV_j += (P_ij Z_ij)^T dO_i
-            dP_ij = dropped(dO_i @ V_j.T, problem, i, j)                # dP_ij = (dO_i V_j^T) Z_ij
-            D_i = (dO_i * O_i).sum(axis=1)                              # D_i = rowsum(dO_i * O_i)
-            dS_ij = P_ij * (dP_ij - D_i[:, None])                       # dS_ij = P_ij (dP_ij - D_i)
-            dQ_i += problem.scale * (dS_ij @ K_j)                       # dQ_i += scale dS_ij K_j
-            dK_j += problem.scale * (dS_ij.T @ Q_i)                     # dK_j += scale dS_ij^T Q_i
+            S_ij = scores(problem, Q_i, K_j, i, j)                     # scale Q_i K_j^T       Alg. 4 l. 11-12
+            P_ij = divide_rows(np.exp(S_ij - safe(m_i)[:, None]), l_i)  # diag(l_i)^-1 exp(S_ij - m_i)          l. 13
+            dV_j += dropped(P_ij, problem, i, j).T @ dO_i               # dV_j += (P_ij Z_ij)^T dO_i           l. 14-16
+            dP_ij = dropped(dO_i @ V_j.T, problem, i, j)                # dP_ij = (dO_i V_j^T) Z_ij            l. 17-18
+            D_i = (dO_i * O_i).sum(axis=1)                              # D_i = rowsum(dO_i * O_i)             l. 19
+            dS_ij = P_ij * (dP_ij - D_i[:, None])                       # dS_ij = P_ij (dP_ij - D_i)           l. 20
+            dQ_i += problem.scale * (dS_ij @ K_j)                       # dQ_i += scale dS_ij K_j              l. 21
+            dK_j += problem.scale * (dS_ij.T @ Q_i)                     # dK_j += scale dS_ij^T Q_i            l. 22
             store(hbm, "dQ", dQ, rows, dQ_i)
 
             writes = ("dQ_i",)
-            if i == i_range[-1]:                                        # end of the i loop
+            if i == i_range[-1]:                                        # end of the i loop: l. 24
                 store(hbm, "dK", dK, cols, dK_j)
                 store(hbm, "dV", dV, cols, dV_j)
                 writes += ("dK_j", "dV_j")
