@@ -8,7 +8,7 @@ import importlib
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import attention_inputs, check_forward, rel_err
 
 from flashnumba import geometry, reference
 from flashnumba.kernels import fa2_fast_forward as fast
@@ -17,22 +17,8 @@ from flashnumba.kernels.common import ConfigError, TileConfig
 TOL = 1e-5
 
 
-def _inputs(rng, B, N_q, N_k, H_q, H_kv, d):
-    q = rng.standard_normal((B, N_q, H_q, d)).astype(np.float32)
-    k = rng.standard_normal((B, N_k, H_kv, d)).astype(np.float32)
-    v = rng.standard_normal((B, N_k, H_kv, d)).astype(np.float32)
-    return q, k, v
 
 
-def _check_forward(out, L, ref_out, ref_L):
-    assert out.shape == ref_out.shape and L.shape == ref_L.shape
-    assert not np.isnan(out).any() and not np.isnan(L).any()
-    assert rel_err(out, ref_out) <= TOL
-    masked = np.isneginf(ref_L)
-    assert np.array_equal(np.isneginf(L), masked), "rows with no visible key must have L = -inf"
-    assert np.all(out[np.moveaxis(masked, 1, 2)] == 0.0), "rows with no visible key must be 0"
-    if (~masked).any():
-        assert np.max(np.abs(L[~masked] - ref_L[~masked])) <= TOL * np.max(np.abs(ref_L[~masked])) + 1e-5
 
 
 # (B, Nq, Nk, Hq, Hkv, d, causal): tile multiple, not a multiple, N < tile, Nq != Nk both ways
@@ -50,10 +36,10 @@ FORWARD_CASES = [
 
 @pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal", FORWARD_CASES)
 def test_fast_forward_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal):
-    q, k, v = _inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+    q, k, v, _ = attention_inputs(rng, B, N_q, N_k, H_q, H_kv, d)
     out, L = fast.fa2_fast_forward(q, k, v, causal=causal)
     ref_out, ref_L = reference.attention(q, k, v, causal=causal)
-    _check_forward(out, L, ref_out, ref_L)
+    check_forward(out, L, ref_out, ref_L)
 
 
 # (Nq, Nk, d): PyTorch's top-left diagonal (key c visible to row r iff c <= r), both shapes
@@ -65,26 +51,26 @@ TOP_LEFT_CASES = [
 
 @pytest.mark.parametrize("N_q, N_k, d", TOP_LEFT_CASES)
 def test_fast_forward_top_left_causal(rng, N_q, N_k, d):
-    q, k, v = _inputs(rng, 1, N_q, N_k, 2, 1, d)
+    q, k, v, _ = attention_inputs(rng, 1, N_q, N_k, 2, 1, d)
     out, L = fast.fa2_fast_forward(q, k, v, causal=True, alignment=geometry.TOP_LEFT)
     ref_out, ref_L = reference.attention(q, k, v, causal=True, alignment=geometry.TOP_LEFT)
-    _check_forward(out, L, ref_out, ref_L)
+    check_forward(out, L, ref_out, ref_L)
     bottom_right, _ = reference.attention(q, k, v, causal=True)
     assert rel_err(out, bottom_right) > 0.1, "the two alignments must differ for Nq != Nk"
 
 
 def test_fast_forward_alignment_is_checked(rng):
-    q, k, v = _inputs(rng, 1, 8, 8, 1, 1, 16)
+    q, k, v, _ = attention_inputs(rng, 1, 8, 8, 1, 1, 16)
     with pytest.raises(ValueError, match="alignment"):
         fast.fa2_fast_forward(q, k, v, causal=True, alignment="top-right")
 
 
 def test_fast_forward_softmax_scale_and_other_config(rng):
-    q, k, v = _inputs(rng, 1, 70, 70, 1, 1, 64)
+    q, k, v, _ = attention_inputs(rng, 1, 70, 70, 1, 1, 64)
     config = TileConfig(Br=32, Bc=32, D=64, num_warps=2)
     out, L = fast.fa2_fast_forward(q, k, v, causal=True, softmax_scale=0.3, config=config)
     ref_out, ref_L = reference.attention(q, k, v, causal=True, softmax_scale=0.3)
-    _check_forward(out, L, ref_out, ref_L)
+    check_forward(out, L, ref_out, ref_L)
 
 
 def test_fast_forward_configs_are_checked():
@@ -114,8 +100,7 @@ BACKWARD_CASES = [
 @pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal", BACKWARD_CASES)
 def test_fast_backward_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal):
     fast_bwd = _backward_module()
-    q, k, v = _inputs(rng, B, N_q, N_k, H_q, H_kv, d)
-    dout = rng.standard_normal(q.shape).astype(np.float32)
+    q, k, v, dout = attention_inputs(rng, B, N_q, N_k, H_q, H_kv, d)
     out, L = fast.fa2_fast_forward(q, k, v, causal=causal)
     dq, dk, dv = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=causal)
     ref = reference.attention_backward(dout, q, k, v, causal=causal)

@@ -10,7 +10,7 @@ that runs the fast forward first, as the benchmark does.
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import attention_inputs, rel_err
 
 from flashnumba import geometry, reference
 from flashnumba.kernels import common, smem_limit
@@ -21,12 +21,6 @@ from flashnumba.kernels.common import ConfigError, TileConfig
 TOL = 1e-5
 
 
-def _inputs(rng, B, N_q, N_k, H_q, H_kv, d):
-    q = rng.standard_normal((B, N_q, H_q, d)).astype(np.float32)
-    k = rng.standard_normal((B, N_k, H_kv, d)).astype(np.float32)
-    v = rng.standard_normal((B, N_k, H_kv, d)).astype(np.float32)
-    dout = rng.standard_normal(q.shape).astype(np.float32)
-    return q, k, v, dout
 
 
 def _forward(q, k, v, causal, softmax_scale=None):
@@ -61,7 +55,7 @@ CASES = [
 
 @pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal", CASES)
 def test_fast_backward_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal):
-    q, k, v, dout = _inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+    q, k, v, dout = attention_inputs(rng, B, N_q, N_k, H_q, H_kv, d)
     out, L = _forward(q, k, v, causal)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=causal)
     _check(grads, reference.attention_backward(dout, q, k, v, causal=causal))
@@ -73,7 +67,7 @@ def test_fast_backward_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal)
 ])
 def test_top_left_causal(rng, N_q, N_k, d):
     """PyTorch's diagonal (key c visible to row r iff c <= r), with the reference's O and L."""
-    q, k, v, dout = _inputs(rng, 1, N_q, N_k, 2, 1, d)
+    q, k, v, dout = attention_inputs(rng, 1, N_q, N_k, 2, 1, d)
     out, L = reference.attention(q, k, v, causal=True, alignment=geometry.TOP_LEFT)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out.astype(np.float32), L.astype(np.float32),
                                        causal=True, alignment=geometry.TOP_LEFT)
@@ -85,7 +79,7 @@ def test_top_left_causal(rng, N_q, N_k, d):
 def test_fully_masked_rows_get_zero_dq(rng):
     """Nq > Nk under bottom-right causal: query rows r < Nq - Nk see no key (L = -inf); their dQ
     is exactly 0, and no NaN reaches dK or dV."""
-    q, k, v, dout = _inputs(rng, 1, 40, 8, 1, 1, 64)
+    q, k, v, dout = attention_inputs(rng, 1, 40, 8, 1, 1, 64)
     out, L = _forward(q, k, v, causal=True)
     assert np.isneginf(L[0, 0, :32]).all()
     dq, dk, dv = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=True)
@@ -95,7 +89,7 @@ def test_fully_masked_rows_get_zero_dq(rng):
 
 def test_after_the_fast_forward_with_softmax_scale(rng):
     """The benchmark's pipeline: fa2_fast_forward's O and L (natural log) feed the backward."""
-    q, k, v, dout = _inputs(rng, 1, 45, 45, 1, 1, 64)
+    q, k, v, dout = attention_inputs(rng, 1, 45, 45, 1, 1, 64)
     out, L = fast_fwd.fa2_fast_forward(q, k, v, causal=True, softmax_scale=0.3)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=True, softmax_scale=0.3)
     _check(grads, reference.attention_backward(dout, q, k, v, causal=True, softmax_scale=0.3))
@@ -109,7 +103,7 @@ def test_after_the_fast_forward_with_softmax_scale(rng):
     TileConfig(Br=64, Bc=64, D=64, num_warps=8, blocks_per_sm=2),
 ], ids=lambda c: f"Br={c.Br} Bc={c.Bc} w={c.num_warps} b={c.blocks_per_sm}")
 def test_alternative_configs(rng, config):
-    q, k, v, dout = _inputs(rng, 1, 40, 40, 1, 1, 64)
+    q, k, v, dout = attention_inputs(rng, 1, 40, 40, 1, 1, 64)
     out, L = _forward(q, k, v, causal=True)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=True, config=config)
     _check(grads, reference.attention_backward(dout, q, k, v, causal=True))
@@ -144,7 +138,7 @@ def _truncated_backward(dout, q, k, v, out, causal, Br, Bc, steps):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_limit_is_the_truncated_sum(rng, causal):
     """limit=1: each K/V block adds the gradients of its first visited Q tile only."""
-    q, k, v, dout = _inputs(rng, 1, 64, 64, 1, 1, 64)
+    q, k, v, dout = attention_inputs(rng, 1, 64, 64, 1, 1, 64)
     out, L = _forward(q, k, v, causal)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=causal, limit=1)
     config = fast_bwd.default_config(64)            # the tiles decide which pairs are visited
@@ -157,7 +151,7 @@ def test_limit_is_the_truncated_sum(rng, causal):
 def test_device_arrays_and_relaunch(rng):
     """Device arrays in, device arrays out; launch() twice gives the same dq (it is zeroed
     inside launch, not only at allocation)."""
-    q, k, v, dout = _inputs(rng, 1, 40, 24, 2, 1, 64)
+    q, k, v, dout = attention_inputs(rng, 1, 40, 24, 2, 1, 64)
     out, L = _forward(q, k, v, causal=False)
     arrays = common.Arrays(dout, q, k, v, out, L)
     on_device = [arrays.to_device(x) for x in (dout, q, k, v, out, L)]
@@ -192,7 +186,7 @@ def test_configs_are_checked():
 
 
 def test_wrong_inputs_are_rejected(rng):
-    q, k, v, dout = _inputs(rng, 1, 8, 8, 1, 1, 16)
+    q, k, v, dout = attention_inputs(rng, 1, 8, 8, 1, 1, 16)
     out, L = _forward(q, k, v, causal=False)
     with pytest.raises(ValueError, match="L must have shape"):
         fast_bwd.fa2_fast_backward(dout, q, k, v, out, L[:, :, :4])

@@ -14,7 +14,7 @@ L from the float64 reference (cast to float32), so they test the backward alone.
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import attention_inputs, check_forward, rel_err
 from numba import types
 from test_fast_backward import _check as _check_backward
 
@@ -29,12 +29,6 @@ SEED = 20240917
 BR, TL = geometry.BOTTOM_RIGHT, geometry.TOP_LEFT
 
 
-def _inputs(rng, B, N_q, N_k, H_q, H_kv, d):
-    q = rng.standard_normal((B, N_q, H_q, d)).astype(np.float32)
-    k = rng.standard_normal((B, N_k, H_kv, d)).astype(np.float32)
-    v = rng.standard_normal((B, N_k, H_kv, d)).astype(np.float32)
-    dout = rng.standard_normal(q.shape).astype(np.float32)
-    return q, k, v, dout
 
 
 def _options(q, k, causal, alignment, p=P, seed=SEED):
@@ -44,15 +38,6 @@ def _options(q, k, causal, alignment, p=P, seed=SEED):
     return {"causal": causal, "alignment": alignment, "dropout_p": p, "dropout_mask": mask}
 
 
-def _check_forward(out, L, ref_out, ref_L):
-    assert out.shape == ref_out.shape and L.shape == ref_L.shape
-    assert not np.isnan(out).any() and not np.isnan(L).any()
-    assert rel_err(out, ref_out) <= TOL, f"O: relative error {rel_err(out, ref_out):.2e}"
-    masked = np.isneginf(ref_L)
-    assert np.array_equal(np.isneginf(L), masked), "rows with no visible key must have L = -inf"
-    assert np.all(out[np.moveaxis(masked, 1, 2)] == 0.0), "rows with no visible key must be 0"
-    if (~masked).any():
-        assert np.max(np.abs(L[~masked] - ref_L[~masked])) <= TOL * np.max(np.abs(ref_L[~masked])) + 1e-5
 
 
 # (B, Nq, Nk, Hq, Hkv, d, causal, alignment). Forward tiles are 64 x 64 (d <= 64) or
@@ -71,11 +56,11 @@ FORWARD_CASES = [
 
 @pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal, alignment", FORWARD_CASES)
 def test_forward_dropout_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal, alignment):
-    q, k, v, _ = _inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+    q, k, v, _ = attention_inputs(rng, B, N_q, N_k, H_q, H_kv, d)
     out, L = fast_fwd.fa2_fast_forward(q, k, v, causal=causal, alignment=alignment,
                                        dropout_p=P, seed=SEED)
     ref_out, ref_L = reference.attention(q, k, v, **_options(q, k, causal, alignment))
-    _check_forward(out, L, ref_out, ref_L)
+    check_forward(out, L, ref_out, ref_L)
     undropped, undropped_L = reference.attention(q, k, v, causal=causal, alignment=alignment)
     assert rel_err(out, undropped) > 0.05, "dropout must change the output"
     np.testing.assert_array_equal(np.isneginf(L), np.isneginf(undropped_L))   # L is the undropped one
@@ -83,16 +68,16 @@ def test_forward_dropout_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causa
 
 def test_forward_dropout_other_config_and_softmax_scale(rng):
     """The 2-warp 32 x 32 alternative for D=64: other thread tiles (TN = 4, one group of 4 keys)."""
-    q, k, v, _ = _inputs(rng, 1, 45, 70, 1, 1, 64)
+    q, k, v, _ = attention_inputs(rng, 1, 45, 70, 1, 1, 64)
     config = TileConfig(Br=32, Bc=32, D=64, num_warps=2)
     out, L = fast_fwd.fa2_fast_forward(q, k, v, causal=True, softmax_scale=0.3, dropout_p=0.4,
                                        seed=7, config=config)
     ref_out, ref_L = reference.attention(q, k, v, softmax_scale=0.3, **_options(q, k, True, BR, 0.4, 7))
-    _check_forward(out, L, ref_out, ref_L)
+    check_forward(out, L, ref_out, ref_L)
 
 
 def test_forward_same_seed_same_bits_other_seed_differs(rng):
-    q, k, v, _ = _inputs(rng, 1, 70, 70, 2, 1, 40)
+    q, k, v, _ = attention_inputs(rng, 1, 70, 70, 2, 1, 40)
     first = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED)
     again = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED)
     other = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED + 2 ** 32)
@@ -104,7 +89,7 @@ def test_forward_same_seed_same_bits_other_seed_differs(rng):
 
 def test_forward_p_zero_is_the_plain_kernel(rng):
     """p = 0 launches the kernel without Philox code, whatever the seed: the same bits as no dropout."""
-    q, k, v, _ = _inputs(rng, 1, 40, 40, 1, 1, 64)
+    q, k, v, _ = attention_inputs(rng, 1, 40, 40, 1, 1, 64)
     plain = fast_fwd.fa2_fast_forward(q, k, v, causal=True)
     seeded = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=0.0, seed=12345)
     for a, b in zip(plain, seeded):
@@ -124,7 +109,7 @@ BACKWARD_CASES = [
 
 @pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal, alignment", BACKWARD_CASES)
 def test_backward_dropout_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal, alignment):
-    q, k, v, dout = _inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+    q, k, v, dout = attention_inputs(rng, B, N_q, N_k, H_q, H_kv, d)
     options = _options(q, k, causal, alignment)
     out, L = reference.attention(q, k, v, **options)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out.astype(np.float32), L.astype(np.float32),
@@ -140,7 +125,7 @@ def test_backward_dropout_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, caus
     TileConfig(Br=32, Bc=32, D=64, num_warps=4),     # shipped: 3 blocks per SM, one dQ chunk per trip
 ], ids=lambda c: f"Br={c.Br} Bc={c.Bc} w={c.num_warps}")
 def test_backward_dropout_other_configs(rng, config):
-    q, k, v, dout = _inputs(rng, 1, 40, 40, 1, 1, 64)
+    q, k, v, dout = attention_inputs(rng, 1, 40, 40, 1, 1, 64)
     options = _options(q, k, True, BR)
     out, L = reference.attention(q, k, v, **options)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out.astype(np.float32), L.astype(np.float32),
@@ -150,7 +135,7 @@ def test_backward_dropout_other_configs(rng, config):
 
 def test_backward_after_the_fast_forward(rng):
     """The training pipeline: the fast forward's dropped O and its L feed the backward, one seed."""
-    q, k, v, dout = _inputs(rng, 1, 45, 45, 2, 1, 40)
+    q, k, v, dout = attention_inputs(rng, 1, 45, 45, 2, 1, 40)
     out, L = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=True, dropout_p=P, seed=SEED)
     _check_backward(grads, reference.attention_backward(dout, q, k, v, **_options(q, k, True, BR)))
@@ -159,7 +144,7 @@ def test_backward_after_the_fast_forward(rng):
 def test_backward_same_seed_same_bits_other_seed_differs(rng):
     """dK and dV are sums in a fixed order: bitwise the same for the same seed. dQ adds one
     float32 atomic per (i, j): bitwise on the simulator, only to rounding on a GPU."""
-    q, k, v, dout = _inputs(rng, 1, 40, 40, 1, 1, 64)
+    q, k, v, dout = attention_inputs(rng, 1, 40, 40, 1, 1, 64)
     options = _options(q, k, False, BR)
     out, L = (x.astype(np.float32) for x in reference.attention(q, k, v, **options))
     first = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, dropout_p=P, seed=SEED)
@@ -207,7 +192,7 @@ def test_backward_dropout_launch_bounds():
                                         ({"dropout_p": True}, TypeError), ({"seed": -1}, ValueError),
                                         ({"seed": 2 ** 64}, ValueError), ({"seed": 1.5}, TypeError)])
 def test_bad_dropout_arguments_are_refused(rng, bad, error):
-    q, k, v, dout = _inputs(rng, 1, 8, 8, 1, 1, 16)
+    q, k, v, dout = attention_inputs(rng, 1, 8, 8, 1, 1, 16)
     with pytest.raises(error):
         fast_fwd.fa2_fast_forward(q, k, v, **({"dropout_p": P} | bad))
     out, L = (x.astype(np.float32) for x in reference.attention(q, k, v))

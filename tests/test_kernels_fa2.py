@@ -8,7 +8,7 @@ shipped default configurations are exercised for d = 16, 40 (bucket 64) and 128.
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import attention_inputs, rel_err
 
 from flashnumba import reference
 from flashnumba.kernels import common, hardware
@@ -19,11 +19,6 @@ from flashnumba.kernels.common import ConfigError, TileConfig
 TOL = 1e-5
 
 
-def make_qkv(rng, B, Nq, Nk, Hq, Hkv, d):
-    q = rng.standard_normal((B, Nq, Hq, d)).astype(np.float32)
-    k = rng.standard_normal((B, Nk, Hkv, d)).astype(np.float32)
-    v = rng.standard_normal((B, Nk, Hkv, d)).astype(np.float32)
-    return q, k, v
 
 
 def assert_lse_close(L, L_ref):
@@ -52,7 +47,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_reference(case, rng):
     B, Nq, Nk, Hq, Hkv, d, causal, overrides = CASES[case]
-    q, k, v = make_qkv(rng, B, Nq, Nk, Hq, Hkv, d)
+    q, k, v, _ = attention_inputs(rng, B, Nq, Nk, Hq, Hkv, d)
     out, L, m, l = fwd.fa2_forward_state(q, k, v, causal=causal, **overrides)
     out_ref, L_ref = reference.attention(q, k, v, causal=causal)
 
@@ -73,7 +68,7 @@ def test_forward_matches_reference(case, rng):
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward_matches_reference(case, rng):
     B, Nq, Nk, Hq, Hkv, d, causal, overrides = CASES[case]
-    q, k, v = make_qkv(rng, B, Nq, Nk, Hq, Hkv, d)
+    q, k, v, _ = attention_inputs(rng, B, Nq, Nk, Hq, Hkv, d)
     dout = rng.standard_normal(q.shape).astype(np.float32)
     out_ref, L_ref = reference.attention(q, k, v, causal=causal)
     out, L = out_ref.astype(np.float32), L_ref.astype(np.float32)   # isolate the backward
@@ -88,7 +83,7 @@ def test_backward_matches_reference(case, rng):
 
 def test_forward_then_backward_with_scale(rng):
     """The kernels chained, with a non-default softmax scale."""
-    q, k, v = make_qkv(rng, 1, 24, 40, 2, 2, 16)
+    q, k, v, _ = attention_inputs(rng, 1, 24, 40, 2, 2, 16)
     dout = rng.standard_normal(q.shape).astype(np.float32)
     kw = {"causal": True, "softmax_scale": 0.4}
     out, L = fwd.fa2_forward(q, k, v, Br=16, Bc=32, num_warps=2, **kw)
@@ -103,7 +98,7 @@ def test_forward_then_backward_with_scale(rng):
 
 def test_backward_rows_that_saw_no_key_get_no_gradient(rng):
     """L = -inf (a row with no visible key, here every row) gives P = 0: zero gradients, no NaN."""
-    q, k, v = make_qkv(rng, 1, 12, 12, 1, 1, 16)
+    q, k, v, _ = attention_inputs(rng, 1, 12, 12, 1, 1, 16)
     dout = rng.standard_normal(q.shape).astype(np.float32)
     L = np.full((1, 1, 12), -np.inf, np.float32)
     out = np.zeros_like(q)
@@ -121,7 +116,7 @@ def test_preprocess_rowsum(rng):
 
 
 def test_deterministic_dq_is_bitwise_repeatable(rng):
-    q, k, v = make_qkv(rng, 1, 40, 70, 2, 1, 16)
+    q, k, v, _ = attention_inputs(rng, 1, 40, 70, 2, 1, 16)
     dout = rng.standard_normal(q.shape).astype(np.float32)
     out_ref, L_ref = reference.attention(q, k, v, causal=True)
     out, L = out_ref.astype(np.float32), L_ref.astype(np.float32)
@@ -137,7 +132,7 @@ def test_deterministic_dq_is_bitwise_repeatable(rng):
 def test_forward_limit_is_attention_over_the_first_tiles(rng):
     """limit=k: each block stops after k K/V tiles: attention over keys [0, k Bc), and m, l of those keys."""
     Bc, steps = 32, 2
-    q, k, v = make_qkv(rng, 1, 20, 80, 1, 1, 16)
+    q, k, v, _ = attention_inputs(rng, 1, 20, 80, 1, 1, 16)
     scale = 1 / np.sqrt(16)
     out, L, m, l = fwd.fa2_forward_state(q, k, v, Br=16, Bc=Bc, num_warps=2, limit=steps)
     seen = slice(0, steps * Bc)
@@ -159,7 +154,7 @@ def test_backward_limit_is_gradient_of_the_first_q_tiles(deterministic, rng):
     """limit=1 without causal: every K/V block saw Q tile 0 only, so dK, dV are the gradients of
     rows [0, Br) alone, and dQ holds rows [0, Br) in full and zeros after."""
     Br = 16
-    q, k, v = make_qkv(rng, 1, 40, 36, 1, 1, 16)
+    q, k, v, _ = attention_inputs(rng, 1, 40, 36, 1, 1, 16)
     dout = rng.standard_normal(q.shape).astype(np.float32)
     out_ref, L_ref = reference.attention(q, k, v)
     dq, dk, dv = bwd.fa2_backward(dout, q, k, v, out_ref.astype(np.float32), L_ref.astype(np.float32),
@@ -175,7 +170,7 @@ def test_backward_limit_is_gradient_of_the_first_q_tiles(deterministic, rng):
 def test_device_arrays_stay_on_device(rng):
     """Device arrays in, device arrays out (no copy back); same numbers as host arrays."""
     from numba import cuda
-    q, k, v = make_qkv(rng, 1, 10, 10, 1, 1, 16)
+    q, k, v, _ = attention_inputs(rng, 1, 10, 10, 1, 1, 16)
     dout = rng.standard_normal(q.shape).astype(np.float32)
     kw = {"Br": 16, "Bc": 32, "num_warps": 2}
     out_h, L_h = fwd.fa2_forward(q, k, v, **kw)
@@ -217,7 +212,7 @@ def test_bad_config_is_rejected(module, config, words):
 
 def test_bad_config_fails_before_launch(rng, monkeypatch):
     """The wrappers raise ConfigError before anything is built or launched."""
-    q, k, v = make_qkv(rng, 1, 8, 8, 1, 1, 64)
+    q, k, v, _ = attention_inputs(rng, 1, 8, 8, 1, 1, 64)
 
     def no_build(config, *args, **kwargs):
         raise AssertionError("build reached with a bad config")
