@@ -1,0 +1,535 @@
+"""FlashAttention-2 forward, version 3: on the tensor cores (mma.sync), for fp16 and bf16.
+
+Same algorithm and contract as ``fa2_forward`` (Dao 2023, Algorithm 1; one
+thread block per Q tile i and head; grid (Tr, B * Hq)), with every product
+on ``mma.sync.m16n8k16`` (``kernels.mma``): 16-bit inputs, fp32 accumulators.
+
+    version 1  fa2_forward.py        one warp per group of rows, one lane per score column
+    version 2  fa2_fast_forward.py   register tiles of fp32 FMA
+    version 3  this file             mma.sync: each warp owns 16 rows of Q_i (split-Q)
+
+Names, against the paper's Algorithm 1 (line numbers in the comments below):
+
+    Q_i     Br x d, Br = 16 num_warps: warp w holds rows 16w .. 16w+15 as A fragments
+            (registers ``Qf``), read once from global memory (line 4)
+    K_j, V_j  Bc x D tiles in shared memory (``Ks``, ``Vs``), filled by cp.async,
+            double-buffered (STAGES = 2) where 48 KB allows (lines 6-7)
+    S_ij    Q_i K_j^T on mma: per warp 16 x Bc fp32 accumulators (``S``), in log2 units
+    m_i, l_i  two rows per lane (rows g and g + 8 of the warp's 16); the row max and
+            row sum run over the 4 lanes of a quad (shfl_xor 1, 2); l_i is kept per
+            lane and summed over the quad once, at the end
+    P_ij    exp2(S_ij - m_i), rounded to bf16/f16 and packed from the S accumulators
+            straight into the A fragments of P_ij V_j (no shared memory)
+    O_i     16 x D fp32 accumulators per warp (``O``); V_j's B fragments by ldmatrix.trans
+    O, L    O_i / l_i in the input dtype; L_i = (m_i + log2 l_i) ln 2 in fp32 (lines 12-14)
+
+Lane layout (TENSOR-CORES.md; lane = 4 g + t): accumulator e of n-tile nt holds
+S_ij[16 w + g + 8 (e // 2), 8 nt + 2 t + e % 2].
+
+Inputs are the raw 16-bit data (uint16 bits of fp16 or bf16), head dim padded
+with zeros to the bucket D (the wrapper copies when d < D, so every row of a
+tile is whole 16-byte chunks for cp.async). Rows past N_k and N_q read a
+clamped valid row: keys past N_k are masked to -inf in S_ij (so P_ij = 0
+times a finite V_j row), queries past N_q are never written.
+
+Causal: key c is visible to query r when c <= r + offset (offset = N_k - N_q
+bottom-right, 0 top-left; ``common.resolve_offset``); ``kv_tile_end`` skips the
+tiles past the diagonal, only the edge and diagonal tiles are masked.
+Dropout is a compile-time variant (``build(config, dtype, dropout=True)``):
+element (r, c) of query head h, batch b is kept when ``philox.keep(seed, b, h,
+r, c, p)``, as in every other kernel; a lane's columns 2t, 2t+1 of an n-tile are
+two words of one Philox4x32-10 call. m_i, l_i and L are the undropped softmax's.
+
+What bounds it: per K/V tile a warp issues D/16 x Bc/8 mma for S_ij and Bc/16 x
+D/8 for P_ij V_j, between which the softmax runs on the CUDA cores (exp2, max,
+shuffles) with no overlap across warps beyond what the scheduler finds; K_j and
+V_j are read from shared memory once per warp (ldmatrix); at D = 128 only one
+stage fits in 48 KB of static shared memory, so the loads of tile j + 1 are not
+overlapped with tile j there. mma.sync is the Ampere instruction: on Hopper,
+wgmma is the faster path and this kernel does not use it.
+"""
+
+import functools
+import math
+
+import numpy as np
+from numba import config as numba_config
+from numba import cuda, float32, types, uint16, uint32
+
+from flashnumba import dtypes
+from flashnumba.geometry import BOTTOM_RIGHT
+from flashnumba.kernels import common, mma
+from flashnumba.kernels.common import HEAD_DIM_BUCKETS, ConfigError, TileConfig, require
+from flashnumba.kernels.geometry import kv_tile_end
+from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT, WARP_SIZE
+from flashnumba.kernels.philox import kept, philox4x32, philox_key
+
+FULL_MASK = 0xFFFFFFFF
+LOG2_E = 1.4426950408889634
+LN_2 = 0.6931471805599453
+HALF_BYTES = 2
+ROW_PAD = 8                    # elements added to each shared row: ldmatrix rows of one tile fall
+                               # in different banks (8 x 16 B apart instead of a multiple of 128 B)
+KINDS = {dtypes.BFLOAT16: "bf16", dtypes.FLOAT16: "f16"}
+MMA = {"bf16": mma.mma_bf16, "f16": mma.mma_f16}
+PACK = {"bf16": mma.pack_bf16x2, "f16": mma.pack_f16x2}
+
+# Default tiles per head-dim bucket: (Br, Bc, num_warps), Br = 16 num_warps.
+# D >= 96 takes Bc = 32: with Bc = 64 the d = 128 kernel needed more than 255 registers and spilled.
+_DEFAULTS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 32, 4), 128: (64, 32, 4)}
+_ALTERNATIVES = {64: [(128, 64, 8), (64, 32, 4)], 128: [(128, 32, 8)]}
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+def stages(config):
+    """K/V buffers: 2 (tile j + 1 loads while tile j is used) when both fit in 48 KB, else 1."""
+    one = 2 * config.Bc * (config.D + ROW_PAD) * HALF_BYTES
+    return 2 if 2 * one <= STATIC_SMEM_LIMIT else 1
+
+
+def smem_bytes(config):
+    """Ks and Vs: STAGES x Bc x (D + ROW_PAD) 16-bit elements each, all static."""
+    return stages(config) * 2 * config.Bc * (config.D + ROW_PAD) * HALF_BYTES
+
+
+def default_config(d):
+    D = common.head_dim_bucket(d)
+    Br, Bc, num_warps = _DEFAULTS[D]
+    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+
+
+def shipped_configs():
+    configs = [default_config(D) for D in HEAD_DIM_BUCKETS]
+    for D, alternatives in _ALTERNATIVES.items():
+        configs += [TileConfig(Br=Br, Bc=Bc, D=D, num_warps=w) for Br, Bc, w in alternatives]
+    return configs
+
+
+def check_config(config):
+    """Raise ConfigError unless the configuration can compile and launch."""
+    who = "fa2_tc_forward"
+    common.check_sizes(config, who)
+    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
+    require(Br == 16 * num_warps, f"{who}: Br={Br} must be 16 x num_warps = {16 * num_warps} "
+                                  f"(each warp owns 16 rows of Q_i)")
+    require(D % 16 == 0, f"{who}: D={D} must be a multiple of 16 (the k of m16n8k16)")
+    require(Bc % 16 == 0, f"{who}: Bc={Bc} must be a multiple of 16 (P_ij's A fragments)")
+    chunks = Bc * D // 8
+    require(chunks % config.threads == 0,
+            f"{who}: Bc={Bc}, D={D}: {chunks} 16-byte chunks per tile must divide evenly among "
+            f"{config.threads} threads")
+    common.check_smem(config, smem_bytes(config), who)
+
+
+def _smem_alignment():
+    """16 bytes (ldmatrix, cp.async) on a GPU; the simulator takes no alignment argument."""
+    return None if numba_config.ENABLE_CUDASIM else 16
+
+
+# ---------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------
+
+def build(config, kind="bf16", dropout=False):
+    """The kernel for `config` and 16-bit type `kind` ("bf16" or "f16"); dropout=True is the
+    variant that drops P_ij (a separate compile). Cached."""
+    if kind not in MMA:
+        raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
+    return _build(config, kind, bool(dropout))
+
+
+@functools.lru_cache(maxsize=None)
+def _build(config, KIND, DROPOUT):
+    check_config(config)
+    Br, Bc, D, W = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
+    T = W * WARP_SIZE
+    STAGES = stages(config)
+    DP = D + ROW_PAD              # shared row length, elements
+    KD = D // 16                  # k-steps of S_ij = Q_i K_j^T (A fragments of Q_i)
+    NC = Bc // 8                  # n-tiles of S_ij (8 keys each)
+    KC = Bc // 16                 # k-steps of O_i += P_ij V_j
+    ND = D // 8                   # n-tiles of O_i (8 dims each)
+    CHUNKS = D // 8               # 16-byte chunks per row of K_j, V_j
+    LOADS = Bc * CHUNKS // T      # chunks per thread per tile (each of K_j and V_j)
+    MMA_K, PACK_K = MMA[KIND], PACK[KIND]
+    ALIGN = _smem_alignment()
+
+    @cuda.jit(device=True, inline="always")
+    def load_tile(Ks, Vs, s, k, v, b, h_kv, col0, N_k, tid):
+        """K_j, V_j (rows col0 .. col0 + Bc) -> stage s, by cp.async, 16 bytes per copy."""
+        for u in range(LOADS):
+            chunk = tid + T * u
+            c = chunk // CHUNKS
+            x = 8 * (chunk % CHUNKS)
+            col = min(col0 + c, N_k - 1)              # past N_k: a valid row, masked in S_ij
+            mma.cp_async_16(Ks, (s, c, x), k, (b, col, h_kv, x))
+            mma.cp_async_16(Vs, (s, c, x), v, (b, col, h_kv, x))
+
+    @cuda.jit(device=True, inline="always")
+    def mma_into(C, n, a, b0, b1):
+        """C[n, :] += A B for one m16n8k16 (C a local array of fragments)."""
+        d = MMA_K(a, (b0, b1), (C[n, 0], C[n, 1], C[n, 2], C[n, 3]))
+        for e in range(4):
+            C[n, e] = d[e]
+
+    @cuda.jit
+    def fa2_tc_forward_kernel(q, k, v, out, L, q_scale, causal, offset, dropout_p, seed, limit):
+        # --- sizes --- q (B, N_q, H_q, D), k, v (B, N_k, H_kv, D): uint16 bits, padded to D;
+        # out (B, N_q, H_q, d) uint16 bits; L (B, H_q, N_q) float32. q_scale: scale log2(e).
+        B, N_q, H_q, _ = q.shape
+        N_k = k.shape[1]
+        H_kv = k.shape[2]
+        d = out.shape[3]
+        T_r = (N_q + Br - 1) // Br
+        T_c = (N_k + Bc - 1) // Bc
+
+        # --- who am I ---
+        tid = cuda.threadIdx.x
+        w = tid // WARP_SIZE                # this warp's 16 rows of Q_i: 16 w .. 16 w + 15
+        lane = tid % WARP_SIZE
+        g = lane // 4                       # accumulator rows g and g + 8
+        t = lane % 4                        # accumulator columns 2t, 2t + 1 of each n-tile
+        i = T_r - 1 - cuda.blockIdx.x       # last Q tiles first: under causal they have the most work
+        bh = cuda.blockIdx.y
+        b = bh // H_q
+        h = bh % H_q
+        h_kv = h // (H_q // H_kv)           # grouped-query attention: this head's K/V head
+        row0 = i * Br
+        wrow = row0 + 16 * w                # first row of this warp
+        if DROPOUT:
+            key0, key1 = philox_key(seed)
+            h_word = np.uint64(h)
+            b_word = np.uint64(b)
+            Z_kept = float32(1.0 / (1.0 - dropout_p))
+
+        # --- shared memory: K_j and V_j, STAGES buffers each (each array on its own line) ---
+        Ks = cuda.shared.array((STAGES, Bc, DP), uint16, alignment=ALIGN)
+        Vs = cuda.shared.array((STAGES, Bc, DP), uint16, alignment=ALIGN)
+
+        # --- registers ---
+        Qf = cuda.local.array((KD, 4), uint32)      # Q_i's A fragments, two 16-bit values each
+        S = cuda.local.array((NC, 4), float32)      # S_ij, then P_ij
+        O = cuda.local.array((ND, 4), float32)      # O_i, unnormalised
+        m = cuda.local.array(2, float32)            # m_i of rows g, g + 8 (log2 units)
+        l = cuda.local.array(2, float32)            # l_i of rows g, g + 8, this lane's columns
+
+        # Alg. 1 line 4: load Q_i, straight into A fragments: a_e = Q[g + 8 (e % 2), 2t + 8 (e // 2)]
+        # and the next column, as one 32-bit register (lower column in the low half)
+        for kk in range(KD):
+            for e in range(4):
+                row = min(wrow + g + 8 * (e % 2), N_q - 1)
+                x = 16 * kk + 2 * t + 8 * (e // 2)
+                Qf[kk, e] = uint32(q[b, row, h, x]) | (uint32(q[b, row, h, x + 1]) << uint32(16))
+        # Alg. 1 line 5: O_i = 0, l_i = 0, m_i = -inf
+        for hh in range(2):
+            m[hh] = -math.inf
+            l[hh] = 0.0
+        for n in range(ND):
+            for e in range(4):
+                O[n, e] = 0.0
+
+        n_tiles = T_c
+        if causal:
+            n_tiles = kv_tile_end(i, Br, Bc, N_q, N_k, offset)   # tiles past the diagonal skipped
+        n_tiles = min(n_tiles, limit)
+
+        if n_tiles > 0:
+            load_tile(Ks, Vs, 0, k, v, b, h_kv, 0, N_k, tid)     # Alg. 1 line 7 for j = 0
+            mma.cp_async_commit()
+
+        j = 0
+        while j < n_tiles:                  # Alg. 1 line 6: for 1 <= j <= Tc
+            s = j % STAGES
+            col0 = j * Bc
+            # Alg. 1 line 7: load K_j, V_j. With two stages, tile j + 1 is requested now and
+            # arrives while tile j is used; wait(1): all but the newest group (tile j) landed.
+            if STAGES == 2:
+                if j + 1 < n_tiles:
+                    load_tile(Ks, Vs, 1 - s, k, v, b, h_kv, col0 + Bc, N_k, tid)
+                mma.cp_async_commit()       # possibly empty, so that wait(1) always means tile j
+                mma.cp_async_wait(1)
+            else:
+                mma.cp_async_wait(0)
+            cuda.syncthreads()  # every thread's copies of K_j, V_j landed before any warp reads them
+
+            # Alg. 1 line 8: S_ij = Q_i K_j^T. One ldmatrix.x4 gives the B fragments of two
+            # n-tiles: matrices K_j[16 nn + 0:8 | 8:16, 16 kk + 0:8 | 8:16]
+            for n in range(NC):
+                for e in range(4):
+                    S[n, e] = 0.0
+            for kk in range(KD):
+                for nn in range(NC // 2):
+                    kf = mma.ldmatrix_x4(Ks, (s, 16 * nn + lane % 8 + 8 * (lane // 16),
+                                              16 * kk + 8 * ((lane // 8) % 2)))
+                    a = (Qf[kk, 0], Qf[kk, 1], Qf[kk, 2], Qf[kk, 3])
+                    mma_into(S, 2 * nn, a, kf[0], kf[1])
+                    mma_into(S, 2 * nn + 1, a, kf[2], kf[3])
+
+            # scores in log2 units; -inf past N_k and (causal) past the diagonal: edge tiles only
+            masked = col0 + Bc > N_k or (causal and col0 + Bc - 1 > row0 + offset)
+            for n in range(NC):
+                for e in range(4):
+                    S[n, e] *= q_scale
+                    if masked:
+                        row = wrow + g + 8 * (e // 2)
+                        col = col0 + 8 * n + 2 * t + e % 2
+                        if col >= N_k or (causal and col > row + offset):
+                            S[n, e] = -math.inf
+
+            if DROPOUT:
+                # keep bits of this lane's 4 NC entries of Z_ij (bit 4 n + e). Columns 2t, 2t + 1
+                # of n-tile n are words 2 (t % 2), +1 of Philox of group (col0 + 8 n + 2 t) // 4
+                keep_bits = 0
+                for hh in range(2):
+                    row = wrow + g + 8 * hh
+                    for n in range(NC):
+                        words = philox4x32(np.uint64((col0 + 8 * n + 2 * t) // 4), np.uint64(row),
+                                           h_word, b_word, key0, key1)
+                        for e2 in range(2):
+                            if kept(words[2 * (t % 2) + e2], dropout_p):
+                                keep_bits |= 1 << (4 * n + 2 * hh + e2)
+
+            # Alg. 1 lines 9-10, per row (hh = 0: row g, 1: row g + 8)
+            for hh in range(2):
+                m_tilde = S[0, 2 * hh]
+                for n in range(NC):
+                    for e2 in range(2):
+                        m_tilde = max(m_tilde, S[n, 2 * hh + e2])
+                # rowmax(S_ij): the 4 lanes of a quad hold the row's columns
+                m_tilde = max(m_tilde, cuda.shfl_xor_sync(FULL_MASK, m_tilde, 1))
+                m_tilde = max(m_tilde, cuda.shfl_xor_sync(FULL_MASK, m_tilde, 2))
+                m_new = max(m[hh], m_tilde)            # m_i^(j) = max(m_i^(j-1), rowmax(S_ij))
+                m_safe = m_new
+                if m_new == -math.inf:
+                    m_safe = float32(0.0)              # no visible key yet: P = 0, no inf - inf
+                alpha = math.exp2(m[hh] - m_safe)      # e^(m_i^(j-1) - m_i^(j)), log2 units
+                l_tilde = float32(0.0)
+                for n in range(NC):
+                    for e2 in range(2):
+                        p = math.exp2(S[n, 2 * hh + e2] - m_safe)   # P~_ij = exp(S_ij - m_i^(j))
+                        S[n, 2 * hh + e2] = p
+                        l_tilde += p
+                l[hh] = alpha * l[hh] + l_tilde        # l_i^(j), of the undropped P~_ij
+                m[hh] = m_new
+                for n in range(ND):                    # diag(e^(m_i^(j-1) - m_i^(j)))^-1 O_i^(j-1)
+                    O[n, 2 * hh] *= alpha
+                    O[n, 2 * hh + 1] *= alpha
+            if DROPOUT:
+                for n in range(NC):                    # P~_ij o Z_ij, for the P V product only
+                    for e in range(4):
+                        if keep_bits & (1 << (4 * n + e)):
+                            S[n, e] *= Z_kept
+                        else:
+                            S[n, e] = float32(0.0)
+
+            # Alg. 1 line 10: O_i += P~_ij V_j. The S accumulators of n-tiles 2 kc, 2 kc + 1 are
+            # P_ij's A fragment for keys 16 kc .. 16 kc + 15; V_j's B fragments by ldmatrix.trans
+            for kc in range(KC):
+                a = (PACK_K(S[2 * kc, 0], S[2 * kc, 1]), PACK_K(S[2 * kc, 2], S[2 * kc, 3]),
+                     PACK_K(S[2 * kc + 1, 0], S[2 * kc + 1, 1]),
+                     PACK_K(S[2 * kc + 1, 2], S[2 * kc + 1, 3]))
+                for nd in range(ND // 2):
+                    vf = mma.ldmatrix_x4_trans(Vs, (s, 16 * kc + lane % 16, 16 * nd + 8 * (lane // 16)))
+                    mma_into(O, 2 * nd, a, vf[0], vf[1])
+                    mma_into(O, 2 * nd + 1, a, vf[2], vf[3])
+            cuda.syncthreads()  # every warp done reading stage s before it is refilled
+
+            if STAGES == 1 and j + 1 < n_tiles:
+                load_tile(Ks, Vs, 0, k, v, b, h_kv, col0 + Bc, N_k, tid)
+                mma.cp_async_commit()
+            j += 1
+
+        # Alg. 1 lines 12-14: O_i = diag(l_i)^-1 O_i, L_i = m_i + log(l_i); write both
+        for hh in range(2):
+            l_row = l[hh]                                 # l_i: the quad's partial sums
+            l_row += cuda.shfl_xor_sync(FULL_MASK, l_row, 1)
+            l_row += cuda.shfl_xor_sync(FULL_MASK, l_row, 2)
+            row = wrow + g + 8 * hh
+            if row < N_q:
+                inv_l = float32(0.0)
+                if l_row != 0.0:                          # 0: no visible key, O = 0, L = -inf
+                    inv_l = float32(1.0) / l_row
+                for n in range(ND):
+                    x = 8 * n + 2 * t
+                    if x < d:
+                        pair = PACK_K(O[n, 2 * hh] * inv_l, O[n, 2 * hh + 1] * inv_l)
+                        out[b, row, h, x] = uint16(pair & uint32(0xFFFF))
+                        if x + 1 < d:
+                            out[b, row, h, x + 1] = uint16(pair >> uint32(16))
+                if t == 0:
+                    if l_row != 0.0:
+                        L[b, h, row] = (m[hh] + math.log2(l_row)) * LN_2
+                    else:
+                        L[b, h, row] = -math.inf
+
+    return fa2_tc_forward_kernel
+
+
+@cuda.jit
+def pad_head_dim(src, dst):
+    """dst[b, n, h, x] = src[b, n, h, x] for x < d, 0 for d <= x < D (uint16 bits)."""
+    idx = cuda.grid(1)
+    B, N, H, D = dst.shape
+    if idx < B * N * H * D:
+        x = idx % D
+        rest = idx // D
+        hh = rest % H
+        rest //= H
+        n = rest % N
+        b = rest // N
+        dst[b, n, hh, x] = src[b, n, hh, x] if x < src.shape[3] else uint16(0)
+
+
+def compile_targets(config):
+    """[(label, dispatcher, argtypes)] for the resource check, as the wrapper launches them."""
+    u4 = types.Array(types.uint16, 4, "C")
+    f3 = types.Array(types.float32, 3, "C")
+    argtypes = (u4, u4, u4, u4, f3, types.float32, types.boolean, types.int64, types.float64,
+                types.uint64, types.int64)
+    return [(f"fa2_tc_forward_{kind}{'_dropout' if drop else ''}", build(config, kind, drop), argtypes)
+            for kind in ("bf16", "f16") for drop in (False, True)]
+
+
+# ---------------------------------------------------------------------------
+# Wrapper: check, allocate, launch
+# ---------------------------------------------------------------------------
+
+def resolve_kind(x, dtype=None):
+    """'bf16' or 'f16' for an input: its own dtype, or `dtype` when it holds raw uint16 bits."""
+    name = dtypes.name_of(x)
+    if name == "uint16":
+        if dtype not in KINDS:
+            raise TypeError(f"q holds uint16 bits: pass dtype='bfloat16' or 'float16' to say which, "
+                            f"got dtype={dtype!r}")
+        name = dtype
+    elif dtype is not None and dtype != name:
+        raise TypeError(f"dtype={dtype!r} does not match the inputs' dtype {name}")
+    if name not in KINDS:
+        raise TypeError(f"fa2_tc_forward takes float16 or bfloat16 inputs (or their uint16 bits), "
+                        f"got {name}")
+    return KINDS[name]
+
+
+def bits_of(x):
+    """The uint16 bit patterns of a float16/bfloat16/uint16 array, without a copy."""
+    if isinstance(x, np.ndarray):
+        return x.view(np.uint16)
+    if np.dtype(x.dtype) == np.uint16:
+        return x
+    return x.view(np.uint16)
+
+
+def check_qkv16(q, k, v):
+    """Shapes of q (B, Nq, Hq, d), k, v (B, Nk, Hkv, d), 16-bit, all of one dtype."""
+    names = {dtypes.name_of(x) for x in (q, k, v)}
+    if len(names) != 1:
+        raise TypeError(f"q, k, v must share one dtype, got {sorted(names)}")
+    B, Nq, Hq, d = q.shape
+    for name, x in (("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
+    if len(q.shape) != 4:
+        raise ValueError(f"q must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Nk, Hkv, dk = k.shape
+    if Bk != B:
+        raise ValueError(f"k has batch {Bk}, expected q's batch {B}")
+    if dk != d:
+        raise ValueError(f"k has head dim {dk}, expected q's head dim {d}")
+    if Nq < 1 or Nk < 1 or B < 1:
+        raise ValueError(f"batch and sequence lengths must be >= 1, got B={B}, seqlen_q={Nq}, seqlen_k={Nk}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"nheads_q={Hq} must be a multiple of nheads_kv={Hkv}")
+    common.head_dim_bucket(d)
+    return B, Nq, Nk, Hq, Hkv, d
+
+
+def padded_bits(x, D, arrays):
+    """x's uint16 bits on the device, C-contiguous, head dim zero-padded to D (a copy only when needed)."""
+    bits = bits_of(x)
+    if arrays.host:
+        if bits.shape[3] == D:
+            return cuda.to_device(np.ascontiguousarray(bits))
+        padded = np.zeros((*bits.shape[:3], D), np.uint16)
+        padded[..., :bits.shape[3]] = bits
+        return cuda.to_device(padded)
+    bits = arrays.to_device(bits)
+    if bits.shape[3] == D and bits.is_c_contiguous():
+        return bits
+    padded = cuda.device_array((*bits.shape[:3], D), dtype=np.uint16)
+    n = padded.size
+    pad_head_dim[(n + 255) // 256, 256](bits, padded)
+    return padded
+
+
+def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
+    base = config if config is not None else default_config(d)
+    if base.D < d:
+        raise ConfigError(f"config D={base.D} cannot serve head dim d={d}")
+    if num_warps is not None and Br is None:
+        Br = 16 * num_warps
+    if Br is not None and num_warps is None:
+        num_warps = max(1, Br // 16)
+    config = TileConfig(Br=base.Br if Br is None else Br, Bc=base.Bc if Bc is None else Bc, D=base.D,
+                        num_warps=base.num_warps if num_warps is None else num_warps)
+    check_config(config)
+    return config
+
+
+def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None, dropout_p=0.0,
+             seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None, dtype=None):
+    """Check and allocate once; returns (launch, out, L, kind): out holds uint16 bits on the device.
+    ``launch()`` runs the kernel again into the same out and L (what a benchmark times)."""
+    B, N_q, N_k, H_q, H_kv, d = check_qkv16(q, k, v)
+    kind = resolve_kind(q, dtype)
+    scale = common.resolve_scale(softmax_scale, d)
+    offset = common.resolve_offset(causal, alignment, N_q, N_k)
+    dropout_p, seed = common.resolve_dropout(dropout_p, seed)
+    steps = common.resolve_limit(limit)
+    config = resolve_config(d, Br, Bc, num_warps, config)
+    kernel = build(config, kind, dropout=dropout_p > 0.0)
+
+    arrays = common.Arrays(q, k, v)
+    q_d, k_d, v_d = (padded_bits(x, config.D, arrays) for x in (q, k, v))
+    out = cuda.device_array((B, N_q, H_q, d), dtype=np.uint16)
+    L = cuda.device_array((B, H_q, N_q), dtype=np.float32)
+    T_r = (N_q + config.Br - 1) // config.Br
+    launch_kernel = kernel[(T_r, B * H_q), config.threads]
+    q_scale = np.float32(scale * LOG2_E)
+
+    def launch():
+        launch_kernel(q_d, k_d, v_d, out, L, q_scale, bool(causal), offset, dropout_p, seed, steps)
+
+    return launch, out, L, kind
+
+
+def as_dtype(bits, kind, like):
+    """Kernel output bits as the inputs' kind: NumPy float16/bfloat16 for NumPy inputs, else the
+    device array (uint16 bits; float16 viewed for f16)."""
+    numpy_dtype = dtypes.NUMPY[dtypes.BFLOAT16 if kind == "bf16" else dtypes.FLOAT16]
+    if isinstance(like, np.ndarray):
+        return bits.copy_to_host().view(numpy_dtype)
+    return bits if kind == "bf16" else bits.view(np.float16)
+
+
+def fa2_tc_forward(q, k, v, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT, dropout_p=0.0,
+                   seed=0, limit=None, *, Br=None, Bc=None, num_warps=None, config=None, dtype=None):
+    """FlashAttention-2 forward on tensor cores. q (B, Nq, Hq, d), k, v (B, Nk, Hkv, d), all
+    float16 or all bfloat16 (NumPy, ml_dtypes.bfloat16 included), or Numba device arrays of
+    their uint16 bits with dtype='bfloat16' | 'float16'.
+
+    Returns (O (B, Nq, Hq, d) in the input dtype, L (B, Hq, Nq) float32), L the logsumexp of each
+    row's scaled scores (natural log; -inf for a row with no visible key). alignment, dropout_p,
+    seed, limit as in ``fa2_fast_forward``. NumPy in, NumPy out; device in, device out.
+    """
+    launch, out, L, kind = launcher(q, k, v, causal=causal, alignment=alignment,
+                                    softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
+                                    Br=Br, Bc=Bc, num_warps=num_warps, limit=limit, config=config,
+                                    dtype=dtype)
+    launch()
+    L_out = L.copy_to_host() if isinstance(q, np.ndarray) else L
+    return as_dtype(out, kind, q), L_out

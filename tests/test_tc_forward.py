@@ -1,0 +1,131 @@
+"""fa2_tc_forward (FA2 forward on mma.sync) against the float64 reference by flash-attn's rule
+(max error <= 2x that of dense attention in the same dtype), on awkward shapes; stepped against
+the FA2 mirror; compiled for sm_80 / sm_90. Simulator sizes are tiny (32 Python threads per warp);
+on a GPU the same tests run, plus larger shapes."""
+
+import numpy as np
+import pytest
+from numba import config as numba_config
+
+from flashnumba import mirror, reference
+from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT
+from flashnumba.kernels import fa2_tc_forward as tc
+from flashnumba.kernels.common import ConfigError, TileConfig
+from tc_helpers import compile_report, inputs, lse_rel, options, ratio
+
+ON_GPU = not numba_config.ENABLE_CUDASIM
+SEED = 7
+
+# (B, Nq, Nk, Hq, Hkv, d, causal, alignment, dropout_p, Br, Bc)
+CASES = [
+    (1, 20, 37, 1, 1, 24, False, BOTTOM_RIGHT, 0.0, 16, 16),    # Nq != Nk, edge tiles, d < D
+    (1, 33, 17, 1, 1, 16, True, BOTTOM_RIGHT, 0.0, 16, 16),     # fully masked rows (Nq > Nk)
+    (1, 37, 45, 1, 1, 32, True, TOP_LEFT, 0.0, None, None),     # default tiles (4 warps), one tile
+    (1, 24, 24, 2, 1, 8, False, BOTTOM_RIGHT, 0.0, 16, 16),     # GQA, d = 8 in D = 16
+    (1, 21, 30, 1, 1, 17, True, BOTTOM_RIGHT, 0.2, 16, 16),     # dropout, odd head dim
+    (1, 1, 1, 1, 1, 1, False, BOTTOM_RIGHT, 0.0, 16, 16),       # one query, one key, d = 1
+]
+GPU_CASES = [
+    (2, 1000, 1000, 4, 2, 64, False, BOTTOM_RIGHT, 0.0, None, None),
+    (1, 700, 1100, 4, 4, 40, True, BOTTOM_RIGHT, 0.1, None, None),
+    (1, 300, 257, 2, 2, 128, True, TOP_LEFT, 0.0, None, None),
+    (1, 129, 300, 2, 1, 96, False, BOTTOM_RIGHT, 0.0, None, None),
+]
+
+
+def _cases():
+    return CASES + (GPU_CASES if ON_GPU else [])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: "B{}-Nq{}-Nk{}-H{}:{}-d{}-{}-{}-p{}".format(
+    *c[:6], "causal" if c[6] else "full", c[7], c[8]))
+def test_forward_within_twice_the_dense_error(rng, dtype, case):
+    B, Nq, Nk, Hq, Hkv, d, causal, alignment, p, Br, Bc = case
+    q, k, v, _ = inputs(rng, dtype, B, Nq, Nk, Hq, Hkv, d)
+    O, L = tc.fa2_tc_forward(q, k, v, causal=causal, alignment=alignment, dropout_p=p, seed=SEED,
+                             Br=Br, Bc=Bc)
+    assert O.dtype == q.dtype and O.shape == q.shape and L.dtype == np.float32
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    opts = options(B, Hq, Nq, Nk, causal, alignment, p, SEED)
+    ref, lse = reference.attention(q64, k64, v64, **opts)
+    low = reference.attention_in_dtype(q64, k64, v64, dtype, **opts)
+    assert ratio(O, ref, low) <= 2.0
+    assert lse_rel(L, lse) <= 1e-5
+    if p > 0:            # the mask was applied: without it the output is far off
+        undropped, _ = reference.attention(q64, k64, v64, causal=causal, alignment=alignment)
+        assert np.abs(O.astype(np.float64) - undropped).max() > 0.1
+
+
+def test_forward_softmax_scale_and_fully_masked_rows_give_zero_and_minus_inf(rng):
+    q, k, v, _ = inputs(rng, "bfloat16", 1, 20, 6, 1, 1, 16)
+    O, L = tc.fa2_tc_forward(q, k, v, causal=True, softmax_scale=0.3, Br=16, Bc=16)
+    ref, lse = reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=True,
+                                   softmax_scale=0.3)
+    hidden = 20 - 6                   # bottom-right: the first Nq - Nk rows see no key
+    assert np.all(O[0, :hidden].astype(np.float32) == 0) and np.all(np.isneginf(L[0, 0, :hidden]))
+    low = reference.attention_in_dtype(*(x.astype(np.float64) for x in (q, k, v)), "bfloat16",
+                                       causal=True, softmax_scale=0.3)
+    assert ratio(O, ref, low) <= 2.0
+
+
+def test_forward_takes_uint16_bits_with_a_dtype(rng):
+    q, k, v, _ = inputs(rng, "bfloat16", 1, 9, 11, 1, 1, 16)
+    O, L = tc.fa2_tc_forward(q, k, v, Br=16, Bc=16)
+    with pytest.raises(TypeError, match="dtype='bfloat16' or 'float16'"):
+        tc.fa2_tc_forward(q.view(np.uint16), k.view(np.uint16), v.view(np.uint16))
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        tc.fa2_tc_forward(*(x.astype(np.float32) for x in (q, k, v)))
+    with pytest.raises(TypeError, match="share one dtype"):
+        tc.fa2_tc_forward(q, k.astype(np.float16), v)
+
+
+@pytest.mark.parametrize("config", [TileConfig(Br=32, Bc=16, D=32, num_warps=1),
+                                    TileConfig(Br=16, Bc=24, D=32, num_warps=1),
+                                    TileConfig(Br=64, Bc=256, D=128, num_warps=4)])
+def test_bad_configs_are_refused_naming_the_problem(config):
+    with pytest.raises(ConfigError, match="Br=|Bc=|bytes"):
+        tc.check_config(config)
+
+
+def test_every_shipped_config_is_valid():
+    for config in tc.shipped_configs():
+        tc.check_config(config)
+    assert tc.stages(tc.default_config(64)) == 2 and tc.stages(tc.default_config(128)) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_stepping_matches_the_fa2_mirror_tile_by_tile(rng, causal):
+    """After k K/V tiles (limit=k) the kernel's O and L are the mirror's (float64, on the same
+    bf16 inputs) at bf16 tolerance: P_ij is rounded to bf16 before P V."""
+    q, k, v, _ = inputs(rng, "bfloat16", 1, 19, 40, 1, 1, 16)
+    Q, K, V = (x[0, :, 0, :].astype(np.float64) for x in (q, k, v))
+    for limit in (1, 2, 3):
+        O, L = tc.fa2_tc_forward(q, k, v, causal=causal, Br=16, Bc=16, limit=limit)
+        O_m, L_m = mirror.fa2_forward(Q, K, V, Br=16, Bc=16, causal=causal, limit=limit)
+        assert np.abs(O[0, :, 0, :].astype(np.float64) - O_m).max() <= 2 ** -7 * np.abs(O_m).max()
+        assert lse_rel(L[0, 0], L_m) <= 1e-5
+
+
+def test_forward_compiles_for_sm80_and_sm90_with_mma_and_no_spills():
+    """The default d = 64 and d = 128 bf16 kernels: PTX has the expected number of mma.sync per
+    K/V tile (loops unrolled), ptxas reports 0 spills and the promised shared memory. (Every
+    shipped config and variant: ``python -m flashnumba.kernels.resources``.)"""
+    report = compile_report("""
+        from flashnumba.kernels import fa2_tc_forward as tc
+        out = {}
+        for d in (64, 128):
+            label, dispatcher, argtypes = tc.compile_targets(tc.default_config(d))[0]
+            for cc in ((8, 0), (9, 0)):
+                r = build_and_link(dispatcher, argtypes, cc)
+                r["mma"] = r.pop("ptx").count("mma.sync.aligned.m16n8k16")
+                out[f"{label} d={d} sm_{cc[0]}{cc[1]}"] = r
+        print(json.dumps(out))
+    """)
+    for name, r in report.items():
+        D = 64 if "d=64" in name else 128
+        Bc = tc.default_config(D).Bc
+        assert r["mma"] == (D // 16) * (Bc // 8) + (Bc // 16) * (D // 8), (name, r)
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r)
+        assert r["smem"] == tc.smem_bytes(tc.default_config(D)), (name, r)
+        assert r["registers"] <= 255
