@@ -81,6 +81,7 @@ KERNEL_MODULES = [
     "flashnumba.kernels.fa2_fast_backward",
     "flashnumba.kernels.fa2_backward",
     "flashnumba.kernels.fa2_tc_forward",
+    "flashnumba.kernels.fa2_tc_backward",
 ]
 PLAIN_TARGETS = ["flashnumba.kernels.resources:gqa_targets", "flashnumba.kernels.naive:targets",
                  "flashnumba.kernels.cast:targets", "flashnumba.kernels.lse:targets",
