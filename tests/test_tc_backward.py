@@ -5,13 +5,13 @@ compiled for sm_80 / sm_90. Simulator sizes are tiny; on a GPU larger shapes run
 import numpy as np
 import pytest
 from numba import config as numba_config
+from tc_helpers import compile_report, inputs, options, ratio
 
 from flashnumba import mirror, reference
 from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT
 from flashnumba.kernels import fa2_tc_backward as tcb
 from flashnumba.kernels import fa2_tc_forward as tcf
 from flashnumba.kernels.common import ConfigError, TileConfig
-from tc_helpers import compile_report, inputs, options, ratio
 
 ON_GPU = not numba_config.ENABLE_CUDASIM
 SEED = 11
@@ -40,7 +40,7 @@ def _cases():
 def test_backward_within_three_times_the_dense_error(rng, dtype, case):
     B, Nq, Nk, Hq, Hkv, d, causal, alignment, p, Bc = case
     q, k, v, dout = inputs(rng, dtype, B, Nq, Nk, Hq, Hkv, d)
-    kw = dict(causal=causal, alignment=alignment, dropout_p=p, seed=SEED)
+    kw = {"causal": causal, "alignment": alignment, "dropout_p": p, "seed": SEED}
     out, L = tcf.fa2_tc_forward(q, k, v, **kw)
     grads = tcb.fa2_tc_backward(dout, q, k, v, out, L, Bc=Bc, **kw)
     for x, like in zip(grads, (q, k, v)):
@@ -58,7 +58,7 @@ def test_stepping_matches_the_fa2_mirror(rng):
     same bf16 inputs and the kernel's own O, L) at bf16 tolerance."""
     q, k, v, dout = inputs(rng, "bfloat16", 1, 40, 23, 1, 1, 16)
     out, L = tcf.fa2_tc_forward(q, k, v, causal=True)
-    one = lambda x: x[0, :, 0, :].astype(np.float64)           # noqa: E731
+    one = lambda x: x[0, :, 0, :].astype(np.float64)
     for limit in (1, 2, 3):
         grads = tcb.fa2_tc_backward(dout, q, k, v, out, L, causal=True, Bc=16, limit=limit)
         refs = mirror.fa2_backward(one(dout), one(q), one(k), one(v), one(out),
