@@ -70,8 +70,16 @@ UNPACK = {"bf16": mma.unpack_bf16x2, "f16": mma.unpack_f16x2}
 PRE_THREADS = 128
 
 # (Br = Bc, num_warps) per head-dim bucket: Q_i, dO_i, K_j, V_j, dS_ij^T must fit in 48 KB.
-_DEFAULTS = {16: (64, 4), 32: (64, 4), 64: (64, 4), 96: (32, 2), 128: (32, 2)}
-_ALTERNATIVES = {64: [(32, 2)]}
+# Bc = 64 at d = 64 needed more than 255 registers (S^T, dP^T, dK_j, dV_j all live) and spilled.
+# D >= 96: two warps share 16 keys, each accumulating half of the head dims of dK_j, dV_j
+# (SPLIT_D = 2; otherwise dK_j + dV_j alone are 128 fp32 registers per lane and it spilled).
+_DEFAULTS = {16: (32, 2), 32: (32, 2), 64: (32, 2), 96: (32, 4), 128: (32, 4)}
+_ALTERNATIVES = {64: [(16, 1)], 128: [(16, 2)]}
+
+
+def split_d(D):
+    """Warps that share 16 keys, each owning D / split_d(D) head dims of dK_j, dV_j, dQ_i."""
+    return 2 if D >= 96 else 1
 
 
 def default_config(d):
@@ -97,10 +105,14 @@ def check_config(config):
     who = "fa2_tc_backward"
     common.check_sizes(config, who)
     Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
-    require(Bc == 16 * num_warps, f"{who}: Bc={Bc} must be 16 x num_warps = {16 * num_warps} "
-                                  f"(each warp owns 16 keys of K_j)")
+    SPLIT = split_d(D)
+    require(Bc * SPLIT == 16 * num_warps,
+            f"{who}: Bc={Bc} must be 16 x num_warps / {SPLIT} = {16 * num_warps // SPLIT} "
+            f"(each warp owns 16 keys of K_j and 1/{SPLIT} of the head dims)")
     require(Br == Bc, f"{who}: Br={Br} must equal Bc={Bc} (warp w also owns rows 16w.. of dQ_i)")
-    require(D % 16 == 0, f"{who}: D={D} must be a multiple of 16")
+    require(D % (16 * SPLIT) == 0, f"{who}: D={D} must be a multiple of {16 * SPLIT}")
+    require((Br * D // 8) % config.threads == 0,
+            f"{who}: Br={Br}, D={D}: 16-byte chunks per tile must divide among {config.threads} threads")
     common.check_smem(config, smem_bytes(config), who)
 
 
@@ -129,7 +141,9 @@ def _build(config, KIND, DROPOUT):
     NC = Br // 8                  # n-tiles of S^T (8 queries each)
     KC = Br // 16                 # k-steps over queries (dV_j, dK_j)
     KK = Bc // 16                 # k-steps over keys (dQ_i)
-    ND = D // 8                   # n-tiles over the head dim
+    SPLIT = split_d(D)
+    DH = D // SPLIT               # head dims of dK_j, dV_j, dQ_i per warp
+    NDH = DH // 8                 # their n-tiles
     CHUNKS = D // 8
     LOADS = Br * CHUNKS // T      # 16-byte chunks per thread per tile
     MMA_K, PACK_K, UNPACK_K = MMA[KIND], PACK[KIND], UNPACK[KIND]
@@ -165,13 +179,14 @@ def _build(config, KIND, DROPOUT):
                 mma_into(C, 2 * nn + 1, a, bf[2], bf[3])
 
     @cuda.jit(device=True, inline="always")
-    def accumulate_AtB(Acc, C, Bs, lane):
-        """Acc += C B: C (16 x Br accumulators) packed into A fragments, B = Bs (Br x D, .trans)."""
+    def accumulate_AtB(Acc, C, Bs, x0, lane):
+        """Acc += C B: C (16 x Br accumulators) packed into A fragments, B = Bs[:, x0 : x0 + DH]
+        by ldmatrix.trans."""
         for kc in range(KC):
             a = (PACK_K(C[2 * kc, 0], C[2 * kc, 1]), PACK_K(C[2 * kc, 2], C[2 * kc, 3]),
                  PACK_K(C[2 * kc + 1, 0], C[2 * kc + 1, 1]), PACK_K(C[2 * kc + 1, 2], C[2 * kc + 1, 3]))
-            for nd in range(ND // 2):
-                bf = mma.ldmatrix_x4_trans(Bs, (16 * kc + lane % 16, 16 * nd + 8 * (lane // 16)))
+            for nd in range(NDH // 2):
+                bf = mma.ldmatrix_x4_trans(Bs, (16 * kc + lane % 16, x0 + 16 * nd + 8 * (lane // 16)))
                 mma_into(Acc, 2 * nd, a, bf[0], bf[1])
                 mma_into(Acc, 2 * nd + 1, a, bf[2], bf[3])
 
@@ -217,7 +232,9 @@ def _build(config, KIND, DROPOUT):
 
         # --- who am I ---
         tid = cuda.threadIdx.x
-        w = tid // WARP_SIZE                 # keys 16w .. 16w + 15 of K_j; rows 16w.. of dQ_i
+        warp = tid // WARP_SIZE
+        w = warp // SPLIT                    # keys 16w .. 16w + 15 of K_j; rows 16w.. of dQ_i
+        x0 = DH * (warp % SPLIT)             # head dims x0 .. x0 + DH of dK_j, dV_j, dQ_i
         lane = tid % WARP_SIZE
         g = lane // 4
         t = lane % 4
@@ -241,15 +258,15 @@ def _build(config, KIND, DROPOUT):
         # --- registers ---
         S = cuda.local.array((NC, 4), float32)       # S_ij^T, then (P_ij o Z_ij)^T
         dP = cuda.local.array((NC, 4), float32)      # dP_ij^T, then dS_ij^T
-        dK = cuda.local.array((ND, 4), float32)      # dK_j (unscaled), rows 16w + g, + 8
-        dV = cuda.local.array((ND, 4), float32)      # dV_j
-        dQ = cuda.local.array((ND, 4), float32)      # this warp's rows of dS_ij K_j
+        dK = cuda.local.array((NDH, 4), float32)     # dK_j (unscaled), rows 16w + g, + 8
+        dV = cuda.local.array((NDH, 4), float32)     # dV_j
+        dQ = cuda.local.array((2, 4), float32)       # 16 columns of this warp's rows of dS_ij K_j
 
         # Alg. 2 lines 6-7: load K_j, V_j; dK_j = 0, dV_j = 0
         load_rows(Ks, k, b, h_kv, col0, N_k, tid)
         load_rows(Vs, v, b, h_kv, col0, N_k, tid)
         mma.cp_async_commit()
-        for n in range(ND):
+        for n in range(NDH):
             for e in range(4):
                 dK[n, e] = 0.0
                 dV[n, e] = 0.0
@@ -300,47 +317,50 @@ def _build(config, KIND, DROPOUT):
                         dP[n, e] = ds
 
                 # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i
-                accumulate_AtB(dV, S, dOs, lane)
+                accumulate_AtB(dV, S, dOs, x0, lane)
                 # Alg. 2 line 15: dK_j += dS_ij^T Q_i  (times scale at the end)
-                accumulate_AtB(dK, dP, Qs, lane)
+                accumulate_AtB(dK, dP, Qs, x0, lane)
 
-                # dS_ij^T -> shared, rounded to 16 bits as the mma operand would be
-                for n in range(NC):
-                    for hh in range(2):
-                        pair = PACK_K(dP[n, 2 * hh], dP[n, 2 * hh + 1])
-                        key_l = 16 * w + g + 8 * hh
-                        dSs[key_l, 8 * n + 2 * t] = uint16(pair & uint32(0xFFFF))
-                        dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
+                # dS_ij^T -> shared, rounded to 16 bits as the mma operand would be (by one
+                # warp of the SPLIT that computed the same keys)
+                if x0 == 0:
+                    for n in range(NC):
+                        for hh in range(2):
+                            pair = PACK_K(dP[n, 2 * hh], dP[n, 2 * hh + 1])
+                            key_l = 16 * w + g + 8 * hh
+                            dSs[key_l, 8 * n + 2 * t] = uint16(pair & uint32(0xFFFF))
+                            dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
                 cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
 
                 # Alg. 2 line 14: dQ_i += dS_ij K_j for rows 16w .. 16w + 15 of Q_i; A = dS_ij
                 # by ldmatrix.trans of dS_ij^T, B = K_j by ldmatrix.trans; fp32 atomics into dQ
-                for n in range(ND):
-                    for e in range(4):
-                        dQ[n, e] = 0.0
-                for kk in range(KK):
-                    a = mma.ldmatrix_x4_trans(dSs, (16 * kk + lane % 8 + 8 * (lane // 16),
-                                                    16 * w + 8 * ((lane // 8) % 2)))
-                    for nd in range(ND // 2):
-                        bf = mma.ldmatrix_x4_trans(Ks, (16 * kk + lane % 16, 16 * nd + 8 * (lane // 16)))
-                        mma_into(dQ, 2 * nd, a, bf[0], bf[1])
-                        mma_into(dQ, 2 * nd + 1, a, bf[2], bf[3])
-                for hh in range(2):
-                    row = row0 + 16 * w + g + 8 * hh
-                    if row < N_q:
-                        for n in range(ND):
-                            for e2 in range(2):
-                                x = 8 * n + 2 * t + e2
-                                if x < d:
-                                    cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
+                for nd in range(NDH // 2):           # 16 dims at a time: 8 accumulators live
+                    for n in range(2):
+                        for e in range(4):
+                            dQ[n, e] = 0.0
+                    for kk in range(KK):
+                        a = mma.ldmatrix_x4_trans(dSs, (16 * kk + lane % 8 + 8 * (lane // 16),
+                                                        16 * w + 8 * ((lane // 8) % 2)))
+                        bf = mma.ldmatrix_x4_trans(Ks, (16 * kk + lane % 16,
+                                                        x0 + 16 * nd + 8 * (lane // 16)))
+                        mma_into(dQ, 0, a, bf[0], bf[1])
+                        mma_into(dQ, 1, a, bf[2], bf[3])
+                    for hh in range(2):
+                        row = row0 + 16 * w + g + 8 * hh
+                        if row < N_q:
+                            for n in range(2):
+                                for e2 in range(2):
+                                    x = x0 + 16 * nd + 8 * n + 2 * t + e2
+                                    if x < d:
+                                        cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
                 cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
 
         # Alg. 2 line 17: write dK_j = scale dK_j, dV_j in the input dtype
         for hh in range(2):
             key = col0 + 16 * w + g + 8 * hh
             if key < N_k:
-                for n in range(ND):
-                    x = 8 * n + 2 * t
+                for n in range(NDH):
+                    x = x0 + 8 * n + 2 * t
                     if x < d:
                         pk = PACK_K(dK[n, 2 * hh] * scale, dK[n, 2 * hh + 1] * scale)
                         pv = PACK_K(dV[n, 2 * hh], dV[n, 2 * hh + 1])
@@ -391,10 +411,11 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     if base.D < d:
         raise ConfigError(f"config D={base.D} cannot serve head dim d={d}")
     B = Bc if Bc is not None else Br if Br is not None else None
+    SPLIT = split_d(base.D)
     if num_warps is None and B is not None:
-        num_warps = max(1, B // 16)
+        num_warps = max(1, B // 16) * SPLIT
     if B is None and num_warps is not None:
-        B = 16 * num_warps
+        B = 16 * num_warps // SPLIT
     config = TileConfig(Br=base.Br if B is None else B, Bc=base.Bc if B is None else B, D=base.D,
                         num_warps=base.num_warps if num_warps is None else num_warps)
     check_config(config)

@@ -43,7 +43,7 @@ def lane_map(elements, shape):
 def handoff_lanes():
     """For the 16 x 16 tile S_ij (two n-tiles of 8 keys): (lane holding S[r, c] as accumulator,
     lane holding P[r, c] in P's A fragment, A register it goes to). The first two are equal."""
-    c_lane, c_reg = lane_map(c_elements, (16, 8))
+    c_lane, _ = lane_map(c_elements, (16, 8))
     a_lane, a_reg = lane_map(a_elements, (16, 16))
     s_lane = np.concatenate([c_lane, c_lane], axis=1)        # n-tile 0: keys 0-7, 1: keys 8-15
     return s_lane, a_lane, a_reg
