@@ -57,7 +57,7 @@ from flashnumba.kernels.common import (
 )
 from flashnumba.kernels.geometry import q_tile_start
 from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
-from flashnumba.kernels.philox import keep
+from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 FULL_MASK = 0xFFFFFFFF
 LOG2_E = 1.4426950408889634
@@ -113,6 +113,8 @@ def check_config(config):
     require(D % (16 * SPLIT) == 0, f"{who}: D={D} must be a multiple of {16 * SPLIT}")
     require((Br * D // 8) % config.threads == 0,
             f"{who}: Br={Br}, D={D}: 16-byte chunks per tile must divide among {config.threads} threads")
+    require(Br // 2 <= 63, f"{who}: Br={Br}: the dropout kernel keeps a lane's Br / 2 keep bits "
+                           f"in one 64-bit integer")
     common.check_smem(config, smem_bytes(config), who)
 
 
@@ -190,6 +192,19 @@ def _build(config, KIND, DROPOUT):
                 mma_into(Acc, 2 * nd, a, bf[0], bf[1])
                 mma_into(Acc, 2 * nd + 1, a, bf[2], bf[3])
 
+    @cuda.jit(device=True, inline="always")
+    def keep_word(words, s):
+        """words[s] for a run-time s < 4, by selects (indexing a tuple at run time would put it
+        in local memory)."""
+        x = words[3]
+        if s == 0:
+            x = words[0]
+        elif s == 1:
+            x = words[1]
+        elif s == 2:
+            x = words[2]
+        return x
+
     @cuda.jit
     def preprocess(dout, out, D_rows):
         """D_rows[b, h, r] = sum_x dO[b, r, h, x] O[b, r, h, x] in fp32 (16-bit inputs)."""
@@ -244,6 +259,8 @@ def _build(config, KIND, DROPOUT):
         h_kv = bh % H_kv
         col0 = j * Bc
         if DROPOUT:
+            key0, key1 = philox_key(seed)
+            b_word = np.uint64(b)
             Z_kept = float32(1.0 / (1.0 - dropout_p))
 
         # --- shared memory (each array on its own line) ---
@@ -290,6 +307,20 @@ def _build(config, KIND, DROPOUT):
                 mma.cp_async_wait(0)
                 cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them
 
+                if DROPOUT:
+                    # keep bits of this lane's 4 NC entries of Z_ij^T (bit 4 n + e), made before
+                    # S^T exists: in a loop of its own, which may stay rolled (it touches no
+                    # register array). philox.keep(seed, b, hq, row, key, p): word key % 4.
+                    keep_bits = 0
+                    for n in range(NC):
+                        for e in range(4):
+                            key = col0 + 16 * w + g + 8 * (e // 2)
+                            row = row0 + 8 * n + 2 * t + e % 2
+                            words = philox4x32(np.uint64(key // 4), np.uint64(row), np.uint64(hq),
+                                               b_word, key0, key1)
+                            if kept(keep_word(words, key % 4), dropout_p):
+                                keep_bits |= 1 << (4 * n + e)
+
                 # Alg. 2 lines 10-11: S_ij^T = K_j Q_i^T, P_ij^T = exp(scale S_ij^T - L_i)
                 product_T(S, Ks, Qs, w, lane)
                 # Alg. 2 line 12: dP_ij^T = V_j dO_i^T
@@ -308,7 +339,7 @@ def _build(config, KIND, DROPOUT):
                             p = math.exp2(S[n, e] * q_scale - Ls[qr])
                         z = float32(1.0)
                         if DROPOUT:
-                            z = Z_kept if keep(seed, b, hq, row, key, dropout_p) else float32(0.0)
+                            z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
                         # Alg. 2 line 13: dS_ij = P_ij o (dP_ij o Z_ij - D_i); exactly 0 where hidden
                         ds = float32(0.0)
                         if visible:
