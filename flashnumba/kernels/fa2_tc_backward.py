@@ -386,6 +386,8 @@ def _build(config, KIND, DROPOUT):
                                         cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
                 cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
 
+        mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
+
         # Alg. 2 line 17: write dK_j = scale dK_j, dV_j in the input dtype
         for hh in range(2):
             key = col0 + 16 * w + g + 8 * hh
