@@ -1,10 +1,14 @@
 """FlashAttention-2 backward, version 3: on the tensor cores (mma.sync), for fp16 and bf16.
 
 Dao 2023, Algorithm 2, with every product on ``mma.sync.m16n8k16`` (``kernels.mma``):
-one thread block per K/V tile j and K/V head (grid (Tc, B * Hkv)); warp w owns
-keys 16w .. 16w + 15 of K_j (Bc = 16 num_warps, Br = Bc). Three launches:
+one thread block per K/V tile j and K/V head (grid (Tc, B * Hkv)); each warp owns
+16 keys of K_j (Br = Bc = 16 num_warps / SPLIT_D) and, for D >= 96, half of the
+head dims of dK_j, dV_j and dQ_i (SPLIT_D = 2: the two warps of a pair both
+compute S_ij^T and dP_ij^T for their keys, which keeps dK_j + dV_j at 64 fp32
+registers per lane; ``split_d``). Four launches:
 
     preprocess   D_i = rowsum(dO_i o O_i), fp32, one thread per row (Alg. 2 line 4)
+    zero_fill    dQ = 0 (fp32, accumulated by atomics)
     dkdv         for each query head h of the group (GQA: dK_j, dV_j summed over it in registers)
                    for each Q tile i visible to K_j (causal: from q_tile_start):
                      Q_i, dO_i -> shared (cp.async); L_i, D_i -> shared
@@ -35,7 +39,10 @@ the forward gives P_ij directly.
 What bounds it: dQ by atomics (B * Hq * Nq * d fp32 adds per K/V tile row of
 blocks; not deterministic in its summation order), K_j and V_j re-read from
 shared memory by ldmatrix for every Q tile, four barriers per Q tile, and the
-dropout variant's Philox call per element. No double buffering of Q_i, dO_i.
+dropout variant's Philox call per element (half of each call's 4 words unused), the
+duplicated S_ij^T and dP_ij^T products at D >= 96, and tiles of only Bc = 32 keys
+(larger tiles needed more than 255 registers). No double buffering of Q_i, dO_i; no
+deterministic dQ option yet.
 """
 
 import collections
