@@ -39,7 +39,7 @@ the forward gives P_ij directly.
 What bounds it: dQ by atomics (B * Hq * Nq * d fp32 adds per K/V tile row of
 blocks; not deterministic in its summation order), K_j and V_j re-read from
 shared memory by ldmatrix for every Q tile, four barriers per Q tile, and the
-dropout variant's Philox call per element (half of each call's 4 words unused), the
+dropout variant's Philox call per element (3 of its 4 words unused), the
 duplicated S_ij^T and dP_ij^T products at D >= 96, and tiles of only Bc = 32 keys
 (larger tiles needed more than 255 registers). No double buffering of Q_i, dO_i; no
 deterministic dQ option yet.
