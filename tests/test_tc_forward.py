@@ -6,12 +6,13 @@ on a GPU the same tests run, plus larger shapes."""
 import numpy as np
 import pytest
 from numba import config as numba_config
+from tc_helpers import compile_report, inputs, lse_rel, options, ratio
 
 from flashnumba import mirror, reference
 from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT
 from flashnumba.kernels import fa2_tc_forward as tc
 from flashnumba.kernels.common import ConfigError, TileConfig
-from tc_helpers import compile_report, inputs, lse_rel, options, ratio
+from flashnumba.tools import emulation
 
 ON_GPU = not numba_config.ENABLE_CUDASIM
 SEED = 7
@@ -49,7 +50,7 @@ def test_forward_within_twice_the_dense_error(rng, dtype, case):
     q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
     opts = options(B, Hq, Nq, Nk, causal, alignment, p, SEED)
     ref, lse = reference.attention(q64, k64, v64, **opts)
-    low = reference.attention_in_dtype(q64, k64, v64, dtype, **opts)
+    low = emulation.attention_in_dtype(q64, k64, v64, dtype, **opts)
     assert ratio(O, ref, low) <= 2.0
     assert lse_rel(L, lse) <= 1e-5
     if p > 0:            # the mask was applied: without it the output is far off
@@ -60,11 +61,11 @@ def test_forward_within_twice_the_dense_error(rng, dtype, case):
 def test_forward_softmax_scale_and_fully_masked_rows_give_zero_and_minus_inf(rng):
     q, k, v, _ = inputs(rng, "bfloat16", 1, 20, 6, 1, 1, 16)
     O, L = tc.fa2_tc_forward(q, k, v, causal=True, softmax_scale=0.3, Br=16, Bc=16)
-    ref, lse = reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=True,
-                                   softmax_scale=0.3)
+    ref, _ = reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=True,
+                                 softmax_scale=0.3)
     hidden = 20 - 6                   # bottom-right: the first Nq - Nk rows see no key
     assert np.all(O[0, :hidden].astype(np.float32) == 0) and np.all(np.isneginf(L[0, 0, :hidden]))
-    low = reference.attention_in_dtype(*(x.astype(np.float64) for x in (q, k, v)), "bfloat16",
+    low = emulation.attention_in_dtype(*(x.astype(np.float64) for x in (q, k, v)), "bfloat16",
                                        causal=True, softmax_scale=0.3)
     assert ratio(O, ref, low) <= 2.0
 
@@ -72,6 +73,9 @@ def test_forward_softmax_scale_and_fully_masked_rows_give_zero_and_minus_inf(rng
 def test_forward_takes_uint16_bits_with_a_dtype(rng):
     q, k, v, _ = inputs(rng, "bfloat16", 1, 9, 11, 1, 1, 16)
     O, L = tc.fa2_tc_forward(q, k, v, Br=16, Bc=16)
+    O_bits, L_bits = tc.fa2_tc_forward(q.view(np.uint16), k.view(np.uint16), v.view(np.uint16),
+                                       Br=16, Bc=16, dtype="bfloat16")
+    assert np.array_equal(O.view(np.uint16), O_bits.view(np.uint16)) and np.array_equal(L, L_bits)
     with pytest.raises(TypeError, match="dtype='bfloat16' or 'float16'"):
         tc.fa2_tc_forward(q.view(np.uint16), k.view(np.uint16), v.view(np.uint16))
     with pytest.raises(TypeError, match="float16 or bfloat16"):
@@ -91,7 +95,8 @@ def test_bad_configs_are_refused_naming_the_problem(config):
 def test_every_shipped_config_is_valid():
     for config in tc.shipped_configs():
         tc.check_config(config)
-    assert tc.stages(tc.default_config(64)) == 2 and tc.stages(tc.default_config(128)) == 1
+    assert tc.stages(tc.default_config(64)) == 2 and tc.stages(tc.default_config(128)) == 2
+    assert tc.stages(TileConfig(Br=64, Bc=64, D=128, num_warps=4)) == 1     # 2 x 34 KB > 48 KB
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -110,7 +115,7 @@ def test_stepping_matches_the_fa2_mirror_tile_by_tile(rng, causal):
 def test_forward_compiles_for_sm80_and_sm90_with_mma_and_no_spills():
     """The default d = 64 and d = 128 bf16 kernels: PTX has the expected number of mma.sync per
     K/V tile (loops unrolled), ptxas reports 0 spills and the promised shared memory. (Every
-    shipped config and variant: ``python -m flashnumba.kernels.resources``.)"""
+    shipped config and variant: ``flashnumba resources``.)"""
     report = compile_report("""
         from flashnumba.kernels import fa2_tc_forward as tc
         out = {}

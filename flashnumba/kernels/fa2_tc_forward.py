@@ -56,12 +56,18 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types, uint16, uint32
 
-from flashnumba import dtypes
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, mma
-from flashnumba.kernels.common import HEAD_DIM_BUCKETS, ConfigError, TileConfig, require
+from flashnumba.kernels.common import (
+    HEAD_DIM_BUCKETS,
+    STATIC_SMEM_LIMIT,
+    WARP_SIZE,
+    ConfigError,
+    TileConfig,
+    require,
+)
 from flashnumba.kernels.geometry import kv_tile_end
-from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT, WARP_SIZE
+from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 FULL_MASK = 0xFFFFFFFF
@@ -70,7 +76,6 @@ LN_2 = 0.6931471805599453
 HALF_BYTES = 2
 ROW_PAD = 8                    # elements added to each shared row: ldmatrix rows of one tile fall
                                # in different banks (8 x 16 B apart instead of a multiple of 128 B)
-KINDS = {dtypes.BFLOAT16: "bf16", dtypes.FLOAT16: "f16"}
 MMA = {"bf16": mma.mma_bf16, "f16": mma.mma_f16}
 PACK = {"bf16": mma.pack_bf16x2, "f16": mma.pack_f16x2}
 
@@ -141,7 +146,7 @@ def build(config, kind="bf16", dropout=False):
     return _build(config, kind, bool(dropout))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(config, KIND, DROPOUT):
     check_config(config)
     Br, Bc, D, W = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
@@ -179,7 +184,7 @@ def _build(config, KIND, DROPOUT):
     def fa2_tc_forward_kernel(q, k, v, out, L, q_scale, causal, offset, dropout_p, seed, limit):
         # --- sizes --- q (B, N_q, H_q, D), k, v (B, N_k, H_kv, D): uint16 bits, padded to D;
         # out (B, N_q, H_q, d) uint16 bits; L (B, H_q, N_q) float32. q_scale: scale log2(e).
-        B, N_q, H_q, _ = q.shape
+        N_q, H_q = q.shape[1], q.shape[2]
         N_k = k.shape[1]
         H_kv = k.shape[2]
         d = out.shape[3]
@@ -368,21 +373,6 @@ def _build(config, KIND, DROPOUT):
     return fa2_tc_forward_kernel
 
 
-@cuda.jit
-def pad_head_dim(src, dst):
-    """dst[b, n, h, x] = src[b, n, h, x] for x < d, 0 for d <= x < D (uint16 bits)."""
-    idx = cuda.grid(1)
-    B, N, H, D = dst.shape
-    if idx < B * N * H * D:
-        x = idx % D
-        rest = idx // D
-        hh = rest % H
-        rest //= H
-        n = rest % N
-        b = rest // N
-        dst[b, n, hh, x] = src[b, n, hh, x] if x < src.shape[3] else uint16(0)
-
-
 def compile_targets(config):
     """[(label, dispatcher, argtypes)] for the resource check, as the wrapper launches them."""
     u4 = types.Array(types.uint16, 4, "C")
@@ -396,75 +386,6 @@ def compile_targets(config):
 # ---------------------------------------------------------------------------
 # Wrapper: check, allocate, launch
 # ---------------------------------------------------------------------------
-
-def resolve_kind(x, dtype=None):
-    """'bf16' or 'f16' for an input: its own dtype, or `dtype` when it holds raw uint16 bits."""
-    name = dtypes.name_of(x)
-    if name == "uint16":
-        if dtype not in KINDS:
-            raise TypeError(f"q holds uint16 bits: pass dtype='bfloat16' or 'float16' to say which, "
-                            f"got dtype={dtype!r}")
-        name = dtype
-    elif dtype is not None and dtype != name:
-        raise TypeError(f"dtype={dtype!r} does not match the inputs' dtype {name}")
-    if name not in KINDS:
-        raise TypeError(f"fa2_tc_forward takes float16 or bfloat16 inputs (or their uint16 bits), "
-                        f"got {name}")
-    return KINDS[name]
-
-
-def bits_of(x):
-    """The uint16 bit patterns of a float16/bfloat16/uint16 array, without a copy."""
-    if isinstance(x, np.ndarray):
-        return x.view(np.uint16)
-    if np.dtype(x.dtype) == np.uint16:
-        return x
-    return x.view(np.uint16)
-
-
-def check_qkv16(q, k, v):
-    """Shapes of q (B, Nq, Hq, d), k, v (B, Nk, Hkv, d), 16-bit, all of one dtype."""
-    names = {dtypes.name_of(x) for x in (q, k, v)}
-    if len(names) != 1:
-        raise TypeError(f"q, k, v must share one dtype, got {sorted(names)}")
-    B, Nq, Hq, d = q.shape
-    for name, x in (("k", k), ("v", v)):
-        if len(x.shape) != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
-    if len(q.shape) != 4:
-        raise ValueError(f"q must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    Bk, Nk, Hkv, dk = k.shape
-    if Bk != B:
-        raise ValueError(f"k has batch {Bk}, expected q's batch {B}")
-    if dk != d:
-        raise ValueError(f"k has head dim {dk}, expected q's head dim {d}")
-    if Nq < 1 or Nk < 1 or B < 1:
-        raise ValueError(f"batch and sequence lengths must be >= 1, got B={B}, seqlen_q={Nq}, seqlen_k={Nk}")
-    if Hkv < 1 or Hq % Hkv != 0:
-        raise ValueError(f"nheads_q={Hq} must be a multiple of nheads_kv={Hkv}")
-    common.head_dim_bucket(d)
-    return B, Nq, Nk, Hq, Hkv, d
-
-
-def padded_bits(x, D, arrays):
-    """x's uint16 bits on the device, C-contiguous, head dim zero-padded to D (a copy only when needed)."""
-    bits = bits_of(x)
-    if arrays.host:
-        if bits.shape[3] == D:
-            return cuda.to_device(np.ascontiguousarray(bits))
-        padded = np.zeros((*bits.shape[:3], D), np.uint16)
-        padded[..., :bits.shape[3]] = bits
-        return cuda.to_device(padded)
-    bits = arrays.to_device(bits)
-    if bits.shape[3] == D and bits.is_c_contiguous():
-        return bits
-    padded = cuda.device_array((*bits.shape[:3], D), dtype=np.uint16)
-    n = padded.size
-    pad_head_dim[(n + 255) // 256, 256](bits, padded)
-    return padded
-
 
 def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     base = config if config is not None else default_config(d)
@@ -484,7 +405,7 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
              seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None, dtype=None):
     """Check and allocate once; returns (launch, out, L, kind): out holds uint16 bits on the device.
     ``launch()`` runs the kernel again into the same out and L (what a benchmark times)."""
-    B, N_q, N_k, H_q, H_kv, d = check_qkv16(q, k, v)
+    B, N_q, N_k, H_q, _, d = check_qkv16(q, k, v)
     kind = resolve_kind(q, dtype)
     scale = common.resolve_scale(softmax_scale, d)
     offset = common.resolve_offset(causal, alignment, N_q, N_k)
@@ -505,15 +426,6 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
         launch_kernel(q_d, k_d, v_d, out, L, q_scale, bool(causal), offset, dropout_p, seed, steps)
 
     return launch, out, L, kind
-
-
-def as_dtype(bits, kind, like):
-    """Kernel output bits as the inputs' kind: NumPy float16/bfloat16 for NumPy inputs, else the
-    device array (uint16 bits; float16 viewed for f16)."""
-    numpy_dtype = dtypes.NUMPY[dtypes.BFLOAT16 if kind == "bf16" else dtypes.FLOAT16]
-    if isinstance(like, np.ndarray):
-        return bits.copy_to_host().view(numpy_dtype)
-    return bits if kind == "bf16" else bits.view(np.float16)
 
 
 def fa2_tc_forward(q, k, v, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT, dropout_p=0.0,

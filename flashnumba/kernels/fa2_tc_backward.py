@@ -1,0 +1,523 @@
+"""FlashAttention-2 backward, version 3: on the tensor cores (mma.sync), for fp16 and bf16.
+
+Dao 2023, Algorithm 2, with every product on ``mma.sync.m16n8k16`` (``kernels.mma``):
+one thread block per K/V tile j and K/V head (grid (Tc, B * Hkv)); each warp owns
+16 keys of K_j (Br = Bc = 16 num_warps / SPLIT_D) and, for D >= 96, half of the
+head dims of dK_j, dV_j and dQ_i (SPLIT_D = 2: the two warps of a pair both
+compute S_ij^T and dP_ij^T for their keys, which keeps dK_j + dV_j at 64 fp32
+registers per lane; ``split_d``). Four launches:
+
+    preprocess   D_i = rowsum(dO_i o O_i), fp32, one thread per row (Alg. 2 line 4)
+    zero_fill    dQ = 0 (fp32, accumulated by atomics)
+    dkdv         for each query head h of the group (GQA: dK_j, dV_j summed over it in registers)
+                   for each Q tile i visible to K_j (causal: from q_tile_start):
+                     Q_i, dO_i -> shared (cp.async); L_i, D_i -> shared
+                     S_ij^T  = K_j Q_i^T                 mma, A = K_j (ldmatrix), B = Q_i
+                     P_ij^T  = exp(scale S_ij^T - L_i)    (0 where masked)
+                     dP_ij^T = V_j dO_i^T                mma, A = V_j, B = dO_i
+                     dS_ij^T = P_ij^T o (dP_ij^T o Z^T - D_i)
+                     dV_j   += (P_ij o Z_ij)^T dO_i      mma, A packed from P^T's accumulators,
+                                                         B = dO_i by ldmatrix.trans
+                     dK_j   += dS_ij^T Q_i               mma, A packed from dS^T, B = Q_i (.trans)
+                     dS_ij^T -> shared (16-bit); dQ_i += dS_ij K_j   mma, A = dS by
+                                                         ldmatrix.trans, B = K_j (.trans);
+                                                         fp32 atomics into dQ
+                 dK_j = scale dK_j, dV_j written in the input dtype
+    finish_dq    dQ = scale dQ (fp32) -> the input dtype
+
+Working on S^T (keys as rows) puts P^T and dS^T in the accumulators laid out as
+the A operands of dV_j and dK_j, so both go from accumulators to A fragments in
+registers, as P_ij does in the forward; only dQ needs dS_ij itself, which
+ldmatrix.trans reads back from shared memory.
+
+Names follow the paper; the lane layout is kernels/mma.py's: accumulator e of
+n-tile n holds S_ij^T[16 w + g + 8 (e // 2), 8 n + 2 t + e % 2] (key, query).
+Dropout (compile-time variant): Z_ij from ``philox.keep`` per element, the same
+mask as every other kernel. m_i, l_i are not needed: L_i = m_i + log l_i from
+the forward gives P_ij directly.
+
+What bounds it: dQ by atomics (B * Hq * Nq * d fp32 adds per K/V tile row of
+blocks; not deterministic in its summation order), K_j and V_j re-read from
+shared memory by ldmatrix for every Q tile, four barriers per Q tile, and the
+dropout variant's Philox call per element (3 of its 4 words unused), the
+duplicated S_ij^T and dP_ij^T products at D >= 96, and tiles of only Bc = 32 keys
+(larger tiles needed more than 255 registers). No double buffering of Q_i, dO_i; no
+deterministic dQ option yet.
+"""
+
+import collections
+import functools
+import math
+
+import numpy as np
+from numba import config as numba_config
+from numba import cuda, float32, types, uint16, uint32
+
+from flashnumba.geometry import BOTTOM_RIGHT
+from flashnumba.kernels import common, mma
+from flashnumba.kernels.common import (
+    HEAD_DIM_BUCKETS,
+    WARP_SIZE,
+    ConfigError,
+    TileConfig,
+    require,
+)
+from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
+from flashnumba.kernels.philox import kept, philox4x32, philox_key
+
+FULL_MASK = 0xFFFFFFFF
+LOG2_E = 1.4426950408889634
+HALF_BYTES = 2
+FLOAT_BYTES = 4
+ROW_PAD = 8
+MMA = {"bf16": mma.mma_bf16, "f16": mma.mma_f16}
+PACK = {"bf16": mma.pack_bf16x2, "f16": mma.pack_f16x2}
+UNPACK = {"bf16": mma.unpack_bf16x2, "f16": mma.unpack_f16x2}
+PRE_THREADS = 128
+
+# (Br = Bc, num_warps) per head-dim bucket: Q_i, dO_i, K_j, V_j, dS_ij^T must fit in 48 KB.
+# Bc = 64 at d = 64 needed more than 255 registers (S^T, dP^T, dK_j, dV_j all live) and spilled.
+# D >= 96: two warps share 16 keys, each accumulating half of the head dims of dK_j, dV_j
+# (SPLIT_D = 2; otherwise dK_j + dV_j alone are 128 fp32 registers per lane and it spilled).
+_DEFAULTS = {16: (32, 2), 32: (32, 2), 64: (32, 2), 96: (32, 4), 128: (32, 4)}
+_ALTERNATIVES = {64: [(16, 1)], 128: [(16, 2)]}
+
+
+def split_d(D):
+    """Warps that share 16 keys, each owning D / split_d(D) head dims of dK_j, dV_j, dQ_i."""
+    return 2 if D >= 96 else 1
+
+
+def default_config(d):
+    D = common.head_dim_bucket(d)
+    B, num_warps = _DEFAULTS[D]
+    return TileConfig(Br=B, Bc=B, D=D, num_warps=num_warps)
+
+
+def shipped_configs():
+    configs = [default_config(D) for D in HEAD_DIM_BUCKETS]
+    for D, alternatives in _ALTERNATIVES.items():
+        configs += [TileConfig(Br=B, Bc=B, D=D, num_warps=w) for B, w in alternatives]
+    return configs
+
+
+def smem_bytes(config):
+    """Q_i, dO_i, K_j, V_j (Br x (D + 8) 16-bit each), dS_ij^T (Bc x (Br + 8)), L_i and D_i (fp32)."""
+    Br, Bc, D = config.Br, config.Bc, config.D
+    return ((2 * Br + 2 * Bc) * (D + ROW_PAD) + Bc * (Br + ROW_PAD)) * HALF_BYTES + 2 * Br * FLOAT_BYTES
+
+
+def check_config(config):
+    who = "fa2_tc_backward"
+    common.check_sizes(config, who)
+    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
+    SPLIT = split_d(D)
+    require(Bc * SPLIT == 16 * num_warps,
+            f"{who}: Bc={Bc} must be 16 x num_warps / {SPLIT} = {16 * num_warps // SPLIT} "
+            f"(each warp owns 16 keys of K_j and 1/{SPLIT} of the head dims)")
+    require(Br == Bc, f"{who}: Br={Br} must equal Bc={Bc} (warp w also owns rows 16w.. of dQ_i)")
+    require(D % (16 * SPLIT) == 0, f"{who}: D={D} must be a multiple of {16 * SPLIT}")
+    require((Br * D // 8) % config.threads == 0,
+            f"{who}: Br={Br}, D={D}: 16-byte chunks per tile must divide among {config.threads} threads")
+    require(Br // 2 <= 63, f"{who}: Br={Br}: the dropout kernel keeps a lane's Br / 2 keep bits "
+                           f"in one 64-bit integer")
+    common.check_smem(config, smem_bytes(config), who)
+
+
+def _smem_alignment():
+    return None if numba_config.ENABLE_CUDASIM else 16
+
+
+Fa2TcBackwardKernels = collections.namedtuple("Fa2TcBackwardKernels", "preprocess dkdv finish_dq")
+
+
+def build(config, kind="bf16", dropout=False):
+    """(preprocess, dkdv, finish_dq) for `config` and `kind` ('bf16' | 'f16'). Cached."""
+    if kind not in MMA:
+        raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
+    return _build(config, kind, bool(dropout))
+
+
+@functools.cache
+def _build(config, KIND, DROPOUT):
+    check_config(config)
+    Br, Bc, D, W = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
+    T = W * WARP_SIZE
+    DP = D + ROW_PAD
+    BP = Br + ROW_PAD
+    KD = D // 16                  # k-steps over the head dim
+    NC = Br // 8                  # n-tiles of S^T (8 queries each)
+    KC = Br // 16                 # k-steps over queries (dV_j, dK_j)
+    KK = Bc // 16                 # k-steps over keys (dQ_i)
+    SPLIT = split_d(D)
+    DH = D // SPLIT               # head dims of dK_j, dV_j, dQ_i per warp
+    NDH = DH // 8                 # their n-tiles
+    CHUNKS = D // 8
+    LOADS = Br * CHUNKS // T      # 16-byte chunks per thread per tile
+    MMA_K, PACK_K, UNPACK_K = MMA[KIND], PACK[KIND], UNPACK[KIND]
+    ALIGN = _smem_alignment()
+
+    @cuda.jit(device=True, inline="always")
+    def mma_into(C, n, a, b0, b1):
+        d = MMA_K(a, (b0, b1), (C[n, 0], C[n, 1], C[n, 2], C[n, 3]))
+        for e in range(4):
+            C[n, e] = d[e]
+
+    @cuda.jit(device=True, inline="always")
+    def load_rows(dst, src, b, h, start, N, tid):
+        """rows start .. start + Br of src (clamped to N - 1) -> dst, by cp.async."""
+        for u in range(LOADS):
+            chunk = tid + T * u
+            r = chunk // CHUNKS
+            x = 8 * (chunk % CHUNKS)
+            mma.cp_async_16(dst, (r, x), src, (b, min(start + r, N - 1), h, x))
+
+    @cuda.jit(device=True, inline="always")
+    def product_T(C, As, Bs, w, lane):
+        """C = A_w B^T, 16 x Br: A_w = rows 16w.. of As (ldmatrix), B = rows of Bs (ldmatrix)."""
+        for n in range(NC):
+            for e in range(4):
+                C[n, e] = 0.0
+        for kk in range(KD):
+            a = mma.ldmatrix_x4(As, (16 * w + lane % 16, 16 * kk + 8 * (lane // 16)))
+            for nn in range(NC // 2):
+                bf = mma.ldmatrix_x4(Bs, (16 * nn + lane % 8 + 8 * (lane // 16),
+                                          16 * kk + 8 * ((lane // 8) % 2)))
+                mma_into(C, 2 * nn, a, bf[0], bf[1])
+                mma_into(C, 2 * nn + 1, a, bf[2], bf[3])
+
+    @cuda.jit(device=True, inline="always")
+    def accumulate_AtB(Acc, C, Bs, x0, lane):
+        """Acc += C B: C (16 x Br accumulators) packed into A fragments, B = Bs[:, x0 : x0 + DH]
+        by ldmatrix.trans."""
+        for kc in range(KC):
+            a = (PACK_K(C[2 * kc, 0], C[2 * kc, 1]), PACK_K(C[2 * kc, 2], C[2 * kc, 3]),
+                 PACK_K(C[2 * kc + 1, 0], C[2 * kc + 1, 1]), PACK_K(C[2 * kc + 1, 2], C[2 * kc + 1, 3]))
+            for nd in range(NDH // 2):
+                bf = mma.ldmatrix_x4_trans(Bs, (16 * kc + lane % 16, x0 + 16 * nd + 8 * (lane // 16)))
+                mma_into(Acc, 2 * nd, a, bf[0], bf[1])
+                mma_into(Acc, 2 * nd + 1, a, bf[2], bf[3])
+
+    @cuda.jit(device=True, inline="always")
+    def keep_word(words, s):
+        """words[s] for a run-time s < 4, by selects (indexing a tuple at run time would put it
+        in local memory)."""
+        x = words[3]
+        if s == 0:
+            x = words[0]
+        elif s == 1:
+            x = words[1]
+        elif s == 2:
+            x = words[2]
+        return x
+
+    @cuda.jit
+    def preprocess(dout, out, D_rows):
+        """D_rows[b, h, r] = sum_x dO[b, r, h, x] O[b, r, h, x] in fp32 (16-bit inputs)."""
+        idx = cuda.grid(1)
+        B, N_q, H_q, d = out.shape
+        if idx < B * H_q * N_q:
+            r = idx % N_q
+            h = (idx // N_q) % H_q
+            b = idx // (N_q * H_q)
+            acc = float32(0.0)
+            for x in range(d):
+                o, _ = UNPACK_K(uint32(out[b, r, h, x]))
+                g, _ = UNPACK_K(uint32(dout[b, r, h, x]))
+                acc += o * g
+            D_rows[b, h, r] = acc
+
+    @cuda.jit
+    def finish_dq(dq_acc, scale, dq):
+        """dq = scale dq_acc, rounded to the input dtype (bits)."""
+        idx = cuda.grid(1)
+        B, N_q, H_q, d = dq.shape
+        if idx < B * N_q * H_q * d:
+            x = idx % d
+            h = (idx // d) % H_q
+            r = (idx // (d * H_q)) % N_q
+            b = idx // (d * H_q * N_q)
+            pair = PACK_K(dq_acc[b, r, h, x] * scale, float32(0.0))
+            dq[b, r, h, x] = uint16(pair & uint32(0xFFFF))
+
+    @cuda.jit
+    def dkdv(q, k, v, dout, L, D_rows, dq_acc, dk, dv, q_scale, scale, causal, offset,
+             dropout_p, seed, limit):
+        # --- sizes --- q, dout (B, N_q, H_q, D), k, v (B, N_k, H_kv, D): uint16 bits padded to D;
+        # L, D_rows (B, H_q, N_q) fp32; dq_acc (B, N_q, H_q, d) fp32; dk, dv (B, N_k, H_kv, d) bits.
+        N_q, H_q = q.shape[1], q.shape[2]
+        N_k, H_kv = k.shape[1], k.shape[2]
+        d = dk.shape[3]
+        T_r = (N_q + Br - 1) // Br
+        G = H_q // H_kv                      # query heads per K/V head
+
+        # --- who am I ---
+        tid = cuda.threadIdx.x
+        warp = tid // WARP_SIZE
+        w = warp // SPLIT                    # keys 16w .. 16w + 15 of K_j; rows 16w.. of dQ_i
+        x0 = DH * (warp % SPLIT)             # head dims x0 .. x0 + DH of dK_j, dV_j, dQ_i
+        lane = tid % WARP_SIZE
+        g = lane // 4
+        t = lane % 4
+        j = cuda.blockIdx.x
+        bh = cuda.blockIdx.y
+        b = bh // H_kv
+        h_kv = bh % H_kv
+        col0 = j * Bc
+        if DROPOUT:
+            key0, key1 = philox_key(seed)
+            b_word = np.uint64(b)
+            Z_kept = float32(1.0 / (1.0 - dropout_p))
+
+        # --- shared memory (each array on its own line) ---
+        Ks = cuda.shared.array((Bc, DP), uint16, alignment=ALIGN)
+        Vs = cuda.shared.array((Bc, DP), uint16, alignment=ALIGN)
+        Qs = cuda.shared.array((Br, DP), uint16, alignment=ALIGN)
+        dOs = cuda.shared.array((Br, DP), uint16, alignment=ALIGN)
+        dSs = cuda.shared.array((Bc, BP), uint16, alignment=ALIGN)    # dS_ij^T, 16-bit
+        Ls = cuda.shared.array(Br, float32)                          # L_i log2(e)
+        Ds = cuda.shared.array(Br, float32)                          # D_i
+
+        # --- registers ---
+        S = cuda.local.array((NC, 4), float32)       # S_ij^T, then (P_ij o Z_ij)^T
+        dP = cuda.local.array((NC, 4), float32)      # dP_ij^T, then dS_ij^T
+        dK = cuda.local.array((NDH, 4), float32)     # dK_j (unscaled), rows 16w + g, + 8
+        dV = cuda.local.array((NDH, 4), float32)     # dV_j
+        dQ = cuda.local.array((2, 4), float32)       # 16 columns of this warp's rows of dS_ij K_j
+
+        # Alg. 2 lines 6-7: load K_j, V_j; dK_j = 0, dV_j = 0
+        load_rows(Ks, k, b, h_kv, col0, N_k, tid)
+        load_rows(Vs, v, b, h_kv, col0, N_k, tid)
+        mma.cp_async_commit()
+        for n in range(NDH):
+            for e in range(4):
+                dK[n, e] = 0.0
+                dV[n, e] = 0.0
+
+        i_start = 0
+        if causal:
+            i_start = q_tile_start(j, Br, Bc, N_q, offset)     # Q tiles above the diagonal skipped
+        i_end = min(T_r, i_start + limit)
+
+        for hq in range(h_kv * G, h_kv * G + G):             # GQA: the group's query heads
+            for i in range(i_start, i_end):                  # Alg. 2 line 8
+                row0 = i * Br
+                # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
+                load_rows(Qs, q, b, hq, row0, N_q, tid)
+                load_rows(dOs, dout, b, hq, row0, N_q, tid)
+                mma.cp_async_commit()
+                if tid < Br:
+                    row = row0 + tid
+                    Ls[tid] = L[b, hq, row] * LOG2_E if row < N_q else float32(0.0)
+                    Ds[tid] = D_rows[b, hq, row] if row < N_q else float32(0.0)
+                mma.cp_async_wait(0)
+                cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them
+
+                if DROPOUT:
+                    # keep bits of this lane's 4 NC entries of Z_ij^T (bit 4 n + e), made before
+                    # S^T exists: in a loop of its own, which may stay rolled (it touches no
+                    # register array). philox.keep(seed, b, hq, row, key, p): word key % 4.
+                    keep_bits = 0
+                    for n in range(NC):
+                        for e in range(4):
+                            key = col0 + 16 * w + g + 8 * (e // 2)
+                            row = row0 + 8 * n + 2 * t + e % 2
+                            words = philox4x32(np.uint64(key // 4), np.uint64(row), np.uint64(hq),
+                                               b_word, key0, key1)
+                            if kept(keep_word(words, key % 4), dropout_p):
+                                keep_bits |= 1 << (4 * n + e)
+
+                # Alg. 2 lines 10-11: S_ij^T = K_j Q_i^T, P_ij^T = exp(scale S_ij^T - L_i)
+                product_T(S, Ks, Qs, w, lane)
+                # Alg. 2 line 12: dP_ij^T = V_j dO_i^T
+                product_T(dP, Vs, dOs, w, lane)
+                masked = col0 + Bc > N_k or row0 + Br > N_q or (causal and col0 + Bc - 1 > row0 + offset)
+                for n in range(NC):
+                    for e in range(4):
+                        key = col0 + 16 * w + g + 8 * (e // 2)
+                        qr = 8 * n + 2 * t + e % 2        # query, within Q_i
+                        row = row0 + qr
+                        visible = True
+                        if masked:
+                            visible = key < N_k and row < N_q and (not causal or key <= row + offset)
+                        p = float32(0.0)
+                        if visible:
+                            p = math.exp2(S[n, e] * q_scale - Ls[qr])
+                        z = float32(1.0)
+                        if DROPOUT:
+                            z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
+                        # Alg. 2 line 13: dS_ij = P_ij o (dP_ij o Z_ij - D_i); exactly 0 where hidden
+                        ds = float32(0.0)
+                        if visible:
+                            ds = p * (dP[n, e] * z - Ds[qr])
+                        S[n, e] = p * z
+                        dP[n, e] = ds
+
+                # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i
+                accumulate_AtB(dV, S, dOs, x0, lane)
+                # Alg. 2 line 15: dK_j += dS_ij^T Q_i  (times scale at the end)
+                accumulate_AtB(dK, dP, Qs, x0, lane)
+
+                # dS_ij^T -> shared, rounded to 16 bits as the mma operand would be (by one
+                # warp of the SPLIT that computed the same keys)
+                if x0 == 0:
+                    for n in range(NC):
+                        for hh in range(2):
+                            pair = PACK_K(dP[n, 2 * hh], dP[n, 2 * hh + 1])
+                            key_l = 16 * w + g + 8 * hh
+                            dSs[key_l, 8 * n + 2 * t] = uint16(pair & uint32(0xFFFF))
+                            dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
+                cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
+
+                # Alg. 2 line 14: dQ_i += dS_ij K_j for rows 16w .. 16w + 15 of Q_i; A = dS_ij
+                # by ldmatrix.trans of dS_ij^T, B = K_j by ldmatrix.trans; fp32 atomics into dQ
+                for nd in range(NDH // 2):           # 16 dims at a time: 8 accumulators live
+                    for n in range(2):
+                        for e in range(4):
+                            dQ[n, e] = 0.0
+                    for kk in range(KK):
+                        a = mma.ldmatrix_x4_trans(dSs, (16 * kk + lane % 8 + 8 * (lane // 16),
+                                                        16 * w + 8 * ((lane // 8) % 2)))
+                        bf = mma.ldmatrix_x4_trans(Ks, (16 * kk + lane % 16,
+                                                        x0 + 16 * nd + 8 * (lane // 16)))
+                        mma_into(dQ, 0, a, bf[0], bf[1])
+                        mma_into(dQ, 1, a, bf[2], bf[3])
+                    for hh in range(2):
+                        row = row0 + 16 * w + g + 8 * hh
+                        if row < N_q:
+                            for n in range(2):
+                                for e2 in range(2):
+                                    x = x0 + 16 * nd + 8 * n + 2 * t + e2
+                                    if x < d:
+                                        cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
+                cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
+
+        mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
+
+        # Alg. 2 line 17: write dK_j = scale dK_j, dV_j in the input dtype
+        for hh in range(2):
+            key = col0 + 16 * w + g + 8 * hh
+            if key < N_k:
+                for n in range(NDH):
+                    x = x0 + 8 * n + 2 * t
+                    if x < d:
+                        pk = PACK_K(dK[n, 2 * hh] * scale, dK[n, 2 * hh + 1] * scale)
+                        pv = PACK_K(dV[n, 2 * hh], dV[n, 2 * hh + 1])
+                        dk[b, key, h_kv, x] = uint16(pk & uint32(0xFFFF))
+                        dv[b, key, h_kv, x] = uint16(pv & uint32(0xFFFF))
+                        if x + 1 < d:
+                            dk[b, key, h_kv, x + 1] = uint16(pk >> uint32(16))
+                            dv[b, key, h_kv, x + 1] = uint16(pv >> uint32(16))
+
+    return Fa2TcBackwardKernels(preprocess=preprocess, dkdv=dkdv, finish_dq=finish_dq)
+
+
+@cuda.jit
+def zero_fill(x):
+    """x = 0 (a 4-D fp32 array), one thread per element."""
+    idx = cuda.grid(1)
+    B, N, H, d = x.shape
+    if idx < B * N * H * d:
+        x[idx // (N * H * d), (idx // (H * d)) % N, (idx // d) % H, idx % d] = 0.0
+
+
+def compile_targets(config):
+    u4 = types.Array(types.uint16, 4, "C")
+    f3 = types.Array(types.float32, 3, "C")
+    f4 = types.Array(types.float32, 4, "C")
+    argtypes = (u4, u4, u4, u4, f3, f3, f4, u4, u4, types.float32, types.float32, types.boolean,
+                types.int64, types.float64, types.uint64, types.int64)
+    targets = []
+    for kind in ("bf16", "f16"):
+        plain = build(config, kind)
+        targets += [(f"fa2_tc_backward_{kind}", plain.dkdv, argtypes),
+                    (f"fa2_tc_backward_{kind}_dropout", build(config, kind, True).dkdv, argtypes),
+                    (f"fa2_tc_backward_preprocess_{kind}", plain.preprocess, (u4, u4, f3)),
+                    (f"fa2_tc_backward_finish_dq_{kind}", plain.finish_dq, (f4, types.float32, u4))]
+    return targets
+
+
+def static_smem_bytes(config):
+    return smem_bytes(config)
+
+
+# ---------------------------------------------------------------------------
+# Wrapper: check, allocate, launch
+# ---------------------------------------------------------------------------
+
+def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
+    base = config if config is not None else default_config(d)
+    if base.D < d:
+        raise ConfigError(f"config D={base.D} cannot serve head dim d={d}")
+    B = Bc if Bc is not None else Br if Br is not None else None
+    SPLIT = split_d(base.D)
+    if num_warps is None and B is not None:
+        num_warps = max(1, B // 16) * SPLIT
+    if B is None and num_warps is not None:
+        B = 16 * num_warps // SPLIT
+    config = TileConfig(Br=base.Br if B is None else B, Bc=base.Bc if B is None else B, D=base.D,
+                        num_warps=base.num_warps if num_warps is None else num_warps)
+    check_config(config)
+    return config
+
+
+def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
+             dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None,
+             dtype=None):
+    """Check and allocate once; returns (launch, dq, dk, dv, kind), results as device uint16 bits."""
+    B, N_q, N_k, H_q, H_kv, d = check_qkv16(q, k, v)
+    for name, x in (("dout", dout), ("out", out)):
+        if tuple(x.shape) != tuple(q.shape):
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
+    if tuple(L.shape) != (B, H_q, N_q):
+        raise ValueError(f"L must have shape {(B, H_q, N_q)}, got {tuple(L.shape)}")
+    kind = resolve_kind(q, dtype)
+    for name, x in (("dout", dout), ("out", out)):
+        if resolve_kind(x, dtype) != kind:
+            raise TypeError(f"{name} must have q's dtype")
+    scale = common.resolve_scale(softmax_scale, d)
+    offset = common.resolve_offset(causal, alignment, N_q, N_k)
+    dropout_p, seed = common.resolve_dropout(dropout_p, seed)
+    steps = common.resolve_limit(limit)
+    config = resolve_config(d, Br, Bc, num_warps, config)
+    kernels = build(config, kind, dropout=dropout_p > 0.0)
+
+    arrays = common.Arrays(q, k, v, dout, out)
+    q_d, k_d, v_d, dout_d = (padded_bits(x, config.D, arrays) for x in (q, k, v, dout))
+    out_d = arrays.to_device(out.view(np.uint16) if isinstance(out, np.ndarray) else out)
+    L_d = arrays.to_device(np.ascontiguousarray(L, np.float32) if isinstance(L, np.ndarray) else L)
+    D_rows = cuda.device_array((B, H_q, N_q), dtype=np.float32)
+    dq_acc = cuda.device_array((B, N_q, H_q, d), dtype=np.float32)
+    dq = cuda.device_array((B, N_q, H_q, d), dtype=np.uint16)
+    dk = cuda.device_array((B, N_k, H_kv, d), dtype=np.uint16)
+    dv = cuda.device_array((B, N_k, H_kv, d), dtype=np.uint16)
+    T_c = (N_k + config.Bc - 1) // config.Bc
+    n_rows = B * H_q * N_q
+    n_dq = dq.size
+
+    def launch():
+        kernels.preprocess[(n_rows + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS](dout_d, out_d, D_rows)
+        zero_fill[(n_dq + 255) // 256, 256](dq_acc)     # dQ is accumulated by atomics
+        kernels.dkdv[(T_c, B * H_kv), config.threads](
+            q_d, k_d, v_d, dout_d, L_d, D_rows, dq_acc, dk, dv, np.float32(scale * LOG2_E),
+            np.float32(scale), bool(causal), offset, dropout_p, seed, steps)
+        kernels.finish_dq[(n_dq + 255) // 256, 256](dq_acc, np.float32(scale), dq)
+
+    return launch, dq, dk, dv, kind
+
+
+def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT,
+                    dropout_p=0.0, seed=0, limit=None, *, Br=None, Bc=None, num_warps=None,
+                    config=None, dtype=None):
+    """FlashAttention-2 backward on tensor cores. Returns (dq, dk, dv) shaped like q, k, v, in
+    the input dtype (float16 or bfloat16). dout, out (B, Nq, Hq, d) in that dtype and L (B, Hq, Nq)
+    float32 come from the forward, run with the same causal, alignment, softmax_scale, dropout_p
+    and seed. NumPy in, NumPy out; device arrays (uint16 bits, with dtype=) in, device arrays out.
+    """
+    launch, dq, dk, dv, kind = launcher(dout, q, k, v, out, L, causal=causal, alignment=alignment,
+                                        softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
+                                        Br=Br, Bc=Bc, num_warps=num_warps, limit=limit,
+                                        config=config, dtype=dtype)
+    launch()
+    return as_dtype(dq, kind, q), as_dtype(dk, kind, q), as_dtype(dv, kind, q)

@@ -1,0 +1,113 @@
+"""16-bit inputs at the tensor-core kernels' door: dtype, shapes, bits padded to the head-dim bucket.
+
+Shared by ``fa2_tc_forward`` and ``fa2_tc_backward`` (a kernel module does not import another).
+The kernels read raw 16-bit data: the uint16 bits of float16 or bfloat16 arrays
+(NumPy: ``ml_dtypes.bfloat16``; on the device, Numba arrays of the bits with
+``dtype='bfloat16' | 'float16'``). cp.async moves whole 16-byte chunks, so rows
+are padded with zeros from d to the bucket D (a copy only when d < D).
+
+    resolve_kind(x, dtype) -> 'bf16' | 'f16'      check_qkv16(q, k, v) -> (B, Nq, Nk, Hq, Hkv, d)
+    bits_of(x)             -> uint16 view          padded_bits(x, D, arrays) -> device (B, N, H, D)
+    as_dtype(bits, kind, like) -> the result in the caller's kind of array
+"""
+
+import numpy as np
+from numba import cuda, uint16
+
+from flashnumba import dtypes
+from flashnumba.kernels import common
+
+KINDS = {dtypes.BFLOAT16: "bf16", dtypes.FLOAT16: "f16"}
+
+
+@cuda.jit
+def pad_head_dim(src, dst):
+    """dst[b, n, h, x] = src[b, n, h, x] for x < d, 0 for d <= x < D (uint16 bits)."""
+    idx = cuda.grid(1)
+    B, N, H, D = dst.shape
+    if idx < B * N * H * D:
+        x = idx % D
+        rest = idx // D
+        hh = rest % H
+        rest //= H
+        n = rest % N
+        b = rest // N
+        dst[b, n, hh, x] = src[b, n, hh, x] if x < src.shape[3] else uint16(0)
+
+
+def resolve_kind(x, dtype=None):
+    """'bf16' or 'f16' for an input: its own dtype, or `dtype` when it holds raw uint16 bits."""
+    name = dtypes.name_of(x)
+    if name == "uint16":
+        if dtype not in KINDS:
+            raise TypeError(f"q holds uint16 bits: pass dtype='bfloat16' or 'float16' to say which, "
+                            f"got dtype={dtype!r}")
+        name = dtype
+    elif dtype is not None and dtype != name:
+        raise TypeError(f"dtype={dtype!r} does not match the inputs' dtype {name}")
+    if name not in KINDS:
+        raise TypeError(f"fa2_tc_forward takes float16 or bfloat16 inputs (or their uint16 bits), "
+                        f"got {name}")
+    return KINDS[name]
+
+
+def bits_of(x):
+    """The uint16 bit patterns of a float16/bfloat16/uint16 array, without a copy."""
+    if isinstance(x, np.ndarray):
+        return x.view(np.uint16)
+    if np.dtype(x.dtype) == np.uint16:
+        return x
+    return x.view(np.uint16)
+
+
+def check_qkv16(q, k, v):
+    """Shapes of q (B, Nq, Hq, d), k, v (B, Nk, Hkv, d), 16-bit, all of one dtype."""
+    names = {dtypes.name_of(x) for x in (q, k, v)}
+    if len(names) != 1:
+        raise TypeError(f"q, k, v must share one dtype, got {sorted(names)}")
+    B, Nq, Hq, d = q.shape
+    for name, x in (("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
+    if len(q.shape) != 4:
+        raise ValueError(f"q must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Nk, Hkv, dk = k.shape
+    if Bk != B:
+        raise ValueError(f"k has batch {Bk}, expected q's batch {B}")
+    if dk != d:
+        raise ValueError(f"k has head dim {dk}, expected q's head dim {d}")
+    if Nq < 1 or Nk < 1 or B < 1:
+        raise ValueError(f"batch and sequence lengths must be >= 1, got B={B}, seqlen_q={Nq}, seqlen_k={Nk}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"nheads_q={Hq} must be a multiple of nheads_kv={Hkv}")
+    common.head_dim_bucket(d)
+    return B, Nq, Nk, Hq, Hkv, d
+
+
+def padded_bits(x, D, arrays):
+    """x's uint16 bits on the device, C-contiguous, head dim zero-padded to D (a copy only when needed)."""
+    bits = bits_of(x)
+    if arrays.host:
+        if bits.shape[3] == D:
+            return cuda.to_device(np.ascontiguousarray(bits))
+        padded = np.zeros((*bits.shape[:3], D), np.uint16)
+        padded[..., :bits.shape[3]] = bits
+        return cuda.to_device(padded)
+    bits = arrays.to_device(bits)
+    if bits.shape[3] == D and bits.is_c_contiguous():
+        return bits
+    padded = cuda.device_array((*bits.shape[:3], D), dtype=np.uint16)
+    n = padded.size
+    pad_head_dim[(n + 255) // 256, 256](bits, padded)
+    return padded
+
+
+def as_dtype(bits, kind, like):
+    """Kernel output bits as the inputs' kind: NumPy float16/bfloat16 for NumPy inputs, else the
+    device array (uint16 bits; float16 viewed for f16)."""
+    numpy_dtype = dtypes.NUMPY[dtypes.BFLOAT16 if kind == "bf16" else dtypes.FLOAT16]
+    if isinstance(like, np.ndarray):
+        return bits.copy_to_host().view(numpy_dtype)
+    return bits if kind == "bf16" else bits.view(np.float16)
