@@ -71,22 +71,21 @@ solution (instructor form), followed by a grading cell
     result = course.check("<id>", <NAME>)
     print(result)
 
-and, in the instructor form only, ``assert result.passed``. A code cell can also
-mark lines that only the instructor sees:
+and, in the instructor form only, ``assert result.passed``. An ordinary code cell
+can also mark lines for one form only (an ungraded "try it" with its answer):
 
     # BEGIN SOLUTION
-    answer = ...                              (instructor form)
-    # END SOLUTION                            (student form: replaced by
-                                               ``raise NotImplementedError("FILL ME IN")``
-                                               only if you write # STUDENT: lines, see below)
+    answer = tiling.count("skipped")          instructor form only
+    # END SOLUTION
+    # STUDENT: answer = ...                   student form only, as "answer = ..."
 
-Lines between ``# BEGIN SOLUTION`` and ``# END SOLUTION`` are dropped from the
-student form, and lines starting ``# STUDENT: `` are kept (without the prefix)
-in the student form only; prefer graded exercises to this.
+Prefer graded exercises; the student form of such a cell must still run.
 
 Draw figures from mirrors and traces (``flashnumba.viz``: each function returns a
 matplotlib Figure; make it the cell's last expression and it is embedded). The
-lesson's first code cell must import ``from flashnumba import course``. Keep a
+lesson's first code cell starts with ``%matplotlib inline`` (without it a Figure
+returned before any pyplot call shows as text) and imports ``from flashnumba import
+course``. Keep a
 lesson's execution under about 40 s on one core of the simulator (small N, d).
 
 Building and testing

@@ -15,6 +15,7 @@
 # grader reads a file: `flashnumba course check attention --file my_attention.py`.
 
 # %%
+%matplotlib inline
 import numpy as np
 import matplotlib.pyplot as plt
 
