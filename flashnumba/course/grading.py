@@ -109,6 +109,9 @@ def step_through(student_steps, mirror_states, variables, tol=TOL, case=""):
     generator's return value.
     """
     prefix = f"{case}: " if case else ""
+    if not hasattr(student_steps, "__next__"):
+        raise Mismatch(f"{prefix}your function returned {type(student_steps).__name__}, not a "
+                       f"generator: yield each step's dict, then return the result")
     k = 0
     while True:
         try:

@@ -3,7 +3,7 @@
 import numpy as np
 
 from flashnumba import mirror
-from flashnumba.course.grading import Mismatch, grade, same_array, step_through
+from flashnumba.course.grading import Mismatch, call, grade, same_array, step_through
 
 ID = "fa1_steps"
 LESSON = 4
@@ -86,7 +86,7 @@ def check_steps(exercise, implementation, cases, causal):
             case = f"{'causal, ' if causal else ''}Nq={Nq}, Nk={Nk}, d={d}, Br={Br}, Bc={Bc}"
             want = mirror_states(Q, K, V, Br, Bc, causal)
             with np.errstate(all="ignore"):
-                final = step_through(implementation(Q.copy(), K.copy(), V.copy(), Br, Bc), want,
+                final = step_through(call(implementation, Q.copy(), K.copy(), V.copy(), Br, Bc), want,
                                      ("O", "l", "m"), case=case)
             if not isinstance(final, tuple) or len(final) != 3:
                 raise Mismatch(f"{case}: the generator must end with `return O, l, m`, got {final!r}")
