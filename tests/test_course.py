@@ -133,3 +133,23 @@ def test_flashnumba_cli_passes_course_through(capsys):
     from flashnumba.cli import main
     assert main(["course", "check", "merge", "--solution"]) == 0
     assert "[PASS] merge" in capsys.readouterr().out
+
+
+def test_kernel_steps_names_where_a_kernel_goes_wrong():
+    # the readable FA2 forward kernel as a "student's" kernel, then with a planted bug:
+    # from step 2 on, row 20 (Q tile i = 1) forgets to rescale its sum l
+    from flashnumba import stepping
+    from flashnumba.course.grading import Mismatch, kernel_steps
+    p = stepping.make_problem(24, 40, 8, Br=16, Bc=32, algorithm="fa2_forward")
+    assert kernel_steps("fa2_forward", p, stepping.kernel_state).agrees
+
+    def buggy(algorithm, problem, k):
+        state = stepping.kernel_state(algorithm, problem, k)
+        if k >= 2:
+            state["l"][20] *= 1.5
+        return state
+    with pytest.raises(Mismatch) as caught:
+        kernel_steps("fa2_forward", p, buggy, case="Nq=24")
+    where = caught.value.where
+    assert (where["step"], where["block"], where["i"], where["j"], where["variable"]) == (2, "i=1", 1, 1, "l")
+    assert caught.value.message.startswith("Nq=24: your kernel first differs from the mirror at step k=2")

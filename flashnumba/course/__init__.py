@@ -46,8 +46,9 @@ first place it differs (use ``grading.same_array``, ``grading.same_counts``, and
 ``grading.step_through`` for step generators, which names the first
 (step, tile i, tile j, variable) that diverges from the mirror). For a kernel,
 wrap the student's kernel as ``kernel(algorithm, problem, k) -> state dict`` and
-call ``flashnumba.stepping.compare(algorithm, problem, kernel=...)``: its
-``divergence`` is (k, block, i, j, variable, error). Include awkward cases:
+call ``flashnumba.stepping.compare(algorithm, problem, kernel=...)``; its
+``divergence`` is (k, block, i, j, variable, error); ``grading.kernel_steps`` does
+this and turns the divergence into a Mismatch. Include awkward cases:
 Nq != Nk, N not a multiple of the tile, odd d, rows with no visible key.
 Call the student's code through ``grading.call`` so its errors become messages.
 ``grade`` turns NotImplementedError into "not done yet" (never an exception),
@@ -83,10 +84,13 @@ Prefer graded exercises; the student form of such a cell must still run.
 
 Draw figures from mirrors and traces (``flashnumba.viz``: each function returns a
 matplotlib Figure; make it the cell's last expression and it is embedded). The
-lesson's first code cell starts with ``%matplotlib inline`` (without it a Figure
-returned before any pyplot call shows as text) and imports ``from flashnumba import
-course``. Keep a
-lesson's execution under about 40 s on one core of the simulator (small N, d).
+lesson's first code cell starts with ``# %matplotlib inline`` (an IPython magic,
+written commented as jupytext does; the builder uncomments it; without it a Figure
+shown before any pyplot call appears as text) and imports ``from flashnumba import
+course``. Cells after an exercise must not call the student's function: in the
+student form it is still the stub. Keep a lesson's execution under about 40 s on
+one core of the simulator (small N and d; ``flashnumba.viz.io.io_figure`` at its
+default sizes is the slowest figure: give it smaller ones).
 
 Building and testing
 --------------------
@@ -111,7 +115,7 @@ import re
 from flashnumba.course import exercises as _exercise_files
 from flashnumba.course.grading import Result
 
-__all__ = ["Result", "check", "exercise", "exercises", "solution", "stub", "perturbed"]
+__all__ = ["Result", "check", "exercise", "exercises", "perturbed", "solution", "stub"]
 
 _FILE = re.compile(r"^e(\d\d)_(\w+)$")
 

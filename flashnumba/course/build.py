@@ -8,8 +8,9 @@ A lesson source is a Python file of cells, each opened by a header line:
                                renamed to its NAME, then a grading cell
 
 In code cells, lines between "# BEGIN SOLUTION" and "# END SOLUTION" are kept in
-the instructor form only, and lines "# STUDENT: <code>" become "<code>" in the
-student form only. See the flashnumba.course docstring for the whole guide.
+the instructor form only, lines "# STUDENT: <code>" become "<code>" in the
+student form only, and an IPython magic is written commented, as jupytext does
+("# %matplotlib inline" becomes "%matplotlib inline"), so the source stays Python. See the flashnumba.course docstring for the whole guide.
 """
 
 import inspect
@@ -22,6 +23,7 @@ from pathlib import Path
 
 FORMS = ("student", "instructor")
 _HEADER = re.compile(r"^# %%(?:\s*\[(\w+)\])?\s*(.*)$")
+_MAGIC = re.compile(r"^# (%[a-z]\w*.*)$")              # "# %matplotlib inline" -> "%matplotlib inline"
 
 
 def lesson_sources():
@@ -77,7 +79,8 @@ def _code(lines, form):
             if form == "student":
                 out.append(line[:len(line) - len(line.lstrip())] + stripped[len("# STUDENT: "):])
         elif not in_solution or form == "instructor":
-            out.append(line)
+            magic = _MAGIC.match(line)
+            out.append(magic.group(1) if magic else line)
     return "\n".join(out)
 
 

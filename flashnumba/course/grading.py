@@ -45,7 +45,7 @@ def call(function, *args, **kwargs):
         return function(*args, **kwargs)
     except (NotImplementedError, StopIteration):
         raise
-    except Exception as e:      # noqa: BLE001 -- any student error becomes a message
+    except Exception as e:
         raise Mismatch(f"your function raised {type(e).__name__}: {e}") from e
 
 
@@ -143,6 +143,26 @@ def step_through(student_steps, mirror_states, variables, tol=TOL, case=""):
             same_array(name, got[name], want[name], tol=tol, case=f"{prefix}{tile}".strip(),
                        step=k, i=want.get("i"), j=want.get("j"))
         k += 1
+
+
+def kernel_steps(algorithm, problem, kernel, case=""):
+    """Step a student's kernel next to its float64 mirror; raise Mismatch at the first divergence.
+
+    kernel(algorithm, problem, k) -> {variable: array}, the state after k iterations of each
+    thread block's loop, as ``flashnumba.stepping.kernel_state`` returns it (launch the
+    student's kernel with limit=k). problem: ``flashnumba.stepping.make_problem(...)``.
+    Returns the stepping Report when every step agrees.
+    """
+    from flashnumba import stepping
+    prefix = f"{case}: " if case else ""
+    report = stepping.compare(algorithm, problem, kernel=lambda a, p, k: call(kernel, a, p, k))
+    if report.divergence is not None:
+        k, block, i, j, name, err = report.divergence
+        raise Mismatch(f"{prefix}your kernel first differs from the mirror at step k={k} (iterations "
+                       f"of each block's loop), block {block}, tile i={i}, j={j}, variable {name}: "
+                       f"max |yours - mirror| / max |mirror| = {err:.1e} > {stepping.TOL:.0e}\n"
+                       f"{report.table()}", step=k, block=block, i=i, j=j, variable=name)
+    return report
 
 
 def grade(exercise, run):

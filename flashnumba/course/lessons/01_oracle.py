@@ -15,9 +15,9 @@
 # grader reads a file: `flashnumba course check attention --file my_attention.py`.
 
 # %%
-%matplotlib inline
-import numpy as np
+# %matplotlib inline
 import matplotlib.pyplot as plt
+import numpy as np
 
 import flashnumba
 from flashnumba import course, reference
@@ -95,6 +95,7 @@ print("shifted:", shifted)
 
 # %%
 from flashnumba.viz.causal import causal_skipping_figure
+
 causal_skipping_figure()
 
 # %% [markdown]

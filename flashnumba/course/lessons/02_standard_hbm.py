@@ -11,9 +11,9 @@
 # `name` and returns `X`; `hbm.write(name, X)` counts a write.
 
 # %%
-%matplotlib inline
-import numpy as np
+# %matplotlib inline
 import matplotlib.pyplot as plt
+import numpy as np
 
 from flashnumba import course, mirror, reference
 from flashnumba.hbm import HBM
@@ -56,7 +56,7 @@ def traffic_bars(hbm, title):
     names = list(dict.fromkeys([*hbm.reads, *hbm.writes]))
     reads = [hbm.reads.get(n, 0) for n in names]
     writes = [hbm.writes.get(n, 0) for n in names]
-    fig, ax = plt.subplots(figsize=(6, 2.8), layout="constrained")
+    _, ax = plt.subplots(figsize=(6, 2.8), layout="constrained")
     ax.bar(names, reads, label="read")
     ax.bar(names, writes, bottom=reads, label="written")
     ax.set(ylabel="elements", title=title)
@@ -103,4 +103,5 @@ for N in (64, 256, 1024):
 
 # %%
 from flashnumba.viz.memory import memory_figure
+
 memory_figure()

@@ -8,9 +8,9 @@
 # merge is what split-KV decoding and ring attention do one level up.
 
 # %%
-%matplotlib inline
-import numpy as np
+# %matplotlib inline
 import matplotlib.pyplot as plt
+import numpy as np
 
 from flashnumba import course, reference
 from flashnumba.merge import merge
@@ -42,7 +42,7 @@ row[14] = 6.0                       # a late, large score: the running max jumps
 Bc = 6
 m, l = -np.inf, 0.0
 print(" j   rowmax(S_j)   m_new   exp(m - m_new)      l")
-for j in range(0, len(row) // Bc):
+for j in range(len(row) // Bc):
     S_j = row[j * Bc:(j + 1) * Bc]
     m_new = max(m, S_j.max())
     rescale = np.exp(m - m_new)
@@ -59,6 +59,7 @@ print("m + log l =", m + np.log(l), "  log sum exp(row) =", np.log(np.exp(row).s
 
 # %%
 from flashnumba.viz.online_softmax import online_softmax_figure
+
 online_softmax_figure()
 
 # %% [markdown]

@@ -8,7 +8,7 @@
 # and skip the tiles it hides.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import numpy as np
 
 from flashnumba import course, mirror, reference
@@ -52,6 +52,7 @@ print(mirror.nth(mirror.fa1_forward_steps(Q, K, V, Br=Br, Bc=Bc), 2))
 
 # %%
 from flashnumba.viz.loop_order import loop_order_figure
+
 loop_order_figure()
 
 # %% [markdown]
@@ -60,6 +61,7 @@ loop_order_figure()
 
 # %%
 from flashnumba.viz.on_chip import on_chip_figure
+
 on_chip_figure(k=5)
 
 # %% [markdown]
@@ -102,6 +104,7 @@ print("Q tiles that visit K/V tile j:", {j: list(t.q_range(j)) for j in range(t.
 
 # %%
 from flashnumba.viz.causal import causal_skipping_figure
+
 causal_skipping_figure()
 
 # %% [markdown]
