@@ -20,9 +20,12 @@ Layout
 
 Adding an exercise
 ------------------
-Create ``exercises/eNN_<id>.py`` (NN after the last exercise of the lesson before;
-leave gaps freely, only the order matters; the id is the file name after ``eNN_``).
-No list to edit: the package finds exercises by file name. The module defines
+Create ``exercises/eNN_<id>.py``; the id is the file name after ``eNN_``. Only the
+order of the names matters, and there is no list to edit: the package finds
+exercises by file name. So that writers working in parallel never pick the same
+number, lesson L's exercises are numbered 2L-1 and 2L (lesson 5: e09, e10;
+lesson 15: e29, e30) and a third or fourth takes a letter after the second
+(e10b, e10c). The module defines
 
     ID = "<id>"                 same as the file name after eNN_
     LESSON = 5                  the lesson it belongs to
@@ -37,7 +40,12 @@ No list to edit: the package finds exercises by file name. The module defines
 ``stub``, ``solution`` and ``perturbed`` are copied into notebooks with
 ``inspect.getsource`` and renamed to NAME, so each must be self-contained: it may use
 ``np`` and ``math`` and whatever the lesson imported before the exercise cell, and
-may import inside its body; no module-level helpers of the exercise file.
+may import inside its body; no module-level helpers of the exercise file. For a
+kernel exercise, make the function a launcher that defines its ``@cuda.jit`` kernel
+in its own body (a cached factory is the library's way; a notebook can afford a
+fresh compile per call on the simulator), so one function carries the kernel. A
+stub may instead return a deliberately unfinished value (e.g. a kernel with an
+empty loop body) as long as its grader fails it.
 
 ``check`` runs small cases (N <= 64, d <= 16) in well under a second each, in
 float64 against flashnumba.reference / flashnumba.mirror / flashnumba.merge, and
@@ -92,6 +100,9 @@ student form it is still the stub. Keep a lesson's execution under about 40 s on
 one core of the simulator (small N and d; ``flashnumba.viz.io.io_figure`` at its
 default sizes is the slowest figure: give it smaller ones).
 
+Add the lesson's row (title, time, laptop or GPU, exercise ids) to the syllabus
+table in lessons/README.md.
+
 Building and testing
 --------------------
     flashnumba course student --out lessons          # what is committed (with outputs)
@@ -101,9 +112,11 @@ Building and testing
                                                      # perturbed solution fails
     pytest tests/test_lessons.py                     # every lesson executes in instructor form
 
-Re-run ``flashnumba course student --out lessons`` and commit lessons/ after
-changing a lesson or an exercise; tests/test_lessons.py checks the committed
-student notebooks are built from the current sources.
+Re-run ``flashnumba course student --out lessons --lesson NN`` and commit
+lessons/ after changing a lesson or an exercise; tests/test_lessons.py checks the
+committed student notebooks are built from the current sources. Build them
+without a GPU (the simulator): the committed outputs are the laptop's. A lesson
+that uses a GPU when present must still run on the simulator at small sizes.
 '''
 
 import importlib
@@ -117,7 +130,7 @@ from flashnumba.course.grading import Result
 
 __all__ = ["Result", "check", "exercise", "exercises", "perturbed", "solution", "stub"]
 
-_FILE = re.compile(r"^e(\d\d)_(\w+)$")
+_FILE = re.compile(r"^e(\d\d[a-z]?)_(\w+)$")     # e07_fa1_steps, e30b_capstone_grads
 
 
 def _modules():
@@ -125,7 +138,12 @@ def _modules():
     found = sorted((m.group(1), m.group(2), info.name)
                    for info in pkgutil.iter_modules(_exercise_files.__path__)
                    if (m := _FILE.match(info.name)))
-    return {ident: name for _, ident, name in found}
+    modules = {}
+    for _, ident, name in found:
+        if ident in modules:
+            raise RuntimeError(f"two exercise files with id {ident!r}: {modules[ident]} and {name}")
+        modules[ident] = name
+    return modules
 
 
 def exercises(lesson=None):
