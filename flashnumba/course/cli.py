@@ -13,7 +13,7 @@ def _list(args):
         if module.LESSON != lesson:
             lesson = module.LESSON
             print(f"lesson {lesson}")
-        print(f"  {ident:<18} {module.TITLE}\n  {'':<18} {module.NAME}: {module.SPEC}")
+        print(f"  {ident:<18} {module.TITLE}\n  {'':<18} {module.SPEC}")
     return 0
 
 

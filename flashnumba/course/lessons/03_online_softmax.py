@@ -104,7 +104,7 @@ w_a = np.exp(L_a - L)
 ax.bar(range(Nq), w_a, label="exp(L_a - L): keys 0-3")
 ax.bar(range(Nq), 1 - w_a, bottom=w_a, label="exp(L_b - L): keys 4-9")
 ax.set(xlabel="query row", ylabel="weight of each part", title="each row's two weights sum to 1")
-ax.legend(loc="lower right")
+ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
 plt.show()
 
 # %% [markdown]
