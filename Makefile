@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test figures step bench clean
+.PHONY: demo test figures step bench lessons clean
 
 $(BIN)/flashnumba: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ step: $(BIN)/flashnumba
 
 bench: $(BIN)/flashnumba
 	$(BIN)/flashnumba bench
+
+# the course: JupyterLab on lessons/ (see lessons/README.md)
+lessons: $(BIN)/flashnumba
+	$(BIN)/pip install -q -e '.[lessons]'
+	$(BIN)/jupyter lab lessons
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

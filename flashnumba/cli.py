@@ -1,4 +1,4 @@
-"""The `flashnumba` command: demo, step, train, accuracy, figures, bench, resources."""
+"""The `flashnumba` command: demo, step, train, accuracy, figures, bench, resources, course."""
 
 import argparse
 import sys
@@ -23,6 +23,7 @@ PASSTHROUGH = {
     "figures": ("flashnumba.figures", "regenerate figures/"),
     "bench": ("flashnumba.bench.run", "benchmark against PyTorch (needs a GPU)"),
     "resources": ("flashnumba.tools.resources", "compile every kernel config, report registers/spills/smem"),
+    "course": ("flashnumba.course.cli", "the graded lessons: list, check, build the notebooks"),
 }
 
 

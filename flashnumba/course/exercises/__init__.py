@@ -1,0 +1,1 @@
+"""One module per exercise, ``eNN_<id>.py``, in course order (see flashnumba.course)."""
