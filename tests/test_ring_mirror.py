@@ -188,3 +188,25 @@ def test_mirror_bad_input_is_a_clear_error(rng):
         ring_forward(q, k[:, :8], v[:, :8], world=2)
     with pytest.raises(ValueError, match="dropout_p > 0 needs keep"):
         ring_forward(q, k, v, world=2, dropout_p=0.1)
+
+
+# ---------------------------------------------------------------- the schedule figure
+
+def test_ring_schedule_figure_draws_the_mirrors_schedule():
+    import matplotlib
+    matplotlib.use("Agg")
+    from flashnumba.viz.ring import ring_schedule_figure
+    from flashnumba.viz.style import png_bytes
+    world, n = 4, 8
+    fig = ring_schedule_figure(world=world, n=n)
+    panels = {panel["layout"]: panel for panel in fig.flashnumba_data["panels"]}
+    for layout, panel in panels.items():
+        for (step, rank), cell in panel["cells"].items():
+            p = piece(rank, step, world, n, layout, True)
+            assert (cell["block"], cell["kind"]) == (p.src, p.kind)
+            assert cell["work"] == p.visible / (n * n)
+        computed = panel["owner"] >= 0                   # every visible pair, by one step, no other
+        np.testing.assert_array_equal(computed, reference.causal_mask(world * n, world * n))
+    assert len(set(panels[ZIGZAG]["work"])) == 1
+    assert panels[CONTIGUOUS]["work"] == sorted(panels[CONTIGUOUS]["work"])
+    assert png_bytes(fig).startswith(b"\x89PNG")
