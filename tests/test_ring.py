@@ -154,3 +154,29 @@ def test_checks_pass_and_give_N():
         facts = checks.local_facts(np.zeros((1, 8, 1, 16), np.float32), torch.zeros(1, 8, 1, 16),
                                    torch.zeros(1, 8, 1, 16), 0.0, None, False, "contiguous", 0, "fa2")
         checks.check_all([facts], rank=0, layout="contiguous")
+
+
+# ---------------------------------------------------------------- the GPU benchmark's pure-Python parts
+
+def test_bench_flops_efficiency_and_table():
+    from flashnumba.distributed import bench
+    assert bench.attention_flops(1, 16, 1024, 64, causal=False, backward=False) == 4.0 * 16 * 1024 ** 2 * 64
+    assert bench.attention_flops(1, 1, 8, 2, causal=True, backward=True) == 4.0 * 64 * 2 * 3.5 / 2
+    rows = [bench.Row("single-gpu", 1, 8, 8, True, "fwd", 1.0, 2.0),
+            bench.Row("ring-zigzag", 4, 32, 8, True, "fwd", 1.0, 1.7),
+            bench.Row("ring-zigzag", 4, 32, 8, False, "fwd", 1.0, 1.7)]
+    bench.efficiencies(rows)
+    assert rows[1].efficiency == pytest.approx(0.85) and rows[2].efficiency is None
+    text = bench.table(rows)
+    assert "ring-zigzag" in text and "0.85" in text and len(text.splitlines()) == 4
+
+
+def test_bench_arguments_and_dry_run(capsys):
+    from flashnumba.distributed import bench
+    assert bench.main(["--dry-run", "--n-per-gpu", "64", "--causal", "yes"]) == 0
+    printed = capsys.readouterr().out
+    assert "ring N=64" in printed and "causal=True" in printed and "causal=False" not in printed
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--n-per-gpu", "33"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
