@@ -105,7 +105,7 @@ def source(rank, step, world):
 def piece(rank, step, world, n, layout, causal):
     """What rank `rank` computes at ring step `step` (see the module docstring's table)."""
     src = source(rank, step, world)
-    everything = dict(rows=(0, n), cols=(0, n))
+    everything = {"rows": (0, n), "cols": (0, n)}
     if not causal:
         return Piece(rank, src, step, FULL, **everything)
     if src == rank:

@@ -33,6 +33,7 @@ def full_inputs(case):
 def bad_input(case, rank, world, q, k, v):
     """This rank's slices made wrong the way case["bad"] says; returns (q, k, v, keywords)."""
     import torch
+
     from flashnumba.distributed import shard
     bad = case["bad"]
     keywords = {}
@@ -55,6 +56,7 @@ def bad_input(case, rank, world, q, k, v):
 
 def run_case(case, rank, world, out_dir):
     import torch
+
     from flashnumba.distributed import ring_flash_attn_func, shard
     q, k, v, dout = full_inputs(case)
     name = case["name"]
@@ -80,8 +82,9 @@ def run_case(case, rank, world, out_dir):
 
 def main(rank, world, port, out_dir, cases):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import flashnumba  # noqa: F401  (picks the simulator before numba is imported)
     import torch.distributed as dist
+
+    import flashnumba  # noqa: F401  (picks the simulator before numba is imported)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for case in cases:
@@ -94,6 +97,6 @@ def main(rank, world, port, out_dir, cases):
 if __name__ == "__main__":
     try:
         main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]))
-    except Exception:
+    except Exception:                   # noqa: BLE001  (any failure: printed, and a nonzero exit)
         traceback.print_exc()
         sys.exit(1)

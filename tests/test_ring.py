@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import rel_err
+
 from flashnumba import reference
 from flashnumba.distributed import checks
 from flashnumba.ring_geometry import unshard
@@ -60,8 +60,8 @@ def _launch(world, cases, out_dir):
 
 
 def _case(name, layout, causal, N, H_q, H_kv, d=16, B=1, seed=0, **extra):
-    return dict(name=name, layout=layout, causal=causal, N=N, H_q=H_q, H_kv=H_kv, d=d, B=B,
-                seed=seed, **extra)
+    return {"name": name, "layout": layout, "causal": causal, "N": N, "H_q": H_q, "H_kv": H_kv,
+            "d": d, "B": B, "seed": seed, **extra}
 
 
 def _check_against_reference(case, world, out_dir):
@@ -70,7 +70,7 @@ def _check_against_reference(case, world, out_dir):
     q, k, v, dout = full_inputs(case)
     parts = [np.load(out_dir / f"{case['name']}_rank{rank}.npz") for rank in range(world)]
     got = {name: unshard([p[name] for p in parts], case["layout"]) for name in ("out", "dq", "dk", "dv")}
-    options = dict(causal=case["causal"], softmax_scale=case.get("softmax_scale"))
+    options = {"causal": case["causal"], "softmax_scale": case.get("softmax_scale")}
     out, _ = reference.attention(q, k, v, **options)
     dq, dk, dv = reference.attention_backward(dout, q, k, v, **options)
     for name, want in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
@@ -132,8 +132,8 @@ def test_bad_input_is_an_error_on_every_rank(tmp_path):
 # ---------------------------------------------------------------- the checks alone (no processes)
 
 def _facts(q_shape=(1, 8, 2, 16), k_shape=(1, 8, 1, 16), **options):
-    keywords = dict(dropout_p=0.0, softmax_scale=None, causal=False, layout="contiguous", seed=0,
-                    algorithm="fa2")
+    keywords = {"dropout_p": 0.0, "softmax_scale": None, "causal": False, "layout": "contiguous",
+                "seed": 0, "algorithm": "fa2"}
     keywords.update(options)
     q = torch.zeros(q_shape)
     k = torch.zeros(k_shape)

@@ -6,7 +6,12 @@ import pytest
 
 from flashnumba import philox, reference
 from flashnumba.geometry import FULL, PARTIAL, SKIPPED
-from flashnumba.mirror.ring import ring_backward, ring_backward_steps, ring_forward, ring_forward_steps
+from flashnumba.mirror.ring import (
+    ring_backward,
+    ring_backward_steps,
+    ring_forward,
+    ring_forward_steps,
+)
 from flashnumba.mirror.trace import run
 from flashnumba.ring_geometry import (
     CONTIGUOUS,
@@ -111,7 +116,7 @@ def test_bad_split_is_a_clear_error(N, world, layout, expected):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ring_mirror_equals_reference_on_the_full_sequence(layout, causal, world, rng):
     q, k, v, dout = _problem(rng, B=2, N=6 * world, H_q=4, H_kv=2, d=5)     # GQA, odd head dim
-    options = dict(world=world, layout=layout, causal=causal, Br=4, Bc=4)
+    options = {"world": world, "layout": layout, "causal": causal, "Br": 4, "Bc": 4}
     O, L = ring_forward(q, k, v, **options)
     O_ref, L_ref = reference.attention(q, k, v, causal=causal)
     np.testing.assert_allclose(O, O_ref, rtol=0, atol=TOL)
@@ -128,7 +133,8 @@ def test_ring_mirror_dropout_is_the_full_sequences_mask(layout, rng):
     world, B, N, H_q = 3, 1, 12, 2
     q, k, v, dout = _problem(rng, B=B, N=N, H_q=H_q, H_kv=1, d=4)
     keep = philox.keep_mask(7, 0.3, B, H_q, N, N)
-    options = dict(world=world, layout=layout, causal=True, keep=keep, dropout_p=0.3, Br=4, Bc=4)
+    options = {"world": world, "layout": layout, "causal": True, "keep": keep, "dropout_p": 0.3,
+               "Br": 4, "Bc": 4}
     O, L = ring_forward(q, k, v, **options)
     O_ref, L_ref = reference.attention(q, k, v, causal=True, dropout_p=0.3, dropout_mask=keep)
     np.testing.assert_allclose(O, O_ref, rtol=0, atol=TOL)
@@ -171,7 +177,7 @@ def test_backward_steps_carry_the_sums_home(rng):
     world, n, layout = 3, 4, ZIGZAG
     q, k, v, dout = _problem(rng, B=1, N=n * world, H_q=2, H_kv=1, d=4)
     O, L = ring_forward(q, k, v, world=world, layout=layout, causal=True)
-    records, (dQ, dK, dV) = run(ring_backward_steps(dout, q, k, v, O, L, world=world, layout=layout,
+    records, (_, dK, dV) = run(ring_backward_steps(dout, q, k, v, O, L, world=world, layout=layout,
                                                     causal=True))
     for s in records[-world:]:                        # last step: only the sums leave, going home
         assert s.writes == ("dK_j", "dV_j")

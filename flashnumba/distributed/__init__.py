@@ -33,7 +33,7 @@ from flashnumba import validate
 from flashnumba.distributed import checks
 from flashnumba.ring_geometry import CONTIGUOUS, LAYOUTS, ZIGZAG, shard, unshard
 
-__all__ = ["ring_flash_attn_func", "shard", "unshard", "LAYOUTS", "CONTIGUOUS", "ZIGZAG"]
+__all__ = ["CONTIGUOUS", "LAYOUTS", "ZIGZAG", "ring_flash_attn_func", "shard", "unshard"]
 
 
 def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, group=None,

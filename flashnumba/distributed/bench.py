@@ -65,11 +65,11 @@ def efficiencies(rows):
 
 def table(rows):
     """The rows as a fixed-width text table."""
-    lines = [f"{'impl':<24} {'P':>2} {'N':>8} {'n/GPU':>7} {'causal':>6} {'pass':>7} "
-             f"{'ms':>9} {'TFLOP/s/GPU':>11} {'eff':>6}"]
+    lines = [(f"{'impl':<24} {'P':>2} {'N':>8} {'n/GPU':>7} {'causal':>6} {'pass':>7} "
+              f"{'ms':>9} {'TFLOP/s/GPU':>11} {'eff':>6}")]
     for r in rows:
         eff = "-" if r.efficiency is None else f"{r.efficiency:.2f}"
-        lines.append(f"{r.impl:<24} {r.world:>2} {r.N:>8} {r.n_per_gpu:>7} {str(r.causal):>6} "
+        lines.append(f"{r.impl:<24} {r.world:>2} {r.N:>8} {r.n_per_gpu:>7} {r.causal!s:>6} "
                      f"{r.pass_:>7} {1e3 * r.seconds:>9.2f} {r.tflops_per_gpu:>11.3f} {eff:>6}")
     return "\n".join(lines)
 
@@ -104,8 +104,8 @@ def causal_flags(args):
 
 def plan(args, world):
     """The configurations the run will time, as text (what --dry-run prints)."""
-    lines = [f"world size {world}; correctness at N = {world} x {args.check_n} (B=1, H=4, Hkv=2, "
-             f"d=64, fp32) for layouts {args.layouts}, causal and not"]
+    lines = [(f"world size {world}; correctness at N = {world} x {args.check_n} (B=1, H=4, Hkv=2, "
+              f"d=64, fp32) for layouts {args.layouts}, causal and not")]
     for causal in causal_flags(args):
         for pass_ in ("fwd", "fwd+bwd"):
             lines.append(f"time: single GPU n={args.n_per_gpu}; ring N={world * args.n_per_gpu} "
@@ -168,6 +168,7 @@ def check(args, rank, world, device):
     """Ring forward and backward against float64 dense attention on the full sequence; True if all pass."""
     import torch
     import torch.distributed as dist
+
     from flashnumba.distributed import ring_flash_attn_func, shard, unshard
     B, H, H_kv, d, N = 1, 4, 2, 64, world * args.check_n
     q, dout = _full((B, N, H, d), 1, device), _full((B, N, H, d), 2, device)
@@ -210,6 +211,15 @@ def _reference_errors(q, k, v, dout, causal, gathered):
             for name, g, w in zip(("out", "dq", "dk", "dv"), gathered, want)}
 
 
+def _pass(forward, backward, dout):
+    """fn() running forward() and, if `backward`, out.backward(dout)."""
+    def run():
+        out = forward()
+        if backward:
+            out.backward(dout)
+    return run
+
+
 def _single_gpu_rows(args, world, device):
     from flashnumba import flash_attn_func
     B, H, d, n = args.batch, args.heads, args.headdim, args.n_per_gpu
@@ -219,11 +229,7 @@ def _single_gpu_rows(args, world, device):
         for pass_ in ("fwd", "fwd+bwd"):
             backward = pass_ == "fwd+bwd"
             xs = [x.clone().requires_grad_(backward) for x in (q, k, v)]
-
-            def run():
-                out = flash_attn_func(*xs, causal=causal)
-                if backward:
-                    out.backward(dout)
+            run = _pass(lambda xs=xs, causal=causal: flash_attn_func(*xs, causal=causal), backward, dout)
             seconds = _time(run, args, device)             # every GPU runs it alone; the slowest counts
             flops = attention_flops(B, H, n, d, causal, backward)
             rows.append(Row("single-gpu", 1, n, n, causal, pass_, seconds, flops / seconds / 1e12))
@@ -240,11 +246,8 @@ def _ring_rows(args, rank, world, device):
             for pass_ in ("fwd", "fwd+bwd"):
                 backward = pass_ == "fwd+bwd"
                 xs = [x.clone().requires_grad_(backward) for x in (q, k, v)]
-
-                def run():
-                    out = ring_flash_attn_func(*xs, causal=causal, layout=layout)
-                    if backward:
-                        out.backward(dout)
+                run = _pass(lambda xs=xs, causal=causal, layout=layout:
+                            ring_flash_attn_func(*xs, causal=causal, layout=layout), backward, dout)
                 seconds = _time(run, args, device)
                 flops = attention_flops(B, H, world * n, d, causal, backward) / world
                 rows.append(Row(f"ring-{layout}", world, world * n, n, causal, pass_, seconds,
@@ -269,16 +272,16 @@ def _torch_cp_rows(args, rank, world, device):
         for pass_ in ("fwd", "fwd+bwd"):
             backward = pass_ == "fwd+bwd"
             q, k, v, dout = (_full((B, H, N, d), s, device) for s in range(4))   # SDPA layout, full
+            def run(q=q, k=k, v=v, dout=dout, causal=causal, backward=backward):
+                xs = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
+                grad = dout.clone()                            # context_parallel shards its buffers in place
+                with context_parallel(mesh, buffers=[*xs, grad], buffer_seq_dims=[2, 2, 2, 2]):
+                    out = torch.nn.functional.scaled_dot_product_attention(*xs, is_causal=causal)
+                    if backward:
+                        out.backward(grad)
             try:
-                def run():
-                    xs = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
-                    grad = dout.clone()
-                    with context_parallel(mesh, buffers=xs + [grad], buffer_seq_dims=[2, 2, 2, 2]):
-                        out = torch.nn.functional.scaled_dot_product_attention(*xs, is_causal=causal)
-                        if backward:
-                            out.backward(grad)
                 seconds = _time(run, args, device)
-            except Exception as error:                      # report and go on: it is the comparison
+            except Exception as error:  # noqa: BLE001  (report and go on: it is only the comparison)
                 if rank == 0:
                     print(f"torch context parallelism failed (causal={causal}, {pass_}): "
                           f"{type(error).__name__}: {error}", flush=True)

@@ -33,12 +33,11 @@ import dataclasses
 import torch
 
 from flashnumba import api
+from flashnumba.distributed.comm import Ring
 from flashnumba.geometry import BOTTOM_RIGHT, SKIPPED
 from flashnumba.interop import Operand
 from flashnumba.merge import merge_pair
 from flashnumba.ring_geometry import piece
-
-from flashnumba.distributed.comm import Ring
 
 
 def _calls(scale, seed, algorithm):
@@ -90,7 +89,7 @@ def ring_backward(dout, q, k, v, out, lse, ring, layout, causal, calls):
     n = q.shape[1]
     dQ_r = torch.zeros_like(q)
     k_j, v_j = k, v
-    sums_transfer = None
+    sums_transfer, dK_in, dV_in = None, None, None       # the sums arriving from rank r - 1
     for s in range(ring.world):
         if s < ring.world - 1:
             (k_next, v_next), kv_transfer = ring.pass_on(k_j, v_j)    # next block in flight

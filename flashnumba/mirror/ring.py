@@ -105,7 +105,7 @@ def _heads(Q):
 
 def _visit_forward(Q_r, K_j, V_j, p, keep_p, options):
     """(O_rj (B, n, Hq, d), L_rj (B, Hq, n)) of one visit: -inf / 0 outside the piece's rows."""
-    B, n, H_q, d = Q_r.shape
+    B, n, H_q, _ = Q_r.shape
     group = H_q // K_j.shape[2]
     O_rj = np.zeros_like(Q_r)
     L_rj = np.full((B, H_q, n), -np.inf, dtype=Q_r.dtype)   # rows the piece leaves out saw no key
@@ -142,7 +142,7 @@ def _visit_backward(dO_r, Q_r, K_j, V_j, O_r, L_r, p, keep_p, options):
 
 
 def _options(softmax_scale, dropout_p, Br, Bc):
-    return dict(softmax_scale=softmax_scale, dropout_p=dropout_p, Br=Br, Bc=Bc)
+    return {"softmax_scale": softmax_scale, "dropout_p": dropout_p, "Br": Br, "Bc": Bc}
 
 
 def ring_forward_steps(Q, K, V, *, world, layout=CONTIGUOUS, causal=False, softmax_scale=None,
