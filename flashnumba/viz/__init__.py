@@ -11,6 +11,7 @@ can check the picture against the mirror, not just that a file appeared.
     online_softmax  the running max m_i and sum l_i of a few rows, step by step
     io              HBM traffic measured by the mirrors against the paper's formulas
     memory          extra memory: N x N scores versus O(N) statistics
+    ring            ring attention over P ranks: who holds which K/V block when, contiguous beside zigzag
 
 ``flashnumba.figures`` writes them all to figures/.
 """
