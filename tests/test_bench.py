@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from flashnumba import bench
 from flashnumba.bench import cases, check, report
+from flashnumba.bench import run as bench
 from flashnumba.bench.sim import run_sim
 
 

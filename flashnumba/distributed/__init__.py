@@ -7,7 +7,7 @@ partial outputs merge by their log-sum-exps (Liu, Zaharia, Abbeel 2023, "Ring
 Attention with Blockwise Transformers"; the ring-flash-attention project).
 
     ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
-                         group=None, layout="contiguous", *, seed=0, algorithm="fa2")
+                         group=None, layout="contiguous", *, seed=0, algorithm=None)
         q (batch, seqlen_local, nheads, headdim), k, v (batch, seqlen_local, nheads_kv,
         headdim): this rank's slices of one sequence; returns this rank's out, with
         autograd through the ring's backward (dK/dV partial sums travel around the ring)
@@ -37,7 +37,7 @@ __all__ = ["CONTIGUOUS", "LAYOUTS", "ZIGZAG", "ring_flash_attn_func", "shard", "
 
 
 def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, group=None,
-                         layout=CONTIGUOUS, *, seed=0, algorithm="fa2"):
+                         layout=CONTIGUOUS, *, seed=0, algorithm=None):
     """Attention of this rank's q over the whole sequence's k, v, split over the ranks of `group`.
 
     q (B, n, Hq, d), k, v (B, n, Hkv, d) torch tensors (CUDA with NCCL, CPU with gloo), the

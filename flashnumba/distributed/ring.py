@@ -32,7 +32,7 @@ import dataclasses
 
 import torch
 
-from flashnumba import api
+from flashnumba import api, validate
 from flashnumba.distributed.comm import Ring
 from flashnumba.geometry import BOTTOM_RIGHT, SKIPPED
 from flashnumba.interop import Operand
@@ -43,7 +43,7 @@ from flashnumba.ring_geometry import piece
 def _calls(scale, seed, algorithm):
     """The api.Call of an unmasked visit and of the diagonal (causal) one."""
     unmasked = api.Call(scale=scale, dropout_p=0.0, seed=seed, causal=False, alignment=BOTTOM_RIGHT,
-                        algorithm=algorithm, deterministic=False)
+                        algorithm=validate.algorithm(algorithm), deterministic=False)
     return {False: unmasked, True: dataclasses.replace(unmasked, causal=True)}
 
 

@@ -5,6 +5,8 @@ one unit per element, so a tile of Br rows and Bc columns is a Br x Bc box.
 """
 
 
+import io
+
 import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -111,3 +113,10 @@ def save(figure_or_animation, path, fps=2):
 
 
 
+
+
+def png_bytes(fig):
+    """The PNG of a figure as bytes (the tests check that a figure renders)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
