@@ -62,12 +62,11 @@ from flashnumba.kernels.common import (
     TileConfig,
     require,
 )
+from flashnumba.kernels.fast_math import LOG2_E
 from flashnumba.kernels.geometry import q_tile_start
 from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
-FULL_MASK = 0xFFFFFFFF
-LOG2_E = 1.4426950408889634
 HALF_BYTES = 2
 FLOAT_BYTES = 4
 ROW_PAD = 8

@@ -66,13 +66,12 @@ from flashnumba.kernels.common import (
     TileConfig,
     require,
 )
+from flashnumba.kernels.fast_math import LN_2, LOG2_E
 from flashnumba.kernels.geometry import kv_tile_end
 from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
+from flashnumba.kernels.hardware import FULL_MASK
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
-FULL_MASK = 0xFFFFFFFF
-LOG2_E = 1.4426950408889634
-LN_2 = 0.6931471805599453
 HALF_BYTES = 2
 ROW_PAD = 8                    # elements added to each shared row: ldmatrix rows of one tile fall
                                # in different banks (8 x 16 B apart instead of a multiple of 128 B)

@@ -56,7 +56,8 @@ from numba import config as numba_config
 from numba import cuda, types
 
 WARP_SIZE = 32
-FULL_MASK = 0xFFFFFFFF
+from flashnumba.kernels.hardware import FULL_MASK  # noqa: E402
+
 A_TYPE = types.UniTuple(types.uint32, 4)
 B_TYPE = types.UniTuple(types.uint32, 2)
 C_TYPE = types.UniTuple(types.float32, 4)
