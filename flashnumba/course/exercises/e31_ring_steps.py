@@ -26,7 +26,10 @@ def solution(Q, K, V, world, causal):
     N, d = Q.shape
     n = N // world
     scale = 1.0 / np.sqrt(d)                           # the whole problem's scale, on every block
-    block = lambda X, r: X[r * n:(r + 1) * n]           # noqa: E731  (rank r's rows, contiguous)
+
+    def block(X, r):
+        return X[r * n:(r + 1) * n]                      # rank r's rows: the contiguous layout
+
     O = [np.zeros((n, d)) for _ in range(world)]        # O_r = 0
     L = [np.full(n, -np.inf) for _ in range(world)]     # L_r = -inf
     for s in range(world):
@@ -50,7 +53,10 @@ def perturbed(Q, K, V, world, causal):
     from flashnumba.merge import merge_pair
     N, d = Q.shape
     n = N // world
-    block = lambda X, r: X[r * n:(r + 1) * n]           # noqa: E731
+
+    def block(X, r):
+        return X[r * n:(r + 1) * n]
+
     O = [np.zeros((n, d)) for _ in range(world)]
     L = [np.full(n, -np.inf) for _ in range(world)]
     for s in range(world):
