@@ -143,7 +143,7 @@ print(mirror.nth(mirror.fa2_backward_steps(dO, Q, K, V, O2, L2, Br=4, Bc=4), 1))
 # %% [markdown]
 # **Try it:** how many times is each element of `dQ` written to HBM by Algorithm 2, and how many
 # times each element of `dK`? (Count the mirror's `dQ` traffic: `hbm_writes` of its
-# last step, divided by `N d`.)
+# last step, divided by the number of elements of `dQ`.)
 
 # %%
 # BEGIN SOLUTION
