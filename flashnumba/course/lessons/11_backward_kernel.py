@@ -96,7 +96,7 @@ print(stepping.compare("fa2_backward", p).table())
 #
 # Float32 addition is not associative: `(a + b) + c` and `a + (b + c)` can differ in the last bit.
 # With atomics, the blocks of `dkdv` add their `scale dS_ij K_j` into `dQ_i` in the order they
-# happen to arrive, which on a GPU changes from run to run. Here are the contributions the `Tc`
+# happen to arrive, which on a GPU can change from run to run. Here are the contributions the `Tc`
 # blocks make to `dQ` (read off the mirror's trace as the change of `dQ` at each step), added in
 # float32 in 200 random block orders:
 
@@ -121,21 +121,24 @@ for _ in range(200):
     sums.append(total)
 sums = np.array(sums)
 differ = (sums != in_order).any(axis=(1, 2))
-ulps = np.abs(sums.view(np.int32) - in_order.view(np.int32)).max(axis=(1, 2))
+spread = np.abs(sums - in_order).max(axis=(1, 2)) / np.abs(in_order).max()
 print(f"{len(parts)} blocks add into dQ_0; {differ.sum()} of {len(sums)} orders give dQ bits that differ "
       f"from the order j = 0, 1, ...; distinct results per entry (max): "
       f"{max(len(np.unique(sums[:, r, x])) for r in range(8) for x in range(4))}")
 fig, ax = plt.subplots(figsize=(6, 2.8), layout="constrained")
-ax.hist(ulps, bins=np.arange(ulps.max() + 2) - 0.5, color="#4e79a7")
-ax.set_xlabel("largest difference from the in-order sum, in float32 units in the last place")
+ax.hist(spread, bins=30, color="#4e79a7")
+ax.axvline(np.finfo(np.float32).eps, color="black", ls="--", lw=1, label="float32 epsilon")
+ax.legend(fontsize=8)
+ax.set_xlabel("max |sum in this order - sum in order j = 0, 1, ...| / max |dQ_0|")
 ax.set_ylabel("block orders")
 ax.set_title(f"dQ_0 summed over {len(parts)} blocks in 200 random orders", fontsize=9)
 plt.show()
 
 # %% [markdown]
 # What the simulator does: it runs the blocks of a launch one after another, always in the same
-# order (NUMBA-NOTES), and in the library's `dkdv` no two threads of one block add into the same
-# entry, so two runs give the same bits here; on a GPU they usually do not. In the exercise's kernel
+# order, and in the library's `dkdv` no two threads of one block add into the same
+# entry, so two runs should give the same bits here; on a GPU the blocks run at once and arrive in
+# no fixed order, so nothing makes two runs agree. In the exercise's kernel
 # the threads of one block *do* add into the same `dQ_r` at once; the simulator runs them as
 # Python threads, whose interleaving may or may not change between runs. Both, measured:
 

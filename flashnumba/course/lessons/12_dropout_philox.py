@@ -55,8 +55,8 @@ print("keep_mask row 3, columns 0-3, p = 0.6:", philox.keep_mask(42, 0.6, 1, 1, 
 
 # %% [markdown]
 # The mask of one head, with the tiles a kernel would draw it in: each block regenerates only the
-# bits of its own tile. Right: the fraction kept per row is close to `1 - p`, and the uniforms
-# `u` are flat.
+# bits of its own tile. Right: the uniforms `u` are flat, so the fraction kept is close to
+# `1 - p`.
 
 # %%
 p_drop, Nq, Nk = 0.3, 48, 64
@@ -147,7 +147,7 @@ plt.show()
 
 # %%
 rng = np.random.default_rng(1)
-B, N, H, d, seed = 1, 24, 2, 8, 5
+B, N, H, d, seed = 1, 16, 1, 8, 5
 q, k, v = (rng.standard_normal((B, N, H, d)).astype(np.float32) for _ in range(3))
 out, lse, S_dmask = flashnumba.flash_attn_func(q, k, v, dropout_p=0.25, causal=True, seed=seed,
                                                return_attn_probs=True)
