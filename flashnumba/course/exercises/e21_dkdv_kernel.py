@@ -226,7 +226,8 @@ def check(implementation):
             if not isinstance(out, tuple) or len(out) != 3:
                 raise Mismatch(f"{case}: return (dQ, dK, dV), got {type(out).__name__}")
 
-            def kernel(algorithm, problem, k):           # kernel_steps turns its errors into messages
+            def kernel(algorithm, problem, k, inputs=inputs, Br=Br, Bc=Bc, causal=causal):
+                # (kernel_steps turns its errors into messages)
                 with np.errstate(all="ignore"):
                     out = implementation(*inputs, Br, Bc, causal, k)
                 return {name: np.asarray(x, dtype=np.float64) for name, x in zip(("dQ", "dK", "dV"), out)}

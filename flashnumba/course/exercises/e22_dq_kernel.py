@@ -40,7 +40,7 @@ def stub(Q, K, V, dO, L, D, Br, Bc, causal):
             dO_r[x] = dO[r, x] if r < Nq else 0.0
             dQ_r[x] = 0.0
         L_r = L[r] if r < Nq else -math.inf
-        D_r = D[r] if r < Nq else 0.0
+        D_r = D[r] if r < Nq else 0.0                      # noqa: F841 (yours to use below)
         n_tiles = Tc
         if causal:                                         # K/V tiles right of the diagonal are skipped
             n_tiles = max(min((min((i + 1) * Br, Nq) - 1 + offset) // Bc + 1, Tc), 0)

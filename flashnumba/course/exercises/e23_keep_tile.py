@@ -46,7 +46,7 @@ def perturbed(seed, p, b, h, rows, cols):
 # (seed, p, b, h, rows, cols): tiles of a (B=2, H=3, Nq=10, Nk=13) mask; a seed above 2^32 uses
 # the key's high word; cols starting off a multiple of 4; the last, short tile
 B, H, NQ, NK = 2, 3, 10, 13
-CASES = ((0, 0.1, 0, 0, range(0, 4), range(0, 8)), (7, 0.5, 1, 2, range(4, 8), range(4, 12)),
+CASES = ((0, 0.1, 0, 0, range(4), range(8)), (7, 0.5, 1, 2, range(4, 8), range(4, 12)),
          (2 ** 40 + 3, 0.3, 1, 0, range(8, 10), range(8, 13)), (12345, 0.2, 0, 2, range(3, 7), range(5, 11)))
 SHORTCUTS = ("keep_mask", "philox.keep(", "dropout_word", "uniforms(")
 

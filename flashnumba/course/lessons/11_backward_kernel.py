@@ -13,14 +13,14 @@
 # %%
 # %matplotlib inline
 import inspect
-import math
+import math  # noqa: F401 (the exercise cells' kernels use math, cuda, float32)
 
 import matplotlib.pyplot as plt
 import numpy as np
+from numba import cuda, float32  # noqa: F401
 
 from flashnumba import course, mirror, stepping
 from flashnumba.kernels import fa2_backward
-from numba import cuda, float32
 
 print("exercises of this lesson:", course.exercises(lesson=11))
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import flashnumba
-from flashnumba import course, mirror, philox, reference, stepping
+from flashnumba import course, philox, reference, stepping
 from flashnumba.geometry import Tiling
 
 print("exercises of this lesson:", course.exercises(lesson=12))
