@@ -151,7 +151,7 @@ records, _ = mirror.run(mirror.fa2_backward_steps(dO[:6], Q[:6], K[:8], V[:8],
                                                   *mirror.fa2_forward(Q[:6], K[:8], V[:8], Br=2, Bc=2),
                                                   Br=2, Bc=2))
 last = records[-1]
-print("dQ written", last.hbm_writes["dQ"] / (6 * d), "times (Tc =", 8 // 2, "); dK written",
-      last.hbm_writes["dK"] / (8 * d), "time")
+print(f"each element of dQ written {last.hbm_writes['dQ'] / (6 * d):.0f} times (Tc = {8 // 2} K/V tiles), "
+      f"each element of dK {last.hbm_writes['dK'] / (8 * d):.0f} time")
 # END SOLUTION
 # STUDENT: dQ_writes_per_element = ...
