@@ -199,7 +199,7 @@ def build(config, dropout=False):
         Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         # --- who am I ---
-        i = cuda.blockIdx.x                   # Q tile
+        i = cuda.blockIdx.x                   # Q tile i: Alg. 1 l. 3
         b = cuda.blockIdx.y // H_q
         h = cuda.blockIdx.y % H_q
         h_kv = h // (H_q // H_kv)             # grouped-query attention: this head's K/V head
@@ -226,7 +226,7 @@ def build(config, dropout=False):
             for u in range(DIMS_PER_LANE):
                 O_i[rr, u] = 0.0
 
-        # Q_i -> shared, pre-multiplied by the softmax scale; zero rows past Nq, zero dims past d
+        # Q_i -> shared, pre-multiplied by the softmax scale; zero rows past Nq, zero dims past d   (Alg. 1 l. 4)
         for idx in range(tid, Br * d_pad, THREADS):
             r = idx // d_pad
             x = idx % d_pad
@@ -242,7 +242,7 @@ def build(config, dropout=False):
         n_tiles = min(n_tiles, limit)
 
         for j in range(n_tiles):
-            # K_j, V_j -> shared; zero rows past Nk, zero dims past d
+            # K_j, V_j -> shared; zero rows past Nk, zero dims past d   (Alg. 1 l. 7)
             for idx in range(tid, Bc * V_WIDTH, THREADS):
                 c = idx // V_WIDTH
                 x = idx % V_WIDTH
@@ -258,7 +258,7 @@ def build(config, dropout=False):
                         K_j[c, x] = 0.0
             cuda.syncthreads()  # K_j, V_j (and Q_i on the first pass) fully written before any warp reads them
 
-            # S_ij = (scale Q_i) K_j^T for this warp's rows and this lane's columns
+            # S_ij = (scale Q_i) K_j^T for this warp's rows and this lane's columns   (Alg. 1 l. 8)
             for rr in range(ROWS_PER_WARP):
                 for t in range(COLS_PER_LANE):
                     S_ij[rr, t] = 0.0
@@ -268,7 +268,7 @@ def build(config, dropout=False):
                     for t in range(COLS_PER_LANE):
                         S_ij[rr, t] += q_rk * K_j[lane + WARP_SIZE * t, x]
 
-            # online softmax, one row at a time: the row's 32 lanes reduce with shuffles
+            # online softmax, one row at a time: the row's 32 lanes reduce with shuffles   (Alg. 1 l. 9)
             for rr in range(ROWS_PER_WARP):
                 row = i * Br + r0 + rr
                 # mask: keys past Nk, and under causal keys past the diagonal, score -inf
@@ -307,7 +307,7 @@ def build(config, dropout=False):
                             P_ij[r0 + rr, c] = 0.0
             cuda.syncwarp()  # this warp's rows of P~_ij written by all its lanes before any lane reads a whole row
 
-            # O_i = e^(m_i - m_new) O_i + (P~_ij o Z_ij) V_j; lane owns dims x = lane + 32 u
+            # O_i = e^(m_i - m_new) O_i + (P~_ij o Z_ij) V_j; lane owns dims x = lane + 32 u   (Alg. 1 l. 10)
             for rr in range(ROWS_PER_WARP):
                 for u in range(DIMS_PER_LANE):
                     O_i[rr, u] *= alpha[rr]
@@ -318,7 +318,7 @@ def build(config, dropout=False):
                         O_i[rr, u] += p * V_j[c, lane + WARP_SIZE * u]
             cuda.syncthreads()  # every warp done reading K_j, V_j, P~_ij before the next tile overwrites them
 
-        # O_i / l_i, L_i = m_i + log(l_i); a row that saw no key: O = 0, L = -inf
+        # O_i / l_i, L_i = m_i + log(l_i); a row that saw no key: O = 0, L = -inf   (Alg. 1 l. 12-15)
         for rr in range(ROWS_PER_WARP):
             row = i * Br + r0 + rr
             if row < Nq:

@@ -48,8 +48,8 @@ ALGORITHM = __name__.rpartition(".")[2]     # "fa2_forward": the name its steps 
 
 def _write_out(hbm, O, L, rows, O_i, l_i, m_i):
     """O_i = diag(l_i)^-1 O_i, L_i = m_i + log(l_i), both written to HBM; returns them."""
-    O_i_final = divide_rows(O_i, l_i)
-    L_i = logsumexp(m_i, l_i)
+    O_i_final = divide_rows(O_i, l_i)                # Alg. 1 l. 12
+    L_i = logsumexp(m_i, l_i)                   # Alg. 1 l. 13
     store(hbm, "O", O, rows, O_i_final)
     store(hbm, "L", L, rows, L_i)
     return O_i_final, L_i
@@ -68,30 +68,30 @@ def fa2_forward_steps(Q, K, V, *, Br=None, Bc=None, M=None, causal=False, alignm
     L = np.empty(Nq, dtype=problem.dtype)
 
     step = 0
-    for i in range(t.Tr):
+    for i in range(t.Tr):                             # Alg. 1 l. 3
         rows = t.rows(i)
         n_rows = rows.stop - rows.start
-        # O_i = 0, l_i = 0, m_i = -inf on chip
+        # O_i = 0, l_i = 0, m_i = -inf on chip                   Alg. 1 l. 5
         O_i = np.zeros((n_rows, d), dtype=problem.dtype)
         l_i = np.zeros(n_rows, dtype=problem.dtype)
         m_i = np.full(n_rows, -np.inf, dtype=problem.dtype)
         if len(t.kv_range(i)) == 0:                     # no key visible to Q tile i
             _write_out(hbm, O, L, rows, O_i, l_i, m_i)
             continue
-        Q_i = load(hbm, "Q", Q, rows)
+        Q_i = load(hbm, "Q", Q, rows)                   # Alg. 1 l. 4
 
         j_range = t.kv_range(i)[:problem.limit]
-        for j in j_range:
+        for j in j_range:                               # Alg. 1 l. 6
             cols = t.cols(j)
-            K_j = load(hbm, "K", K, cols)
+            K_j = load(hbm, "K", K, cols)                    # Alg. 1 l. 7
             V_j = load(hbm, "V", V, cols)
 
-            S_ij = scores(problem, Q_i, K_j, i, j)             # scale Q_i K_j^T
-            m_new = np.maximum(m_i, S_ij.max(axis=1))           # m_new = max(m_i, rowmax(S_ij))
+            S_ij = scores(problem, Q_i, K_j, i, j)             # scale Q_i K_j^T   Alg. 1 l. 8
+            m_new = np.maximum(m_i, S_ij.max(axis=1))           # m_new = max(m_i, rowmax(S_ij))   Alg. 1 l. 9
             P_ij = np.exp(S_ij - safe(m_new)[:, None])          # P~_ij = exp(S_ij - m_new)
             alpha = np.exp(m_i - safe(m_new))                   # e^(m_i - m_new)
             l_i = alpha * l_i + P_ij.sum(axis=1)                # l_i = e^(m_i - m_new) l_i + rowsum(P~_ij)
-            O_i = alpha[:, None] * O_i + dropped(P_ij, problem, i, j) @ V_j
+            O_i = alpha[:, None] * O_i + dropped(P_ij, problem, i, j) @ V_j   # Alg. 1 l. 10
             m_i = m_new
 
             reads = (("Q_i",) if j == j_range[0] else ()) + ("K_j", "V_j")
