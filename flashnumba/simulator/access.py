@@ -88,6 +88,7 @@ class Trace:
         self.arrays = {}                          # name -> watched ndarray
         self.thread_counts = {}                   # name -> {READS: Counter, WRITES: Counter}
         self.element_counts = {}                  # name -> {READS: ndarray, WRITES: ndarray}
+        self.touched = {}                         # name -> {(block, thread): {READS: set, WRITES: set}}
         self.shared_names = set()
         self.epoch = {}                           # (block's run, thread) -> syncthreads passed
         self._last = {}                           # (name, block, index) -> (thread, epoch, writes, reads)
@@ -101,6 +102,7 @@ class Trace:
         self.arrays[name] = view
         self.thread_counts[name] = {READS: Counter(), WRITES: Counter()}
         self.element_counts[name] = {READS: np.zeros(array.shape, int), WRITES: np.zeros(array.shape, int)}
+        self.touched[name] = {}
         return view
 
     def watch(self, name, array):
@@ -127,6 +129,8 @@ class Trace:
         with self._lock:
             self.thread_counts[name][kind][(block, tid)] += 1
             self.element_counts[name][kind][index] += 1
+            mine = self.touched[name].setdefault((block, tid), {READS: set(), WRITES: set()})
+            mine[kind].add(index)
             if name in self.shared_names:
                 self._check_race(name, index, thread._manager, block, tid, kind)
 
@@ -165,6 +169,15 @@ class Trace:
     def per_element(self, name, kind=READS):
         """An int array of `name`'s shape: how many times each element was read (or written)."""
         return self.element_counts[name][kind].copy()
+
+    def elements(self, name, who, kind=READS):
+        """The indices of `name` that thread who = (block, thread) read (or wrote), sorted."""
+        return sorted(self.touched[name].get(who, {}).get(kind, ()))
+
+    def threads(self, name=None):
+        """Every (block, thread) that touched `name` (any watched array when None), sorted."""
+        names = [name] if name else list(self.touched)
+        return sorted({who for n in names for who in self.touched[n]})
 
     def total(self, name, kind=READS):
         return int(self.element_counts[name][kind].sum())
