@@ -6,8 +6,8 @@ import re
 import numpy as np
 from numba import cuda
 
-from flashnumba.course.grading import Mismatch, call, grade
-from flashnumba.kernels.hardware import FULL_MASK, WARP_SIZE
+from flashnumba.course.grading import Mismatch, grade
+from flashnumba.kernels.hardware import WARP_SIZE
 
 ID = "warp_max"
 LESSON = 7
@@ -81,7 +81,7 @@ def scores(rows=4, seed=0):
     return S
 
 
-_IDS = re.compile(r"^(tid=\[[^\]]*\] ctaid=\[[^\]]*\]):? ?(.*)$", re.S)
+_IDS = re.compile(r"^(tid=\[[^\]]*\] ctaid=\[[^\]]*\]):? ?(.*)$", re.DOTALL)
 
 
 def launch(kernel, grid, block, *args):
