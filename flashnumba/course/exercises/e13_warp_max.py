@@ -6,7 +6,7 @@ import re
 import numpy as np
 from numba import cuda
 
-from flashnumba.course.grading import Mismatch, grade
+from flashnumba.course.grading import Mismatch, call, grade
 from flashnumba.kernels.hardware import WARP_SIZE
 
 ID = "warp_max"
@@ -85,17 +85,21 @@ _IDS = re.compile(r"^(tid=\[[^\]]*\] ctaid=\[[^\]]*\]):? ?(.*)$", re.DOTALL)
 
 
 def launch(kernel, grid, block, *args):
-    """kernel[grid, block](*args), an error in the student's device code as a Mismatch that names
-    the thread (NotImplementedError, a stub, passes through with its FILL ME IN)."""
+    """kernel[grid, block](*args); an error in a simulated thread is re-raised with the thread's
+    ids moved to the end, so grading.call reports "your function raised <Error>: <message>"."""
     try:
         kernel[grid, block](*args)
     except Exception as e:
         found = _IDS.match(str(e))
-        ids, text = found.groups() if found else ("", str(e))
-        if isinstance(e, NotImplementedError):
-            raise NotImplementedError(text) from e
-        where = f" (in the simulated thread {ids})" if ids else ""
-        raise Mismatch(f"your function raised {type(e).__name__}: {text}{where}") from e
+        if not found:
+            raise
+        ids, text = found.groups()
+        try:
+            error = type(e)(f"{text} (in the simulated thread {ids})" if not
+                            isinstance(e, NotImplementedError) else text)
+        except Exception:  # noqa: BLE001 (an exception type that wants other arguments)
+            raise e from None
+        raise error from e
 
 
 def run_rows(S, reduce_max, reduce_sum=None):
@@ -123,7 +127,7 @@ def check_lanes(name, got, want, hint, tol=0.0):
 def check(implementation):
     def run():
         S = scores()
-        m, _ = run_rows(S, as_device(implementation))
+        m, _ = call(run_rows, S, as_device(implementation))
         check_lanes("m", m, S.max(axis=1),
                     "Every lane must end with the max of all 32: exchange with lanes 16, 8, 4, 2, 1 "
                     "apart (shfl_xor_sync), and keep max(own, partner's) at each step; a row of "
