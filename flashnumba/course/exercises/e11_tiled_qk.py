@@ -102,7 +102,7 @@ def check(implementation):
                 continue
             trace = call(launch_traced, kernel, Q, K, T)
             if trace.races:
-                raise Mismatch(f"{case}: {trace.races[0]}. Expected a cuda.syncthreads() between "
+                raise Mismatch(f"{case}: {trace.races[0]}; expected a cuda.syncthreads() between "
                                f"the two accesses (the barrier's reason: the other thread may run "
                                f"first on a GPU)", variable=trace.races[0].array)
             same_array("S", trace.array("S"), Q @ K.T, case=case)

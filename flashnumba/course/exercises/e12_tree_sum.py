@@ -93,7 +93,7 @@ def check(implementation):
                 args = (trace.watch("P", P), trace.watch("l", np.full(B, np.nan)))
                 call(kernel[B, n], *args)
             if trace.races:
-                raise Mismatch(f"{case}: {trace.races[0]}. Expected a cuda.syncthreads() between "
+                raise Mismatch(f"{case}: {trace.races[0]}; expected a cuda.syncthreads() between "
                                f"those two accesses", variable=trace.races[0].array)
             same_array("l", trace.array("l"), P.sum(axis=1), case=case)
         return "l = rowsum(P) with no race on shared memory: every barrier is in place"
