@@ -101,10 +101,11 @@ ax.plot(Ms, measured["FA1"], "o-", ms=3, label="FA1 (mirror's counter)")
 ax.plot(Ms, measured["FA2"], "^-", ms=3, label="FA2 (mirror's counter)")
 ax.axhline(standard, color="grey", ls="--", label=f"standard attention: {standard}")
 ax.axvline(4 * d * d, color="grey", ls=":", lw=1)
-ax.text(4 * d * d * 1.05, standard * 3, "M = 4 d^2:\nBr reaches d", fontsize=8, color="dimgrey")
+ax.text(4 * d * d * 0.95, standard * 3, "M = 4 d^2:\nBr reaches d", fontsize=8, color="dimgrey",
+        ha="right")
 ax.axvline(first_below, color="C0", ls=":", lw=1)
-ax.text(first_below * 1.05, standard * 0.35, f"FA1 below standard\nfrom M ~ {first_below}", fontsize=8,
-        color="C0")
+ax.text(first_below * 1.05, standard * 0.35, f"first M sampled here with\nFA1 <= standard: {first_below}",
+        fontsize=8, color="C0")
 ax.set(xscale="log", yscale="log", xlabel="on-chip memory M (floats)",
        ylabel="HBM elements read + written", title=f"one forward pass, N = {N}, d = {d}")
 ax.legend(fontsize=8)

@@ -14,6 +14,10 @@
 # %matplotlib inline
 import inspect
 import math
+import os
+
+# this lesson watches every simulated thread: it runs on the simulator even where there is a GPU
+os.environ["FLASHNUMBA_DEVICE"] = "sim"
 
 import matplotlib.pyplot as plt
 import numpy as np
