@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from numba import cuda, float64
 
-from flashnumba import stepping
+from flashnumba import registry, stepping
 from flashnumba.course.exercises.e13_warp_max import as_device, launch
 from flashnumba.course.grading import grade, kernel_steps
 from flashnumba.kernels.fa2_forward import warp_max, warp_sum
@@ -163,7 +163,8 @@ def run_lesson_kernel(update_row, accumulate, p, k):
     return {"O": out, "m": m, "l": l}
 
 
-ALGORITHM = "fa2_forward"       # the kernel whose mirror and state the stepping compares with
+# the readable FA2 forward kernel: stepping compares the lesson's loop with its mirror and state
+ALGORITHM = registry.version(registry.FA2.name).kernel(registry.FORWARD)
 CASES = ((10, 70, 5, 4, 32, False), (44, 40, 3, 8, 32, True))   # Nq, Nk, d, Br, Bc, causal
 
 
@@ -190,6 +191,18 @@ def check_kernel(exercise, update_row, accumulate):
     return grade(exercise, run)
 
 
+def accumulate_reference(O_i, P_ij, V_j, alpha, r0, lane):
+    """O_i = diag(alpha) O_i + P~_ij V_j: what the grader runs beside a student's row update
+    (exercise fa2_accumulate's solution, repeated here: that exercise's module imports this one)."""
+    for rr in range(O_i.shape[0]):
+        for u in range(O_i.shape[1]):
+            O_i[rr, u] *= alpha[rr]
+    for c in range(P_ij.shape[1]):
+        for rr in range(O_i.shape[0]):
+            p = P_ij[r0 + rr, c]
+            for u in range(O_i.shape[1]):
+                O_i[rr, u] += p * V_j[c, lane + WARP_SIZE * u]
+
+
 def check(implementation):
-    from flashnumba.course.exercises.e16_fa2_accumulate import solution as accumulate
-    return check_kernel(ID, implementation, accumulate)
+    return check_kernel(ID, implementation, accumulate_reference)

@@ -82,15 +82,16 @@ plt.show()
 # %% [markdown]
 # ## Exercise 1: warp max
 #
-# Write `warp_max(x)`, a device function (`@cuda.jit(device=True)`: callable from kernels only)
-# returning the max of `x` over the 32 lanes, in every lane. The grader calls it from a given
+# Write `warp_max(x)` returning the max of `x` over the 32 lanes, in every lane. It is a **device
+# function**: the grader compiles it with `cuda.jit(device=True)`, which makes it callable from
+# kernels (and only from them), as the library's own `warp_max` is. The grader calls it from a given
 # kernel in which each warp reduces one row of a `4 x 64` tile of `S`: lane `L` first takes the
 # max of its two columns `L` and `L + 32`, then calls your function, and every lane writes what
 # it got. One row is `-inf` after column 40 (masked keys), one is all `-inf` (a query that sees no
 # key: the max must stay `-inf`).
 
 # %% [exercise] warp_max
-@cuda.jit(device=True)
+# the grader compiles this as a device function, cuda.jit(device=True)(...), and calls it from its kernel
 
 # %% [markdown]
 # The FA2 kernel of this library uses the same function for `m~ = rowmax(S_ij)` and, for the
@@ -113,7 +114,7 @@ print("\n".join(line for line in kernel_source.splitlines() if "= warp_" in line
 # every lane gets bitwise the same sum.
 
 # %% [exercise] warp_sum
-@cuda.jit(device=True)
+# the grader compiles this as a device function, cuda.jit(device=True)(...), and calls it from its kernel
 
 # %% [markdown]
 # ## A divergent shuffle

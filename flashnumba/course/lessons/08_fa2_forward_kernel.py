@@ -70,8 +70,9 @@ show(fa2_forward.build, "for j in range(n_tiles):", "every warp done reading K_j
 # with `Nq != Nk`, partial tiles and 2 warps per block:
 
 # %%
-p = stepping.make_problem(20, 70, 8, Br=8, Bc=32, algorithm="fa2_forward", num_warps=2, causal=True)
-report = stepping.compare("fa2_forward", p)
+kernel_name = lesson_loop.ALGORITHM           # the readable FA2 forward kernel, as the registry names it
+p = stepping.make_problem(20, 70, 8, Br=8, Bc=32, algorithm=kernel_name, num_warps=2, causal=True)
+report = stepping.compare(kernel_name, p)
 print(report.table())
 
 # %% [markdown]
@@ -105,7 +106,7 @@ show(lesson_loop.lesson_kernel, "for j in range(min(n_tiles, limit)):", "every w
 # no key.
 
 # %% [exercise] fa2_row_update
-@cuda.jit(device=True)
+# the grader compiles this as a device function, cuda.jit(device=True)(...), and calls it from its kernel
 
 # %% [markdown]
 # ## What a failure looks like
@@ -130,7 +131,7 @@ print(course.check("fa2_row_update", course.perturbed("fa2_row_update")))
 # FA2 paper's deferred normalisation, which FA1 (lesson 4) does at every step.
 
 # %% [exercise] fa2_accumulate
-@cuda.jit(device=True)
+# the grader compiles this as a device function, cuda.jit(device=True)(...), and calls it from its kernel
 
 # %% [markdown]
 # ## Where each step goes wrong, drawn
@@ -144,7 +145,7 @@ print(course.check("fa2_row_update", course.perturbed("fa2_row_update")))
 def step_loop(accumulate):
     """The stepping report of the grader's loop with the correct row update and `accumulate`."""
     update = course.solution("fa2_row_update")
-    return stepping.compare("fa2_forward", p, kernel=lambda algorithm, problem, k:
+    return stepping.compare(kernel_name, p, kernel=lambda algorithm, problem, k:
                             lesson_loop.run_lesson_kernel(update, accumulate, problem, k))
 
 
