@@ -55,6 +55,10 @@ def row_kernel(reduce_max, reduce_sum):
     """The given kernel: warp w of block b takes row b*WARPS + w of S (rows, 64); every lane
     writes what it holds after each reduction: m[row, lane] = rowmax(S) and, when reduce_sum is
     given, l[row, lane] = rowsum(exp(S - m)) (0 for a row of -inf)."""
+    WITH_SUM = reduce_sum is not None            # compile time: grading the max alone leaves l unset
+    if reduce_sum is None:
+        reduce_sum = reduce_max                  # never called (WITH_SUM is False), but a function
+
     @cuda.jit
     def row_stats(S, m, l):
         lane = cuda.threadIdx.x % WARP_SIZE
@@ -64,7 +68,7 @@ def row_kernel(reduce_max, reduce_sum):
             m_lane = max(m_lane, S[row, lane + WARP_SIZE * t])
         m_row = reduce_max(m_lane)               # m = rowmax(S), in every lane
         m[row, lane] = m_row
-        if reduce_sum is not None:
+        if WITH_SUM:
             m_safe = m_row if m_row != -math.inf else 0.0     # a row of -inf: exp(-inf) = 0
             l_lane = 0.0
             for t in range(COLS_PER_LANE):
