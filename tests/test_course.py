@@ -157,3 +157,20 @@ def test_kernel_steps_names_where_a_kernel_goes_wrong():
     where = caught.value.where
     assert (where["step"], where["block"], where["i"], where["j"], where["variable"]) == (2, "i=1", 1, 1, "l")
     assert caught.value.message.startswith("Nq=24: your kernel first differs from the mirror at step k=2")
+
+
+def test_race_check_names_the_array_the_threads_and_the_barrier():
+    # the tree reduction's stub has no barrier at all: the first conflict is before any barrier
+    stub = course.check("tree_sum", course.stub("tree_sum"))
+    assert stub.where["variable"] == "P_s"
+    assert "race on shared P_s[" in stub.message and "before the first syncthreads" in stub.message
+    # the tiled Q K^T without its second barrier: a write of the next phase meets a read of this one
+    late = course.check("tiled_qk", course.perturbed("tiled_qk"))
+    assert "after syncthreads number 1" in late.message and late.where["variable"] in ("Q_s", "K_s")
+
+
+def test_kernel_exercise_graders_name_the_step_block_and_variable():
+    result = course.check("fa2_accumulate", course.perturbed("fa2_accumulate"))
+    assert (result.where["step"], result.where["block"], result.where["variable"]) == (2, "i=1", "O")
+    lanes = course.check("warp_sum", course.perturbed("warp_sum"))
+    assert lanes.where["lane"] == 1 and lanes.where["variable"] == "l"

@@ -58,6 +58,14 @@ call ``flashnumba.stepping.compare(algorithm, problem, kernel=...)``; its
 ``divergence`` is (k, block, i, j, variable, error); ``grading.kernel_steps`` does
 this and turns the divergence into a Mismatch. Include awkward cases:
 Nq != Nk, N not a multiple of the tile, odd d, rows with no visible key.
+For a kernel the student writes whole (lesson 6), launch it inside
+``flashnumba.simulator.access.traced()``: the trace counts each thread's reads and writes of
+every watched array and lists races on shared memory (two threads of a block touching one
+element, one writing, with no ``syncthreads`` between), so a missing barrier fails every time,
+not only when the simulator's thread order happens to expose it. For a device function
+(lessons 7, 8), call it from a kernel the grader owns (``e13_warp_max.row_kernel``,
+``e15_fa2_row_update.lesson_kernel``) and launch through ``e13_warp_max.launch``, which
+turns an error in a simulated thread into the student's own exception type.
 Call the student's code through ``grading.call`` so its errors become messages.
 ``grade`` turns NotImplementedError into "not done yet" (never an exception),
 so a student notebook executes to the end with every stub in place.

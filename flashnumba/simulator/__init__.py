@@ -14,6 +14,9 @@ slowly. ``install()`` patches it in place:
 - shared.py    cuda.shared.array finding its caller's line without walking
                the whole stack (same arrays, a fraction of the cost).
 - errors.py    WarpDivergenceError and DeadlockError.
+- access.py    who read and wrote what: per-thread access counts and a race
+               check on shared memory, for the course's graders and pictures
+               (``access.traced()``, used on demand, not by ``install()``).
 - bench.py     times barriers and shuffles, stock against patched.
 
 ``flashnumba._device.select()`` calls ``install()`` right after choosing the
