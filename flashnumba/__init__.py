@@ -1,8 +1,9 @@
 """flashnumba: FlashAttention 1 and 2 in Python with Numba CUDA.
 
 Importing flashnumba first decides where kernels run (a CUDA GPU if present,
-else Numba's CUDA simulator, extended with warp intrinsics); see
-``flashnumba.device()``. The public calls (``flash_attn_func``,
+else Numba's CUDA simulator, extended with warp intrinsics, patched in when
+numba.cuda is first imported); see ``flashnumba.device()``. The public calls
+(``flash_attn_func``,
 ``flash_attn_qkvpacked_func``, ``flash_attn_kvpacked_func``,
 ``flash_attn_backward``, ``scaled_dot_product_attention``) live in
 ``flashnumba.api`` and are loaded on first use, so ``import flashnumba`` stays
