@@ -18,11 +18,15 @@ _select()
 __version__ = "0.1.0"
 _API = ("flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
         "flash_attn_backward", "scaled_dot_product_attention")
-__all__ = ["device", "on_simulator", "__version__", *_API]
+__all__ = ["device", "on_simulator", "__version__", "LayoutWarning",  # noqa: PLE0604
+           *_API]
 
 
 def __getattr__(name):
     if name in _API:
         from flashnumba import api
         return getattr(api, name)
+    if name == "LayoutWarning":
+        from flashnumba.validate import LayoutWarning
+        return LayoutWarning
     raise AttributeError(f"module 'flashnumba' has no attribute {name!r}")
