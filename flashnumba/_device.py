@@ -24,6 +24,7 @@ import sys
 import warnings
 
 _choice = None  # "gpu" or "sim", fixed by select()
+_silent = False  # True: the caller announces the device itself (silence())
 
 
 def _driver_has_device():
@@ -102,7 +103,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 def _install_simulator():
     from flashnumba.simulator import install
     install()
-    if os.environ.get("FLASHNUMBA_QUIET") != "1":
+    if os.environ.get("FLASHNUMBA_QUIET") != "1" and not _silent:
         print("flashnumba: no CUDA GPU, kernels run on Numba's CUDA simulator "
               "(set FLASHNUMBA_DEVICE=gpu to require one)", file=sys.stderr)
 
@@ -144,6 +145,12 @@ def select():
         else:
             sys.meta_path.insert(0, _AfterImport("numba.cuda", _install_simulator))
     return _choice
+
+
+def silence():
+    """No simulator line on stderr: the caller says where kernels run (or prints only help)."""
+    global _silent
+    _silent = True
 
 
 def device():

@@ -55,7 +55,8 @@ TUNE_HEAD_DIMS = (64, 128)       # --tune: every shipped config of these buckets
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="flashnumba bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="flashnumba bench",
+                                description="flashnumba's kernels next to PyTorch's attention, on one CUDA GPU.")
     p.add_argument("--quick", action="store_true", help="a few shapes (d=64, N=1k, 4k, 16k), for a short lease")
     p.add_argument("--shapes", help="comma-separated BxHxNxd, suffix c (causal only) or n (non-causal only)")
     p.add_argument("--impls", help="comma-separated substrings: only implementations whose name has one")
