@@ -323,6 +323,7 @@ def main(argv=None):
 
     if args.calls:          # before the allocation tracker, which would add to every call's host time
         import torch
+
         from flashnumba.bench import calls
         torch.backends.cuda.matmul.allow_tf32 = False
         calls.run(cases_mod.parse_shapes(args.shapes or calls.ISSUE_SHAPES), torch,
