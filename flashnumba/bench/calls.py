@@ -120,7 +120,8 @@ def calls_for(case, torch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import flashnumba
-
+    from flashnumba import torch_allocator
+    torch_allocator.install()        # as in a torch program: before numba's first allocation
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (case.B, case.N, case.H, case.d)
     q, k, v, dout = (torch.randn(shape, device="cuda", generator=gen) for _ in range(4))
@@ -188,6 +189,9 @@ def run(cases, torch, json_path=None, profile=False, log=print):
     results = {}
     for case in cases:
         calls = calls_for(case, torch)
+        if case is cases[0]:
+            from numba.cuda.cudadrv import driver
+            log(f"numba's device memory: {getattr(driver._memory_manager, '__name__', '?')}")
         for path in PATHS:
             call = calls[path]
             t0 = time.perf_counter()

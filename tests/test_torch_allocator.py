@@ -1,0 +1,57 @@
+"""With torch CUDA tensors, numba's device memory comes from torch's caching allocator."""
+
+import gc
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+
+import flashnumba
+from flashnumba import torch_allocator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code, **env):
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+            **env}
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                          check=False, timeout=300)
+
+
+def test_the_finalizer_lets_the_block_go():
+    class Block:
+        pass
+    block = Block()
+    alive = weakref.ref(block)
+    release = torch_allocator._holder(block)
+    del block
+    gc.collect()
+    assert alive() is not None                 # held until numba frees the array
+    release()
+    gc.collect()
+    assert alive() is None
+
+
+def test_switched_off_by_the_environment():
+    r = _run("from flashnumba import torch_allocator; print(torch_allocator.install())",
+             FLASHNUMBA_TORCH_ALLOCATOR="0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(flashnumba.on_simulator(), reason="torch CUDA tensors need a GPU")
+def test_a_torch_call_allocates_from_torch():
+    r = _run("import torch, flashnumba\n"
+             "from numba.cuda.cudadrv import driver\n"
+             "q = torch.randn(2, 128, 4, 64, device='cuda')\n"
+             "before = torch.cuda.memory_allocated()\n"
+             "out = flashnumba.flash_attn_func(q, q, q, causal=True)\n"
+             "ref = torch.nn.functional.scaled_dot_product_attention(*(q.transpose(1, 2),) * 3, "
+             "is_causal=True).transpose(1, 2)\n"
+             "print(driver._memory_manager.__name__, torch.cuda.memory_allocated() - before >= "
+             "out.numel() * 4, float((out - ref).abs().max()) < 1e-4)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["TorchMemoryManager", "True", "True"]
