@@ -10,9 +10,10 @@ Numba takes an External Memory Management (EMM) plugin for this
 (``numba.cuda.set_memory_manager``), but only before it creates its CUDA
 context, which it does once per process. ``install()`` is called when the first
 torch CUDA tensor reaches flashnumba (``interop``): if numba has made no context
-yet, every numba allocation from then on comes from torch's allocator, on
-torch's current stream (the default stream, where numba launches). If numba
-already has a context, or another plugin was chosen, nothing changes.
+yet, every numba allocation from then on comes from torch's allocator. If numba
+already has a context, or another plugin was chosen, nothing changes. Blocks
+are taken for the default stream, where numba launches, whatever stream torch
+is on: torch reuses a freed block only for work ordered after numba's kernels.
 FLASHNUMBA_TORCH_ALLOCATOR=0 turns this off.
 
 Only a caller holding a torch tensor calls ``install()``: the core never imports torch.
@@ -25,21 +26,25 @@ _installed = None   # None: not decided yet; True / False: whether TorchMemoryMa
 
 def _plugin_class():
     """The EMM plugin class (defined on first use: it needs torch and numba's real CUDA target)."""
+    import functools
+
     import torch
     from numba import cuda
 
     class TorchMemoryManager(cuda.GetIpcHandleMixin, cuda.HostOnlyCUDAMemoryManager):
-        """Device allocations as torch uint8 tensors; a block returns to torch's cache when
-        numba's array is collected."""
+        """Device allocations from torch's caching allocator, on the default stream (numba's
+        launches run there, so torch hands a block out again only after they are done with it);
+        the block returns to torch's cache when numba's array is collected."""
 
         def initialize(self):
-            pass                                  # torch's allocator needs no set-up
+            self.stream = torch.cuda.default_stream(self.context.device.id)
 
         def memalloc(self, size):
-            device = torch.device("cuda", self.context.device.id)
-            block = torch.empty(max(int(size), 1), dtype=torch.uint8, device=device)
-            return cuda.MemoryPointer(self.context, _void_p(block.data_ptr()), size,
-                                      finalizer=_holder(block))
+            address = torch.cuda.caching_allocator_alloc(max(int(size), 1), self.context.device.id,
+                                                         self.stream)
+            return cuda.MemoryPointer(self.context, _void_p(address), size,
+                                      finalizer=functools.partial(torch.cuda.caching_allocator_delete,
+                                                                  address))
 
         def get_memory_info(self):
             free, total = torch.cuda.mem_get_info(self.context.device.id)
@@ -55,14 +60,6 @@ def _plugin_class():
 def _void_p(address):
     import ctypes
     return ctypes.c_void_p(address)
-
-
-def _holder(block):
-    """A finalizer that keeps `block` alive until numba calls it, then lets it go."""
-    def release():
-        nonlocal block
-        block = None
-    return release
 
 
 def install():

@@ -1,15 +1,12 @@
 """With torch CUDA tensors, numba's device memory comes from torch's caching allocator."""
 
-import gc
 import os
 import subprocess
 import sys
-import weakref
 
 import pytest
 
 import flashnumba
-from flashnumba import torch_allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,20 +16,6 @@ def _run(code, **env):
             **env}
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
                           check=False, timeout=300)
-
-
-def test_the_finalizer_lets_the_block_go():
-    class Block:
-        pass
-    block = Block()
-    alive = weakref.ref(block)
-    release = torch_allocator._holder(block)
-    del block
-    gc.collect()
-    assert alive() is not None                 # held until numba frees the array
-    release()
-    gc.collect()
-    assert alive() is None
 
 
 def test_switched_off_by_the_environment():
