@@ -31,8 +31,8 @@ PASSTHROUGH = {
     "course": ("flashnumba.course.cli", "the graded lessons: list, check, build the notebooks"),
 }
 
-# commands that say where kernels run in their own first line
-ANNOUNCE_DEVICE = ("demo", "step")
+# commands that say where kernels run in their own output: no second line about it on stderr
+ANNOUNCE_DEVICE = ("demo", "step", "train", "accuracy")
 
 
 def parser():
@@ -85,8 +85,8 @@ def parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     helping = "-h" in argv or "--help" in argv
-    if helping:
-        _device.silence()                   # help only: no line about the device
+    if helping or (argv and argv[0] in ANNOUNCE_DEVICE):
+        _device.silence()                   # help only, or the command says it itself
     if argv and argv[0] in PASSTHROUGH:
         from importlib import import_module
         module = import_module(PASSTHROUGH[argv[0]][0])
@@ -94,8 +94,6 @@ def main(argv=None):
             return module.main(argv[1:]) or 0
         return _quietly(lambda: module.main(argv[1:]))
     args = parser().parse_args(argv)
-    if args.command in ANNOUNCE_DEVICE:
-        _device.silence()
     return _quietly(lambda: args.run(args))
 
 

@@ -67,3 +67,14 @@ def test_silence_drops_the_simulator_line():
              "import numba.cuda\nprint(flashnumba.device())")
     assert r.returncode == 0, r.stderr
     assert "simulator" not in r.stderr
+
+
+def test_commands_that_name_the_device_print_no_second_line():
+    r = _run("from flashnumba import cli, _device\n"
+             "from unittest import mock\n"
+             "with mock.patch('flashnumba.demo.main', return_value=0):\n"
+             "    cli.main(['demo'])\n"
+             "import numba.cuda\n"
+             "print(_device._silent)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True" and "simulator" not in r.stderr
