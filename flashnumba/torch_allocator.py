@@ -26,10 +26,12 @@ _installed = None   # None: not decided yet; True / False: whether TorchMemoryMa
 
 def _plugin_class():
     """The EMM plugin class (defined on first use: it needs torch and numba's real CUDA target)."""
-    import functools
+    import ctypes
+    import weakref
 
     import torch
     from numba import cuda
+    from numba.cuda.cudadrv import driver
 
     class TorchMemoryManager(cuda.GetIpcHandleMixin, cuda.HostOnlyCUDAMemoryManager):
         """Device allocations from torch's caching allocator, on the default stream (numba's
@@ -40,11 +42,21 @@ def _plugin_class():
             self.stream = torch.cuda.default_stream(self.context.device.id)
 
         def memalloc(self, size):
+            # As numba's own manager: an AutoFreePointer kept in self.allocations while any
+            # array or view of it lives (views hold only weak references to it), freed when
+            # the last goes; the caller gets an owned reference.
             address = torch.cuda.caching_allocator_alloc(max(int(size), 1), self.context.device.id,
                                                          self.stream)
-            return cuda.MemoryPointer(self.context, _void_p(address), size,
-                                      finalizer=functools.partial(torch.cuda.caching_allocator_delete,
-                                                                  address))
+            allocations = self.allocations
+
+            def release():
+                allocations.pop(address, None)
+                torch.cuda.caching_allocator_delete(address)
+
+            memory = driver.AutoFreePointer(weakref.proxy(self.context), ctypes.c_void_p(address),
+                                            size, finalizer=release)
+            allocations[address] = memory
+            return memory.own()
 
         def get_memory_info(self):
             free, total = torch.cuda.mem_get_info(self.context.device.id)
@@ -55,11 +67,6 @@ def _plugin_class():
             return 1                              # the EMM plugin interface numba-cuda takes
 
     return TorchMemoryManager
-
-
-def _void_p(address):
-    import ctypes
-    return ctypes.c_void_p(address)
 
 
 def install():

@@ -38,3 +38,21 @@ def test_a_torch_call_allocates_from_torch():
              "out.numel() * 4, float((out - ref).abs().max()) < 1e-4)")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["TorchMemoryManager", "True", "True"]
+
+
+@pytest.mark.skipif(flashnumba.on_simulator(), reason="torch CUDA tensors need a GPU")
+def test_a_view_keeps_its_block_after_the_array_it_came_from_is_gone():
+    # numba's views hold only weak references to the base allocation: the plugin must keep
+    # it alive while any view lives, as numba's own manager does
+    r = _run("import gc, numpy as np, torch, flashnumba\n"
+             "from flashnumba import torch_allocator\n"
+             "from numba import cuda\n"
+             "assert torch_allocator.install()\n"
+             "base = cuda.to_device(np.arange(4096, dtype=np.float32))\n"
+             "view = base[:2048].reshape(64, 32)\n"
+             "del base\n"
+             "gc.collect()\n"
+             "others = [cuda.to_device(np.full(4096, -1, np.float32)) for _ in range(8)]\n"
+             "print(np.array_equal(view.copy_to_host().ravel(), np.arange(2048)))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"
