@@ -1,35 +1,52 @@
 # Two commands do all the set-up: `make demo` and `make test` each build the
-# virtual environment they need (.venv) and then run.
+# virtual environment they need (.venv) and then run. Each install runs once
+# (a stamp file in .venv records it) and again only when pyproject.toml changes.
+#
+#   make demo   the core package (numba, numpy, matplotlib: no torch, no Jupyter);
+#               on a machine where nvidia-smi finds a GPU also the `cu13` extra
+#               (NVIDIA's compiler wheels), which the GPU needs and the simulator not
+#   make test   adds the `dev` extra (pytest, torch's CPU build, notebook runners) and
+#               `cu13` (the resource check compiles for real GPUs, with or without one)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+CORE   := $(if $(GPU),.[cu13],.)
 
 .PHONY: demo test figures step bench lessons clean
 
-$(BIN)/flashnumba: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '$(CORE)'
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.core
 	$(BIN)/pip install -q -e '.[dev,cu13]'
 	touch $@
 
-demo: $(BIN)/flashnumba
+$(VENV)/.lessons: $(VENV)/.core
+	$(BIN)/pip install -q -e '.[lessons]'
+	touch $@
+
+demo: $(VENV)/.core
 	$(BIN)/flashnumba demo
 
-test: $(BIN)/flashnumba
+test: $(VENV)/.dev
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
-figures: $(BIN)/flashnumba
+figures: $(VENV)/.core
 	$(BIN)/flashnumba figures
 
-step: $(BIN)/flashnumba
+step: $(VENV)/.core
 	$(BIN)/flashnumba step
 
-bench: $(BIN)/flashnumba
+bench: $(VENV)/.dev
 	$(BIN)/flashnumba bench
 
 # the course: JupyterLab on lessons/ (see lessons/README.md)
-lessons: $(BIN)/flashnumba
-	$(BIN)/pip install -q -e '.[lessons]'
+lessons: $(VENV)/.lessons
 	$(BIN)/jupyter lab lessons
 
 clean:

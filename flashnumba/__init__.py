@@ -1,8 +1,9 @@
 """flashnumba: FlashAttention 1 and 2 in Python with Numba CUDA.
 
 Importing flashnumba first decides where kernels run (a CUDA GPU if present,
-else Numba's CUDA simulator, extended with warp intrinsics); see
-``flashnumba.device()``. The public calls (``flash_attn_func``,
+else Numba's CUDA simulator, extended with warp intrinsics, patched in when
+numba.cuda is first imported); see ``flashnumba.device()``. The public calls
+(``flash_attn_func``,
 ``flash_attn_qkvpacked_func``, ``flash_attn_kvpacked_func``,
 ``flash_attn_backward``, ``scaled_dot_product_attention``) live in
 ``flashnumba.api`` and are loaded on first use, so ``import flashnumba`` stays
@@ -17,11 +18,15 @@ _select()
 __version__ = "0.1.0"
 _API = ("flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
         "flash_attn_backward", "scaled_dot_product_attention")
-__all__ = ["device", "on_simulator", "__version__", *_API]
+__all__ = ["device", "on_simulator", "__version__", "LayoutWarning",  # noqa: PLE0604
+           *_API]
 
 
 def __getattr__(name):
     if name in _API:
         from flashnumba import api
         return getattr(api, name)
+    if name == "LayoutWarning":
+        from flashnumba.validate import LayoutWarning
+        return LayoutWarning
     raise AttributeError(f"module 'flashnumba' has no attribute {name!r}")

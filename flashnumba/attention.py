@@ -21,6 +21,7 @@ from numba import cuda
 from flashnumba import registry
 from flashnumba.interop import Results
 from flashnumba.kernels import dropout_mask as dmask
+from flashnumba.kernels import quiet
 from flashnumba.kernels.common import resolve_offset
 
 
@@ -72,17 +73,19 @@ def forward(operands, call, with_dmask):
     """(out, softmax_lse, S_dmask) in the inputs' kind; out and S_dmask in their dtype, lse float32.
     S_dmask is None without dropout or unless `with_dmask`."""
     q, k, v = operands
-    Q, K, V = q.device_f32(), k.device_f32(), v.device_f32()
-    O, L = forward_kernels(call, Q, K, V)
-    results = Results(q)
-    S_dmask = None
-    if with_dmask and call.dropout_p > 0.0:
-        S_dmask = results.give(dropout_mask_kernel(call, Q, K, L))
-    return results.give(O), results.give(L, "float32"), S_dmask
+    with quiet.launches():
+        Q, K, V = q.device_f32(), k.device_f32(), v.device_f32()
+        O, L = forward_kernels(call, Q, K, V)
+        results = Results(q)
+        S_dmask = None
+        if with_dmask and call.dropout_p > 0.0:
+            S_dmask = results.give(dropout_mask_kernel(call, Q, K, L))
+        return results.give(O), results.give(L, "float32"), S_dmask
 
 
 def backward(operands, call):
     """(dq, dk, dv) in the inputs' kind and dtype; operands are dout, q, k, v, out, softmax_lse."""
-    dQ, dK, dV = backward_kernels(call, *(op.device_f32() for op in operands))
-    results = Results(operands[1])
-    return results.give(dQ), results.give(dK), results.give(dV)
+    with quiet.launches():
+        dQ, dK, dV = backward_kernels(call, *(op.device_f32() for op in operands))
+        results = Results(operands[1])
+        return results.give(dQ), results.give(dK), results.give(dV)

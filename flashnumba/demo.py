@@ -53,29 +53,27 @@ def _mirror_rows(q, k, v, dout, causal, Br, Bc):
 
 
 def _kernel_rows(q, k, v, dout, causal):
-    """(name, errors, seconds) for each registry version's kernels, fp32."""
+    """(name, errors, seconds) for each registry version's kernels, fp32, one at a time."""
     out_ref, lse_ref = reference.attention(q, k, v, causal=causal)
     grads_ref = reference.attention_backward(dout, q, k, v, causal=causal)
     refs = (out_ref, lse_ref, *grads_ref)
-    rows = []
     for version in registry.VERSIONS:
         start = time.perf_counter()
         O, L = version.module(registry.FORWARD).forward(q, k, v, causal=causal)
         grads = version.module(registry.BACKWARD).backward(dout, q, k, v, O, L, causal=causal)
-        rows.append((f"kernel {version.name} (fp32)", [rel_err(x, r) for x, r in zip((O, L, *grads), refs)],
-                     time.perf_counter() - start))
-    return rows
+        yield (f"kernel {version.name} (fp32)", [rel_err(x, r) for x, r in zip((O, L, *grads), refs)],
+               time.perf_counter() - start)
 
 
 def _api_lines(N, d, causal, seed, dropout_p=0.1):
     """flash_attn_func + flash_attn_backward in every storage dtype, with dropout, judged as
-    ``flashnumba accuracy`` judges them."""
+    ``flashnumba accuracy`` judges them; one line at a time."""
     from flashnumba.tools import accuracy
-    lines = [f"flashnumba.flash_attn_func and flash_attn_backward, algorithm {registry.DEFAULT!r}, 2 query heads "
-             f"sharing 1 K/V head, dropout p={dropout_p}:",
-             "  float32: ||x - ref|| / ||ref||;  float16, bfloat16: max|x - ref| / max|dense attention "
-             "in that dtype - ref| (passes at <= 2, gradients <= 3)",
-             f"  {'dtype':<10}" + "".join(f"{n:>10}" for n in accuracy.NAMES) + f"{'':>4}time"]
+    yield (f"flashnumba.flash_attn_func and flash_attn_backward, algorithm {registry.DEFAULT!r}, "
+           f"2 query heads sharing 1 K/V head, dropout p={dropout_p}:")
+    yield ("  float32: ||x - ref|| / ||ref||;  float16, bfloat16: max|x - ref| / max|dense attention "
+           "in that dtype - ref| (passes at <= 2, gradients <= 3)")
+    yield f"  {'dtype':<10}" + "".join(f"{n:>10}" for n in accuracy.NAMES) + f"{'':>4}time"
     for dtype in accuracy.DTYPES:
         start = time.perf_counter()
         result = accuracy.measure(dtype, registry.DEFAULT, 1, N, N, 2, 1, d, causal, dropout_p, seed=seed)
@@ -84,8 +82,7 @@ def _api_lines(N, d, causal, seed, dropout_p=0.1):
             value, ok = result[name]
             text = f"{value:.1e}" if dtype == "float32" or name == "lse" else f"{value:.2f}x"
             cells.append(f"{text if ok else text + '!':>10}")
-        lines.append(f"  {dtype:<10}" + "".join(cells) + f"{time.perf_counter() - start:>7.1f}s")
-    return lines
+        yield f"  {dtype:<10}" + "".join(cells) + f"{time.perf_counter() - start:>7.1f}s"
 
 
 def _online_softmax_table(q, k, v, causal, Br, Bc, row=0):
@@ -112,24 +109,29 @@ def _online_softmax_table(q, k, v, causal, Br, Bc, row=0):
     return lines
 
 
+def _say(text="", end="\n"):
+    print(text, end=end, flush=True)     # each line as it is ready: the kernels take seconds each
+
+
 def main(args):
     where = flashnumba.device()
-    print(f"flashnumba {flashnumba.__version__}: kernels run on "
-          f"{'a CUDA GPU' if where == 'gpu' else 'Numba CUDA simulator (no GPU found)'}")
-    print(f"problem: batch=1, heads=1, N={args.N}, d={args.d}, causal={args.causal}, "
-          f"seed={args.seed}; errors are ||x - ref|| / ||ref|| against the float64 reference\n")
+    _say(f"flashnumba {flashnumba.__version__}: kernels run on "
+         f"{'a CUDA GPU' if where == 'gpu' else 'Numba CUDA simulator (no GPU found)'}")
+    _say(f"problem: batch=1, heads=1, N={args.N}, d={args.d}, causal={args.causal}, "
+         f"seed={args.seed}; errors are ||x - ref|| / ||ref|| against the float64 reference\n")
     q, k, v, dout = _problem(args.N, args.d, args.seed)
     Br, Bc = 16, 16
 
     header = f"{'implementation':<24}{'out':>10}{'lse':>10}{'dq':>10}{'dk':>10}{'dv':>10}{'time':>9}"
-    print(header)
-    print("-" * len(header))
+    _say(header)
+    _say("-" * len(header))
     for name, errs in _mirror_rows(q, k, v, dout, args.causal, Br, Bc):
-        print(f"{name:<24}" + "".join(f"{e:>10.1e}" for e in errs))
+        _say(f"{name:<24}" + "".join(f"{e:>10.1e}" for e in errs))
     for name, errs, seconds in _kernel_rows(q, k, v, dout, args.causal):
-        print(f"{name:<24}" + "".join(f"{e:>10.1e}" for e in errs) + f"{seconds:>8.1f}s")
-    print()
-    print("\n".join(_api_lines(args.N, args.d, args.causal, args.seed)))
-    print()
-    print("\n".join(_online_softmax_table(q, k, v, args.causal, Br, Bc, row=Br + 3)))
+        _say(f"{name:<24}" + "".join(f"{e:>10.1e}" for e in errs) + f"{seconds:>8.1f}s")
+    _say()
+    for line in _api_lines(args.N, args.d, args.causal, args.seed):
+        _say(line)
+    _say()
+    _say("\n".join(_online_softmax_table(q, k, v, args.causal, Br, Bc, row=Br + 3)))
     return 0

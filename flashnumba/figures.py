@@ -8,30 +8,33 @@ lists every file the command writes (CI checks it against the committed set).
 """
 
 import argparse
+import importlib
 import os
 import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")   # before anything draws: no display, same pixels everywhere
-
-from flashnumba.viz import causal, io, loop_order, memory, on_chip, online_softmax, warps
-from flashnumba.viz.style import save
-
-# file name -> function returning its Figure (PNG) or Animation (GIF)
+# file name -> (flashnumba.viz module, function returning its Figure (PNG) or Animation (GIF));
+# imported when drawn, so `flashnumba figures --help` and --list load no matplotlib
 FIGURES = {
-    "loop_order.png": loop_order.loop_order_figure,
-    "causal_skipping.png": causal.causal_skipping_figure,
-    "on_chip_step.png": on_chip.on_chip_figure,
-    "on_chip.gif": on_chip.on_chip_animation,
-    "warp_partition.png": warps.warp_partition_figure,
-    "backward_blocks.png": warps.backward_blocks_figure,
-    "online_softmax.png": online_softmax.online_softmax_figure,
-    "io_complexity.png": io.io_figure,
-    "memory_footprint.png": memory.memory_figure,
+    "loop_order.png": ("loop_order", "loop_order_figure"),
+    "causal_skipping.png": ("causal", "causal_skipping_figure"),
+    "on_chip_step.png": ("on_chip", "on_chip_figure"),
+    "on_chip.gif": ("on_chip", "on_chip_animation"),
+    "warp_partition.png": ("warps", "warp_partition_figure"),
+    "backward_blocks.png": ("warps", "backward_blocks_figure"),
+    "online_softmax.png": ("online_softmax", "online_softmax_figure"),
+    "io_complexity.png": ("io", "io_figure"),
+    "memory_footprint.png": ("memory", "memory_figure"),
 }
+
+
+def draw(name):
+    """The Figure or Animation of file `name` (a key of FIGURES)."""
+    import matplotlib
+    matplotlib.use("Agg")   # before anything draws: no display, same pixels everywhere
+    module, function = FIGURES[name]
+    return getattr(importlib.import_module(f"flashnumba.viz.{module}"), function)()
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "figures"
 
@@ -62,14 +65,18 @@ def generate(out_dir, names=None, stream=sys.stderr):
     for n, name in enumerate(names):
         _progress(n, len(names), name, started, stream)
         path = out_dir / name
-        save(FIGURES[name](), path)
+        from flashnumba.viz.style import save
+        save(draw(name), path)
         written.append(path)
     _progress(len(names), len(names), "done", started, stream)
     return written
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="flashnumba figures", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="flashnumba figures",
+        description="Regenerate every picture in figures/ from the mirrors' traces "
+                    "(deterministic: a rerun writes the same bytes).")
     parser.add_argument("--out", default=os.fspath(DEFAULT_OUT),
                         help="directory to write into (default: the repository's figures/)")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=list(FIGURES),

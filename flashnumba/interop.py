@@ -19,6 +19,8 @@ check runs before anything is launched); ``device_f32`` then gives the float32,
 C-contiguous device array the kernels read: the input itself when it already is
 one, else one widening copy (``kernels.cast``). ``Results`` narrows float32
 device results to the inputs' dtype and hands them back as the inputs' kind.
+With torch CUDA tensors, numba's device memory comes from torch's caching
+allocator (``flashnumba.torch_allocator``): no cuMemAlloc or cuMemFree per call.
 """
 
 import sys
@@ -26,7 +28,7 @@ import sys
 import numpy as np
 from numba import cuda
 
-from flashnumba import dtypes
+from flashnumba import dtypes, torch_allocator
 from flashnumba.kernels import cast
 
 HOST_KINDS = ("numpy", "torch-cpu")
@@ -153,6 +155,7 @@ class Operand:
         if self.kind == "numba":
             return x
         if self.kind == "torch":
+            torch_allocator.install()             # before numba's first context: see that module
             x = x.detach()
             _check_torch_device(self.name, x)
             if 0 in x.stride():                           # a broadcast (expanded) tensor: make it real

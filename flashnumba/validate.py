@@ -12,6 +12,9 @@ The checks read shapes and dtypes only (``interop.Operand``); no data moves.
 
 import math
 import numbers
+import os
+import sys
+import warnings
 
 import numpy as np
 
@@ -49,6 +52,37 @@ FLASH_LAYOUT = "(batch, seqlen, nheads, headdim)"
 SDPA_LAYOUT = "(batch, nheads, seqlen, headdim)"
 
 
+class LayoutWarning(UserWarning):
+    """The inputs look like the other layout: (batch, nheads, seqlen, headdim) given to
+    flash_attn_func, or (batch, seqlen, nheads, headdim) to scaled_dot_product_attention."""
+
+
+def _check_layout(q, k, layout, Nq, Nk, Hq, Hkv):
+    """Warn when both q and k have more heads than sequence positions, as read in `layout`:
+    the tell of the two middle axes swapped (head counts are small, sequences rarely shorter)."""
+    if not (Hq > Nq and Hkv > Nk):
+        return
+    if layout == FLASH_LAYOUT:
+        other, fix = SDPA_LAYOUT, ("transpose the middle axes (q.transpose(1, 2)) or call "
+                                   "flashnumba.scaled_dot_product_attention")
+    else:
+        other, fix = FLASH_LAYOUT, "transpose the middle axes or call flashnumba.flash_attn_func"
+    warnings.warn(
+        f"{q.name} {q.shape} and {k.name} {k.shape} read as {layout} have more heads than "
+        f"sequence positions ({Hq} heads, {Nq} positions; {Hkv} and {Nk}): they look like "
+        f"{other}. This call takes {layout}: {fix}. If the sequences really are that short, "
+        f"filter flashnumba.LayoutWarning.", LayoutWarning, stacklevel=_caller_level())
+
+
+def _caller_level():
+    """warnings.warn's stacklevel of the first frame outside flashnumba (the user's call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1          # our caller: level 1 for warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def attention_shapes(q, k, v, layout=FLASH_LAYOUT):
     """(B, Nq, Nk, Hq, Hkv, d) of q (B, Nq, Hq, d), k and v (B, Nk, Hkv, d), or of
     q (B, Hq, Nq, d), k, v (B, Hkv, Nk, d) with layout=SDPA_LAYOUT."""
@@ -57,6 +91,7 @@ def attention_shapes(q, k, v, layout=FLASH_LAYOUT):
     seq, heads = (1, 2) if layout == FLASH_LAYOUT else (2, 1)
     B, Nq, Hq, d = q.shape[0], q.shape[seq], q.shape[heads], q.shape[3]
     Bk, Nk, Hkv, dk = k.shape[0], k.shape[seq], k.shape[heads], k.shape[3]
+    _check_layout(q, k, layout, Nq, Nk, Hq, Hkv)
     if v.shape != k.shape:
         raise ValueError(f"{v.name} has shape {v.shape}, expected {k.name}'s shape {k.shape} "
                          f"(same batch, seqlen, nheads and headdim)")

@@ -14,8 +14,8 @@ def _run(code, **env):
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("FLASHNUMBA_DEVICE", "NUMBA_ENABLE_CUDASIM", "FLASHNUMBA_QUIET")}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], check=False, env=full_env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_sim_override_selects_the_simulator_and_says_so_once():
@@ -55,3 +55,30 @@ def test_numba_imported_first_keeps_its_choice():
     assert r.returncode == 0 and r.stdout.strip() == "sim"
     r = _run("import numba; import flashnumba", NUMBA_ENABLE_CUDASIM="1", FLASHNUMBA_DEVICE="gpu")
     assert r.returncode != 0 and "imported earlier with NUMBA_ENABLE_CUDASIM=1" in r.stderr
+
+
+def test_numba_imported_first_without_the_variable_still_gets_the_right_device():
+    # numba reads NUMBA_ENABLE_CUDASIM at import; numba.cuda, a separate module, later.
+    r = _run("import numba; import flashnumba; from numba import config, cuda; "
+             "print(flashnumba.device(), config.ENABLE_CUDASIM, cuda.jit.__module__)")
+    assert r.returncode == 0, r.stderr
+    if flashnumba.device() == "sim":
+        assert r.stdout.split() == ["sim", "1", "numba.cuda.simulator.api"]
+    else:
+        assert r.stdout.split()[0] == "gpu"
+
+
+def test_numba_cuda_imported_first_without_a_gpu_is_named():
+    r = _run("import numba.cuda; import flashnumba; print(flashnumba.device())")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "gpu"
+    if flashnumba.device() == "sim":          # no GPU here: kernels cannot run, and we say so
+        assert "imported before flashnumba" in r.stderr and "NUMBA_ENABLE_CUDASIM=1" in r.stderr
+
+
+def test_help_imports_no_numba_and_prints_no_banner():
+    r = _run("import sys; from flashnumba.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print('numba' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("False") and r.stderr == ""

@@ -196,6 +196,22 @@ def test_votes_over_a_full_warp():
 
 
 @cuda.jit
+def ballot_sign_kernel(negative):
+    negative[cuda.threadIdx.x] = cuda.ballot_sync(FULL, cuda.threadIdx.x == 31) < 0
+
+
+def test_ballot_has_the_type_numba_cuda_gives_it_on_the_gpu():
+    # numba-cuda types ballot_sync as int32 (intrinsics.ballot_sync: signature(types.i4, ...)),
+    # not uint32: lane 31's vote is the sign bit on the GPU too, and the simulator agrees.
+    from numba.cuda import intrinsics, types
+    declared = intrinsics.ballot_sync._defn(None, types.uint32, types.boolean)[0].return_type
+    assert declared == types.int32
+    negative = np.zeros(32, np.bool_)
+    ballot_sign_kernel[1, 32](negative)
+    assert negative.all()
+
+
+@cuda.jit
 def masked_ballot_kernel(out):
     i = cuda.threadIdx.x
     if i % 8 < 4:  # lanes 0-3, 8-11, 16-19, 24-27

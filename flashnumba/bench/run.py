@@ -55,7 +55,8 @@ TUNE_HEAD_DIMS = (64, 128)       # --tune: every shipped config of these buckets
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="flashnumba bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="flashnumba bench",
+                                description="flashnumba's kernels next to PyTorch's attention, on one CUDA GPU.")
     p.add_argument("--quick", action="store_true", help="a few shapes (d=64, N=1k, 4k, 16k), for a short lease")
     p.add_argument("--shapes", help="comma-separated BxHxNxd, suffix c (causal only) or n (non-causal only)")
     p.add_argument("--impls", help="comma-separated substrings: only implementations whose name has one")
@@ -69,6 +70,12 @@ def parse_args(argv):
                    help=f"skip readable/naive kernels predicted slower than this per run (default {MAX_SLOW_RUN_S})")
     p.add_argument("--tune", action="store_true", help="time every shipped config of the fast kernels first")
     p.add_argument("--no-plot", action="store_true", help="skip the figures")
+    p.add_argument("--calls", action="store_true",
+                   help="time the public calls (torch, Numba, NumPy paths) beside the kernels alone and "
+                        "SDPA, gpu and host ms; --shapes defaults to issue 13's three")
+    p.add_argument("--profile", action="store_true",
+                   help="with --calls: cProfile the torch fwd+bwd call of the first shape")
+    p.add_argument("--json", help="with --calls: also write the rows to this file")
     p.add_argument("--sim", action="store_true",
                    help="no GPU needed: tiny correctness pass on the CPU simulator (NOT a benchmark)")
     return p.parse_args(argv)
@@ -313,6 +320,15 @@ def main(argv=None):
               "(--sim runs a tiny correctness pass on the CPU simulator; it is not a benchmark.)",
               file=sys.stderr)
         return 2
+
+    if args.calls:          # before the allocation tracker, which would add to every call's host time
+        import torch
+
+        from flashnumba.bench import calls
+        torch.backends.cuda.matmul.allow_tf32 = False
+        calls.run(cases_mod.parse_shapes(args.shapes or calls.ISSUE_SHAPES), torch,
+                  json_path=args.json, profile=args.profile)
+        return 0
 
     start = time.perf_counter()
     from flashnumba.bench import timing

@@ -43,7 +43,10 @@ def _build(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="flashnumba course", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="flashnumba course",
+        description="The graded lessons: list and check exercises, build the student and "
+                    "instructor notebooks.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the exercises, lesson by lesson").set_defaults(run=_list)
     check = sub.add_parser("check", help="grade an exercise")

@@ -202,6 +202,8 @@ class Arrays:
             return cuda.to_device(np.ascontiguousarray(x))
         if not hasattr(cuda, "as_cuda_array"):
             return x                    # the simulator has no as_cuda_array; x is its device array
+        if getattr(x, "__cuda_ndarray__", False):
+            return x                    # already Numba's: no second wrapper (MemoryPointer, DeviceNDArray) per call
         return cuda.as_cuda_array(x)
 
     def empty(self, shape, fill=None):

@@ -36,22 +36,29 @@ def opt_in_limit(cc):
     return OPT_IN_LIMIT.get(tuple(cc), STATIC_LIMIT)
 
 
+_raised = set()   # (dispatcher, argument types, nbytes, device id) already allowed
+
+
 def raise_dynamic_limit(dispatcher, args, nbytes):
     """Compile `dispatcher` for `args` (as a launch would) and allow it `nbytes` of dynamic
     shared memory per block. Call before the first launch; raises ValueError if this GPU
-    gives a block less than that."""
+    gives a block less than that. Once per kernel, argument types, size and device: the
+    attribute stays set, and a call that sets it again pays for a driver call."""
     nbytes = int(nbytes)
-    if numba_config.ENABLE_CUDASIM:
+    if numba_config.ENABLE_CUDASIM or nbytes <= STATIC_LIMIT:   # every GPU gives a block 48 KB
         return
     device = cuda.get_current_device()
+    argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
+    key = (id(dispatcher), argtypes, nbytes, device.id)
+    if key in _raised:
+        return
     limit = opt_in_limit(device.compute_capability)
     if nbytes > limit:
         raise ValueError(f"the kernel needs {nbytes} bytes of shared memory per block; a GPU of "
                          f"compute capability {device.compute_capability} gives at most {limit}")
-    if nbytes <= STATIC_LIMIT:
-        return
     from numba.cuda.cudadrv.driver import binding, driver
-    kernel = dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in args))
+    kernel = dispatcher.compile(argtypes)
     cufunc = kernel._codelibrary.get_cufunc()     # numba-cuda's compiled function (private)
     attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     driver.cuKernelSetAttribute(attribute, nbytes, cufunc.handle, device.id)
+    _raised.add(key)
