@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from flashnumba import stepping
+from flashnumba import registry, stepping
 from flashnumba.course.grading import Mismatch, call, grade, kernel_steps
 
 ID = "dkdv_kernel"
@@ -22,6 +22,8 @@ SPEC = ("fa2_dkdv(Q, K, V, dO, L, D, Br, Bc, causal, limit) -> (dQ, dK, dV) floa
         "of Bc threads, thread = key c of K_j; fill in, for each visible row r of Q_i: P, dP, dS, "
         "dV_c, dK_c, and cuda.atomic.add of scale dS K_c into dQ[r]")
 NAME = "fa2_dkdv"
+# the readable FA2 backward kernel: stepping compares the student's kernel with its mirror and state
+ALGORITHM = registry.version(registry.FA2.name).kernel(registry.BACKWARD)
 
 
 def stub(Q, K, V, dO, L, D, Br, Bc, causal, limit):
@@ -219,7 +221,7 @@ def check(implementation):
         for Nq, Nk, d, Br, Bc, causal in CASES:
             case = f"{'causal, ' if causal else ''}Nq={Nq}, Nk={Nk}, d={d}, Br={Br}, Bc={Bc}"
             p = stepping.make_problem(Nq, Nk, d, causal=causal, seed=Nq + Nk, Br=Br, Bc=Bc,
-                                      algorithm="fa2_backward")
+                                      algorithm=ALGORITHM)
             inputs = backward_inputs(p)
             with np.errstate(all="ignore"):
                 out = call(implementation, *inputs, Br, Bc, causal, 1)
@@ -232,7 +234,7 @@ def check(implementation):
                     out = implementation(*inputs, Br, Bc, causal, k)
                 return {name: np.asarray(x, dtype=np.float64) for name, x in zip(("dQ", "dK", "dV"), out)}
 
-            kernel_steps("fa2_backward", p, kernel, case=case)
+            kernel_steps(ALGORITHM, p, kernel, case=case)
         if uses_atomics(implementation) is False:
             raise Mismatch("the numbers agree, but your kernel adds into dQ without an atomic: every "
                            "thread of a block (and every block, at once on a GPU) adds into the same "

@@ -6,7 +6,7 @@ import numpy as np
 from numba import cuda, float32
 
 from flashnumba import reference, stepping
-from flashnumba.course.exercises.e21_dkdv_kernel import backward_inputs, uses_atomics
+from flashnumba.course.exercises.e21_dkdv_kernel import ALGORITHM, backward_inputs, uses_atomics
 from flashnumba.course.grading import Mismatch, call, grade, same_array
 
 ID = "dq_kernel"
@@ -180,7 +180,7 @@ def check(implementation):
         for Nq, Nk, d, Br, Bc, causal in CASES:
             case = f"{'causal, ' if causal else ''}Nq={Nq}, Nk={Nk}, d={d}, Br={Br}, Bc={Bc}"
             p = stepping.make_problem(Nq, Nk, d, causal=causal, seed=Nq * Nk, Br=Br, Bc=Bc,
-                                      algorithm="fa2_backward")
+                                      algorithm=ALGORITHM)
             inputs = backward_inputs(p)
             dQ_ref, _, _ = reference.single_head_backward(p.dO, p.Q, p.K, p.V, causal=causal)
             with np.errstate(all="ignore"):

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from numba import cuda, float32  # noqa: F401
 
-from flashnumba import course, mirror, stepping
+from flashnumba import course, mirror, registry, stepping
 from flashnumba.kernels import fa2_backward
 
 print("exercises of this lesson:", course.exercises(lesson=11))
@@ -65,8 +65,9 @@ backward_blocks_figure(Nq=16, Nk=16, d=4, Br=4, Bc=4, causal=True)
 # library kernel agrees at every step.
 
 # %%
-p = stepping.make_problem(24, 40, 8, causal=True, Br=16, Bc=32, algorithm="fa2_backward")
-print(stepping.compare("fa2_backward", p).table())
+kernel_name = registry.version(registry.FA2.name).kernel(registry.BACKWARD)  # the readable FA2 backward kernel
+p = stepping.make_problem(24, 40, 8, causal=True, Br=16, Bc=32, algorithm=kernel_name)
+print(stepping.compare(kernel_name, p).table())
 
 # %% [markdown]
 # ## Exercise 1: the dK, dV kernel with dQ by atomics
@@ -101,7 +102,7 @@ print(stepping.compare("fa2_backward", p).table())
 # float32 in 200 random block orders:
 
 # %%
-p = stepping.make_problem(8, 128, 4, Br=8, Bc=8, algorithm="fa2_backward")
+p = stepping.make_problem(8, 128, 4, Br=8, Bc=8, algorithm=kernel_name)
 O, L = mirror.fa2_forward(p.Q, p.K, p.V, Br=8, Bc=8)
 records, (dQ, _, _) = mirror.run(mirror.fa2_backward_steps(p.dO, p.Q, p.K, p.V, O, L, Br=8, Bc=8))
 before = np.zeros_like(dQ)
@@ -143,7 +144,7 @@ plt.show()
 # Python threads, whose interleaving may or may not change between runs. Both, measured:
 
 # %%
-p = stepping.make_problem(12, 40, 4, Br=4, Bc=8, algorithm="fa2_backward")
+p = stepping.make_problem(12, 40, 4, Br=4, Bc=8, algorithm=kernel_name)
 q, k, v, dout = (p.as_kernel_input(X) for X in (p.Q, p.K, p.V, p.dO))
 O, L = mirror.fa2_forward(p.Q, p.K, p.V, Br=4, Bc=8)
 out, lse = p.as_kernel_input(O), L[None, None].astype(np.float32)

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import flashnumba
-from flashnumba import course, philox, reference, stepping
+from flashnumba import course, philox, reference, registry, stepping
 from flashnumba.geometry import Tiling
 
 print("exercises of this lesson:", course.exercises(lesson=12))
@@ -155,9 +155,10 @@ keep = philox.keep_mask(seed, 0.25, B, H, N, N)
 out_ref, _ = reference.attention(q, k, v, causal=True, dropout_p=0.25, dropout_mask=keep)
 print("kernel's dropped entries == philox.keep_mask's:", np.array_equal(np.signbit(S_dmask), ~keep))
 print("max |out - reference with that mask| =", float(np.abs(out - out_ref).max()))
-p = stepping.make_problem(24, 40, 8, causal=True, Br=16, Bc=32, algorithm="fa2_backward",
+kernel_name = registry.version(registry.FA2.name).kernel(registry.BACKWARD)  # the readable FA2 backward kernel
+p = stepping.make_problem(24, 40, 8, causal=True, Br=16, Bc=32, algorithm=kernel_name,
                           dropout_p=0.2, dropout_seed=3)
-print(stepping.compare("fa2_backward", p).table())
+print(stepping.compare(kernel_name, p).table())
 
 # %% [markdown]
 # **Try it:** with another seed the kernel's output changes, and with the same seed it does not
