@@ -27,7 +27,7 @@ $(VENV)/.dev: $(VENV)/.core
 	touch $@
 
 $(VENV)/.lessons: $(VENV)/.core
-	$(BIN)/pip install -q -e '.[lessons]'
+	$(BIN)/pip install -q -e '.[lessons,torch]'
 	touch $@
 
 demo: $(VENV)/.core
@@ -45,7 +45,7 @@ step: $(VENV)/.core
 bench: $(VENV)/.dev
 	$(BIN)/flashnumba bench
 
-# the course: JupyterLab on lessons/ (see lessons/README.md)
+# the course: JupyterLab on lessons/ (see lessons/README.md), with torch for lesson 15
 lessons: $(VENV)/.lessons
 	$(BIN)/jupyter lab lessons
 
