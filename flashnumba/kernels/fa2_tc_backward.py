@@ -41,8 +41,9 @@ blocks; not deterministic in its summation order), K_j and V_j re-read from
 shared memory by ldmatrix for every Q tile, four barriers per Q tile, and the
 dropout variant's Philox call per element (3 of its 4 words unused), the
 duplicated S_ij^T and dP_ij^T products at D >= 96, and tiles of only Bc = 32 keys
-(larger tiles needed more than 255 registers). No double buffering of Q_i, dO_i; no
-deterministic dQ option yet.
+(larger tiles needed more than 255 registers). No double buffering of Q_i, dO_i.
+deterministic=True is served by FA2's readable backward (``registry``: its
+separate dQ pass, on the inputs widened to float32), not by this kernel.
 """
 
 import collections
@@ -64,7 +65,7 @@ from flashnumba.kernels.common import (
 )
 from flashnumba.kernels.fast_math import LOG2_E
 from flashnumba.kernels.geometry import q_tile_start
-from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
+from flashnumba.kernels.half_io import as_dtype, bits_of, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 HALF_BYTES = 2
@@ -484,7 +485,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 
     arrays = common.Arrays(q, k, v, dout, out)
     q_d, k_d, v_d, dout_d = (padded_bits(x, config.D, arrays) for x in (q, k, v, dout))
-    out_d = arrays.to_device(out.view(np.uint16) if isinstance(out, np.ndarray) else out)
+    out_d = arrays.to_device(bits_of(out))
     L_d = arrays.to_device(np.ascontiguousarray(L, np.float32) if isinstance(L, np.ndarray) else L)
     D_rows = cuda.device_array((B, H_q, N_q), dtype=np.float32)
     dq_acc = cuda.device_array((B, N_q, H_q, d), dtype=np.float32)
@@ -520,3 +521,16 @@ def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, ali
                                         config=config, dtype=dtype)
     launch()
     return as_dtype(dq, kind, q), as_dtype(dk, kind, q), as_dtype(dv, kind, q)
+
+
+# ---------------------------------------------------------------------------
+# The registry's entry point (flashnumba.registry)
+# ---------------------------------------------------------------------------
+
+def backward(dout, q, k, v, out, L, deterministic=False, **options):
+    """(dq, dk, dv) in the inputs' 16-bit dtype. Not deterministic (dQ by atomics): the registry
+    sends deterministic=True to the version named by its ``deterministic_backward``."""
+    if deterministic:
+        raise ValueError("fa2_tc_backward adds dQ with atomics; deterministic=True runs "
+                         "fa2_backward (registry: deterministic_backward)")
+    return fa2_tc_backward(dout, q, k, v, out, L, **options)

@@ -444,3 +444,17 @@ def fa2_tc_forward(q, k, v, softmax_scale=None, causal=False, alignment=BOTTOM_R
     launch()
     L_out = L.copy_to_host() if isinstance(q, np.ndarray) else L
     return as_dtype(out, kind, q), L_out
+
+
+# ---------------------------------------------------------------------------
+# The registry's entry points (flashnumba.registry)
+# ---------------------------------------------------------------------------
+
+def forward(q, k, v, **options):
+    """(O, L): O in the inputs' 16-bit dtype, L float32."""
+    return fa2_tc_forward(q, k, v, **options)
+
+
+def state(q, k, v, **options):
+    """What a step shows: O (= O_i / l_i so far) and L (= m_i + log l_i): m and l stay in registers."""
+    return dict(zip(("O", "L"), fa2_tc_forward(q, k, v, **options)))
