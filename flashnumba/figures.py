@@ -17,7 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")   # before anything draws: no display, same pixels everywhere
 
-from flashnumba.viz import causal, io, loop_order, memory, on_chip, online_softmax, warps
+from flashnumba.viz import causal, io, loop_order, memory, mma_fragments, on_chip, online_softmax, warps
 from flashnumba.viz.style import save
 
 # file name -> function returning its Figure (PNG) or Animation (GIF)
@@ -31,6 +31,7 @@ FIGURES = {
     "online_softmax.png": online_softmax.online_softmax_figure,
     "io_complexity.png": io.io_figure,
     "memory_footprint.png": memory.memory_figure,
+    "mma_fragments.png": mma_fragments.mma_fragments_figure,
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "figures"
