@@ -68,6 +68,7 @@ from flashnumba.kernels.geometry import q_tile_start
 from flashnumba.kernels.half_io import as_dtype, bits_of, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
+NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 HALF_BYTES = 2
 FLOAT_BYTES = 4
 ROW_PAD = 8
@@ -109,7 +110,7 @@ def smem_bytes(config):
 
 
 def check_config(config):
-    who = "fa2_tc_backward"
+    who = NAME
     common.check_sizes(config, who)
     Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
     SPLIT = split_d(D)

@@ -72,6 +72,7 @@ from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resol
 from flashnumba.kernels.hardware import FULL_MASK
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
+NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 HALF_BYTES = 2
 ROW_PAD = 8                    # elements added to each shared row: ldmatrix rows of one tile fall
                                # in different banks (8 x 16 B apart instead of a multiple of 128 B)
@@ -114,7 +115,7 @@ def shipped_configs():
 
 def check_config(config):
     """Raise ConfigError unless the configuration can compile and launch."""
-    who = "fa2_tc_forward"
+    who = NAME
     common.check_sizes(config, who)
     Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
     require(Br == 16 * num_warps, f"{who}: Br={Br} must be 16 x num_warps = {16 * num_warps} "
