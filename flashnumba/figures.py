@@ -17,7 +17,16 @@ import matplotlib
 
 matplotlib.use("Agg")   # before anything draws: no display, same pixels everywhere
 
-from flashnumba.viz import causal, io, loop_order, memory, mma_fragments, on_chip, online_softmax, warps
+from flashnumba.viz import (
+    causal,
+    io,
+    loop_order,
+    memory,
+    mma_fragments,
+    on_chip,
+    online_softmax,
+    warps,
+)
 from flashnumba.viz.style import save
 
 # file name -> function returning its Figure (PNG) or Animation (GIF)

@@ -42,7 +42,7 @@ def tc_calls(monkeypatch):
 def test_half_inputs_run_the_tensor_core_kernels_by_default(dtype, rng, tc_calls):
     """algorithm=None with 16-bit inputs (GQA here) runs fa2_tc on the 16-bit data, within
     flash-attn's rule."""
-    q, k, v, dout = make(rng, dtype, Hq=2)
+    q, k, v, _ = make(rng, dtype, Hq=2)
     assert validate.algorithm(None, dtype, 17) == TC
     out, lse, _ = flashnumba.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     assert tc_calls == [dtype]
