@@ -29,8 +29,12 @@ Key c is hidden from query r when c > r + offset:
 
 Algorithms (``algorithm=``)
 ---------------------------
-A kernel version named in ``flashnumba.registry`` ("fa1", "fa2", "fa2_fast");
-None (the default) runs ``registry.DEFAULT``, the fast FA2 kernels.
+A kernel version named in ``flashnumba.registry`` (``registry.names()``). None
+(the default) runs ``registry.default(dtype, headdim, device)``: for float16 and
+bfloat16 inputs the tensor-core kernels where they run (the simulator, or a GPU
+of compute capability 8.0 or newer), else the fast FA2 kernels on the inputs
+widened to float32. A version that cannot take the inputs' dtype or head dim, or
+cannot run on the GPU, is a ValueError naming ``algorithm``.
 deterministic=True makes the backward's dQ bitwise reproducible: it runs the
 version's ``deterministic_backward`` (FA2's separate dQ pass instead of atomics).
 
@@ -50,11 +54,11 @@ from flashnumba.kernels.common import resolve_dropout
 
 
 def _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, alignment,
-          scale_name="softmax_scale", causal_name="causal"):
+          scale_name="softmax_scale", causal_name="causal", dtype="float32"):
     p, seed = resolve_dropout(dropout_p, seed)           # p in [0, 1), seed in [0, 2^64)
     return Call(scale=validate.scale(softmax_scale, d, scale_name), dropout_p=float(p), seed=int(seed),
                 causal=validate.flag(causal_name, causal), alignment=alignment,
-                algorithm=validate.algorithm(algorithm),
+                algorithm=validate.algorithm(algorithm, dtype, d),
                 deterministic=validate.flag("deterministic", deterministic))
 
 
@@ -68,7 +72,7 @@ def _needs_autograd(operands):
 def _attention(q, k, v, call_args, return_attn_probs, alignment):
     operands = validate.tensors(q=q, k=k, v=v)
     d = validate.attention_shapes(*operands)[-1]
-    call = _call(d, alignment=alignment, **call_args)
+    call = _call(d, alignment=alignment, dtype=operands[0].dtype, **call_args)
     return_attn_probs = validate.flag("return_attn_probs", return_attn_probs)
     if _needs_autograd(operands):
         from flashnumba.torch.function import FlashAttnFunction
@@ -142,7 +146,8 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_
         raise TypeError(f"softmax_lse is {'on the host' if lse.on_host else 'on the device'} "
                         f"({lse.kind}) but q is not ({operands[1].kind}); pass all tensors on one side")
     validate.like(lse, (B, H_q, Nq), "(batch, nheads, seqlen_q)")
-    call = _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, BOTTOM_RIGHT)
+    call = _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, BOTTOM_RIGHT,
+                 dtype=operands[1].dtype)
     return backward(operands + [lse], call)
 
 
@@ -169,7 +174,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise ValueError(f"query has {H_q} heads and key {H_kv}: different head counts need "
                          f"enable_gqa=True")
     call = _call(d, dropout_p, scale, is_causal, False, None, seed, TOP_LEFT,
-                 scale_name="scale", causal_name="is_causal")
+                 scale_name="scale", causal_name="is_causal", dtype=operands[0].dtype)
     q, k, v = (swap_seq_heads(op) for op in operands)            # to (B, N, H, d), no copy
     inner = validate.tensors(query=q, key=k, value=v)
     if _needs_autograd(inner):

@@ -5,10 +5,11 @@
     dq, dk, dv = backward(operands, call)            operands: dout, q, k, v, out, softmax_lse
 
 Operands are ``interop.Operand``s (any array kind, float32, float16 or
-bfloat16); they are widened to float32 on the device (``kernels.cast``), run
-through the kernels of the version ``call.algorithm`` names
-(``flashnumba.registry``), and the results come back in the inputs' kind and
-dtype. Both ``flashnumba.api`` (the public calls) and
+bfloat16). A version whose kernels read the inputs' dtype (``Version.dtypes``:
+fa2_tc reads float16 and bfloat16) gets their bits as they are; otherwise they
+are widened to float32 on the device (``kernels.cast``). They run through the
+kernels of the version ``call.algorithm`` names (``flashnumba.registry``), and
+the results come back in the inputs' kind and dtype. Both ``flashnumba.api`` (the public calls) and
 ``flashnumba.torch.function`` (autograd) call these, so neither imports the
 other.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda
 
-from flashnumba import registry
+from flashnumba import dtypes, registry
 from flashnumba.interop import Results
 from flashnumba.kernels import dropout_mask as dmask
 from flashnumba.kernels import quiet
@@ -41,24 +42,44 @@ class Call:
                     dropout_p=self.dropout_p, seed=self.seed)
 
 
-def forward_kernels(call, Q, K, V):
-    """(O, L) float32 device arrays for float32 device inputs Q, K, V in flash layout."""
-    return registry.version(call.algorithm).module(registry.FORWARD).forward(
-        Q, K, V, **call.kernel_options())
+def reads_natively(version, dtype):
+    """True when `version`'s kernels read 16-bit `dtype` inputs as they are (no widening)."""
+    return dtype != dtypes.FLOAT32 and version.reads(dtype)
 
 
-def backward_kernels(call, dO, Q, K, V, O, L):
-    """(dQ, dK, dV) float32 device arrays; deterministic=True runs the version's
-    ``deterministic_backward``."""
+def device_inputs(version, operands):
+    """The operands as `version`'s kernels read them, and the keyword options that say their dtype:
+    16-bit bits for a version that reads the dtype, else float32 (widened on the device)."""
+    dtype = operands[1].dtype if len(operands) > 3 else operands[0].dtype   # q's
+    if reads_natively(version, dtype):
+        return [op.device_bits() if op.dtype != dtypes.FLOAT32 else op.device_f32()
+                for op in operands], {"dtype": dtype}
+    return [op.device_f32() for op in operands], {}
+
+
+def forward_kernels(call, operands):
+    """(O, L, native) on the device for q, k, v operands in flash layout: O float32, or in the
+    inputs' dtype when `native` (the version read them as they are), L float32."""
+    version = registry.version(call.algorithm)
+    inputs, dtype_option = device_inputs(version, operands)
+    O, L = version.module(registry.FORWARD).forward(*inputs, **dtype_option, **call.kernel_options())
+    return O, L, bool(dtype_option)
+
+
+def backward_kernels(call, operands):
+    """(dQ, dK, dV, native) on the device for operands dout, q, k, v, out, softmax_lse;
+    deterministic=True runs the version's ``deterministic_backward``."""
     version = registry.version(call.algorithm)
     if call.deterministic:
         version = registry.version(version.deterministic_backward)
-    return version.module(registry.BACKWARD).backward(
-        dO, Q, K, V, O, L, deterministic=call.deterministic, **call.kernel_options())
+    inputs, dtype_option = device_inputs(version, operands)
+    grads = version.module(registry.BACKWARD).backward(
+        *inputs, deterministic=call.deterministic, **dtype_option, **call.kernel_options())
+    return (*grads, bool(dtype_option))
 
 
 def dropout_mask_kernel(call, Q, K, L):
-    """S_dmask (B, Hq, Nq, Nk) float32: P with the dropped entries negated."""
+    """S_dmask (B, Hq, Nq, Nk) float32: P with the dropped entries negated (Q, K float32)."""
     B, Nq, Hq, _ = Q.shape
     Nk = K.shape[1]
     S = cuda.device_array((B, Hq, Nq, Nk), dtype=np.float32)
@@ -72,20 +93,20 @@ def dropout_mask_kernel(call, Q, K, L):
 def forward(operands, call, with_dmask):
     """(out, softmax_lse, S_dmask) in the inputs' kind; out and S_dmask in their dtype, lse float32.
     S_dmask is None without dropout or unless `with_dmask`."""
-    q, k, v = operands
+    q, k, _ = operands
     with quiet.launches():
-        Q, K, V = q.device_f32(), k.device_f32(), v.device_f32()
-        O, L = forward_kernels(call, Q, K, V)
+        O, L, native = forward_kernels(call, operands)
         results = Results(q)
         S_dmask = None
         if with_dmask and call.dropout_p > 0.0:
-            S_dmask = results.give(dropout_mask_kernel(call, Q, K, L))
-        return results.give(O), results.give(L, "float32"), S_dmask
+            S_dmask = results.give(dropout_mask_kernel(call, q.device_f32(), k.device_f32(), L))
+        out = results.give_bits(O) if native else results.give(O)
+        return out, results.give(L, "float32"), S_dmask
 
 
 def backward(operands, call):
     """(dq, dk, dv) in the inputs' kind and dtype; operands are dout, q, k, v, out, softmax_lse."""
     with quiet.launches():
-        dQ, dK, dV = backward_kernels(call, *(op.device_f32() for op in operands))
+        *grads, native = backward_kernels(call, operands)
         results = Results(operands[1])
-        return results.give(dQ), results.give(dK), results.give(dV)
+        return tuple(results.give_bits(g) if native else results.give(g) for g in grads)

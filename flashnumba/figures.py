@@ -26,6 +26,7 @@ FIGURES = {
     "online_softmax.png": ("online_softmax", "online_softmax_figure"),
     "io_complexity.png": ("io", "io_figure"),
     "memory_footprint.png": ("memory", "memory_figure"),
+    "mma_fragments.png": ("mma_fragments", "mma_fragments_figure"),
 }
 
 

@@ -219,7 +219,14 @@ class Results:
     def give(self, x32, dtype=None):
         """x32 as the caller's kind, in `dtype` (default: the inputs'); float32 stays float32 for lse."""
         dtype = self.dtype if dtype is None else dtype
-        bits = self.narrow(x32, dtype)
+        return self.give_bits(self.narrow(x32, dtype), dtype)
+
+    def give_bits(self, bits, dtype=None):
+        """A C-contiguous device array already in `dtype` (default: the inputs'; bfloat16 as its
+        uint16 bits, float16 as float16 or its bits) as the caller's kind, with no rounding."""
+        dtype = self.dtype if dtype is None else dtype
+        if np.dtype(bits.dtype) != dtypes.BITS[dtype]:
+            bits = bits.view(dtypes.BITS[dtype])
         if self.kind in HOST_KINDS:
             host = bits.copy_to_host().view(dtypes.NUMPY[dtype])
             if self.kind == "numpy":

@@ -15,13 +15,17 @@ files; nothing else changes.
     fa2        fa2   version 1: one block per Q tile (forward) or K/V tile (backward), warps split the
                      rows (split-Q), shuffles for row statistics; the kernel the lessons read
     fa2_fast   fa2   version 2: register tiles, vector loads, exp2; the fp32 speed path
+    fa2_tc     fa2   version 3: mma.sync on the tensor cores, fp16 and bf16 only (sm_80 and newer);
+                     the half-precision default
 
 A version's kernels live in ``flashnumba/kernels/<version>_forward.py`` and
 ``<version>_backward.py``. Each forward module has ``forward(q, k, v, **options)
 -> (O, L)`` and ``state(q, k, v, **options) -> {variable: array}`` (what a step
 shows), each backward module ``backward(dout, q, k, v, out, L, **options) -> (dq,
-dk, dv)``; both take flash-attn's layout (B, N, H, d) in float32 and the options
-causal, alignment, softmax_scale, dropout_p, seed, limit.
+dk, dv)``; both take flash-attn's layout (B, N, H, d) in the dtypes the version
+reads (``Version.dtypes``: float32 for the FMA versions, which serve float16 and
+bfloat16 inputs widened to float32; float16 and bfloat16 only for fa2_tc) and the
+options causal, alignment, softmax_scale, dropout_p, seed, limit.
 
 (The FlashAttention paper numbers its forward Algorithm 1 and its backward
 Algorithm 4; its Algorithm 2 is the forward with masking and dropout and
@@ -30,6 +34,8 @@ Algorithm 0 standard attention, whose backward is Algorithm 3.)
 
 import importlib
 from dataclasses import dataclass
+
+from flashnumba.dtypes import BFLOAT16, FLOAT16, FLOAT32
 
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -75,6 +81,32 @@ class Version:
     backward_state: tuple
     launcher: bool            # its kernel modules have launcher(): the benchmark times them bare
     deterministic_backward: str   # the version whose backward serves deterministic=True
+    dtypes: tuple = (FLOAT32,)    # the input dtypes its kernels read; with float32 among them,
+                                  # float16 and bfloat16 inputs are widened to float32 for it
+    min_compute_capability: tuple = None   # (major, minor) a GPU needs; None: any numba runs on
+    max_head_dim: int = None      # the largest head dim its kernels serve; None: every bucket
+
+    def takes(self, dtype):
+        """True when inputs of `dtype` can run: read as they are, or widened to float32."""
+        return dtype in self.dtypes or (FLOAT32 in self.dtypes and dtype in (FLOAT16, BFLOAT16))
+
+    def reads(self, dtype):
+        """True when its kernels read `dtype` as it is (no widening)."""
+        return dtype in self.dtypes
+
+    def input_dtype(self, wanted=FLOAT32):
+        """The dtype to hand its kernels when a caller would rather use `wanted`: `wanted` if
+        they read it, else the last of the dtypes they read (bfloat16 for fa2_tc)."""
+        return wanted if wanted in self.dtypes else self.dtypes[-1]
+
+    def runs_on(self, compute_capability):
+        """True when a GPU of `compute_capability` (major, minor) can run it; None: the simulator."""
+        if compute_capability is None or self.min_compute_capability is None:
+            return True
+        return tuple(compute_capability) >= tuple(self.min_compute_capability)
+
+    def serves_head_dim(self, d):
+        return self.max_head_dim is None or d <= self.max_head_dim
 
     def kernel(self, direction):
         """The kernel name of one direction, "fa2_fast_forward" (also its module's name)."""
@@ -123,14 +155,35 @@ VERSIONS = (
             "with log2(e) folded into the scale; the backward with more than 48 KB of shared memory",
             forward_state=("O", "L"), backward_state=("dQ", "dK", "dV"),
             launcher=True, deterministic_backward="fa2"),
+    Version("fa2_tc", FA2, 3,
+            "mma.sync m16n8k16 on the tensor cores: each warp owns 16 rows of Q_i in registers, "
+            "K_j and V_j double-buffered by cp.async, P_ij handed from the S_ij accumulators to "
+            "the P V fragments in registers; fp16 and bf16 in, fp32 accumulators",
+            forward_state=("O", "L"), backward_state=("dQ", "dK", "dV"),
+            launcher=True, deterministic_backward="fa2",
+            dtypes=(FLOAT16, BFLOAT16),
+            min_compute_capability=(8, 0),   # mma.sync with bf16 operands is sm_80's instruction
+            max_head_dim=128),
 )
 
 DEFAULT = "fa2_fast"          # what the public calls run when no algorithm is named
+DEFAULT_HALF = "fa2_tc"       # ... with float16 or bfloat16 inputs, where it can run
 
 
-def names():
-    """The version names, in the order above: what ``algorithm=`` takes."""
-    return tuple(v.name for v in VERSIONS)
+def default(dtype, d, compute_capability):
+    """The version the public calls run for `dtype` inputs of head dim d when no algorithm is
+    named: DEFAULT_HALF where it reads the dtype, serves d and runs on the device
+    (compute_capability None: the simulator), else DEFAULT (half inputs widened to float32)."""
+    half = version(DEFAULT_HALF)
+    if half.reads(dtype) and half.serves_head_dim(d) and half.runs_on(compute_capability):
+        return half.name
+    return DEFAULT
+
+
+def names(dtype=None):
+    """The version names, in the order above: what ``algorithm=`` takes (for inputs of `dtype`:
+    the versions that take it, read as they are or widened)."""
+    return tuple(v.name for v in VERSIONS if dtype is None or v.takes(dtype))
 
 
 def version(name):

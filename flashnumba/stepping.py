@@ -18,7 +18,10 @@ forward keeps m and l in registers and writes only what its output holds, O and 
 
 The mirror computes in float64, the kernel in float32; a variable diverges when
 max |kernel - mirror| exceeds TOL times max |mirror| (non-finite entries must
-agree exactly: -inf in m where no key was seen yet).
+agree exactly: -inf in m where no key was seen yet). A version that reads only
+16-bit inputs (fa2_tc, ``Version.dtypes``) gets them in bfloat16, the mirror the
+same rounded values, and the tolerance is HALF_TOL: the kernel rounds P_ij (and
+dS_ij) to bfloat16 before multiplying, and writes its results in bfloat16.
 
 Both sides can run with PyTorch's top-left causal alignment and with dropout:
 the kernel gets (dropout_p, seed) and regenerates its mask with Philox on chip,
@@ -33,10 +36,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashnumba import philox, registry
+from flashnumba import dtypes, philox, registry
 from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT, Tiling
 
 TOL = 1e-5
+HALF_TOL = 2 ** -6     # 4 units of bfloat16's rounding (2^-8): P_ij rounded, then the output
+
+
+def tolerance(algorithm):
+    """TOL for a kernel that reads float32, HALF_TOL for one that reads 16-bit inputs only."""
+    version, _ = registry.kernel(algorithm)
+    return TOL if version.reads(dtypes.FLOAT32) else HALF_TOL
 
 
 @dataclass
@@ -53,6 +63,7 @@ class Problem:
     dropout_p: float = 0.0
     dropout_seed: int = 0
     num_warps: int | None = None      # the kernel's warps per block (None: its default config's)
+    dtype: str = dtypes.FLOAT32       # what the kernel reads (Q, K, V, dO hold values of this dtype)
 
     @property
     def tiling(self):
@@ -78,8 +89,8 @@ class Problem:
                     dropout_p=self.dropout_p, seed=self.dropout_seed, **extra)
 
     def as_kernel_input(self, X):
-        """(N, d) float64 -> (1, N, 1, d) float32: batch 1, one head."""
-        return np.ascontiguousarray(X[None, :, None, :], dtype=np.float32)
+        """(N, d) float64 -> (1, N, 1, d) in the kernel's dtype: batch 1, one head."""
+        return np.ascontiguousarray(X[None, :, None, :].astype(np.float32), dtype=dtypes.NUMPY[self.dtype])
 
 
 @dataclass
@@ -88,6 +99,7 @@ class Report:
     problem: Problem
     rows: list = field(default_factory=list)        # (k, {variable: error})
     divergence: tuple | None = None                # (k, block, i, j, variable, error)
+    tol: float = TOL
 
     @property
     def agrees(self):
@@ -112,11 +124,11 @@ class Report:
         for k, errs in self.rows:
             lines.append(f"  {k:>3} " + "".join(f"{errs[n]:>10.1e}" for n in names))
         if self.divergence is None:
-            lines.append(f"  agree at every step (tolerance {TOL:.0e})")
+            lines.append(f"  agree at every step (tolerance {self.tol:.0e})")
         else:
             k, block, i, j, name, err = self.divergence
             lines.append(f"  first divergence: step k={k}, block {block}, tile i={i}, j={j}, "
-                         f"variable {name} (error {err:.1e} > {TOL:.0e})")
+                         f"variable {name} (error {err:.1e} > {self.tol:.0e})")
         return "\n".join(lines)
 
 
@@ -214,15 +226,19 @@ def make_problem(Nq, Nk, d, causal=False, seed=0, Br=None, Bc=None, algorithm=No
     dO = rng.standard_normal((Nq, d))
     version, direction = registry.kernel(algorithm)
     config = version.module(direction).default_config(d)
-    Q, K, V, dO = (X.astype(np.float32).astype(np.float64) for X in (Q, K, V, dO))
+    dtype = version.input_dtype(dtypes.FLOAT32)
+    Q, K, V, dO = (dtypes.round_to(X, dtype).astype(np.float64) for X in (Q, K, V, dO))
     return Problem(Q, K, V, dO, Br or config.Br, Bc or config.Bc, causal, alignment=alignment,
-                   dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), num_warps=num_warps)
+                   dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), num_warps=num_warps,
+                   dtype=dtype)
 
 
-def compare(algorithm, problem, kernel=kernel_state, tol=TOL):
-    """Run mirror and kernel for k = 1..T; return a Report (rows and the first divergence)."""
+def compare(algorithm, problem, kernel=kernel_state, tol=None):
+    """Run mirror and kernel for k = 1..T; return a Report (rows and the first divergence).
+    tol: ``tolerance(algorithm)`` unless given."""
     registry.kernel(algorithm)                      # a ValueError naming the kernels if unknown
-    report = Report(algorithm, problem)
+    tol = tolerance(algorithm) if tol is None else tol
+    report = Report(algorithm, problem, tol=tol)
     for k in range(1, block_loop_length(algorithm, problem.tiling) + 1):
         ref = mirror_state(algorithm, problem, k)
         got = kernel(algorithm, problem, k)

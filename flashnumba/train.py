@@ -304,8 +304,9 @@ def parse_args(argv=None):
                    help="where the model lives (default: cuda if torch sees a GPU)")
     p.add_argument("--attention", choices=[*ATTENTIONS, "both"], default="both",
                    help="which attention to train with (default both: one run each, same start)")
-    p.add_argument("--algorithm", choices=registry.names(), default=registry.DEFAULT,
-                   help="flashnumba's kernel version (default: %(default)s)")
+    p.add_argument("--algorithm", choices=registry.names(), default=None,
+                   help=f"flashnumba's kernel version (default: chosen by dtype, {registry.DEFAULT} for "
+                        f"float32, {registry.DEFAULT_HALF} for bfloat16 where it runs)")
     sized = [("--steps", "training steps"), ("--batch", "sequences per batch"),
              ("--seq-len", "characters per sequence"), ("--layers", "transformer blocks"),
              ("--heads", "attention heads"), ("--dim", "embedding width"),
@@ -340,6 +341,9 @@ def parse_args(argv=None):
         p.error("--steps, --eval-every and --eval-batches must be at least 1")
     if args.device == "cuda" and not cuda:
         p.error("--device cuda, but torch sees no CUDA GPU")
+    if args.algorithm is not None and not registry.version(args.algorithm).takes(args.dtype):
+        p.error(f"--algorithm {args.algorithm} takes {' or '.join(registry.version(args.algorithm).dtypes)} "
+                f"inputs, not --dtype {args.dtype}")
     return args
 
 

@@ -136,10 +136,37 @@ def scale(softmax_scale, d, name="softmax_scale"):
     return value
 
 
-def algorithm(name):
-    """A version name of flashnumba.registry; None: registry.DEFAULT."""
-    if name is None:
-        return registry.DEFAULT
+def compute_capability():
+    """(major, minor) of the current GPU; None on the simulator (it runs every version)."""
+    from numba import config, cuda
+    if config.ENABLE_CUDASIM:
+        return None
+    return tuple(cuda.get_current_device().compute_capability)
+
+
+def algorithm_name(name):
+    """A version name of flashnumba.registry (not checked against dtypes or the device)."""
     if not isinstance(name, str):
         raise TypeError(f"algorithm must be a string or None, got {name!r}")
     return registry.version(name).name
+
+
+def algorithm(name, dtype=dtypes.FLOAT32, d=None):
+    """A version name of flashnumba.registry that can run inputs of `dtype` and head dim d;
+    None: ``registry.default`` (the tensor-core version for float16 and bfloat16 where it can
+    run, else registry.DEFAULT)."""
+    cc = compute_capability()
+    if name is None:
+        return registry.default(dtype, d, cc)
+    version = registry.version(algorithm_name(name))
+    if not version.takes(dtype):
+        raise ValueError(f"algorithm={name!r} takes inputs of dtype {' or '.join(version.dtypes)}, "
+                         f"got {dtype}; pass algorithm=None to choose by dtype")
+    if d is not None and not version.serves_head_dim(d):
+        raise ValueError(f"algorithm={name!r} serves head dims up to {version.max_head_dim}, got "
+                         f"headdim {d}; pass algorithm=None to choose by head dim")
+    if not version.runs_on(cc):
+        need = ".".join(map(str, version.min_compute_capability))
+        raise ValueError(f"algorithm={name!r} needs a GPU of compute capability >= {need}, this one "
+                         f"is {'.'.join(map(str, cc))}; pass algorithm=None to choose by device")
+    return version.name

@@ -32,3 +32,16 @@ def test_a_wrong_result_fails_the_table(monkeypatch):
     monkeypatch.setattr(flashnumba, "flash_attn_func", wrong, raising=False)
     result = accuracy.measure("float32", "fa2", *accuracy.SIM_CASES[0][1:])
     assert not result["out"][1] and result["lse"][1]
+
+
+def test_a_half_only_version_has_rows_in_half_dtypes_only():
+    """fa2_tc takes fp16/bf16 only: the table gives it bf16 rows (within the rule) and no fp32 row."""
+    import io
+
+    from flashnumba import registry
+    tiny = [("Nq=9 Nk=20 d=17 causal", 1, 9, 20, 1, 1, 17, True, 0.0)]
+    rows, failures = accuracy.table(tiny, dtypes=("float32", "bfloat16"),
+                                    algorithms=(registry.DEFAULT_HALF,), stream=io.StringIO())
+    assert failures == 0
+    assert [(r["dtype"], r["algorithm"]) for r in rows] == [("bfloat16", registry.DEFAULT_HALF)]
+    assert rows[0]["out"] <= 2 and rows[0]["lse"] <= 1e-5

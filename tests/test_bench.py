@@ -117,3 +117,46 @@ def test_report_ratios_table_and_plots(tmp_path):
     assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["roofline.png", "tflops_fwd.png"]
     report.write_json(str(tmp_path / "r.json"), {"results": results, "x": math.inf})
     assert json.loads((tmp_path / "r.json").read_text())["x"] == "inf"
+
+
+def test_half_rows_get_ratios_to_flash_and_cudnn_in_their_own_dtype():
+    """fa2_tc rows carry dtype bf16/fp16 and "vs FLASH", "vs CUDNN" against PyTorch's backends in
+    the same dtype, same case, same run; fp32 rows have none; a missing base gives None."""
+    case = cases.Case(4, 16, 4096, 64, False)
+    rows = []
+    for impl, dtype, ms in (("torch FLASH bf16", "bf16", 2.0), ("torch CUDNN bf16", "bf16", 1.0),
+                            ("flashnumba fa2_tc bf16", "bf16", 4.0), ("torch FLASH fp16", "fp16", 3.0),
+                            ("flashnumba fa2_tc fp16", "fp16", 6.0), ("flashnumba fa2_fast", "fp32", 8.0)):
+        rows.append({"impl": impl, "family": "x", "direction": "fwd", "dtype": dtype, "B": case.B,
+                     "H": case.H, "N": case.N, "d": case.d, "causal": False, "case": case.label,
+                     "short": case.short, "status": "ok", "reason": "", "median_ms": ms,
+                     "tflops": case.flops("fwd") / (ms * 1e-3) / 1e12})
+    by = {r["impl"]: r for r in report.add_ratios(rows)}
+    assert by["flashnumba fa2_tc bf16"]["vs FLASH"] == pytest.approx(0.5)
+    assert by["flashnumba fa2_tc bf16"]["vs CUDNN"] == pytest.approx(0.25)
+    assert by["flashnumba fa2_tc fp16"]["vs FLASH"] == pytest.approx(0.5)
+    assert by["flashnumba fa2_tc fp16"]["vs CUDNN"] is None            # no CUDNN fp16 row
+    assert by["flashnumba fa2_fast"]["vs FLASH"] is None
+    assert "0.50/0.25" in report.summary_table(rows)
+
+
+def test_tensor_core_version_is_benchmarked_per_half_dtype_beside_flash_and_cudnn():
+    from flashnumba import registry
+    from flashnumba.bench import impls
+    by_key = {i.key: i for i in impls.implementations()}
+    for direction in ("fwd", "bwd"):
+        for dtype in ("bf16", "fp16"):
+            tc = by_key[f"{direction} flashnumba {registry.DEFAULT_HALF} {dtype}"]
+            assert tc.dtype == dtype and tc.direction == direction
+            for backend in ("FLASH", "CUDNN"):
+                assert by_key[f"{direction} torch {backend} {dtype}"].dtype == dtype
+    assert impls.flashnumba_impl(registry.version(registry.DEFAULT_HALF), "fwd").dtype == "bf16"
+
+
+def test_sim_pass_runs_the_tensor_core_version_in_bf16():
+    lines = []
+    failures = run_sim(only=["fa2_tc"], out=lines.append, shapes=((1, 20, 17, 1, 1, 16, True),))
+    text = "\n".join(lines)
+    assert failures == 0, text
+    assert sum("flashnumba fa2_tc" in line and " ok " in line and "tolerance 3e-02" in line
+               for line in lines) == 2, text

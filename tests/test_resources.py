@@ -293,3 +293,39 @@ def test_parse_log_spills_in_a_device_function_count():
 def test_parse_log_without_an_entry_is_an_error():
     with pytest.raises(ValueError, match="one entry function"):
         resources.summarise(resources.parse_ptxas_log("ptxas info    : 0 bytes gmem\n"))
+
+
+# ---------------------------------------------------------------------------
+# The tensor-core instruction count
+# ---------------------------------------------------------------------------
+
+def mma_targets():
+    """The smallest tensor-core forward (D = 16, bf16) and the smallest FMA forward, labelled by
+    version: built on their own, so this check does not wait for every shipped kernel."""
+    from flashnumba import registry
+    targets = []
+    for name in (registry.DEFAULT_HALF, registry.DEFAULT):
+        module = registry.version(name).module(registry.FORWARD)
+        label, dispatcher, argtypes = module.compile_targets(module.default_config(16))[0]
+        targets.append((f"{name}:{label}", dispatcher, argtypes))
+    return targets
+
+
+def test_mma_count_is_reported_for_tensor_core_kernels_only():
+    """PTX mma.sync count: the tc forward's S = Q K^T and O += P V per K/V tile (D = 16 in
+    m16n8k16: D/16 x Bc/8 + Bc/16 x D/8), none in the FMA kernel; both link clean."""
+    from flashnumba import registry
+    records = resources.check_all(ccs=CCS, sources=[f"{THIS_MODULE}:mma_targets"], sys_path=[HERE],
+                                  jobs=1)
+    assert resources.find_problems(records) == []
+    tc = registry.version(registry.DEFAULT_HALF).module(registry.FORWARD)
+    Bc, D = tc.default_config(16).Bc, 16                      # d = 16 is its own head-dim bucket
+    by_version = {}
+    for r in records:
+        by_version.setdefault(r.label.partition(":")[0], []).append(r)
+    assert {r.cc for r in by_version[registry.DEFAULT_HALF]} == set(CCS)
+    for r in by_version[registry.DEFAULT_HALF]:
+        assert r.mma == (D // 16) * (Bc // 8) + (Bc // 16) * (D // 8) > 0, r
+    for r in by_version[registry.DEFAULT]:
+        assert r.mma == 0, r
+    assert " mma " in resources.format_table(records).splitlines()[0]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flashnumba import registry, stepping
+from flashnumba import dtypes, registry, stepping
 from flashnumba.stepping import compare, make_problem
 
 # (Nq, Nk, d, causal, Br, Bc): Nq != Nk both ways, tiles that do not divide N,
@@ -14,13 +14,18 @@ CASES = [
 ]
 
 
+# the float32 kernels; the tensor-core ones (bfloat16 only, slow on the simulator) step below
+FP32_KERNELS = [k for k in registry.kernels() if registry.kernel(k)[0].reads(dtypes.FLOAT32)]
+HALF_KERNELS = [k for k in registry.kernels() if k not in FP32_KERNELS]
+
+
 def _tiles(algorithm, Br, Bc):
     """(Br, Bc, num_warps) for the case. The fast forward stores P_ij in K_j's shared array,
     so its tiles are square, and 32 x 32 tiles take 2 warps (4 x 8 register tiles)."""
     return (Bc, Bc, 2) if algorithm == "fa2_fast_forward" else (Br, Bc, None)
 
 
-@pytest.mark.parametrize("algorithm", registry.kernels())
+@pytest.mark.parametrize("algorithm", FP32_KERNELS)
 @pytest.mark.parametrize("Nq, Nk, d, causal, Br, Bc", CASES)
 def test_kernel_and_mirror_agree_at_every_step(algorithm, Nq, Nk, d, causal, Br, Bc):
     Br, Bc, warps = _tiles(algorithm, Br, Bc)
@@ -83,7 +88,7 @@ OPTION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("algorithm", registry.kernels())
+@pytest.mark.parametrize("algorithm", FP32_KERNELS)
 @pytest.mark.parametrize("Nq, Nk, d, causal, alignment, dropout_p, Br, Bc", OPTION_CASES)
 def test_kernel_and_mirror_agree_with_top_left_and_dropout(algorithm, Nq, Nk, d, causal, alignment,
                                                           dropout_p, Br, Bc):
@@ -106,3 +111,15 @@ def test_step_command_takes_dropout_and_top_left(capsys):
     assert status == 0, out
     assert "(top-left) dropout_p=0.3 seed=5" in out
     assert "agree at every step" in out
+
+
+@pytest.mark.parametrize("algorithm", HALF_KERNELS)
+def test_half_kernels_step_against_the_mirror_at_bf16_tolerance(algorithm):
+    """A 16-bit-only version (fa2_tc) steps on bfloat16 inputs at HALF_TOL, tile by tile."""
+    p = make_problem(40, 23, 16, causal=True, seed=3, Br=16, Bc=16, algorithm=algorithm)
+    assert p.dtype == dtypes.BFLOAT16 and stepping.tolerance(algorithm) == stepping.HALF_TOL
+    assert np.array_equal(p.Q, dtypes.round_to(p.Q, dtypes.BFLOAT16))
+    report = compare(algorithm, p)
+    assert report.agrees, report.table()
+    assert len(report.rows) >= 2
+    assert "tolerance 2e-02" in report.table()

@@ -13,10 +13,16 @@ of the same (B, N, H, d) tensors, no copy.
 The versions with a ``launcher`` (``flashnumba.registry``) preallocate their
 outputs so that no allocation falls inside the timed region; the other
 versions and the naive baseline go through their wrappers, which allocate
-(their kernels are much longer than an allocation).
+(their kernels are much longer than an allocation). A version whose kernels
+read 16-bit inputs only (fa2_tc, ``Version.dtypes``) runs once per dtype it
+reads ("bf16", "fp16"), on the uint16 bits of the torch tensors
+(``bench.tc``'s zero-copy views), beside PyTorch's FLASH and CUDNN backends in
+the same dtype: the ratios ``vs FLASH`` and ``vs CUDNN`` (``bench.report``).
 """
 
-from flashnumba import registry
+from flashnumba import dtypes, registry
+
+SHORT = {dtypes.FLOAT32: "fp32", dtypes.BFLOAT16: "bf16", dtypes.FLOAT16: "fp16"}   # as rows say it
 
 
 class Impl:
@@ -128,8 +134,72 @@ class WrapperBackward(Impl):
         return run
 
 
+class HalfLauncherForward(Impl):
+    """A version that reads 16-bit inputs only, in one dtype: its launcher on the uint16 bits of
+    the torch tensors (no copy), the launch alone timed."""
+
+    def __init__(self, version, dtype, config=None):
+        super().__init__(f"flashnumba {version.name} {SHORT[dtype]}", "fwd")
+        self.version, self.config = version, config
+        self.dtype_name, self.dtype = dtype, SHORT[dtype]
+
+    def _bits(self, inputs):
+        from flashnumba.bench.tc import numba_bits
+        return [numba_bits(x) for x in inputs.typed(self.dtype)]
+
+    def prepare(self, inputs, case):
+        q, k, v, _ = self._bits(inputs)
+        launch, out, L, _ = self.version.module(registry.FORWARD).launcher(
+            q, k, v, causal=case.causal, config=self.config, dtype=self.dtype_name)
+        outputs = (out, L)
+
+        def run():
+            launch()
+            return outputs
+        return run
+
+    def as_torch(self, raw):
+        from flashnumba.bench.tc import torch_from_bits
+        return (torch_from_bits(raw[0], self.dtype_name),)
+
+
+class HalfLauncherBackward(HalfLauncherForward):
+    def __init__(self, version, dtype, config=None):
+        super().__init__(version, dtype, config)
+        self.direction = "bwd"
+
+    def prepare(self, inputs, case):
+        q, k, v, dout = self._bits(inputs)
+        out, L = self.version.module(registry.FORWARD).forward(q, k, v, causal=case.causal,
+                                                               dtype=self.dtype_name)
+        launch, dq, dk, dv, _ = self.version.module(registry.BACKWARD).launcher(
+            dout, q, k, v, out, L, causal=case.causal, config=self.config, dtype=self.dtype_name)
+        outputs = (dq, dk, dv)
+
+        def run():
+            launch()
+            return outputs
+        return run
+
+    def as_torch(self, raw):
+        from flashnumba.bench.tc import torch_from_bits
+        return tuple(torch_from_bits(x, self.dtype_name) for x in raw)
+
+
+def flashnumba_impls(version, direction, config=None):
+    """The benchmark's implementations of one registry version in one direction: one, or one per
+    16-bit dtype for a version that reads those only."""
+    if not version.reads(dtypes.FLOAT32):
+        kind = HalfLauncherForward if direction == "fwd" else HalfLauncherBackward
+        return [kind(version, dtype, config) for dtype in version.dtypes]
+    return [flashnumba_impl(version, direction, config)]
+
+
 def flashnumba_impl(version, direction, config=None):
-    """The benchmark's implementation of one registry version in one direction."""
+    """The benchmark's implementation of one registry version in one direction (a version that
+    reads 16-bit inputs only: in the last dtype it reads, bf16)."""
+    if not version.reads(dtypes.FLOAT32):
+        return flashnumba_impls(version, direction, config)[-1]
     if version.launcher:
         return (LauncherForward if direction == "fwd" else LauncherBackward)(version, config)
     return (WrapperForward if direction == "fwd" else WrapperBackward)(version)
@@ -158,14 +228,15 @@ class NaiveForward(Impl):
 # ---------------------------------------------------------------------------
 
 TORCH_BACKENDS = (("MATH", "MATH", "fp32"), ("EFFICIENT", "EFFICIENT_ATTENTION", "fp32"),
-                  ("FLASH", "FLASH_ATTENTION", "bf16"), ("CUDNN", "CUDNN_ATTENTION", "bf16"))
+                  ("FLASH", "FLASH_ATTENTION", "bf16"), ("CUDNN", "CUDNN_ATTENTION", "bf16"),
+                  ("FLASH", "FLASH_ATTENTION", "fp16"), ("CUDNN", "CUDNN_ATTENTION", "fp16"))
 
 
 class TorchSDPA(Impl):
     family = "torch"
 
     def __init__(self, label, backend, dtype, direction):
-        name = f"torch {label}" + (" bf16" if dtype == "bf16" else "")
+        name = f"torch {label}" + ("" if dtype == "fp32" else f" {dtype}")
         super().__init__(name, direction)
         self.label = label
         self.backend = backend
@@ -206,15 +277,16 @@ class TorchSDPA(Impl):
 def implementations():
     """Every implementation, forward then backward, in the order of the tables."""
     versions = sorted(registry.VERSIONS, key=lambda v: not v.launcher)   # the timed-bare ones first
-    impls = [flashnumba_impl(v, "fwd") for v in versions] + [NaiveForward()]
+    impls = [i for v in versions for i in flashnumba_impls(v, "fwd")] + [NaiveForward()]
     impls += [TorchSDPA(label, backend, dtype, "fwd") for label, backend, dtype in TORCH_BACKENDS]
-    impls += [flashnumba_impl(v, "bwd") for v in versions]
+    impls += [i for v in versions for i in flashnumba_impls(v, "bwd")]
     impls += [TorchSDPA(label, backend, dtype, "bwd") for label, backend, dtype in TORCH_BACKENDS]
     return impls
 
 
 class Inputs:
-    """Random inputs of one case on the GPU: torch (B, N, H, d) float32, numba views, bf16 copies."""
+    """Random inputs of one case on the GPU: torch (B, N, H, d) float32, numba views, bf16 and fp16
+    copies (made on first use)."""
 
     def __init__(self, case, seed=0):
         import torch
@@ -225,15 +297,17 @@ class Inputs:
                                              for _ in range(4))
         self.nq, self.nk, self.nv, self.ndout = (cuda.as_cuda_array(x)
                                                  for x in (self.q, self.k, self.v, self.dout))
-        self._bf16 = None
+        self._typed = {}
 
     def typed(self, dtype):
+        """q, k, v, dout in "fp32" (the originals), "bf16" or "fp16" (rounded copies, kept)."""
         import torch
         if dtype == "fp32":
             return self.q, self.k, self.v, self.dout
-        if self._bf16 is None:
-            self._bf16 = tuple(x.to(torch.bfloat16) for x in (self.q, self.k, self.v, self.dout))
-        return self._bf16
+        if dtype not in self._typed:
+            torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+            self._typed[dtype] = tuple(x.to(torch_dtype) for x in (self.q, self.k, self.v, self.dout))
+        return self._typed[dtype]
 
     def nbytes(self):
         return 4 * 4 * self.q.numel()

@@ -28,7 +28,7 @@ def parse_args(argv):
     p.add_argument("--causal", action="store_true")
     p.add_argument("--direction", choices=("fwd", "bwd", "both"), default="both")
     p.add_argument("--version", default=registry.DEFAULT,
-                   choices=[v.name for v in registry.VERSIONS if v.launcher],
+                   choices=[v.name for v in registry.VERSIONS if v.launcher and v.reads("float32")],
                    help="the kernel version (default: %(default)s)")
     p.add_argument("--config", help="backward config Br,Bc,warps[,blocks_per_sm]")
     return p.parse_args(argv)

@@ -4,7 +4,9 @@ import json
 import math
 import os
 
-RATIO_BASES = ("torch MATH", "torch EFFICIENT")
+RATIO_BASES = ("torch MATH", "torch EFFICIENT")          # fp32 rows: these, in fp32
+HALF_RATIO_BASES = ("FLASH", "CUDNN")                    # bf16/fp16 rows: "torch FLASH <dtype>", ...
+HALF_DTYPES = ("bf16", "fp16")
 SUMMARY_CASES = ("N4k d64", "N4k d64 c", "N16k d64", "N16k d64 c", "N4k d128", "N64k d64")
 
 
@@ -13,16 +15,22 @@ def case_key(r):
 
 
 def add_ratios(results):
-    """r["vs MATH"], r["vs EFFICIENT"]: that backend's median time / this one's (> 1: faster)."""
+    """r["vs MATH"], r["vs EFFICIENT"]: that backend's median time / this one's (> 1: faster),
+    measured in the same run. Rows in bf16 or fp16 also get r["vs FLASH"], r["vs CUDNN"]: PyTorch's
+    FLASH and CUDNN backends in the row's own dtype ("torch FLASH bf16"), same case, same run."""
     base = {}
     for r in results:
-        if r["status"] == "ok" and r["impl"] in RATIO_BASES:
+        if r["status"] == "ok":
             base[(r["direction"], case_key(r), r["impl"])] = r["median_ms"]
     for r in results:
         for b in RATIO_BASES:
             t = base.get((r["direction"], case_key(r), b))
             ok = r["status"] == "ok" and t is not None
             r["vs " + b.split()[1]] = t / r["median_ms"] if ok else None
+        for b in HALF_RATIO_BASES:
+            t = base.get((r["direction"], case_key(r), f"torch {b} {r['dtype']}"))
+            ok = r["status"] == "ok" and r["dtype"] in HALF_DTYPES and t is not None
+            r["vs " + b] = t / r["median_ms"] if ok else None
     return results
 
 
@@ -48,12 +56,14 @@ def _cell(r):
         return "-"
     if r["status"] != "ok":
         return {"WRONG": "WRONG", "error": "error"}.get(r["status"], "skip")
-    ratios = "/".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("vs MATH", "vs EFFICIENT"))
+    keys = ("vs FLASH", "vs CUDNN") if r["dtype"] in HALF_DTYPES else ("vs MATH", "vs EFFICIENT")
+    ratios = "/".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in keys)
     return f"{r['tflops']:.1f} ({ratios})"
 
 
 def summary_table(results):
-    """Short final table: TFLOP/s (x MATH / x EFFICIENT) per implementation, for a few shapes."""
+    """Short final table: TFLOP/s (x MATH / x EFFICIENT; bf16 and fp16 rows: x FLASH / x CUDNN in
+    their dtype) per implementation, for a few shapes."""
     shorts = []
     for r in results:
         if r["short"] not in shorts:
@@ -71,7 +81,7 @@ def summary_table(results):
                 impls.append(r["impl"])
         by = {(r["impl"], r["short"]): r for r in rows}
         cells = [[f"{direction} {impl}"] + [_cell(by.get((impl, c))) for c in columns] for impl in impls]
-        header = [f"{direction}: TFLOP/s (x MATH/x EFF)"] + columns
+        header = [f"{direction}: TFLOP/s (x MATH/x EFF; half: x FLASH/x CUDNN)"] + columns
         widths = [max(len(row[i]) for row in [header] + cells) for i in range(len(header))]
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]

@@ -3,49 +3,61 @@
 Runs every flashnumba implementation once on small awkward shapes (N not a
 multiple of any tile, Nq != Nk, grouped-query heads, causal with fully masked
 rows) and checks it against ``flashnumba.reference`` in float64, with the same
-verdict the GPU benchmark uses. Nothing is timed: the simulator runs Python
-threads, its speed says nothing about a GPU.
+verdict the GPU benchmark uses. A version that reads 16-bit inputs only
+(fa2_tc) gets them rounded to bfloat16 and is held to the bf16 tolerance.
+Nothing is timed: the simulator runs Python threads, its speed says nothing
+about a GPU.
 """
 
 import time
 
 import numpy as np
 
-from flashnumba import reference, registry
+from flashnumba import dtypes, reference, registry
 from flashnumba.bench.check import verdict
+from flashnumba.bench.impls import SHORT
 
 # (B, Nq, Nk, Hq, Hkv, d, causal)
 SIM_SHAPES = ((1, 40, 40, 2, 1, 32, False), (1, 72, 40, 2, 2, 24, True))
 
 
 def sim_functions():
-    """[(name, direction, fn)], fn(q, k, v, dout, causal) -> outputs: (O,) or (dq, dk, dv):
-    every registry version both ways, and the naive baseline forward."""
+    """[(name, direction, fn, dtype)], fn(q, k, v, dout, causal) -> outputs: (O,) or (dq, dk, dv),
+    on float32 inputs: every registry version both ways (a 16-bit-only version on the inputs
+    rounded to the dtype it reads, dtype its short name), and the naive baseline forward."""
     fns = []
+
+    def rounded(version, *xs):
+        return [x.astype(dtypes.NUMPY[version.input_dtype(dtypes.FLOAT32)]) for x in xs]
 
     def forward(version):
         def fn(q, k, v, dout, causal):
-            return version.module(registry.FORWARD).forward(q, k, v, causal=causal)[:1]
+            return version.module(registry.FORWARD).forward(*rounded(version, q, k, v), causal=causal)[:1]
         return fn
 
     def backward(version):
         def fn(q, k, v, dout, causal):
+            q, k, v, dout = rounded(version, q, k, v, dout)
             out, L = version.module(registry.FORWARD).forward(q, k, v, causal=causal)
             return version.module(registry.BACKWARD).backward(dout, q, k, v, out, L, causal=causal)
         return fn
+
+    def short(version):
+        return SHORT[version.input_dtype(dtypes.FLOAT32)]
 
     def naive(q, k, v, dout, causal):
         from flashnumba.kernels.naive import naive_attention
         return naive_attention(q, k, v, causal=causal)[:1]
 
-    fns += [(f"flashnumba {v.name}", "fwd", forward(v)) for v in registry.VERSIONS]
-    fns.append(("numba naive", "fwd", naive))
-    fns += [(f"flashnumba {v.name}", "bwd", backward(v)) for v in registry.VERSIONS]
+    fns += [(f"flashnumba {v.name}", "fwd", forward(v), short(v)) for v in registry.VERSIONS]
+    fns.append(("numba naive", "fwd", naive, "fp32"))
+    fns += [(f"flashnumba {v.name}", "bwd", backward(v), short(v)) for v in registry.VERSIONS]
     return fns
 
 
 def run_sim(only=None, extra=(), shapes=SIM_SHAPES, seed=0, out=print):
-    """Check each function on each shape; returns the number of failures (WRONG or error)."""
+    """Check each function on each shape; returns the number of failures (WRONG or error).
+    extra: more (name, direction, fn[, dtype]) to check, dtype "fp32" unless given."""
     out("=" * 72)
     out("SIMULATOR SANITY PASS -- NOT A BENCHMARK: correctness only, nothing is timed")
     out("=" * 72)
@@ -60,12 +72,12 @@ def run_sim(only=None, extra=(), shapes=SIM_SHAPES, seed=0, out=print):
         ref_fwd = reference.attention(q, k, v, causal=causal)[0]
         ref_bwd = reference.attention_backward(dout, q, k, v, causal=causal)
         shape = f"B{B} Nq{Nq} Nk{Nk} Hq{H_q} Hkv{H_kv} d{d}{' causal' if causal else ''}"
-        for name, direction, fn in fns:
+        for name, direction, fn, *dtype in fns:
             start = time.perf_counter()
             try:
-                outputs = [np.asarray(x) for x in fn(q, k, v, dout, causal)]
+                outputs = [np.asarray(x, dtype=np.float64) for x in fn(q, k, v, dout, causal)]
                 refs, names = ((ref_fwd,), ("O",)) if direction == "fwd" else (ref_bwd, ("dq", "dk", "dv"))
-                ok, _, text = verdict(outputs, refs, "fp32", names)
+                ok, _, text = verdict(outputs, refs, dtype[0] if dtype else "fp32", names)
             except Exception as exc:   # reported, never hidden
                 ok, text = False, f"ERROR {type(exc).__name__}: {exc}"
             failures += not ok

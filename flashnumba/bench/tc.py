@@ -78,7 +78,7 @@ def case_label(B, H, N, d, causal, backward):
 # GPU side (torch imported here only)
 # ---------------------------------------------------------------------------
 
-def _numba_bits(t):
+def numba_bits(t):
     """A CUDA torch tensor (B, N, H, d) in fp16/bf16 as a Numba uint16 device array, no copy."""
     import numpy as np
     import torch
@@ -86,10 +86,13 @@ def _numba_bits(t):
     return cuda.as_cuda_array(t.contiguous().view(torch.int16)).view(np.uint16)
 
 
-def _torch_from_bits(bits, dtype):
-    """A Numba uint16 device array as a torch tensor of `dtype`, no copy."""
+def torch_from_bits(bits, dtype):
+    """A Numba uint16 device array as a torch tensor of `dtype` (a torch dtype, or "bfloat16" /
+    "float16"), no copy."""
     import numpy as np
     import torch
+    if isinstance(dtype, str):
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     return torch.as_tensor(bits.view(np.int16), device="cuda").view(dtype)
 
 
@@ -109,17 +112,17 @@ def _tc_forward(q, k, v, causal, dtype_name):
     """(run, get_out) for fa2_tc_forward on torch tensors: out as a torch tensor."""
     from flashnumba.geometry import TOP_LEFT
     from flashnumba.kernels import fa2_tc_forward as tcf
-    launch, out, L, _ = tcf.launcher(*(_numba_bits(x) for x in (q, k, v)), causal=causal,
+    launch, out, L, _ = tcf.launcher(*(numba_bits(x) for x in (q, k, v)), causal=causal,
                                      alignment=TOP_LEFT, dtype=dtype_name)
-    return launch, (lambda: _torch_from_bits(out, q.dtype)), L
+    return launch, (lambda: torch_from_bits(out, q.dtype)), L
 
 
 def _tc_backward(q, k, v, dout, out, L, causal, dtype_name):
     from flashnumba.geometry import TOP_LEFT
     from flashnumba.kernels import fa2_tc_backward as tcb
-    launch, dq, dk, dv, _ = tcb.launcher(*(_numba_bits(x) for x in (dout, q, k, v, out)), L,
+    launch, dq, dk, dv, _ = tcb.launcher(*(numba_bits(x) for x in (dout, q, k, v, out)), L,
                                          causal=causal, alignment=TOP_LEFT, dtype=dtype_name)
-    return launch, lambda: tuple(_torch_from_bits(x, q.dtype) for x in (dq, dk, dv))
+    return launch, lambda: tuple(torch_from_bits(x, q.dtype) for x in (dq, dk, dv))
 
 
 def _max_err(x, ref):

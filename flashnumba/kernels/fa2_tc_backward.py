@@ -53,8 +53,9 @@ blocks; not deterministic in its summation order), K_j and V_j re-read from
 shared memory by ldmatrix for every Q tile, four barriers per Q tile, and the
 dropout variant's Philox call per element (3 of its 4 words unused), the
 duplicated S_ij^T and dP_ij^T products at d_pad >= 96, and tiles of only Bc = 32 keys
-(larger tiles needed more than 255 registers). No double buffering of Q_i, dO_i; no
-deterministic dQ option yet.
+(larger tiles needed more than 255 registers). No double buffering of Q_i, dO_i.
+deterministic=True is served by FA2's readable backward (``registry``: its
+separate dQ pass, on the inputs widened to float32), not by this kernel.
 """
 
 import collections
@@ -65,7 +66,7 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types, uint16, uint32
 
-from flashnumba.geometry import BOTTOM_RIGHT
+from flashnumba.geometry import BOTTOM_RIGHT, num_tiles
 from flashnumba.kernels import common, mma
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
@@ -76,9 +77,10 @@ from flashnumba.kernels.common import (
 )
 from flashnumba.kernels.fast_math import LOG2_E
 from flashnumba.kernels.geometry import q_tile_start
-from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
+from flashnumba.kernels.half_io import as_dtype, bits_of, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
+NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 HALF_BYTES = 2
 FLOAT_BYTES = 4
 ROW_PAD = 8
@@ -120,7 +122,7 @@ def smem_bytes(config):
 
 
 def check_config(config):
-    who = "fa2_tc_backward"
+    who = NAME
     common.check_sizes(config, who)
     Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
     SPLIT = split_d(d_pad)
@@ -496,14 +498,14 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 
     arrays = common.Arrays(q, k, v, dout, out)
     q_d, k_d, v_d, dout_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v, dout))
-    out_d = arrays.to_device(out.view(np.uint16) if isinstance(out, np.ndarray) else out)
+    out_d = arrays.to_device(bits_of(out))
     L_d = arrays.to_device(np.ascontiguousarray(L, np.float32) if isinstance(L, np.ndarray) else L)
     D_rows = cuda.device_array((B, H_q, Nq), dtype=np.float32)
     dq_acc = cuda.device_array((B, Nq, H_q, d), dtype=np.float32)
     dq = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
     dk = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
     dv = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
-    Tc = (Nk + config.Bc - 1) // config.Bc
+    Tc = num_tiles(Nk, config.Bc)
     n_rows = B * H_q * Nq
     n_dq = dq.size
 
@@ -532,3 +534,16 @@ def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, ali
                                         config=config, dtype=dtype)
     launch()
     return as_dtype(dq, kind, q), as_dtype(dk, kind, q), as_dtype(dv, kind, q)
+
+
+# ---------------------------------------------------------------------------
+# The registry's entry point (flashnumba.registry)
+# ---------------------------------------------------------------------------
+
+def backward(dout, q, k, v, out, L, deterministic=False, **options):
+    """(dq, dk, dv) in the inputs' 16-bit dtype. Not deterministic (dQ by atomics): the registry
+    sends deterministic=True to the version named by its ``deterministic_backward``."""
+    if deterministic:
+        raise ValueError("fa2_tc_backward adds dQ with atomics; deterministic=True runs "
+                         "fa2_backward (registry: deterministic_backward)")
+    return fa2_tc_backward(dout, q, k, v, out, L, **options)

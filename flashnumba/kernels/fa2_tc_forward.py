@@ -77,6 +77,7 @@ from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resol
 from flashnumba.kernels.hardware import FULL_MASK
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
+NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 HALF_BYTES = 2
 ROW_PAD = 8                    # elements added to each shared row: ldmatrix rows of one tile fall
                                # in different banks (8 x 16 B apart instead of a multiple of 128 B)
@@ -119,7 +120,7 @@ def shipped_configs():
 
 def check_config(config):
     """Raise ConfigError unless the configuration can compile and launch."""
-    who = "fa2_tc_forward"
+    who = NAME
     common.check_sizes(config, who)
     Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
     require(Br == 16 * num_warps, f"{who}: Br={Br} must be 16 x num_warps = {16 * num_warps} "
@@ -449,3 +450,17 @@ def fa2_tc_forward(q, k, v, softmax_scale=None, causal=False, alignment=BOTTOM_R
     launch()
     L_out = L.copy_to_host() if isinstance(q, np.ndarray) else L
     return as_dtype(out, kind, q), L_out
+
+
+# ---------------------------------------------------------------------------
+# The registry's entry points (flashnumba.registry)
+# ---------------------------------------------------------------------------
+
+def forward(q, k, v, **options):
+    """(O, L): O in the inputs' 16-bit dtype, L float32."""
+    return fa2_tc_forward(q, k, v, **options)
+
+
+def state(q, k, v, **options):
+    """What a step shows: O (= O_i / l_i so far) and L (= m_i + log l_i): m and l stay in registers."""
+    return dict(zip(("O", "L"), fa2_tc_forward(q, k, v, **options)))

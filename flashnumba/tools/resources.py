@@ -15,6 +15,9 @@ module promises: ``static_smem_bytes(config)`` where the module has one (a
 kernel whose tiles live in dynamic shared memory says 0), else
 ``smem_bytes(config)``. The stack frame (local memory: a
 ``cuda.local.array`` indexed at run time lands there) is reported, not failed.
+So is each kernel's tensor-core instruction count: the ``mma.sync`` instructions
+in its PTX (after numba's unrolling, before ptxas; one per m16n8k16 product of
+a loop body, so a kernel of the FMA versions has 0).
 
     flashnumba resources            # table for sm_80 and sm_90
     flashnumba resources --cc 90 --json
@@ -97,6 +100,7 @@ class KernelResources:
     stack_frame: int | None = None      # bytes of local memory per thread
     smem: int | None = None             # bytes of static shared memory per block
     smem_expected: int | None = None    # the module's smem_bytes(config)
+    mma: int | None = None              # mma.sync instructions in the PTX (tensor-core products)
     seconds: float = 0.0                # link time, plus the build for the first cc
     error: str | None = None            # import, compile or link failure
 
@@ -235,6 +239,16 @@ def build(dispatcher, argtypes, cc):
     return kernel.library
 
 
+MMA_SYNC = re.compile(r"\bmma\.sync\.")
+
+
+def mma_count(library, cc):
+    """The mma.sync instructions (tensor-core matrix products) in the library's PTX for `cc`."""
+    with _building_for(cc):
+        ptx = library.get_asm_str(cc=cc)
+    return len(MMA_SYNC.findall(ptx))
+
+
 def link(library, cc):
     """Link a kernel's code library to a cubin for `cc` as a launch would; return ptxas's log."""
     with _building_for(cc):
@@ -293,7 +307,8 @@ def _measure(dispatcher, argtypes, ccs):
     results = {}
     for cc in ccs:
         try:
-            results[cc] = summarise(parse_ptxas_log(link(library, cc)))
+            results[cc] = {**summarise(parse_ptxas_log(link(library, cc))),
+                           "mma": mma_count(library, cc)}
         except Exception as exc:  # noqa: BLE001  (a link error: a failed record)
             results[cc] = {"error": _short_error(exc)}
         results[cc]["seconds"] = time.perf_counter() - start
@@ -470,7 +485,7 @@ def describe_config(config):
 
 
 def format_table(records):
-    header = ("module", "kernel", "config", "arch", "regs", "spill st/ld", "stack", "smem",
+    header = ("module", "kernel", "config", "arch", "mma", "regs", "spill st/ld", "stack", "smem",
               "smem_bytes", "s", "status")
     failing = {id(r) for r, _ in _judge(records, STATIC_SMEM_LIMIT)}
     rows = []
@@ -478,11 +493,11 @@ def format_table(records):
         status = "FAIL" if id(r) in failing else "ok"
         if r.error is not None:
             rows.append((r.source, r.label, describe_config(r.config), r.arch,
-                         "", "", "", "", "", "", "ERROR " + r.error.splitlines()[0][:120]))
+                         "", "", "", "", "", "", "", "ERROR " + r.error.splitlines()[0][:120]))
             continue
         if r.stack_frame and status == "ok":
             status = "ok, uses local memory"
-        rows.append((r.source, r.label, describe_config(r.config), r.arch, str(r.registers),
+        rows.append((r.source, r.label, describe_config(r.config), r.arch, str(r.mma), str(r.registers),
                      f"{r.spill_stores}/{r.spill_loads}", str(r.stack_frame), str(r.smem),
                      "" if r.smem_expected is None else str(r.smem_expected),
                      f"{r.seconds:.1f}", status))
@@ -506,7 +521,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="flashnumba resources",
         description="Compile every shipped kernel for real (no GPU needed) and report "
-                    "registers, spills, stack frame and shared memory.")
+                    "mma.sync count, registers, spills, stack frame and shared memory.")
     parser.add_argument("--cc", action="append", type=_parse_cc,
                         help="compute capability, repeatable (default: 80 and 90)")
     parser.add_argument("--jobs", type=int, default=None,

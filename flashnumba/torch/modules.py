@@ -54,7 +54,8 @@ class FlashAttention(nn.Module):
     def __init__(self, causal=False, softmax_scale=None, dropout=0.0, algorithm=None,
                  deterministic=False):
         super().__init__()
-        algorithm = validate.algorithm(algorithm)          # a registry version; None: the default
+        if algorithm is not None:                           # a registry version; None: chosen per
+            algorithm = validate.algorithm_name(algorithm)  # call by dtype (registry.default)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.causal = bool(causal)
