@@ -341,7 +341,7 @@ def _build(config, KIND, DROPOUT):
 
                 # Alg. 2 lines 10-11: S_ij^T = K_j Q_i^T, P_ij^T = exp(scale S_ij^T - L_i)
                 product_T(S, Ks, Qs, w, lane)
-                # Alg. 2 line 12: dP_ij^T = V_j dO_i^T
+                # Alg. 2 line 13: dP_ij^T = V_j dO_i^T
                 product_T(dP, Vs, dOs, w, lane)
                 masked = col0 + Bc > Nk or row0 + Br > Nq or (causal and col0 + Bc - 1 > row0 + offset)
                 for n in range(NC):
@@ -358,7 +358,7 @@ def _build(config, KIND, DROPOUT):
                         z = float32(1.0)
                         if DROPOUT:
                             z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
-                        # Alg. 2 line 13: dS_ij = P_ij o (dP_ij o Z_ij - D_i); exactly 0 where hidden
+                        # Alg. 2 line 14: dS_ij = P_ij o (dP_ij o Z_ij - D_i); exactly 0 where hidden
                         ds = float32(0.0)
                         if visible:
                             ds = p * (dP[n, e] * z - Ds[qr])
@@ -367,7 +367,7 @@ def _build(config, KIND, DROPOUT):
 
                 # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i
                 accumulate_AtB(dV, S, dOs, x0, lane)
-                # Alg. 2 line 15: dK_j += dS_ij^T Q_i  (times scale at the end)
+                # Alg. 2 line 16: dK_j += dS_ij^T Q_i  (times scale at the end)
                 accumulate_AtB(dK, dP, Qs, x0, lane)
 
                 # dS_ij^T -> shared, rounded to 16 bits as the mma operand would be (by one
@@ -381,7 +381,7 @@ def _build(config, KIND, DROPOUT):
                             dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
                 cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
 
-                # Alg. 2 line 14: dQ_i += dS_ij K_j for rows 16w .. 16w + 15 of Q_i; A = dS_ij
+                # Alg. 2 line 15: dQ_i += dS_ij K_j for rows 16w .. 16w + 15 of Q_i; A = dS_ij
                 # by ldmatrix.trans of dS_ij^T, B = K_j by ldmatrix.trans; fp32 atomics into dQ
                 for nd in range(NDH // 2):           # 16 dims at a time: 8 accumulators live
                     for n in range(2):
@@ -406,7 +406,7 @@ def _build(config, KIND, DROPOUT):
 
         mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
 
-        # Alg. 2 line 17: write dK_j = scale dK_j, dV_j in the input dtype
+        # Alg. 2 line 18: write dK_j = scale dK_j, dV_j in the input dtype
         for hh in range(2):
             key = col0 + 16 * w + g + 8 * hh
             if key < Nk:
