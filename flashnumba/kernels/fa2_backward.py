@@ -82,14 +82,15 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
-from flashnumba.geometry import BOTTOM_RIGHT, num_tiles
+from flashnumba import geometry
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, gqa
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
     TileConfig,
     require,
 )
-from flashnumba.kernels.geometry import kv_tile_end, q_tile_start
+from flashnumba.kernels.geometry import kv_tile_end, num_tiles, q_tile_start
 from flashnumba.kernels.hardware import FLOAT_BYTES, MAX_REGISTER_TILE, WARP_SIZE
 from flashnumba.kernels.philox import keep
 from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess, zero_fill
@@ -260,7 +261,7 @@ def build(config, dropout=False):
         _, Nq, H_q, d = q.shape
         Nk = k.shape[1]
         H_kv = k.shape[2]
-        Tr = (Nq + Br - 1) // Br
+        Tr = num_tiles(Nq, Br)
 
         # --- who am I ---
         j = cuda.blockIdx.x                   # K/V tile j: Alg. 2 l. 5
@@ -355,7 +356,7 @@ def build(config, dropout=False):
         _, Nq, H_q, d = q.shape
         Nk = k.shape[1]
         H_kv = k.shape[2]
-        Tc = (Nk + Bc - 1) // Bc
+        Tc = num_tiles(Nk, Bc)
 
         # --- who am I ---
         i = cuda.blockIdx.x                   # Q tile
@@ -457,7 +458,7 @@ def fa2_backward_preprocess(dout, out):
     B, Nq, H_q, _ = out.shape
     arrays = common.Arrays(dout, out)
     D_rows = arrays.empty((B, H_q, Nq))
-    grid = (num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
+    grid = (geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
     preprocess[grid, PRE_THREADS](arrays.to_device(dout), arrays.to_device(out), D_rows)
     return arrays.result(D_rows)
 
@@ -492,11 +493,11 @@ def fa2_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
     dv_per_head = cuda.device_array((B, Nk, H_q, d), dtype=np.float32)
 
     if not deterministic:                                        # dQ = 0 (Alg. 2 l. 3)
-        zero_fill[(dq.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS](dq)
-    pre_grid = (num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
+        zero_fill[geometry.num_tiles(dq.size, PRE_THREADS), PRE_THREADS](dq)
+    pre_grid = (geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
     kernels.preprocess[pre_grid, PRE_THREADS](dout_d, out_d, D_rows)   # D (Alg. 2 l. 4)
-    Tr = (Nq + config.Br - 1) // config.Br
-    Tc = (Nk + config.Bc - 1) // config.Bc
+    Tr = geometry.num_tiles(Nq, config.Br)
+    Tc = geometry.num_tiles(Nk, config.Bc)
     scale32, causal = np.float32(scale), bool(causal)
     kernels.dkdv[(Tc, B * H_q), config.threads](q_d, k_d, v_d, dout_d, L_d, D_rows, dq,
                                                   dk_per_head, dv_per_head, scale32, causal,

@@ -65,6 +65,7 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types, uint16, uint32
 
+from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, mma
 from flashnumba.kernels.common import (
@@ -75,7 +76,7 @@ from flashnumba.kernels.common import (
     require,
 )
 from flashnumba.kernels.fast_math import LOG2_E
-from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.geometry import num_tiles, q_tile_start
 from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
@@ -260,7 +261,7 @@ def _build(config, KIND, DROPOUT):
         Nq, H_q = q.shape[1], q.shape[2]
         Nk, H_kv = k.shape[1], k.shape[2]
         d = dk.shape[3]
-        Tr = (Nq + Br - 1) // Br
+        Tr = num_tiles(Nq, Br)
         G = H_q // H_kv                      # query heads per K/V head
 
         # --- who am I ---
@@ -503,17 +504,17 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     dq = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
     dk = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
     dv = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
-    Tc = (Nk + config.Bc - 1) // config.Bc
+    Tc = geometry.num_tiles(Nk, config.Bc)
     n_rows = B * H_q * Nq
     n_dq = dq.size
 
     def launch():
-        kernels.preprocess[(n_rows + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS](dout_d, out_d, D_rows)
-        zero_fill[(n_dq + 255) // 256, 256](dq_acc)     # dQ is accumulated by atomics
+        kernels.preprocess[geometry.num_tiles(n_rows, PRE_THREADS), PRE_THREADS](dout_d, out_d, D_rows)
+        zero_fill[geometry.num_tiles(n_dq, 256), 256](dq_acc)     # dQ is accumulated by atomics
         kernels.dkdv[(Tc, B * H_kv), config.threads](
             q_d, k_d, v_d, dout_d, L_d, D_rows, dq_acc, dk, dv, np.float32(scale * LOG2_E),
             np.float32(scale), bool(causal), offset, dropout_p, seed, steps)
-        kernels.finish_dq[(n_dq + 255) // 256, 256](dq_acc, np.float32(scale), dq)
+        kernels.finish_dq[geometry.num_tiles(n_dq, 256), 256](dq_acc, np.float32(scale), dq)
 
     return launch, dq, dk, dv, kind
 

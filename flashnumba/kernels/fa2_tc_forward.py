@@ -61,6 +61,7 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types, uint16, uint32
 
+from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, mma
 from flashnumba.kernels.common import (
@@ -72,7 +73,7 @@ from flashnumba.kernels.common import (
     require,
 )
 from flashnumba.kernels.fast_math import LN_2, LOG2_E
-from flashnumba.kernels.geometry import kv_tile_end
+from flashnumba.kernels.geometry import kv_tile_end, num_tiles
 from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.hardware import FULL_MASK
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
@@ -192,8 +193,8 @@ def _build(config, KIND, DROPOUT):
         Nk = k.shape[1]
         H_kv = k.shape[2]
         d = out.shape[3]
-        Tr = (Nq + Br - 1) // Br
-        Tc = (Nk + Bc - 1) // Bc
+        Tr = num_tiles(Nq, Br)
+        Tc = num_tiles(Nk, Bc)
 
         # --- who am I ---
         tid = cuda.threadIdx.x
@@ -422,7 +423,7 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     q_d, k_d, v_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v))
     out = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
     L = cuda.device_array((B, H_q, Nq), dtype=np.float32)
-    Tr = (Nq + config.Br - 1) // config.Br
+    Tr = geometry.num_tiles(Nq, config.Br)
     launch_kernel = kernel[(Tr, B * H_q), config.threads]
     q_scale = np.float32(scale * LOG2_E)
 
