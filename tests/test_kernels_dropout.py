@@ -21,7 +21,7 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import attention_inputs, rel_err
 
 import flashnumba
 from flashnumba import philox, reference
@@ -49,12 +49,7 @@ CASES = {
 
 def make_inputs(name):
     B, Nq, Nk, Hq, Hkv, d, *_ = CASES[name]
-    rng = np.random.default_rng(sum(map(ord, name)))
-    q = rng.standard_normal((B, Nq, Hq, d)).astype(np.float32)
-    k = rng.standard_normal((B, Nk, Hkv, d)).astype(np.float32)
-    v = rng.standard_normal((B, Nk, Hkv, d)).astype(np.float32)
-    dout = rng.standard_normal((B, Nq, Hq, d)).astype(np.float32)
-    return q, k, v, dout
+    return attention_inputs(np.random.default_rng(sum(map(ord, name))), B, Nq, Nk, Hq, Hkv, d)
 
 
 def kernel_keywords(name, seed=SEED):

@@ -49,10 +49,6 @@ def call(function, *args, **kwargs):
         raise Mismatch(f"your function raised {type(e).__name__}: {e}") from e
 
 
-def _fmt(x):
-    return np.array2string(np.asarray(x), precision=4, threshold=6, edgeitems=2)
-
-
 def same_array(name, got, want, tol=TOL, case="", **where):
     """Raise Mismatch naming the worst entry unless got matches want (float64 want).
 

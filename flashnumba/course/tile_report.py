@@ -29,7 +29,7 @@ GRID = ((16, 32, 64, 1), (32, 32, 64, 2), (16, 32, 64, 4), (16, 64, 64, 4), (32,
 
 def _config(Br, Bc, D, num_warps):
     from flashnumba.kernels.common import TileConfig
-    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+    return TileConfig(Br=Br, Bc=Bc, d_pad=D, num_warps=num_warps)
 
 
 def label(Br, Bc, D, num_warps):

@@ -51,6 +51,7 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
+from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, gqa
 from flashnumba.kernels.common import (
@@ -62,7 +63,7 @@ from flashnumba.kernels.common import (
     resolve_limit,
     resolve_scale,
 )
-from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.geometry import num_tiles, q_tile_start
 from flashnumba.kernels.hardware import FLOAT_BYTES, WARP_SIZE
 from flashnumba.kernels.philox import keep
 
@@ -140,8 +141,8 @@ def build(config, dropout=False):
         h = cuda.blockIdx.y
         h_kv = h // (Hq // Hkv)             # grouped-query attention: the K/V head of h
         tid = cuda.threadIdx.x
-        Tr = (Nq + Br - 1) // Br
-        Tc = (Nk + Bc - 1) // Bc
+        Tr = num_tiles(Nq, Br)
+        Tc = num_tiles(Nk, Bc)
         Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         Q_i = cuda.shared.array((Br, ROW_STRIDE), float32)
@@ -337,7 +338,7 @@ def fa1_backward(dout, q, k, v, out, l, m, *, causal=False, alignment=BOTTOM_RIG
     dK_per_q_head = arrays.empty((B, Nk, Hq, d))
     dV_per_q_head = arrays.empty((B, Nk, Hq, d))
     # Launch: one block per (batch, query head), which zeroes its dQ, dK, dV; then sum GQA groups.
-    Tc = (Nk + config.Bc - 1) // config.Bc
+    Tc = geometry.num_tiles(Nk, config.Bc)
     kernel = build(config, dropout=dropout_p > 0.0)
     kernel[(B, Hq), config.threads](dO, Q, K, V, O, l_dev, m_dev, dQ, dK_per_q_head, dV_per_q_head,
                                     np.float32(scale), bool(causal), offset, dropout_p, seed,

@@ -63,6 +63,7 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
+from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common
 from flashnumba.kernels.common import (
@@ -76,7 +77,7 @@ from flashnumba.kernels.common import (
     resolve_limit,
     resolve_scale,
 )
-from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.geometry import num_tiles, q_tile_start
 from flashnumba.kernels.hardware import FLOAT_BYTES, WARP_SIZE
 from flashnumba.kernels.philox import keep
 
@@ -160,8 +161,8 @@ def build(config, dropout=False):
         tid = cuda.threadIdx.x
         warp = tid // WARP_SIZE
         lane = tid % WARP_SIZE
-        Tr = (Nq + Br - 1) // Br
-        Tc = (Nk + Bc - 1) // Bc
+        Tr = num_tiles(Nq, Br)
+        Tc = num_tiles(Nk, Bc)
         Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         Q_i = cuda.shared.array((Br, ROW_STRIDE), float32)
@@ -369,7 +370,7 @@ def fa1_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=
     l = arrays.empty((B, Hq, Nq))
     m = arrays.empty((B, Hq, Nq))
     # Launch: one block per (batch, query head); the kernel initialises O, l, m.
-    Tc = (Nk + config.Bc - 1) // config.Bc
+    Tc = geometry.num_tiles(Nk, config.Bc)
     kernel = build(config, dropout=dropout_p > 0.0)
     kernel[(B, Hq), config.threads](Q, K, V, O, l, m, np.float32(scale), bool(causal),
                                     offset, dropout_p, seed, np.int32(min(steps, Tc)))

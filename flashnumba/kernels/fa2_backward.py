@@ -3,34 +3,35 @@
 Three kernels, launched in this order by ``fa2_backward`` (after ``zero_fill``
 clears dQ for the atomics):
 
-1. ``preprocess``, grid (ceil(Nq / 16), B * Hq):  D_i = rowsum(dO_i * O_i).
+1. ``preprocess``, grid (ceil(Nq / 16), B * Hq):  D_i = rowsum(dO_i * O_i) (Alg. 2 l. 4).
    A warp reduces 4 rows at once, 8 lanes per row (a 32-byte sector of each
    row per step); each lane sums every 8th element of its row, then a 3-step
    ``shfl_xor_sync`` butterfly (offsets 4, 2, 1) adds the 8 lanes' partial sums.
 
-2. ``dkdv``, grid (Tc, B * Hq): one block per K/V tile j.
+2. ``dkdv``, grid (Tc, B * Hq): one block per K/V tile j (Alg. 2 l. 5; "l." = the
+   line numbers of Dao 2023's Algorithm 2, which the comments below carry too).
 
-       K_j, V_j -> shared; dK_j = dV_j = 0 in registers
-       for i from q_tile_start(j) (0 without causal) to Tr - 1:
-           Q_i, dO_i -> shared; L_i, D_i read per row
+       K_j, V_j -> shared; dK_j = dV_j = 0 in registers          Alg. 2 l. 6-7
+       for i from q_tile_start(j) (0 without causal) to Tr - 1:   Alg. 2 l. 8
+           Q_i, dO_i -> shared; L_i, D_i read per row              Alg. 2 l. 9
            phase A (warp w owns rows [w Br/num_warps, (w+1) Br/num_warps), lane owns columns c = lane + 32 t):
                Z_ij  = keep / (1 - p)                dropout only (p > 0): Philox keep bits, else Z_ij = 1
-               S_ij  = scale Q_i K_j^T
-               P_ij  = exp(S_ij - L_i)               0 where masked (c > r + offset) or where the row saw no key (L_i = -inf)
-               dP_ij = dO_i V_j^T
-               dS_ij = P_ij * (dP_ij o Z_ij - D_i)   -> P_ij o Z_ij, dS_ij to shared
+               S_ij  = scale Q_i K_j^T               Alg. 2 l. 10
+               P_ij  = exp(S_ij - L_i)               Alg. 2 l. 11; 0 where masked (c > r + offset) or where the row saw no key (L_i = -inf)
+               dP_ij = dO_i V_j^T                    Alg. 2 l. 13
+               dS_ij = P_ij * (dP_ij o Z_ij - D_i)   Alg. 2 l. 14; -> P_ij o Z_ij, dS_ij to shared
            phase B (warp w owns key rows [w Bc/num_warps, ...), lane owns dims x = lane + 32 u):
-               dV_j += (P_ij o Z_ij)^T dO_i
-               dK_j += dS_ij^T Q_i                   (times scale once, at the end)
-               dQ_i += scale dS_ij K_j               cuda.atomic.add into global dQ (float32)
-       write dK_j, dV_j
+               dV_j += (P_ij o Z_ij)^T dO_i          Alg. 2 l. 12
+               dK_j += dS_ij^T Q_i                   Alg. 2 l. 16 (times scale once, at the end)
+               dQ_i += scale dS_ij K_j               Alg. 2 l. 15: cuda.atomic.add into global dQ (float32)
+       write dK_j, dV_j                                            Alg. 2 l. 18
 
    D_i = rowsum(dO_i * O_i) is unchanged by dropout: O is the dropped output,
    so rowsum(dO_i o O_i) = rowsum(P_ij o (dP_ij o Z_ij)) over j, as dS needs.
 
 3. ``dq`` (only with ``deterministic=True``), grid (Tr, B * Hq): one block per
    Q tile i loops over j, recomputes phase A, and accumulates
-   dQ_i += scale dS_ij K_j on chip in a fixed order, then writes it once. The
+   dQ_i += scale dS_ij K_j (Alg. 2 l. 15) on chip in a fixed order, then writes it once. The
    ``dkdv`` kernel then skips its atomics. Repeated runs give bitwise-identical
    dQ (atomics add in whatever order the blocks arrive; this does not).
 
@@ -81,14 +82,15 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
-from flashnumba.geometry import BOTTOM_RIGHT, num_tiles
+from flashnumba import geometry
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, gqa
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
     TileConfig,
     require,
 )
-from flashnumba.kernels.geometry import kv_tile_end, q_tile_start
+from flashnumba.kernels.geometry import kv_tile_end, num_tiles, q_tile_start
 from flashnumba.kernels.hardware import FLOAT_BYTES, MAX_REGISTER_TILE, WARP_SIZE
 from flashnumba.kernels.philox import keep
 from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess, zero_fill
@@ -220,7 +222,7 @@ def build(config, dropout=False):
             for t in range(COLS_PER_LANE):
                 S[rr, t] = 0.0
                 dP[rr, t] = 0.0
-        # S = Q_i K_j^T, dP = dO_i V_j^T: Q_i, dO_i broadcast; K_j, V_j one row per lane
+        # S = Q_i K_j^T, dP = dO_i V_j^T (Alg. 2 l. 10, 13): Q_i, dO_i broadcast; K_j, V_j one row per lane
         for x in range(d_pad):
             for rr in range(ROWS_PER_WARP):
                 q_rk = Q_i[r0 + rr, x]
@@ -242,14 +244,14 @@ def build(config, dropout=False):
                 p = float32(0.0)
                 visible = row < Nq and col < Nk and not (causal and col > row + offset)
                 if visible and L_r != -math.inf:      # L_r = -inf: the row saw no key, P = 0
-                    p = math.exp(scale * S[rr, t] - L_r)        # P_ij = exp(S_ij - L_i)
+                    p = math.exp(scale * S[rr, t] - L_r)        # P_ij = exp(S_ij - L_i)   Alg. 2 l. 11
                 z = float32(1.0)                                # Z_ij: 1 without dropout
                 if DROPOUT:
                     z = dS_ij[r0 + rr, c]                       # Z_ij, parked above
                 P_ij[r0 + rr, c] = p * z                         # P_ij o Z_ij: all dV_j needs
                 ds = float32(0.0)                                # a hidden key: exactly 0, even if D_i is NaN
                 if visible:
-                    ds = p * (dP[rr, t] * z - D_r)               # dS_ij = P_ij (dP_ij o Z_ij - D_i)
+                    ds = p * (dP[rr, t] * z - D_r)               # dS_ij = P_ij (dP_ij o Z_ij - D_i)   Alg. 2 l. 14
                 dS_ij[r0 + rr, c] = ds
 
     @cuda.jit
@@ -259,10 +261,10 @@ def build(config, dropout=False):
         _, Nq, H_q, d = q.shape
         Nk = k.shape[1]
         H_kv = k.shape[2]
-        Tr = (Nq + Br - 1) // Br
+        Tr = num_tiles(Nq, Br)
 
         # --- who am I ---
-        j = cuda.blockIdx.x                   # K/V tile
+        j = cuda.blockIdx.x                   # K/V tile j: Alg. 2 l. 5
         b = cuda.blockIdx.y // H_q
         h = cuda.blockIdx.y % H_q
         h_kv = h // (H_q // H_kv)             # grouped-query attention: this head's K/V head
@@ -280,7 +282,7 @@ def build(config, dropout=False):
         P_ij = cuda.shared.array((Br, Bc), float32)
         dS_ij = cuda.shared.array((Br, Bc), float32)
 
-        # --- registers: dK_j, dV_j rows [c0, c0 + KEYS_PER_WARP), dims lane + 32 u ---
+        # --- registers: dK_j, dV_j rows [c0, c0 + KEYS_PER_WARP), dims lane + 32 u; = 0 (Alg. 2 l. 7) ---
         dK_j = cuda.local.array((KEYS_PER_WARP, DIMS_PER_LANE), float32)
         dV_j = cuda.local.array((KEYS_PER_WARP, DIMS_PER_LANE), float32)
         dQ_i = cuda.local.array((ROWS_PER_WARP, DIMS_PER_LANE), float32)
@@ -289,7 +291,7 @@ def build(config, dropout=False):
                 dK_j[cc, u] = 0.0
                 dV_j[cc, u] = 0.0
 
-        load_rows(K_j, k, b, h_kv, j * Bc, Bc, Nk, d)
+        load_rows(K_j, k, b, h_kv, j * Bc, Bc, Nk, d)            # Alg. 2 l. 6
         load_rows(V_j, v, b, h_kv, j * Bc, Bc, Nk, d)
 
         i_start = 0
@@ -297,18 +299,20 @@ def build(config, dropout=False):
             i_start = q_tile_start(j, Br, Bc, Nq, offset)   # Q tiles above the diagonal are skipped
         i_end = min(Tr, i_start + limit)
 
-        for i in range(i_start, i_end):
+        for i in range(i_start, i_end):                             # Alg. 2 l. 8
+            # Alg. 2 l. 9: Q_i, dO_i -> shared (L_i, D_i are read per row in phase A; O_i is not
+            # needed once D is computed; dQ_i is added to HBM by atomics, never loaded)
             load_rows(Q_i, q, b, h, i * Br, Br, Nq, d)
             load_rows(dO_i, dout, b, h, i * Br, Br, Nq, d)
             cuda.syncthreads()  # Q_i, dO_i (and K_j, V_j on the first pass) written before any warp reads them
 
-            # phase A: P_ij, dS_ij for this warp's rows
+            # phase A: P_ij, dS_ij for this warp's rows   (Alg. 2 l. 10-11, 13-14)
             probabilities_and_dS(Q_i, dO_i, K_j, V_j, P_ij, dS_ij, L, D_rows,
                                  b, h, i, j, r0, lane, Nq, Nk, offset, causal, scale,
                                  dropout_p, seed)
             cuda.syncthreads()  # every warp's rows of P_ij, dS_ij written before phase B reads whole columns
 
-            # phase B: dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i over the valid rows of Q_i
+            # phase B: dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i over the valid rows of Q_i   (Alg. 2 l. 12, 16)
             n_rows = min(Br, Nq - i * Br)
             for r in range(n_rows):
                 for cc in range(KEYS_PER_WARP):
@@ -319,7 +323,7 @@ def build(config, dropout=False):
                         dV_j[cc, u] += p * dO_i[r, x]
                         dK_j[cc, u] += ds * Q_i[r, x]
 
-            # dQ_i += scale dS_ij K_j for this warp's rows, added into global dQ
+            # dQ_i += scale dS_ij K_j for this warp's rows, added into global dQ   (Alg. 2 l. 15)
             if accumulate_dq:
                 for rr in range(ROWS_PER_WARP):
                     for u in range(DIMS_PER_LANE):
@@ -337,7 +341,7 @@ def build(config, dropout=False):
                             cuda.atomic.add(dq, (b, row, h, x), scale * dQ_i[rr, u])
             cuda.syncthreads()  # every warp done reading Q_i, dO_i, P_ij, dS_ij before the next Q tile overwrites them
 
-        # dK_j = scale dS^T Q summed over i, dV_j = P^T dO summed over i; per query head
+        # write dK_j = scale dS^T Q summed over i, dV_j = P^T dO summed over i; per query head   (Alg. 2 l. 18)
         for cc in range(KEYS_PER_WARP):
             col = j * Bc + c0 + cc
             for u in range(DIMS_PER_LANE):
@@ -352,7 +356,7 @@ def build(config, dropout=False):
         _, Nq, H_q, d = q.shape
         Nk = k.shape[1]
         H_kv = k.shape[2]
-        Tc = (Nk + Bc - 1) // Bc
+        Tc = num_tiles(Nk, Bc)
 
         # --- who am I ---
         i = cuda.blockIdx.x                   # Q tile
@@ -399,7 +403,7 @@ def build(config, dropout=False):
                                  dropout_p, seed)
                 cuda.syncwarp()  # this warp's rows of dS_ij written by all its lanes before any lane reads a whole row
 
-                # dQ_i += dS_ij K_j, in the order j = 0, 1, ...: deterministic
+                # dQ_i += dS_ij K_j, in the order j = 0, 1, ...: deterministic   (Alg. 2 l. 15)
                 for c in range(Bc):
                     for rr in range(ROWS_PER_WARP):
                         ds = dS_ij[r0 + rr, c]
@@ -454,7 +458,7 @@ def fa2_backward_preprocess(dout, out):
     B, Nq, H_q, _ = out.shape
     arrays = common.Arrays(dout, out)
     D_rows = arrays.empty((B, H_q, Nq))
-    grid = (num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
+    grid = (geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
     preprocess[grid, PRE_THREADS](arrays.to_device(dout), arrays.to_device(out), D_rows)
     return arrays.result(D_rows)
 
@@ -488,12 +492,12 @@ def fa2_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
     dk_per_head = cuda.device_array((B, Nk, H_q, d), dtype=np.float32)
     dv_per_head = cuda.device_array((B, Nk, H_q, d), dtype=np.float32)
 
-    if not deterministic:
-        zero_fill[(dq.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS](dq)
-    pre_grid = (num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
-    kernels.preprocess[pre_grid, PRE_THREADS](dout_d, out_d, D_rows)
-    Tr = (Nq + config.Br - 1) // config.Br
-    Tc = (Nk + config.Bc - 1) // config.Bc
+    if not deterministic:                                        # dQ = 0 (Alg. 2 l. 3)
+        zero_fill[geometry.num_tiles(dq.size, PRE_THREADS), PRE_THREADS](dq)
+    pre_grid = (geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
+    kernels.preprocess[pre_grid, PRE_THREADS](dout_d, out_d, D_rows)   # D (Alg. 2 l. 4)
+    Tr = geometry.num_tiles(Nq, config.Br)
+    Tc = geometry.num_tiles(Nk, config.Bc)
     scale32, causal = np.float32(scale), bool(causal)
     kernels.dkdv[(Tc, B * H_q), config.threads](q_d, k_d, v_d, dout_d, L_d, D_rows, dq,
                                                   dk_per_head, dv_per_head, scale32, causal,

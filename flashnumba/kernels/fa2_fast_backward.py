@@ -164,11 +164,12 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types
 
+from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, gqa, smem_limit
 from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
 from flashnumba.kernels.fast_math import LOG2_E, exp2_ftz, is_negative_zero
-from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.geometry import num_tiles, q_tile_start
 from flashnumba.kernels.hardware import FLOAT_BYTES, REGISTERS_PER_SM, SM_SHARED_BYTES, WARP_SIZE
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess, zero_fill
@@ -514,7 +515,7 @@ def _build(config, DROPOUT):
         _, Nk, H_kv, d = k.shape
         H_q = L.shape[1]
         Nq = L.shape[2]
-        Tr = (Nq + Br - 1) // Br
+        Tr = num_tiles(Nq, Br)
         scale_log2 = scale * float32(LOG2_E)
 
         # --- who am I ---
@@ -815,13 +816,13 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 
     # zero all of it, the spare floats too: their atomics (adding 0) read them
     dq_spare_4d = dq_spare.reshape(1, 1, 1, dq_spare.size)
-    zero_dq = zero_fill[(dq_spare.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS]
-    rowsum = preprocess[((Nq + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, B * H_q), PRE_THREADS]
-    Tc = (Nk + config.Bc - 1) // config.Bc
+    zero_dq = zero_fill[geometry.num_tiles(dq_spare.size, PRE_THREADS), PRE_THREADS]
+    rowsum = preprocess[(geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q), PRE_THREADS]
+    Tc = geometry.num_tiles(Nk, config.Bc)
     nbytes = smem_bytes(config)
     main = kernel[(Tc, B * H_q), config.threads, 0, nbytes]
     n_kv = B * Nk * H_kv * d
-    group_sum = gqa.sum_head_groups[(n_kv + gqa.THREADS - 1) // gqa.THREADS, gqa.THREADS]
+    group_sum = gqa.sum_head_groups[geometry.num_tiles(n_kv, gqa.THREADS), gqa.THREADS]
     scale32, causal = np.float32(scale), bool(causal)
     q_flat, dout_flat = _flat(q_d, "q"), _flat(dout_d, "dout")
     args = (q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, scale32, causal,

@@ -123,11 +123,12 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types
 
+from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common
 from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
 from flashnumba.kernels.fast_math import LN_2, LOG2_E
-from flashnumba.kernels.geometry import kv_tile_end
+from flashnumba.kernels.geometry import kv_tile_end, num_tiles
 from flashnumba.kernels.hardware import (
     FLOAT_BYTES,
     FULL_MASK,
@@ -305,8 +306,8 @@ def _build(config, DROPOUT):
         B, Nq, H_q, d = q.shape
         Nk = k.shape[1]
         H_kv = k.shape[2]
-        Tr = (Nq + Br - 1) // Br
-        Tc = (Nk + Bc - 1) // Bc
+        Tr = num_tiles(Nq, Br)
+        Tc = num_tiles(Nk, Bc)
 
         # --- who am I ---
         tid = cuda.threadIdx.x & T_MASK     # = threadIdx.x; the mask proves tid >= 0 to the compiler
@@ -540,7 +541,7 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     q_d, k_d, v_d = arrays.to_device(q), arrays.to_device(k), arrays.to_device(v)
     out = cuda.device_array((B, Nq, H_q, d), dtype=np.float32)
     L = cuda.device_array((B, H_q, Nq), dtype=np.float32)
-    Tr = (Nq + config.Br - 1) // config.Br
+    Tr = geometry.num_tiles(Nq, config.Br)
     launch_kernel = kernel[(Tr, B * H_q), config.threads]
     q_scale = np.float32(scale * LOG2_E)
 

@@ -70,10 +70,11 @@ import math
 import numpy as np
 from numba import cuda, float32, types
 
+from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common
 from flashnumba.kernels.common import HEAD_DIM_BUCKETS, TileConfig, require
-from flashnumba.kernels.geometry import kv_tile_end
+from flashnumba.kernels.geometry import kv_tile_end, num_tiles
 from flashnumba.kernels.hardware import FLOAT_BYTES, FULL_MASK, MAX_REGISTER_TILE, WARP_SIZE
 from flashnumba.kernels.philox import keep
 
@@ -195,7 +196,7 @@ def build(config, dropout=False):
         _, Nq, H_q, d = q.shape
         Nk = k.shape[1]
         H_kv = k.shape[2]
-        Tc = (Nk + Bc - 1) // Bc
+        Tc = num_tiles(Nk, Bc)
         Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         # --- who am I ---
@@ -385,7 +386,7 @@ def fa2_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=
     m = arrays.empty((B, H_q, Nq))
     l = arrays.empty((B, H_q, Nq))
 
-    Tr = (Nq + config.Br - 1) // config.Br
+    Tr = geometry.num_tiles(Nq, config.Br)
     kernel[(Tr, B * H_q), config.threads](q_d, k_d, v_d, out, L, m, l, np.float32(scale),
                                            bool(causal), offset, dropout_p, seed, steps)
 

@@ -66,7 +66,8 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types, uint16, uint32
 
-from flashnumba.geometry import BOTTOM_RIGHT, num_tiles
+from flashnumba import geometry
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, mma
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
@@ -76,7 +77,7 @@ from flashnumba.kernels.common import (
     require,
 )
 from flashnumba.kernels.fast_math import LOG2_E
-from flashnumba.kernels.geometry import q_tile_start
+from flashnumba.kernels.geometry import num_tiles, q_tile_start
 from flashnumba.kernels.half_io import as_dtype, bits_of, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
@@ -262,7 +263,7 @@ def _build(config, KIND, DROPOUT):
         Nq, H_q = q.shape[1], q.shape[2]
         Nk, H_kv = k.shape[1], k.shape[2]
         d = dk.shape[3]
-        Tr = (Nq + Br - 1) // Br
+        Tr = num_tiles(Nq, Br)
         G = H_q // H_kv                      # query heads per K/V head
 
         # --- who am I ---
@@ -343,7 +344,7 @@ def _build(config, KIND, DROPOUT):
 
                 # Alg. 2 lines 10-11: S_ij^T = K_j Q_i^T, P_ij^T = exp(scale S_ij^T - L_i)
                 product_T(S, Ks, Qs, w, lane)
-                # Alg. 2 line 12: dP_ij^T = V_j dO_i^T
+                # Alg. 2 line 13: dP_ij^T = V_j dO_i^T
                 product_T(dP, Vs, dOs, w, lane)
                 masked = col0 + Bc > Nk or row0 + Br > Nq or (causal and col0 + Bc - 1 > row0 + offset)
                 for n in range(NC):
@@ -360,7 +361,7 @@ def _build(config, KIND, DROPOUT):
                         z = float32(1.0)
                         if DROPOUT:
                             z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
-                        # Alg. 2 line 13: dS_ij = P_ij o (dP_ij o Z_ij - D_i); exactly 0 where hidden
+                        # Alg. 2 line 14: dS_ij = P_ij o (dP_ij o Z_ij - D_i); exactly 0 where hidden
                         ds = float32(0.0)
                         if visible:
                             ds = p * (dP[n, e] * z - Ds[qr])
@@ -369,7 +370,7 @@ def _build(config, KIND, DROPOUT):
 
                 # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i
                 accumulate_AtB(dV, S, dOs, x0, lane)
-                # Alg. 2 line 15: dK_j += dS_ij^T Q_i  (times scale at the end)
+                # Alg. 2 line 16: dK_j += dS_ij^T Q_i  (times scale at the end)
                 accumulate_AtB(dK, dP, Qs, x0, lane)
 
                 # dS_ij^T -> shared, rounded to 16 bits as the mma operand would be (by one
@@ -383,7 +384,7 @@ def _build(config, KIND, DROPOUT):
                             dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
                 cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
 
-                # Alg. 2 line 14: dQ_i += dS_ij K_j for rows 16w .. 16w + 15 of Q_i; A = dS_ij
+                # Alg. 2 line 15: dQ_i += dS_ij K_j for rows 16w .. 16w + 15 of Q_i; A = dS_ij
                 # by ldmatrix.trans of dS_ij^T, B = K_j by ldmatrix.trans; fp32 atomics into dQ
                 for nd in range(NDH // 2):           # 16 dims at a time: 8 accumulators live
                     for n in range(2):
@@ -408,7 +409,7 @@ def _build(config, KIND, DROPOUT):
 
         mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
 
-        # Alg. 2 line 17: write dK_j = scale dK_j, dV_j in the input dtype
+        # Alg. 2 line 18: write dK_j = scale dK_j, dV_j in the input dtype
         for hh in range(2):
             key = col0 + 16 * w + g + 8 * hh
             if key < Nk:
@@ -505,17 +506,17 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     dq = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
     dk = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
     dv = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
-    Tc = num_tiles(Nk, config.Bc)
+    Tc = geometry.num_tiles(Nk, config.Bc)
     n_rows = B * H_q * Nq
     n_dq = dq.size
 
     def launch():
-        kernels.preprocess[(n_rows + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS](dout_d, out_d, D_rows)
-        zero_fill[(n_dq + 255) // 256, 256](dq_acc)     # dQ is accumulated by atomics
+        kernels.preprocess[geometry.num_tiles(n_rows, PRE_THREADS), PRE_THREADS](dout_d, out_d, D_rows)
+        zero_fill[geometry.num_tiles(n_dq, 256), 256](dq_acc)     # dQ is accumulated by atomics
         kernels.dkdv[(Tc, B * H_kv), config.threads](
             q_d, k_d, v_d, dout_d, L_d, D_rows, dq_acc, dk, dv, np.float32(scale * LOG2_E),
             np.float32(scale), bool(causal), offset, dropout_p, seed, steps)
-        kernels.finish_dq[(n_dq + 255) // 256, 256](dq_acc, np.float32(scale), dq)
+        kernels.finish_dq[geometry.num_tiles(n_dq, 256), 256](dq_acc, np.float32(scale), dq)
 
     return launch, dq, dk, dv, kind
 

@@ -13,7 +13,7 @@ Names, against the paper's Algorithm 1 (line numbers in the comments below):
     Q_i     Br x d, Br = 16 num_warps: warp w holds rows 16w .. 16w+15 as A fragments
             (registers ``Qf``), read once from global memory (line 4)
     K_j, V_j  Bc x d_pad tiles in shared memory (``Ks``, ``Vs``), filled by cp.async,
-            double-buffered (STAGES = 2) where 48 KB allows (lines 6-7)
+            double-buffered (STAGES = 2) where 48 KB allows (line 7)
     S_ij    Q_i K_j^T on mma: per warp 16 x Bc fp32 accumulators (``S``), in log2 units
     m_i, l_i  two rows per lane (rows g and g + 8 of the warp's 16); the row max and
             row sum run over the 4 lanes of a quad (shfl_xor 1, 2); l_i is kept per
@@ -21,7 +21,7 @@ Names, against the paper's Algorithm 1 (line numbers in the comments below):
     P_ij    exp2(S_ij - m_i), rounded to bf16/f16 and packed from the S accumulators
             straight into the A fragments of P_ij V_j (no shared memory)
     O_i     16 x d_pad fp32 accumulators per warp (``O``); V_j's B fragments by ldmatrix.trans
-    O, L    O_i / l_i in the input dtype; L_i = (m_i + log2 l_i) ln 2 in fp32 (lines 12-14)
+    O, L    O_i / l_i in the input dtype; L_i = (m_i + log2 l_i) ln 2 in fp32 (lines 12-15)
 
 Kernel locals: ``S`` -> S_ij (l. 8), then P~_ij (l. 9); ``m_tilde`` -> rowmax(S_ij),
 ``m`` -> m_i^(j-1), ``m_new`` -> m_i^(j), ``l`` -> l_i^(j), ``l_tilde`` -> rowsum(P~_ij)
@@ -61,6 +61,7 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types, uint16, uint32
 
+from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, mma
 from flashnumba.kernels.common import (
@@ -72,7 +73,7 @@ from flashnumba.kernels.common import (
     require,
 )
 from flashnumba.kernels.fast_math import LN_2, LOG2_E
-from flashnumba.kernels.geometry import kv_tile_end
+from flashnumba.kernels.geometry import kv_tile_end, num_tiles
 from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.hardware import FULL_MASK
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
@@ -193,8 +194,8 @@ def _build(config, KIND, DROPOUT):
         Nk = k.shape[1]
         H_kv = k.shape[2]
         d = out.shape[3]
-        Tr = (Nq + Br - 1) // Br
-        Tc = (Nk + Bc - 1) // Bc
+        Tr = num_tiles(Nq, Br)
+        Tc = num_tiles(Nk, Bc)
 
         # --- who am I ---
         tid = cuda.threadIdx.x
@@ -352,7 +353,7 @@ def _build(config, KIND, DROPOUT):
                 mma.cp_async_commit()
             j += 1
 
-        # Alg. 1 lines 12-14: O_i = diag(l_i)^-1 O_i, L_i = m_i + log(l_i); write both
+        # Alg. 1 lines 12-15: O_i = diag(l_i)^-1 O_i, L_i = m_i + log(l_i); write both
         for hh in range(2):
             l_row = l[hh]                                 # l_i: the quad's partial sums
             l_row += cuda.shfl_xor_sync(FULL_MASK, l_row, 1)
@@ -423,7 +424,7 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     q_d, k_d, v_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v))
     out = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
     L = cuda.device_array((B, H_q, Nq), dtype=np.float32)
-    Tr = (Nq + config.Br - 1) // config.Br
+    Tr = geometry.num_tiles(Nq, config.Br)
     launch_kernel = kernel[(Tr, B * H_q), config.threads]
     q_scale = np.float32(scale * LOG2_E)
 

@@ -14,7 +14,7 @@ are padded with zeros from d to the bucket d_pad (a copy only when d < d_pad).
 import numpy as np
 from numba import cuda, uint16
 
-from flashnumba import dtypes
+from flashnumba import dtypes, geometry
 from flashnumba.kernels import common
 
 KINDS = {dtypes.BFLOAT16: "bf16", dtypes.FLOAT16: "f16"}
@@ -100,7 +100,7 @@ def padded_bits(x, d_pad, arrays):
         return bits
     padded = cuda.device_array((*bits.shape[:3], d_pad), dtype=np.uint16)
     n = padded.size
-    pad_head_dim[(n + 255) // 256, 256](bits, padded)
+    pad_head_dim[geometry.num_tiles(n, 256), 256](bits, padded)
     return padded
 
 

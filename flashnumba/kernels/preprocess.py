@@ -20,12 +20,12 @@ PRE_ROWS_PER_BLOCK = PRE_WARPS * ROWS_PER_PRE_WARP
 
 
 # ---------------------------------------------------------------------------
-# Kernel 1: D_i = rowsum(dO_i * O_i), with a sub-warp shuffle butterfly
+# Kernel 1: D_i = rowsum(dO_i * O_i) (Alg. 2 l. 4), with a sub-warp shuffle butterfly
 # ---------------------------------------------------------------------------
 
 @cuda.jit
 def preprocess(dout, out, D_rows):
-    """D_rows[b, h, r] = sum_k dout[b, r, h, k] * out[b, r, h, k]."""
+    """D_rows[b, h, r] = sum_x dout[b, r, h, x] * out[b, r, h, x]: D = rowsum(dO o O), Alg. 2 l. 4."""
     _, Nq, H_q, d = out.shape
     b = cuda.blockIdx.y // H_q
     h = cuda.blockIdx.y % H_q
@@ -51,7 +51,7 @@ def preprocess(dout, out, D_rows):
 
 @cuda.jit
 def zero_fill(x):
-    """x[...] = 0 for a 4-D array: dQ starts at zero before the atomics add into it."""
+    """x[...] = 0 for a 4-D array: dQ starts at zero (Alg. 2 l. 3) before the atomics add into it."""
     B, N, H, d = x.shape
     idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if idx < B * N * H * d:

@@ -5,22 +5,25 @@ outer loop (one thread block each); dK_j, dV_j accumulate on chip, P_ij is
 recomputed from L alone, and dQ_i is read, updated and written back in HBM at
 every inner step (atomic adds on a GPU):
 
-    for i in 0 .. Tr-1:  load dO_i, O_i;  D_i = rowsum(dO_i * O_i);  write D_i
-    dQ = 0 (Nq x d)                                               in HBM
-    for j in 0 .. Tc-1:                                           (one thread block each)
-        load K_j, V_j
-        dK_j = 0, dV_j = 0                                        on chip
-        for i in 0 .. Tr-1:                                       (the thread block's loop)
-            load Q_i, dO_i, dQ_i, L_i, D_i
-            S_ij = scale Q_i K_j^T                                 (-inf where masked)
-            P_ij = exp(S_ij - L_i)
-            dV_j <- dV_j + (P_ij * Z_ij)^T dO_i
-            dP_ij = (dO_i V_j^T) * Z_ij
-            dS_ij = P_ij * (dP_ij - D_i)
-            dQ_i <- dQ_i + scale dS_ij K_j                         (written to HBM)
-            dK_j <- dK_j + scale dS_ij^T Q_i
-        write dK_j, dV_j
-    return dQ, dK, dV
+    for i in 0 .. Tr-1:  load dO_i, O_i;  D_i = rowsum(dO_i * O_i);  write D_i   l. 4
+    dQ = 0 (Nq x d), in HBM                                              l. 3
+    for j in 0 .. Tc-1:                  (one thread block each)         l. 5
+        load K_j, V_j                                                    l. 6
+        dK_j = 0, dV_j = 0               on chip                         l. 7
+        for i in 0 .. Tr-1:              (the thread block's loop)       l. 8
+            load Q_i, dO_i, dQ_i, L_i, D_i                               l. 9
+            S_ij = scale Q_i K_j^T       (-inf where masked)             l. 10
+            P_ij = exp(S_ij - L_i)                                       l. 11
+            dV_j <- dV_j + (P_ij * Z_ij)^T dO_i                          l. 12
+            dP_ij = (dO_i V_j^T) * Z_ij                                  l. 13
+            dS_ij = P_ij * (dP_ij - D_i)                                 l. 14
+            dQ_i <- dQ_i + scale dS_ij K_j   (written to HBM)            l. 15
+            dK_j <- dK_j + scale dS_ij^T Q_i                             l. 16
+        write dK_j, dV_j                                                 l. 18
+    return dQ, dK, dV                                                    l. 20
+
+(l. n: the line of Algorithm 2 in the paper; the code below carries the same numbers.
+The paper writes dQ = 0 (l. 3) before D (l. 4); the order does not matter.)
 
 The paper also lists O_i among the inner loads; once D is precomputed nothing
 uses it, so (like flash-attn) it is not loaded here.
@@ -38,7 +41,7 @@ from flashnumba.hbm import HBM
 from flashnumba.mirror.common import as_matrix, dropped, load, prepare, safe, scores, store
 from flashnumba.mirror.trace import finish, record
 
-ALGORITHM = __name__.rpartition(".")[2]     # "fa2_forward": the name its steps carry
+ALGORITHM = __name__.rpartition(".")[2]     # "fa2_backward": the name its steps carry
 
 
 def fa2_backward_steps(dO, Q, K, V, O, L, *, Br=None, Bc=None, M=None, causal=False,
@@ -60,7 +63,7 @@ def fa2_backward_steps(dO, Q, K, V, O, L, *, Br=None, Bc=None, M=None, causal=Fa
         raise ValueError(f"dO and O must have Q's shape {Q.shape}, L shape {(t.Nq,)}; got "
                          f"{dO.shape}, {O.shape}, {L.shape}")
 
-    # D = rowsum(dO * O), one Q tile at a time, written to HBM
+    # D = rowsum(dO * O), one Q tile at a time, written to HBM      Alg. 2 l. 4
     D = np.empty(t.Nq, dtype=problem.dtype)
     for i in range(t.Tr):
         rows = t.rows(i)
@@ -68,42 +71,42 @@ def fa2_backward_steps(dO, Q, K, V, O, L, *, Br=None, Bc=None, M=None, causal=Fa
         O_i = load(hbm, "O", O, rows)
         store(hbm, "D", D, rows, (dO_i * O_i).sum(axis=1))
 
-    dQ = np.zeros_like(Q)                               # dQ = 0 in HBM
+    dQ = np.zeros_like(Q)                               # dQ = 0 in HBM   Alg. 2 l. 3
     dK = np.empty_like(K)                               # every tile written once
     dV = np.empty_like(V)
 
     step = 0
-    for j in range(t.Tc):
+    for j in range(t.Tc):                               # Alg. 2 l. 5
         cols = t.cols(j)
-        dK_j = np.zeros((cols.stop - cols.start, problem.d), dtype=problem.dtype)   # on chip
+        dK_j = np.zeros((cols.stop - cols.start, problem.d), dtype=problem.dtype)   # on chip   Alg. 2 l. 7
         dV_j = np.zeros_like(dK_j)
         if len(t.q_range(j)) == 0:                      # no Q tile sees K_j
             store(hbm, "dK", dK, cols, dK_j)
             store(hbm, "dV", dV, cols, dV_j)
             continue
-        K_j = load(hbm, "K", K, cols)
+        K_j = load(hbm, "K", K, cols)                   # Alg. 2 l. 6
         V_j = load(hbm, "V", V, cols)
 
         i_range = t.q_range(j)[:problem.limit]
-        for i in i_range:
+        for i in i_range:                               # Alg. 2 l. 8
             rows = t.rows(i)
-            Q_i = load(hbm, "Q", Q, rows)
+            Q_i = load(hbm, "Q", Q, rows)               # Alg. 2 l. 9
             dO_i = load(hbm, "dO", dO, rows)
             dQ_i = load(hbm, "dQ", dQ, rows)
             L_i = load(hbm, "L", L, rows)
             D_i = load(hbm, "D", D, rows)
 
-            S_ij = scores(problem, Q_i, K_j, i, j)             # scale Q_i K_j^T
-            P_ij = np.exp(S_ij - safe(L_i)[:, None])            # P_ij = exp(S_ij - L_i)
-            dV_j += dropped(P_ij, problem, i, j).T @ dO_i       # dV_j += (P_ij Z_ij)^T dO_i
-            dP_ij = dropped(dO_i @ V_j.T, problem, i, j)        # dP_ij = (dO_i V_j^T) Z_ij
-            dS_ij = P_ij * (dP_ij - D_i[:, None])               # dS_ij = P_ij (dP_ij - D_i)
-            dQ_i += problem.scale * (dS_ij @ K_j)               # dQ_i += scale dS_ij K_j
-            dK_j += problem.scale * (dS_ij.T @ Q_i)             # dK_j += scale dS_ij^T Q_i
+            S_ij = scores(problem, Q_i, K_j, i, j)             # scale Q_i K_j^T   Alg. 2 l. 10
+            P_ij = np.exp(S_ij - safe(L_i)[:, None])            # P_ij = exp(S_ij - L_i)   Alg. 2 l. 11
+            dV_j += dropped(P_ij, problem, i, j).T @ dO_i       # dV_j += (P_ij Z_ij)^T dO_i   Alg. 2 l. 12
+            dP_ij = dropped(dO_i @ V_j.T, problem, i, j)        # dP_ij = (dO_i V_j^T) Z_ij   Alg. 2 l. 13
+            dS_ij = P_ij * (dP_ij - D_i[:, None])               # dS_ij = P_ij (dP_ij - D_i)   Alg. 2 l. 14
+            dQ_i += problem.scale * (dS_ij @ K_j)               # dQ_i += scale dS_ij K_j   Alg. 2 l. 15
+            dK_j += problem.scale * (dS_ij.T @ Q_i)             # dK_j += scale dS_ij^T Q_i   Alg. 2 l. 16
             store(hbm, "dQ", dQ, rows, dQ_i)
 
             writes = ("dQ_i",)
-            if i == i_range[-1]:                                # the i loop ends
+            if i == i_range[-1]:                                # the i loop ends: Alg. 2 l. 18
                 store(hbm, "dK", dK, cols, dK_j)
                 store(hbm, "dV", dV, cols, dV_j)
                 writes += ("dK_j", "dV_j")

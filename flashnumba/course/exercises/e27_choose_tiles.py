@@ -53,7 +53,7 @@ def accepted(Br, Bc, D, num_warps):
     from flashnumba.kernels import fa2_forward
     from flashnumba.kernels.common import ConfigError, TileConfig
     try:
-        fa2_forward.check_config(TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps))
+        fa2_forward.check_config(TileConfig(Br=Br, Bc=Bc, d_pad=D, num_warps=num_warps))
     except ConfigError as e:
         return str(e)
     return None

@@ -51,7 +51,7 @@ for ax, num_warps in zip(axes, (4, 1)):
     kb = np.zeros((4, 4))
     for a, Br in enumerate(sizes):
         for b, Bc in enumerate(sizes):
-            config = TileConfig(Br=Br, Bc=Bc, D=64, num_warps=num_warps)
+            config = TileConfig(Br=Br, Bc=Bc, d_pad=64, num_warps=num_warps)
             kb[a, b] = fa2_forward.smem_bytes(config) / 1024
             try:
                 fa2_forward.check_config(config)
@@ -107,7 +107,7 @@ print("the NVIDIA compiler wheels are " + ("installed here: that command re-meas
       "report is what this lesson shows"))
 print(f"\n{'config':<24}{'registers':>10}{'spills':>8}{'stack':>7}{'ptxas smem':>12}{'smem_bytes':>12}")
 for row in report["rows"]:
-    config = TileConfig(Br=row["Br"], Bc=row["Bc"], D=row["D"], num_warps=row["num_warps"])
+    config = TileConfig(Br=row["Br"], Bc=row["Bc"], d_pad=row["D"], num_warps=row["num_warps"])
     print(f"{tile_report.label(row['Br'], row['Bc'], row['D'], row['num_warps']):<24}"
           f"{row['registers']:>10}{row['spill_stores'] + row['spill_loads']:>8}{row['stack_frame']:>7}"
           f"{row['smem']:>12}{fa2_forward.smem_bytes(config):>12}")
