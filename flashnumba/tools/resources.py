@@ -273,8 +273,15 @@ def source_name(spec):
     return spec.rpartition(".")[2]
 
 
-def _enumerate(sources):
-    """Yield (source, config, label, dispatcher, argtypes, smem_expected) or (source, error)."""
+def largest(configs):
+    """The config with the largest tiles (head dim, then Br x Bc, then warps): where a kernel
+    is nearest its register and shared-memory limits."""
+    return max(configs, key=lambda c: (c.d_pad, c.Br * c.Bc, c.num_warps))
+
+
+def _enumerate(sources, configs="shipped"):
+    """Yield (source, config, label, dispatcher, argtypes, smem_expected) or (source, error).
+    configs: "shipped" (every shipped config of a kernel module) or "largest" (its largest)."""
     for spec in sources:
         module_name, _, function_name = spec.partition(":")
         short = source_name(spec)
@@ -284,10 +291,12 @@ def _enumerate(sources):
                 jobs = [(None, getattr(module, function_name)(), None)]
             else:
                 static_bytes = getattr(module, "static_smem_bytes", module.smem_bytes)
-                jobs = [(config, module.compile_targets(config), static_bytes(config))
-                        for config in module.shipped_configs()]
-                if not jobs:
+                shipped = module.shipped_configs()
+                if not shipped:
                     raise ValueError(f"{module_name}.shipped_configs() is empty")
+                chosen = shipped if configs == "shipped" else [largest(shipped)]
+                jobs = [(config, module.compile_targets(config), static_bytes(config))
+                        for config in chosen]
         except Exception as exc:  # noqa: BLE001  (a failed record, never a skip)
             yield short, _short_error(exc) + "\n" + traceback.format_exc(limit=3)
             continue
@@ -316,7 +325,7 @@ def _measure(dispatcher, argtypes, ccs):
     return results
 
 
-def _worker(sources, ccs, shard, shards):
+def _worker(sources, ccs, shard, shards, configs="shipped"):
     """Measure this worker's share of the kernels (every `shards`-th); return JSON-ready records."""
     import numba
     if numba.config.ENABLE_CUDASIM:
@@ -324,7 +333,7 @@ def _worker(sources, ccs, shard, shards):
 
     records = []
     measured = {}   # (id(dispatcher), argtypes) -> (dispatcher, results): a kernel listed twice
-    for order, item in enumerate(_enumerate(sources)):    # is built once
+    for order, item in enumerate(_enumerate(sources, configs)):    # is built once
         if order % shards != shard:
             continue
         if len(item) == 2:
@@ -354,7 +363,7 @@ def _worker_main(argv):
     with open(args.request) as f:
         request = json.load(f)
     records = _worker(request["sources"], [tuple(cc) for cc in request["ccs"]],
-                      request["shard"], request["shards"])
+                      request["shard"], request["shards"], request.get("configs", "shipped"))
     with open(args.out, "w") as f:
         json.dump(records, f)
     return 0
@@ -370,13 +379,15 @@ _WORKER_BOOTSTRAP = ("import sys, numba.cuda; "
 # The parent: start workers, gather records, judge them
 # ---------------------------------------------------------------------------
 
-def check_all(ccs=DEFAULT_CCS, sources=None, jobs=None, sys_path=()):
+def check_all(ccs=DEFAULT_CCS, sources=None, jobs=None, sys_path=(), configs="shipped"):
     """Build every (kernel, config) of `sources` for each cc in worker processes; return records.
 
     sources: module names (kernel modules) and "module:function" specs
     (plain targets); KERNEL_MODULES + PLAIN_TARGETS by default. jobs: worker
     processes (default: up to 2, as many as there are cores). sys_path: extra
     import directories for the workers (for kernels defined outside the package).
+    configs: "shipped" (every shipped config) or "largest" (each kernel module's largest
+    config only: the test suite's quick pass on 2 cores; the GPU run checks them all).
     Records come back in source order, then config, then kernel, then cc.
     """
     sources = list(DEFAULT_SOURCES if sources is None else sources)
@@ -398,7 +409,8 @@ def check_all(ccs=DEFAULT_CCS, sources=None, jobs=None, sys_path=()):
                 request, out, log = (os.path.join(tmp, f"{what}{shard}")
                                      for what in ("request", "records", "log"))
                 with open(request, "w") as f:
-                    json.dump({"sources": sources, "ccs": ccs, "shard": shard, "shards": jobs}, f)
+                    json.dump({"sources": sources, "ccs": ccs, "shard": shard, "shards": jobs,
+                               "configs": configs}, f)
                 with open(log, "w") as f:
                     command = [sys.executable, "-c", _WORKER_BOOTSTRAP,
                                "--request", request, "--out", out]
@@ -528,11 +540,14 @@ def main(argv=None):
                         help="worker processes (default: up to 2)")
     parser.add_argument("--source", action="append",
                         help="kernel module or module:function (default: all shipped kernels)")
+    parser.add_argument("--largest", action="store_true",
+                        help="only each kernel module's largest shipped config (quick)")
     parser.add_argument("--json", action="store_true", help="print records as JSON")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    records = check_all(ccs=args.cc or DEFAULT_CCS, sources=args.source, jobs=args.jobs)
+    records = check_all(ccs=args.cc or DEFAULT_CCS, sources=args.source, jobs=args.jobs,
+                        configs="largest" if args.largest else "shipped")
     elapsed = time.perf_counter() - start
     problems = find_problems(records)
     if args.json:
