@@ -13,7 +13,7 @@ dtype. Both ``flashnumba.api`` (the public calls) and
 other.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import cuda
@@ -34,16 +34,41 @@ class Call:
     alignment: str
     algorithm: str            # a version name of flashnumba.registry
     deterministic: bool
+    window_size: tuple = (-1, -1)     # flash-attn's (left, right), -1 unbounded
+    softcap: float = 0.0              # 0: none
+    alibi_slopes: object = field(default=None, compare=False)   # host float32 (B, Hq) or None
+
+    @property
+    def features(self):
+        """The options beyond plain attention this call uses, by flash-attn's names."""
+        return tuple(name for name, used in (("window_size", self.window_size != (-1, -1)),
+                                             ("softcap", self.softcap > 0.0),
+                                             ("alibi_slopes", self.alibi_slopes is not None)) if used)
 
     def kernel_options(self):
-        return dict(causal=self.causal, alignment=self.alignment, softmax_scale=self.scale,
-                    dropout_p=self.dropout_p, seed=self.seed)
+        options = dict(causal=self.causal, alignment=self.alignment, softmax_scale=self.scale,
+                       dropout_p=self.dropout_p, seed=self.seed)
+        if self.features:         # only kernels that declare FEATURES take these
+            options.update(window_size=self.window_size, softcap=self.softcap,
+                           alibi_slopes=self.alibi_slopes)
+        return options
+
+
+def _kernel_module(call, version, direction):
+    """The version's kernel module; a ValueError naming the algorithm when it lacks a feature."""
+    module = version.module(direction)
+    missing = [f for f in call.features if f not in getattr(module, "FEATURES", ())]
+    if missing:
+        raise ValueError(f"algorithm={version.name!r} does not implement {', '.join(missing)} "
+                         f"({direction}); use algorithm={registry.DEFAULT!r} (the default), whose "
+                         f"kernels do")
+    return module
 
 
 def forward_kernels(call, Q, K, V):
     """(O, L) float32 device arrays for float32 device inputs Q, K, V in flash layout."""
-    return registry.version(call.algorithm).module(registry.FORWARD).forward(
-        Q, K, V, **call.kernel_options())
+    module = _kernel_module(call, registry.version(call.algorithm), registry.FORWARD)
+    return module.forward(Q, K, V, **call.kernel_options())
 
 
 def backward_kernels(call, dO, Q, K, V, O, L):
@@ -52,7 +77,7 @@ def backward_kernels(call, dO, Q, K, V, O, L):
     version = registry.version(call.algorithm)
     if call.deterministic:
         version = registry.version(version.deterministic_backward)
-    return version.module(registry.BACKWARD).backward(
+    return _kernel_module(call, version, registry.BACKWARD).backward(
         dO, Q, K, V, O, L, deterministic=call.deterministic, **call.kernel_options())
 
 
@@ -77,6 +102,9 @@ def forward(operands, call, with_dmask):
     results = Results(q)
     S_dmask = None
     if with_dmask and call.dropout_p > 0.0:
+        if call.features:
+            raise ValueError(f"return_attn_probs=True with dropout does not take {', '.join(call.features)}: "
+                             f"the S_dmask kernel draws plain attention's probabilities")
         S_dmask = results.give(dropout_mask_kernel(call, Q, K, L))
     return results.give(O), results.give(L, "float32"), S_dmask
 

@@ -108,3 +108,52 @@ def algorithm(name):
     if not isinstance(name, str):
         raise TypeError(f"algorithm must be a string or None, got {name!r}")
     return registry.version(name).name
+
+
+def window_size(value):
+    """flash-attn's (left, right): two integers, each -1 (unbounded) or >= 0. A side wider than
+    the sequence is allowed (as in flash-attn): it hides nothing."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of integers, -1 for unbounded; "
+                        f"got {value!r}")
+    for side, x in zip(("left", "right"), value):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+            raise TypeError(f"window_size {side} must be an integer (-1 for unbounded), got {x!r}")
+        if x < -1:
+            raise ValueError(f"window_size {side} must be -1 (unbounded) or >= 0, got {x}")
+    return int(value[0]), int(value[1])
+
+
+def softcap(value):
+    """softcap: a finite number >= 0 (0: no softcap)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"softcap must be a number >= 0 (0 for none), got {value!r}")
+    if not math.isfinite(float(value)) or value < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 for none), got {value!r}")
+    return float(value)
+
+
+def alibi_slopes(value, B, Hq):
+    """alibi_slopes of shape (nheads,) or (batch, nheads), float32, any side; returned as a host
+    float32 (B, Hq) array (a few bytes: the kernels take a device copy)."""
+    if value is None:
+        return None
+    op = Operand("alibi_slopes", value)
+    if op.dtype != "float32":
+        raise TypeError(f"alibi_slopes must be float32 (as flash-attn requires), got {op.dtype}")
+    if op.shape not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape ({Hq},) or ({B}, {Hq}) (nheads,) or "
+                         f"(batch, nheads), got {op.shape}")
+    host = _to_host(op)
+    if not np.all(np.isfinite(host)):
+        raise ValueError("alibi_slopes must be finite")
+    return np.ascontiguousarray(np.broadcast_to(host, (B, Hq)), dtype=np.float32)
+
+
+def _to_host(op):
+    x = op.value
+    if op.kind == "numpy":
+        return np.asarray(x, dtype=np.float32)
+    if op.kind in ("torch", "torch-cpu"):
+        return x.detach().cpu().numpy().astype(np.float32)
+    return op.device_bits().copy_to_host().astype(np.float32)
