@@ -120,11 +120,10 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types
 
-from flashnumba.geometry import BOTTOM_RIGHT
+from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
 from flashnumba.kernels import common
 from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
 from flashnumba.kernels.fast_math import LN_2, LOG2_E
-from flashnumba.geometry import is_windowed, window_bounds
 from flashnumba.kernels.geometry import kv_tile_end, kv_tile_start
 from flashnumba.kernels.hardware import (
     FLOAT_BYTES,
