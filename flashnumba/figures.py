@@ -17,7 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")   # before anything draws: no display, same pixels everywhere
 
-from flashnumba.viz import causal, io, loop_order, memory, on_chip, online_softmax, warps
+from flashnumba.viz import causal, io, loop_order, memory, on_chip, online_softmax, split_kv, warps, window
 from flashnumba.viz.style import save
 
 # file name -> function returning its Figure (PNG) or Animation (GIF)
@@ -31,6 +31,8 @@ FIGURES = {
     "online_softmax.png": online_softmax.online_softmax_figure,
     "io_complexity.png": io.io_figure,
     "memory_footprint.png": memory.memory_figure,
+    "window_band.png": window.window_figure,
+    "split_kv.png": split_kv.split_kv_figure,
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "figures"
