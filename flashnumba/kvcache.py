@@ -145,7 +145,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_leftpad is not None:
         raise ValueError("cache_leftpad is not implemented by flashnumba; pass cache_leftpad=None")
     ops = validate.tensors(q=q, k_cache=k_cache, v_cache=v_cache)
-    B, N_q, H_q, B_cache, S, H_kv, d = _check_cache(*ops)
+    B, _, H_q, B_cache, S, H_kv, d = _check_cache(*ops)
     causal = validate.flag("causal", causal)
     window = validate.window_size(window_size)
     cap = validate.softcap(softcap)
@@ -219,7 +219,7 @@ def _apply_rotary(q_op, k, rotary_cos, rotary_sin, starts, n_new, causal, window
     if cos.ndim != 2 or cos.shape != sin.shape or 2 * cos.shape[1] > d:
         raise ValueError(f"rotary_cos and rotary_sin must be (seqlen, rotary_dim / 2) with rotary_dim <= "
                          f"headdim {d}, the same shape; got {cos.shape} and {sin.shape}")
-    B, N_q = q_op.shape[:2]
+    N_q = q_op.shape[1]
     moving = causal or window != (-1, -1)
     q_pos = starts[:, None] + (np.arange(N_q)[None, :] if moving else 0 * np.arange(N_q)[None, :])
     last = int(max(q_pos.max(), (starts + n_new - 1).max() if n_new else 0))
@@ -234,8 +234,5 @@ def _apply_rotary(q_op, k, rotary_cos, rotary_sin, starts, n_new, causal, window
 
 
 def _sm_count():
-    """Multiprocessors of the current GPU (the simulator: 1)."""
-    try:
-        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
-    except Exception:                   # the simulator's fake device has no attributes
-        return 1
+    """Multiprocessors of the current GPU (the simulator's device has no such attribute: 1)."""
+    return int(getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1))
