@@ -144,7 +144,7 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_
     each group of query heads under grouped-query attention).
     """
     operands = validate.tensors(dout=dout, q=q, k=k, v=v, out=out)
-    B, N_q, _, H_q, _, d = validate.attention_shapes(*operands[1:4])
+    B, Nq, _, H_q, _, d = validate.attention_shapes(*operands[1:4])
     validate.like(operands[0], operands[1].shape, "like q")
     validate.like(operands[4], operands[1].shape, "like q")
     lse = Operand("softmax_lse", softmax_lse)
@@ -153,7 +153,7 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_
     if lse.on_host != operands[1].on_host:
         raise TypeError(f"softmax_lse is {'on the host' if lse.on_host else 'on the device'} "
                         f"({lse.kind}) but q is not ({operands[1].kind}); pass all tensors on one side")
-    validate.like(lse, (B, H_q, N_q), "(batch, nheads, seqlen_q)")
+    validate.like(lse, (B, H_q, Nq), "(batch, nheads, seqlen_q)")
     call = _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, BOTTOM_RIGHT,
                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, B=B, Hq=H_q)
     return backward(operands + [lse], call)

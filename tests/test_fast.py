@@ -34,9 +34,9 @@ FORWARD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal", FORWARD_CASES)
-def test_fast_forward_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal):
-    q, k, v, _ = attention_inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+@pytest.mark.parametrize("B, Nq, Nk, H_q, H_kv, d, causal", FORWARD_CASES)
+def test_fast_forward_matches_reference(rng, B, Nq, Nk, H_q, H_kv, d, causal):
+    q, k, v, _ = attention_inputs(rng, B, Nq, Nk, H_q, H_kv, d)
     out, L = fast.fa2_fast_forward(q, k, v, causal=causal)
     ref_out, ref_L = reference.attention(q, k, v, causal=causal)
     check_forward(out, L, ref_out, ref_L)
@@ -49,9 +49,9 @@ TOP_LEFT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("N_q, N_k, d", TOP_LEFT_CASES)
-def test_fast_forward_top_left_causal(rng, N_q, N_k, d):
-    q, k, v, _ = attention_inputs(rng, 1, N_q, N_k, 2, 1, d)
+@pytest.mark.parametrize("Nq, Nk, d", TOP_LEFT_CASES)
+def test_fast_forward_top_left_causal(rng, Nq, Nk, d):
+    q, k, v, _ = attention_inputs(rng, 1, Nq, Nk, 2, 1, d)
     out, L = fast.fa2_fast_forward(q, k, v, causal=True, alignment=geometry.TOP_LEFT)
     ref_out, ref_L = reference.attention(q, k, v, causal=True, alignment=geometry.TOP_LEFT)
     check_forward(out, L, ref_out, ref_L)
@@ -67,7 +67,7 @@ def test_fast_forward_alignment_is_checked(rng):
 
 def test_fast_forward_softmax_scale_and_other_config(rng):
     q, k, v, _ = attention_inputs(rng, 1, 70, 70, 1, 1, 64)
-    config = TileConfig(Br=32, Bc=32, D=64, num_warps=2)
+    config = TileConfig(Br=32, Bc=32, d_pad=64, num_warps=2)
     out, L = fast.fa2_fast_forward(q, k, v, causal=True, softmax_scale=0.3, config=config)
     ref_out, ref_L = reference.attention(q, k, v, causal=True, softmax_scale=0.3)
     check_forward(out, L, ref_out, ref_L)
@@ -75,13 +75,13 @@ def test_fast_forward_softmax_scale_and_other_config(rng):
 
 def test_fast_forward_configs_are_checked():
     with pytest.raises(ConfigError, match="Br=64 must equal Bc=32"):
-        fast.check_config(TileConfig(Br=64, Bc=32, D=64, num_warps=4))
+        fast.check_config(TileConfig(Br=64, Bc=32, d_pad=64, num_warps=4))
     with pytest.raises(ConfigError, match="static shared memory"):
-        fast.check_config(TileConfig(Br=64, Bc=64, D=128, num_warps=4))
+        fast.check_config(TileConfig(Br=64, Bc=64, d_pad=128, num_warps=4))
     for config in fast.shipped_configs():
         fast.check_config(config)
         assert fast.smem_bytes(config) <= 48 * 1024
-    assert [fast.default_config(d).D for d in (1, 16, 17, 64, 65, 100, 128)] == [32, 32, 32, 64, 128, 128, 128]
+    assert [fast.default_config(d).d_pad for d in (1, 16, 17, 64, 65, 100, 128)] == [32, 32, 32, 64, 128, 128, 128]
     with pytest.raises(ValueError):
         fast.default_config(129)
 
@@ -97,10 +97,10 @@ BACKWARD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal", BACKWARD_CASES)
-def test_fast_backward_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal):
+@pytest.mark.parametrize("B, Nq, Nk, H_q, H_kv, d, causal", BACKWARD_CASES)
+def test_fast_backward_matches_reference(rng, B, Nq, Nk, H_q, H_kv, d, causal):
     fast_bwd = _backward_module()
-    q, k, v, dout = attention_inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+    q, k, v, dout = attention_inputs(rng, B, Nq, Nk, H_q, H_kv, d)
     out, L = fast.fa2_fast_forward(q, k, v, causal=causal)
     dq, dk, dv = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=causal)
     ref = reference.attention_backward(dout, q, k, v, causal=causal)

@@ -1,7 +1,7 @@
 """The register-tiled FA2 backward (fa2_fast_backward) against the float64 reference.
 
-Simulator-sized: the shipped D = 64 config is a 128-thread block with 32 x 32
-tiles (D = 32: 64 threads), so each (K/V tile, Q tile) pair costs a few hundred milliseconds here;
+Simulator-sized: the shipped d_pad = 64 config is a 128-thread block with 32 x 32
+tiles (d_pad = 32: 64 threads), so each (K/V tile, Q tile) pair costs a few hundred milliseconds here;
 cases keep B * H * Tr * Tc small. Relative error <= 1e-5 for dq, dk and dv.
 
 L and O come from the float64 reference (cast to float32), except in one case
@@ -38,42 +38,42 @@ def _check(grads, refs):
 
 
 # (B, Nq, Nk, Hq, Hkv, d, causal): the awkward sizes. The shipped config for 32 < d <= 64 has
-# Br = 32, Bc = 64; d = 40 runs that D = 64 kernel with zero padding, d = 24 the D = 32 one
-# (Br = Bc = 32), d = 128 the D = 128 one (Br = 16, Bc = 32).
+# Br = 32, Bc = 64; d = 40 runs that d_pad = 64 kernel with zero padding, d = 24 the d_pad = 32 one
+# (Br = Bc = 32), d = 128 the d_pad = 128 one (Br = 16, Bc = 32).
 CASES = [
     pytest.param(1, 64, 64, 1, 1, 64, False, id="N=64 multiple of the tile"),
     pytest.param(1, 50, 50, 2, 1, 64, True, id="N=50 not a multiple, causal, GQA 2:1"),
     pytest.param(1, 20, 20, 1, 1, 64, False, id="N=20 below the tile"),
     pytest.param(1, 24, 70, 1, 1, 64, True, id="Nq=24 < Nk=70 causal"),
     pytest.param(1, 70, 24, 1, 1, 40, True, id="Nq=70 > Nk=24 causal, 46 fully masked rows, d=40"),
-    pytest.param(2, 20, 28, 4, 2, 40, False, id="d=40 (D=64), B=2, GQA 4:2"),
-    pytest.param(1, 40, 36, 1, 1, 24, True, id="d=24 (D=32) causal"),
+    pytest.param(2, 20, 28, 4, 2, 40, False, id="d=40 (d_pad=64), B=2, GQA 4:2"),
+    pytest.param(1, 40, 36, 1, 1, 24, True, id="d=24 (d_pad=32) causal"),
     pytest.param(1, 20, 20, 1, 1, 128, True, id="d=128 causal"),
     pytest.param(1, 100, 130, 2, 2, 64, True, id="Nq=100 Nk=130 causal: three K/V tiles, whole and edge Q tiles"),
 ]
 
 
-@pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal", CASES)
-def test_fast_backward_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal):
-    q, k, v, dout = attention_inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+@pytest.mark.parametrize("B, Nq, Nk, H_q, H_kv, d, causal", CASES)
+def test_fast_backward_matches_reference(rng, B, Nq, Nk, H_q, H_kv, d, causal):
+    q, k, v, dout = attention_inputs(rng, B, Nq, Nk, H_q, H_kv, d)
     out, L = _forward(q, k, v, causal)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=causal)
     _check(grads, reference.attention_backward(dout, q, k, v, causal=causal))
 
 
-@pytest.mark.parametrize("N_q, N_k, d", [
+@pytest.mark.parametrize("Nq, Nk, d", [
     pytest.param(24, 70, 64, id="Nq=24 < Nk=70: keys past row 23 get dK = dV = 0"),
     pytest.param(70, 24, 40, id="Nq=70 > Nk=24, d=40"),
 ])
-def test_top_left_causal(rng, N_q, N_k, d):
+def test_top_left_causal(rng, Nq, Nk, d):
     """PyTorch's diagonal (key c visible to row r iff c <= r), with the reference's O and L."""
-    q, k, v, dout = attention_inputs(rng, 1, N_q, N_k, 2, 1, d)
+    q, k, v, dout = attention_inputs(rng, 1, Nq, Nk, 2, 1, d)
     out, L = reference.attention(q, k, v, causal=True, alignment=geometry.TOP_LEFT)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out.astype(np.float32), L.astype(np.float32),
                                        causal=True, alignment=geometry.TOP_LEFT)
     _check(grads, reference.attention_backward(dout, q, k, v, causal=True, alignment=geometry.TOP_LEFT))
-    if N_k > N_q:
-        assert np.all(grads[1][0, N_q:] == 0.0) and np.all(grads[2][0, N_q:] == 0.0)
+    if Nk > Nq:
+        assert np.all(grads[1][0, Nq:] == 0.0) and np.all(grads[2][0, Nq:] == 0.0)
 
 
 def test_fully_masked_rows_get_zero_dq(rng):
@@ -96,11 +96,11 @@ def test_after_the_fast_forward_with_softmax_scale(rng):
 
 
 @pytest.mark.parametrize("config", [
-    TileConfig(Br=16, Bc=32, D=64, num_warps=2),
-    TileConfig(Br=32, Bc=32, D=64, num_warps=2),
-    TileConfig(Br=32, Bc=32, D=64, num_warps=4),          # 3 blocks per SM (the default runs 4)
-    TileConfig(Br=32, Bc=64, D=64, num_warps=4),          # 70 KB of shared memory
-    TileConfig(Br=64, Bc=64, D=64, num_warps=8, blocks_per_sm=2),
+    TileConfig(Br=16, Bc=32, d_pad=64, num_warps=2),
+    TileConfig(Br=32, Bc=32, d_pad=64, num_warps=2),
+    TileConfig(Br=32, Bc=32, d_pad=64, num_warps=4),          # 3 blocks per SM (the default runs 4)
+    TileConfig(Br=32, Bc=64, d_pad=64, num_warps=4),          # 70 KB of shared memory
+    TileConfig(Br=64, Bc=64, d_pad=64, num_warps=8, blocks_per_sm=2),
 ], ids=lambda c: f"Br={c.Br} Bc={c.Bc} w={c.num_warps} b={c.blocks_per_sm}")
 def test_alternative_configs(rng, config):
     q, k, v, dout = attention_inputs(rng, 1, 40, 40, 1, 1, 64)
@@ -112,21 +112,21 @@ def test_alternative_configs(rng, config):
 def _truncated_backward(dout, q, k, v, out, causal, Br, Bc, steps):
     """float64 gradients when K/V block j only visits Q tiles i in [start_j, start_j + steps):
     the pairs (i, j) outside that window contribute nothing to dQ, dK or dV."""
-    _, N_q, _, d = q.shape
-    N_k = k.shape[1]
+    _, Nq, _, d = q.shape
+    Nk = k.shape[1]
     scale = 1.0 / np.sqrt(d)
-    offset = N_k - N_q
+    offset = Nk - Nq
     Q, K, V, dO, O = (np.moveaxis(x.astype(np.float64), 2, 1) for x in (q, k, v, dout, out))
     S = scale * Q @ np.swapaxes(K, -1, -2)
     if causal:
-        S = np.where(reference.causal_mask(N_q, N_k), S, -np.inf)
+        S = np.where(reference.causal_mask(Nq, Nk), S, -np.inf)
     P = np.exp(S - S.max(axis=-1, keepdims=True))
     P /= P.sum(axis=-1, keepdims=True)
     D = (dO * O).sum(axis=-1, keepdims=True)
     dS = P * (dO @ np.swapaxes(V, -1, -2) - D)
-    visited = np.zeros((N_q, N_k), dtype=bool)
-    for j in range(geometry.num_tiles(N_k, Bc)):
-        start = geometry.q_tile_start(j, Br, Bc, N_q, offset) if causal else 0
+    visited = np.zeros((Nq, Nk), dtype=bool)
+    for j in range(geometry.num_tiles(Nk, Bc)):
+        start = geometry.q_tile_start(j, Br, Bc, Nq, offset) if causal else 0
         visited[start * Br:(start + steps) * Br, j * Bc:(j + 1) * Bc] = True
     P, dS = np.where(visited, P, 0.0), np.where(visited, dS, 0.0)
     dQ = scale * dS @ K
@@ -170,15 +170,15 @@ def test_configs_are_checked():
     for config in fast_bwd.shipped_configs():
         fast_bwd.check_config(config)
         assert fast_bwd.smem_bytes(config) <= smem_limit.MAX_BLOCK_BYTES
-    assert [fast_bwd.default_config(d).D for d in (1, 32, 33, 64, 65, 128)] == [32, 32, 64, 64, 128, 128]
+    assert [fast_bwd.default_config(d).d_pad for d in (1, 32, 33, 64, 65, 128)] == [32, 32, 64, 64, 128, 128]
     with pytest.raises(ConfigError, match="bytes of shared memory per block"):
-        fast_bwd.check_config(TileConfig(Br=128, Bc=128, D=128, num_warps=32))
+        fast_bwd.check_config(TileConfig(Br=128, Bc=128, d_pad=128, num_warps=32))
     with pytest.raises(ConfigError, match="would spill"):
-        fast_bwd.check_config(TileConfig(Br=64, Bc=64, D=64, num_warps=4))
+        fast_bwd.check_config(TileConfig(Br=64, Bc=64, d_pad=64, num_warps=4))
     with pytest.raises(ConfigError, match="do not fit on one SM"):
-        fast_bwd.check_config(TileConfig(Br=32, Bc=32, D=64, num_warps=4, blocks_per_sm=6))
+        fast_bwd.check_config(TileConfig(Br=32, Bc=32, d_pad=64, num_warps=4, blocks_per_sm=6))
     with pytest.raises(ConfigError, match="even"):
-        fast_bwd.check_config(TileConfig(Br=32, Bc=32, D=64, num_warps=1))
+        fast_bwd.check_config(TileConfig(Br=32, Bc=32, d_pad=64, num_warps=1))
     with pytest.raises(ConfigError, match="cannot serve"):
         fast_bwd.resolve_config(64, config=fast_bwd.default_config(32))
     with pytest.raises(ValueError):

@@ -6,7 +6,7 @@ Nq, Nk)``. A single element kept or dropped differently moves the output by
 about 1e-2 relative at these sizes, so rel_err <= 1e-5 checks the mask bit for
 bit, besides the arithmetic.
 
-Simulator-sized (B * H <= 2, N <= 100, few tiles): the forward's D=64 block is
+Simulator-sized (B * H <= 2, N <= 100, few tiles): the forward's d_pad=64 block is
 128 threads with 64 x 64 tiles, the backward's 128 threads with 32 x 32 tiles;
 each thread runs its Philox calls in Python here. The backward cases take O and
 L from the float64 reference (cast to float32), so they test the backward alone.
@@ -33,8 +33,8 @@ BR, TL = geometry.BOTTOM_RIGHT, geometry.TOP_LEFT
 
 def _options(q, k, causal, alignment, p=P, seed=SEED):
     """Keywords for the reference: the same Philox mask the kernels regenerate."""
-    B, N_q, H_q, _ = q.shape
-    mask = philox.keep_mask(seed, p, B, H_q, N_q, k.shape[1])
+    B, Nq, H_q, _ = q.shape
+    mask = philox.keep_mask(seed, p, B, H_q, Nq, k.shape[1])
     return {"causal": causal, "alignment": alignment, "dropout_p": p, "dropout_mask": mask}
 
 
@@ -42,7 +42,7 @@ def _options(q, k, causal, alignment, p=P, seed=SEED):
 
 # (B, Nq, Nk, Hq, Hkv, d, causal, alignment). Forward tiles are 64 x 64 (d <= 64) or
 # 32 x 32 (d = 128): N not a multiple of the tile, Nq != Nk both ways, odd head dims
-# (17 in the D=32 kernel, 40 in the D=64 one), GQA 2:1 (the mask is the query head's),
+# (17 in the d_pad=32 kernel, 40 in the d_pad=64 one), GQA 2:1 (the mask is the query head's),
 # and fully masked rows (bottom-right, Nq > Nk).
 FORWARD_CASES = [
     pytest.param(1, 100, 100, 1, 1, 64, False, BR, id="N=100 not a multiple, full"),
@@ -54,9 +54,9 @@ FORWARD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal, alignment", FORWARD_CASES)
-def test_forward_dropout_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal, alignment):
-    q, k, v, _ = attention_inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+@pytest.mark.parametrize("B, Nq, Nk, H_q, H_kv, d, causal, alignment", FORWARD_CASES)
+def test_forward_dropout_matches_reference(rng, B, Nq, Nk, H_q, H_kv, d, causal, alignment):
+    q, k, v, _ = attention_inputs(rng, B, Nq, Nk, H_q, H_kv, d)
     out, L = fast_fwd.fa2_fast_forward(q, k, v, causal=causal, alignment=alignment,
                                        dropout_p=P, seed=SEED)
     ref_out, ref_L = reference.attention(q, k, v, **_options(q, k, causal, alignment))
@@ -67,9 +67,9 @@ def test_forward_dropout_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causa
 
 
 def test_forward_dropout_other_config_and_softmax_scale(rng):
-    """The 2-warp 32 x 32 alternative for D=64: other thread tiles (TN = 4, one group of 4 keys)."""
+    """The 2-warp 32 x 32 alternative for d_pad=64: other thread tiles (TN = 4, one group of 4 keys)."""
     q, k, v, _ = attention_inputs(rng, 1, 45, 70, 1, 1, 64)
-    config = TileConfig(Br=32, Bc=32, D=64, num_warps=2)
+    config = TileConfig(Br=32, Bc=32, d_pad=64, num_warps=2)
     out, L = fast_fwd.fa2_fast_forward(q, k, v, causal=True, softmax_scale=0.3, dropout_p=0.4,
                                        seed=7, config=config)
     ref_out, ref_L = reference.attention(q, k, v, softmax_scale=0.3, **_options(q, k, True, BR, 0.4, 7))
@@ -107,9 +107,9 @@ BACKWARD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("B, N_q, N_k, H_q, H_kv, d, causal, alignment", BACKWARD_CASES)
-def test_backward_dropout_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, causal, alignment):
-    q, k, v, dout = attention_inputs(rng, B, N_q, N_k, H_q, H_kv, d)
+@pytest.mark.parametrize("B, Nq, Nk, H_q, H_kv, d, causal, alignment", BACKWARD_CASES)
+def test_backward_dropout_matches_reference(rng, B, Nq, Nk, H_q, H_kv, d, causal, alignment):
+    q, k, v, dout = attention_inputs(rng, B, Nq, Nk, H_q, H_kv, d)
     options = _options(q, k, causal, alignment)
     out, L = reference.attention(q, k, v, **options)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out.astype(np.float32), L.astype(np.float32),
@@ -121,8 +121,8 @@ def test_backward_dropout_matches_reference(rng, B, N_q, N_k, H_q, H_kv, d, caus
 
 
 @pytest.mark.parametrize("config", [
-    TileConfig(Br=32, Bc=32, D=64, num_warps=2),
-    TileConfig(Br=32, Bc=32, D=64, num_warps=4),     # shipped: 3 blocks per SM, one dQ chunk per trip
+    TileConfig(Br=32, Bc=32, d_pad=64, num_warps=2),
+    TileConfig(Br=32, Bc=32, d_pad=64, num_warps=4),     # shipped: 3 blocks per SM, one dQ chunk per trip
 ], ids=lambda c: f"Br={c.Br} Bc={c.Bc} w={c.num_warps}")
 def test_backward_dropout_other_configs(rng, config):
     q, k, v, dout = attention_inputs(rng, 1, 40, 40, 1, 1, 64)
@@ -180,7 +180,7 @@ def test_backward_dropout_launch_bounds():
     assert (16, 16, 128, 2, 0) in listed
     for config in fast_bwd.shipped_configs():
         plain = fast_bwd.min_blocks_per_sm(config)
-        key = (config.Br, config.Bc, config.D, config.num_warps, config.blocks_per_sm)
+        key = (config.Br, config.Bc, config.d_pad, config.num_warps, config.blocks_per_sm)
         if key in listed:
             assert listed[key] < plain
             assert fast_bwd.min_blocks_per_sm(config, dropout=True) == listed[key]

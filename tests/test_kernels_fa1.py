@@ -212,11 +212,11 @@ def test_backward_limit_leaves_algorithm2_state(rng):
 @pytest.mark.parametrize("module", [fwd_module, bwd_module], ids=["forward", "backward"])
 def test_shipped_configs_fit(module):
     configs = module.shipped_configs()
-    assert [c.D for c in configs] == list(common.HEAD_DIM_BUCKETS)
+    assert [c.d_pad for c in configs] == list(common.HEAD_DIM_BUCKETS)
     for config in configs:
         module.check_config(config)
         assert module.smem_bytes(config) <= hardware.STATIC_SMEM_LIMIT
-        assert module.default_config(config.D) == config
+        assert module.default_config(config.d_pad) == config
         for label, dispatcher, argtypes in module.compile_targets(config):
             params = inspect.signature(dispatcher.py_func).parameters
             assert len(argtypes) == len(params), label

@@ -188,20 +188,20 @@ def test_device_arrays_stay_on_device(rng):
 @pytest.mark.parametrize("module", [fwd, bwd], ids=["forward", "backward"])
 def test_shipped_configs_fit(module):
     configs = module.shipped_configs()
-    assert [c.D for c in configs] == list(common.HEAD_DIM_BUCKETS)
+    assert [c.d_pad for c in configs] == list(common.HEAD_DIM_BUCKETS)
     for config in configs:
         module.check_config(config)
         assert module.smem_bytes(config) <= hardware.STATIC_SMEM_LIMIT
-        assert module.default_config(config.D) == config
+        assert module.default_config(config.d_pad) == config
 
 
 @pytest.mark.parametrize("module", [fwd, bwd], ids=["forward", "backward"])
 @pytest.mark.parametrize("config, words", [
-    (TileConfig(Br=64, Bc=64, D=128, num_warps=4), "shared memory"),
-    (TileConfig(Br=30, Bc=32, D=16, num_warps=4), "multiple of num_warps"),
-    (TileConfig(Br=16, Bc=48, D=16, num_warps=2), "multiple of 32"),
-    (TileConfig(Br=16, Bc=32, D=40, num_warps=2), "bucket"),
-    (TileConfig(Br=16, Bc=32, D=16, num_warps=0), "positive"),
+    (TileConfig(Br=64, Bc=64, d_pad=128, num_warps=4), "shared memory"),
+    (TileConfig(Br=30, Bc=32, d_pad=16, num_warps=4), "multiple of num_warps"),
+    (TileConfig(Br=16, Bc=48, d_pad=16, num_warps=2), "multiple of 32"),
+    (TileConfig(Br=16, Bc=32, d_pad=40, num_warps=2), "bucket"),
+    (TileConfig(Br=16, Bc=32, d_pad=16, num_warps=0), "positive"),
 ])
 def test_bad_config_is_rejected(module, config, words):
     with pytest.raises(ConfigError, match=words):

@@ -202,7 +202,7 @@ def test_missing_kernel_module_is_an_error_not_a_skip(records):
 
 
 def test_smem_bytes_mismatch_is_reported():
-    config = resources.TileConfig(Br=16, Bc=16, D=64, num_warps=4)
+    config = resources.TileConfig(Br=16, Bc=16, d_pad=64, num_warps=4)
     common = {"source": "fa1_forward", "config": config, "cc": (9, 0), "registers": 100,
               "spill_stores": 0, "spill_loads": 0, "stack_frame": 0, "smem_expected": 8192}
     small = resources.KernelResources(label="preprocess", smem=0, **common)
@@ -222,7 +222,7 @@ FA1 = ("_ZN10flashnumba7kernels11fa1_forward5build12_3clocals_3e18fa1_forward_ke
        "_3dE5ArrayIfLi4E1C7mutable7alignedE5ArrayIfLi4E1C7mutable7alignedE5ArrayIfLi4E1C7mutable7alig"
        "nedE5ArrayIfLi4E1C7mutable7alignedE5ArrayIfLi3E1C7mutable7alignedE5ArrayIfLi3E1C7mutable7alig"
        "nedEfbi")
-# fa1_forward, Br=16 Bc=32 D=64, sm_90, link-time optimisation (how kernels ship).
+# fa1_forward, Br=16 Bc=32 d_pad=64, sm_90, link-time optimisation (how kernels ship).
 LOG_LTO = (
     "INFO: NVVM70 LTOIR Container created (68236 bytes)\n"
     "ptxas info    : 0 bytes gmem\n"

@@ -19,10 +19,10 @@ SEED = 7
 
 # (B, Nq, Nk, Hq, Hkv, d, causal, alignment, dropout_p, Br, Bc)
 CASES = [
-    (1, 20, 37, 1, 1, 24, False, BOTTOM_RIGHT, 0.0, 16, 16),    # Nq != Nk, edge tiles, d < D
+    (1, 20, 37, 1, 1, 24, False, BOTTOM_RIGHT, 0.0, 16, 16),    # Nq != Nk, edge tiles, d < d_pad
     (1, 33, 17, 1, 1, 16, True, BOTTOM_RIGHT, 0.0, 16, 16),     # fully masked rows (Nq > Nk)
     (1, 37, 45, 1, 1, 32, True, TOP_LEFT, 0.0, None, None),     # default tiles (4 warps), one tile
-    (1, 24, 24, 2, 1, 8, False, BOTTOM_RIGHT, 0.0, 16, 16),     # GQA, d = 8 in D = 16
+    (1, 24, 24, 2, 1, 8, False, BOTTOM_RIGHT, 0.0, 16, 16),     # GQA, d = 8 in d_pad = 16
     (1, 21, 30, 1, 1, 17, True, BOTTOM_RIGHT, 0.2, 16, 16),     # dropout, odd head dim
     (1, 1, 1, 1, 1, 1, False, BOTTOM_RIGHT, 0.0, 16, 16),       # one query, one key, d = 1
 ]
@@ -84,9 +84,9 @@ def test_forward_takes_uint16_bits_with_a_dtype(rng):
         tc.fa2_tc_forward(q, k.astype(np.float16), v)
 
 
-@pytest.mark.parametrize("config", [TileConfig(Br=32, Bc=16, D=32, num_warps=1),
-                                    TileConfig(Br=16, Bc=24, D=32, num_warps=1),
-                                    TileConfig(Br=64, Bc=256, D=128, num_warps=4)])
+@pytest.mark.parametrize("config", [TileConfig(Br=32, Bc=16, d_pad=32, num_warps=1),
+                                    TileConfig(Br=16, Bc=24, d_pad=32, num_warps=1),
+                                    TileConfig(Br=64, Bc=256, d_pad=128, num_warps=4)])
 def test_bad_configs_are_refused_naming_the_problem(config):
     with pytest.raises(ConfigError, match="Br=|Bc=|bytes"):
         tc.check_config(config)
@@ -96,7 +96,7 @@ def test_every_shipped_config_is_valid():
     for config in tc.shipped_configs():
         tc.check_config(config)
     assert tc.stages(tc.default_config(64)) == 2 and tc.stages(tc.default_config(128)) == 2
-    assert tc.stages(TileConfig(Br=64, Bc=64, D=128, num_warps=4)) == 1     # 2 x 34 KB > 48 KB
+    assert tc.stages(TileConfig(Br=64, Bc=64, d_pad=128, num_warps=4)) == 1     # 2 x 34 KB > 48 KB
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -128,9 +128,9 @@ def test_forward_compiles_for_sm80_and_sm90_with_mma_and_no_spills():
         print(json.dumps(out))
     """)
     for name, r in report.items():
-        D = 64 if "d=64" in name else 128
-        Bc = tc.default_config(D).Bc
-        assert r["mma"] == (D // 16) * (Bc // 8) + (Bc // 16) * (D // 8), (name, r)
+        d_pad = 64 if "d=64" in name else 128
+        Bc = tc.default_config(d_pad).Bc
+        assert r["mma"] == (d_pad // 16) * (Bc // 8) + (Bc // 16) * (d_pad // 8), (name, r)
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r)
-        assert r["smem"] == tc.smem_bytes(tc.default_config(D)), (name, r)
+        assert r["smem"] == tc.smem_bytes(tc.default_config(d_pad)), (name, r)
         assert r["registers"] <= 255

@@ -44,9 +44,9 @@ class Case:
         return self.B * self.H * self.N * self.N * itemsize
 
 
-def attention_flops(B, H, N_q, N_k, d, causal, direction="fwd"):
+def attention_flops(B, H, Nq, Nk, d, causal, direction="fwd"):
     """Forward 4 B H Nq Nk d (half with causal); backward 2.5 x forward."""
-    flops = 4 * B * H * N_q * N_k * d
+    flops = 4 * B * H * Nq * Nk * d
     if causal:
         flops //= 2
     if direction == "bwd":
@@ -56,12 +56,12 @@ def attention_flops(B, H, N_q, N_k, d, causal, direction="fwd"):
     return flops
 
 
-def min_bytes(B, H, N_q, N_k, d, direction="fwd", itemsize=4):
+def min_bytes(B, H, Nq, Nk, d, direction="fwd", itemsize=4):
     """Fewest bytes through device memory. fwd: read q, k, v; write O and L.
     bwd: read q, k, v, O, dO, L; write dq, dk, dv."""
-    q = B * N_q * H * d
-    kv = B * N_k * H * d
-    rows = B * H * N_q
+    q = B * Nq * H * d
+    kv = B * Nk * H * d
+    rows = B * H * Nq
     if direction == "fwd":
         return itemsize * (q + 2 * kv + q) + 4 * rows
     if direction == "bwd":

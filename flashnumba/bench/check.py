@@ -68,13 +68,13 @@ def checked_rows(N):
     return list(range(ROWS_CHECKED)) + list(range(N - ROWS_CHECKED, N))
 
 
-def _masked_probabilities(torch, q_rows, k, rows, N_k, N_q, causal, scale):
+def _masked_probabilities(torch, q_rows, k, rows, Nk, Nq, causal, scale):
     """P (heads, R, Nk) float64 and lse for query rows `rows`; q_rows (heads, R, d), k (heads, Nk, d)."""
     S = scale * (q_rows @ k.transpose(-1, -2))
     if causal:
         r = torch.as_tensor(rows, device=S.device)[:, None]
-        c = torch.arange(N_k, device=S.device)[None, :]
-        S = S.masked_fill(c > r + (N_k - N_q), -math.inf)
+        c = torch.arange(Nk, device=S.device)[None, :]
+        S = S.masked_fill(c > r + (Nk - Nq), -math.inf)
     m = S.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     E = torch.exp(S - m)
@@ -90,14 +90,14 @@ def reference_rows(q, k, v, causal, scale, dout=None, heads=HEADS_CHECKED):
     (heads, R, d) tensors: {"out": ..., "dq": ...}.
     """
     import torch
-    N_q, N_k = q.shape[1], k.shape[1]
-    rows = checked_rows(N_q)
+    Nq, Nk = q.shape[1], k.shape[1]
+    rows = checked_rows(Nq)
     hs = list(range(min(heads, q.shape[2])))
     index = torch.as_tensor(rows, device=q.device)
     Q = q[0].index_select(0, index)[:, hs].double().transpose(0, 1)       # (h, R, d)
     K = k[0][:, hs].double().transpose(0, 1)                              # (h, Nk, d)
     V = v[0][:, hs].double().transpose(0, 1)
-    P = _masked_probabilities(torch, Q, K, rows, N_k, N_q, causal, scale)
+    P = _masked_probabilities(torch, Q, K, rows, Nk, Nq, causal, scale)
     O = P @ V
     result = {"out": O}
     if dout is not None:
@@ -111,18 +111,18 @@ def reference_rows(q, k, v, causal, scale, dout=None, heads=HEADS_CHECKED):
 def reference_dkdv(q, k, v, dout, causal, scale, head=0):
     """float64 dK, dV (Nk, d) of batch 0, head `head`, accumulated over chunks of query rows."""
     import torch
-    N_q, N_k = q.shape[1], k.shape[1]
+    Nq, Nk = q.shape[1], k.shape[1]
     Q = q[0, :, head].double()
     K = k[0, :, head].double()
     V = v[0, :, head].double()
     dO_all = dout[0, :, head].double()
     dK = torch.zeros_like(K)
     dV = torch.zeros_like(V)
-    for start in range(0, N_q, CHUNK_ROWS):
-        rows = list(range(start, min(start + CHUNK_ROWS, N_q)))
+    for start in range(0, Nq, CHUNK_ROWS):
+        rows = list(range(start, min(start + CHUNK_ROWS, Nq)))
         Qc = Q[rows[0]:rows[-1] + 1]
         dO = dO_all[rows[0]:rows[-1] + 1]
-        P = _masked_probabilities(torch, Qc[None], K[None], rows, N_k, N_q, causal, scale)[0]
+        P = _masked_probabilities(torch, Qc[None], K[None], rows, Nk, Nq, causal, scale)[0]
         O = P @ V
         dP = dO @ V.T
         D = (dO * O).sum(dim=-1, keepdim=True)

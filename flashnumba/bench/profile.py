@@ -52,8 +52,8 @@ def parse_config(text, d, version):
         raise SystemExit(f"--config must be Br,Bc,warps[,blocks_per_sm], got {text!r}")
     Br, Bc, warps = values[:3]
     blocks = values[3] if len(values) == 4 else 0
-    D = version.module(registry.BACKWARD).default_config(d).D
-    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=warps, blocks_per_sm=blocks)
+    d_pad = version.module(registry.BACKWARD).default_config(d).d_pad
+    return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=warps, blocks_per_sm=blocks)
 
 
 def main(argv=None):

@@ -269,7 +269,7 @@ def tune(torch, log, budget):
             case = cases_mod.Case(4, 16, 4096, d, causal)
             inputs = Inputs(case)
             rows += [_tune_one(case, inputs, version, direction, config, budget, log)
-                     for version, direction, config in configs if config.D == d]
+                     for version, direction, config in configs if config.d_pad == d]
     return rows
 
 

@@ -52,14 +52,14 @@ def run_sim(only=None, extra=(), shapes=SIM_SHAPES, seed=0, out=print):
     fns = [f for f in sim_functions() + list(extra) if not only or any(o in f[0] for o in only)]
     rng = np.random.default_rng(seed)
     failures = 0
-    for B, N_q, N_k, H_q, H_kv, d, causal in shapes:
-        q = rng.standard_normal((B, N_q, H_q, d)).astype(np.float32)
-        k = rng.standard_normal((B, N_k, H_kv, d)).astype(np.float32)
-        v = rng.standard_normal((B, N_k, H_kv, d)).astype(np.float32)
-        dout = rng.standard_normal((B, N_q, H_q, d)).astype(np.float32)
+    for B, Nq, Nk, H_q, H_kv, d, causal in shapes:
+        q = rng.standard_normal((B, Nq, H_q, d)).astype(np.float32)
+        k = rng.standard_normal((B, Nk, H_kv, d)).astype(np.float32)
+        v = rng.standard_normal((B, Nk, H_kv, d)).astype(np.float32)
+        dout = rng.standard_normal((B, Nq, H_q, d)).astype(np.float32)
         ref_fwd = reference.attention(q, k, v, causal=causal)[0]
         ref_bwd = reference.attention_backward(dout, q, k, v, causal=causal)
-        shape = f"B{B} Nq{N_q} Nk{N_k} Hq{H_q} Hkv{H_kv} d{d}{' causal' if causal else ''}"
+        shape = f"B{B} Nq{Nq} Nk{Nk} Hq{H_q} Hkv{H_kv} d{d}{' causal' if causal else ''}"
         for name, direction, fn in fns:
             start = time.perf_counter()
             try:

@@ -28,9 +28,9 @@ def local_facts(q, k, v, dropout_p, softmax_scale, causal, layout, seed, algorit
             if op.kind not in ("torch", "torch-cpu"):
                 raise TypeError(f"{op.name} must be a torch.Tensor (ring attention communicates with "
                                 f"torch.distributed), got {type(op.value).__name__}")
-        _, N_q, N_k, _, _, d = validate.attention_shapes(*operands)
-        if N_q != N_k:
-            raise ValueError(f"q has {N_q} local positions and k {N_k}: ring attention attends a "
+        _, Nq, Nk, _, _, d = validate.attention_shapes(*operands)
+        if Nq != Nk:
+            raise ValueError(f"q has {Nq} local positions and k {Nk}: ring attention attends a "
                              f"sequence to itself, so each rank's q, k and v slices have one length")
         check_layout(layout)
         validate.flag("causal", causal)

@@ -2,9 +2,9 @@
 
 A wrapper does three things (check, allocate, launch); the first two live here.
 
-Head dims are compiled in buckets: a kernel is built for D in HEAD_DIM_BUCKETS
-and serves every d <= D. Tiles are loaded into shared memory zero-padded from
-d to D, so the inner loops run over the compile-time D with no bounds checks:
+Head dims are compiled in buckets: a kernel is built for d_pad in HEAD_DIM_BUCKETS
+and serves every d <= d_pad. Tiles are loaded into shared memory zero-padded from
+d to d_pad, so the inner loops run over the compile-time d_pad with no bounds checks:
 the padding contributes zeros to every dot product.
 """
 
@@ -19,8 +19,8 @@ from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT, WARP_SIZE
 
 HEAD_DIM_BUCKETS = (16, 32, 64, 96, 128)
 MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
-FAST_HEAD_DIMS = (32, 64, 128)           # the fast kernels' compile-time D; d <= 16 runs in D = 32,
-                                         # 64 < d <= 96 in D = 128 (a D = 96 build spilled: 12-wide rows)
+FAST_HEAD_DIMS = (32, 64, 128)           # the fast kernels' compile-time d_pad; d <= 16 runs in d_pad = 32,
+                                         # 64 < d <= 96 in d_pad = 128 (a d_pad = 96 build spilled: 12-wide rows)
 
 
 @cuda.jit(device=True)
@@ -33,17 +33,17 @@ def max_nan(a, b):
 
 
 def head_dim_bucket(d):
-    """The compile-time head dim D that serves a run-time head dim d."""
+    """The compile-time head dim d_pad that serves a run-time head dim d."""
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim d={d} is not supported: expected 1 <= d <= {MAX_HEAD_DIM}")
-    return next(D for D in HEAD_DIM_BUCKETS if d <= D)
+    return next(d_pad for d_pad in HEAD_DIM_BUCKETS if d <= d_pad)
 
 
 def fast_bucket(d):
-    """The compile-time head dim D of the fast kernels that serves head dim d."""
+    """The compile-time head dim d_pad of the fast kernels that serves head dim d."""
     if not 1 <= d <= FAST_HEAD_DIMS[-1]:
         raise ValueError(f"head dim d={d} is not supported: expected 1 <= d <= {FAST_HEAD_DIMS[-1]}")
-    return next(D for D in FAST_HEAD_DIMS if d <= D)
+    return next(d_pad for d_pad in FAST_HEAD_DIMS if d <= d_pad)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class TileConfig:
     """Compile-time shape of one kernel: tile sizes, bucketed head dim, warps per block."""
     Br: int
     Bc: int
-    D: int
+    d_pad: int
     num_warps: int
     blocks_per_sm: int = 0       # launch-bound occupancy target; 0: the kernel module's own choice
 
@@ -66,7 +66,7 @@ def resolve_config(d, Br, Bc, num_warps, *, defaults, check):
     base = defaults(d)
     config = TileConfig(Br=base.Br if Br is None else Br,
                         Bc=base.Bc if Bc is None else Bc,
-                        D=base.D,
+                        d_pad=base.d_pad,
                         num_warps=base.num_warps if num_warps is None else num_warps)
     check(config)
     return config
@@ -82,16 +82,16 @@ def require(condition, message):
 
 
 def check_sizes(config, who):
-    """The size checks every readable kernel shares: positive integers, D a head-dim
+    """The size checks every readable kernel shares: positive integers, d_pad a head-dim
     bucket, at most 1024 threads. Each module then adds its divisibility rules and
     ``check_smem``."""
     require(isinstance(config, TileConfig), f"{who}: expected a TileConfig, got {config!r}")
-    for name in ("Br", "Bc", "D", "num_warps"):
+    for name in ("Br", "Bc", "d_pad", "num_warps"):
         value = getattr(config, name)
         require(isinstance(value, (int, np.integer)) and value >= 1,
                 f"{who}: {name} must be a positive integer, got {value!r}")
-    require(config.D in HEAD_DIM_BUCKETS,
-            f"{who}: D={config.D} is not a head-dim bucket {HEAD_DIM_BUCKETS}")
+    require(config.d_pad in HEAD_DIM_BUCKETS,
+            f"{who}: d_pad={config.d_pad} is not a head-dim bucket {HEAD_DIM_BUCKETS}")
     require(config.threads <= 1024,
             f"{who}: num_warps={config.num_warps} gives {config.threads} threads; "
             f"a thread block has at most 1024 (num_warps <= 32)")
@@ -100,7 +100,7 @@ def check_sizes(config, who):
 def check_smem(config, smem, who):
     """`smem` bytes of static shared memory fit the 48 KB a block may have."""
     require(smem <= STATIC_SMEM_LIMIT,
-            f"{who}: Br={config.Br}, Bc={config.Bc}, D={config.D}, num_warps={config.num_warps} "
+            f"{who}: Br={config.Br}, Bc={config.Bc}, d_pad={config.d_pad}, num_warps={config.num_warps} "
             f"needs {smem} bytes of static shared memory, over the {STATIC_SMEM_LIMIT} bytes "
             f"(48 KB) a block may have; use smaller tiles")
 
@@ -165,15 +165,15 @@ def resolve_dropout(dropout_p, seed):
     return np.float64(p), np.uint64(int(seed))
 
 
-def resolve_offset(causal, alignment, N_q, N_k):
+def resolve_offset(causal, alignment, Nq, Nk):
     """The causal diagonal's offset for the kernels (key c visible to query r when c <= r + offset):
-    N_k - N_q bottom-right (flash-attn), 0 top-left (PyTorch). Without causal it is unused (0)."""
+    Nk - Nq bottom-right (flash-attn), 0 top-left (PyTorch). Without causal it is unused (0)."""
     if alignment not in (geometry.BOTTOM_RIGHT, geometry.TOP_LEFT):
         raise ValueError(f"alignment must be {geometry.BOTTOM_RIGHT!r} or {geometry.TOP_LEFT!r}, "
                          f"got {alignment!r}")
     if not causal:
         return np.int64(0)
-    return np.int64(geometry.causal_offset(N_q, N_k, alignment))
+    return np.int64(geometry.causal_offset(Nq, Nk, alignment))
 
 
 def resolve_features(softcap, alibi_slopes, B, H_q, alignment):

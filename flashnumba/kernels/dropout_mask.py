@@ -33,15 +33,15 @@ def blocks(n):
 @cuda.jit
 def dropout_mask(q, k, L, S_dmask, scale, causal, offset, p, seed):
     """S_dmask (B, Hq, Nq, Nk) float32 from q (B, Nq, Hq, d), k (B, Nk, Hkv, d), L (B, Hq, Nq)."""
-    B, H_q, N_q, N_k = S_dmask.shape
+    B, H_q, Nq, Nk = S_dmask.shape
     d = q.shape[3]
     H_kv = k.shape[2]
     idx = cuda.grid(1)
-    if idx < B * H_q * N_q * N_k:
-        c = idx % N_k
-        r = (idx // N_k) % N_q
-        h = (idx // (N_k * N_q)) % H_q
-        b = idx // (N_k * N_q * H_q)
+    if idx < B * H_q * Nq * Nk:
+        c = idx % Nk
+        r = (idx // Nk) % Nq
+        h = (idx // (Nk * Nq)) % H_q
+        b = idx // (Nk * Nq * H_q)
         h_kv = h // (H_q // H_kv)                      # grouped-query attention: this head's K/V head
         L_r = L[b, h, r]
         P_rc = float32(0.0)

@@ -39,8 +39,8 @@ Dropout: the keep bit of element (r, c) of query head h, batch b is
 ``philox.keep(seed, b, h, r, c, p)``, the bit ``fa1_forward`` used; with p = 0
 no Philox code runs. Each element costs one full Philox call (unmeasured on a GPU).
 
-Head dims are compiled for the bucket D >= d and tiles are zero-padded from d
-to D in shared memory. For K_j, the Q tiles i < q_tile_start(j) lie wholly above
+Head dims are compiled for the bucket d_pad >= d and tiles are zero-padded from d
+to d_pad in shared memory. For K_j, the Q tiles i < q_tile_start(j) lie wholly above
 the causal diagonal and are skipped; a K_j no query sees is skipped whole and
 keeps dK_j = dV_j = 0.
 """
@@ -85,23 +85,23 @@ _DEFAULT_TILES = {
 
 
 def default_config(d):
-    """The shipped TileConfig for head dim d (compiled for its bucket D)."""
-    D = head_dim_bucket(d)
-    Br, Bc, num_warps = _DEFAULT_TILES[D]
-    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+    """The shipped TileConfig for head dim d (compiled for its bucket d_pad)."""
+    d_pad = head_dim_bucket(d)
+    Br, Bc, num_warps = _DEFAULT_TILES[d_pad]
+    return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=num_warps)
 
 
 def shipped_configs():
     """The default config of every head-dim bucket."""
-    return [default_config(D) for D in HEAD_DIM_BUCKETS]
+    return [default_config(d_pad) for d_pad in HEAD_DIM_BUCKETS]
 
 
 def smem_bytes(config):
     """Static shared memory of one thread block of ``build(config)``, in bytes."""
-    Br, Bc, D = config.Br, config.Bc, config.D
-    floats = (2 * Br * (D + 1)      # Q_i, dO_i, rows padded to D + 1
-              + 2 * Bc * (D + 1)    # K_j, V_j, rows padded to D + 1
-              + 2 * Bc * D          # dK_j, dV_j accumulators
+    Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
+    floats = (2 * Br * (d_pad + 1)      # Q_i, dO_i, rows padded to d_pad + 1
+              + 2 * Bc * (d_pad + 1)    # K_j, V_j, rows padded to d_pad + 1
+              + 2 * Bc * d_pad          # dK_j, dV_j accumulators
               + 2 * Br * Bc         # P_ij, dS_ij
               + 3 * Br)             # m_i, l_i, D_i
     return floats * FLOAT_BYTES
@@ -118,9 +118,9 @@ def build(config, dropout=False):
     """The backward kernel for one TileConfig, its sizes baked in as compile-time constants."""
     check_config(config)
     DROPOUT = bool(dropout)          # compile time: the kernel without dropout has no Philox code
-    Br, Bc, D, num_warps = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
+    Br, Bc, d_pad, num_warps = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     THREADS = num_warps * WARP_SIZE
-    D_pad = D + 1                   # padded row stride: threads reading different rows of
+    ROW_STRIDE = d_pad + 1                   # padded row stride: threads reading different rows of
                                     # Q_i, dO_i, K_j or V_j fall in different banks
 
     @cuda.jit
@@ -144,12 +144,12 @@ def build(config, dropout=False):
         Tc = (Nk + Bc - 1) // Bc
         Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
-        Q_i = cuda.shared.array((Br, D_pad), float32)
-        dO_i = cuda.shared.array((Br, D_pad), float32)
-        K_j = cuda.shared.array((Bc, D_pad), float32)
-        V_j = cuda.shared.array((Bc, D_pad), float32)
-        dK_j = cuda.shared.array((Bc, D), float32)
-        dV_j = cuda.shared.array((Bc, D), float32)
+        Q_i = cuda.shared.array((Br, ROW_STRIDE), float32)
+        dO_i = cuda.shared.array((Br, ROW_STRIDE), float32)
+        K_j = cuda.shared.array((Bc, ROW_STRIDE), float32)
+        V_j = cuda.shared.array((Bc, ROW_STRIDE), float32)
+        dK_j = cuda.shared.array((Bc, d_pad), float32)
+        dV_j = cuda.shared.array((Bc, d_pad), float32)
         P_ij = cuda.shared.array((Br, Bc), float32)
         dS_ij = cuda.shared.array((Br, Bc), float32)
         m_i = cuda.shared.array(Br, float32)
@@ -173,9 +173,9 @@ def build(config, dropout=False):
 
             # Alg. 4 l. 7-8: load K_j, V_j (zero-padded past Nk and past d); dK_j = dV_j = 0.
             # Thread t owns entries e = t, t + THREADS, ... of dK_j and dV_j for the whole step.
-            for e in range(tid, Bc * D, THREADS):
-                c = e // D
-                x = e % D
+            for e in range(tid, Bc * d_pad, THREADS):
+                c = e // d_pad
+                x = e % d_pad
                 col = j * Bc + c
                 if col < Nk and x < d:
                     K_j[c, x] = K[b, col, h_kv, x]
@@ -189,9 +189,9 @@ def build(config, dropout=False):
             for i in range(i_first, Tr):                                  # Alg. 4 l. 9
                 # Alg. 4 l. 10, 19: load Q_i, dO_i (zero-padded) and l_i, m_i;  D_i = rowsum(dO_i o O_i),
                 # read straight from HBM (O_i is needed for nothing else).
-                for e in range(tid, Br * D, THREADS):
-                    r = e // D
-                    x = e % D
+                for e in range(tid, Br * d_pad, THREADS):
+                    r = e // d_pad
+                    x = e % d_pad
                     row = i * Br + r
                     if row < Nq and x < d:
                         Q_i[r, x] = Q[b, row, h, x]
@@ -225,7 +225,7 @@ def build(config, dropout=False):
                     col = j * Bc + c
                     s = float32(0.0)
                     dp = float32(0.0)
-                    for x in range(D):
+                    for x in range(d_pad):
                         s += Q_i[r, x] * K_j[c, x]
                         dp += dO_i[r, x] * V_j[c, x]
                     p = float32(0.0)
@@ -244,9 +244,9 @@ def build(config, dropout=False):
                 cuda.syncthreads()  # all of P_ij and dS_ij written before any thread sums over them
 
                 # Alg. 4 l. 16, 22: dV_j += (P_ij o Z_ij)^T dO_i,   dK_j += softmax_scale * dS_ij^T Q_i   (entries (c, x)).
-                for e in range(tid, Bc * D, THREADS):
-                    c = e // D
-                    x = e % D
+                for e in range(tid, Bc * d_pad, THREADS):
+                    c = e // d_pad
+                    x = e % d_pad
                     acc_v = float32(0.0)
                     acc_k = float32(0.0)
                     for r in range(Br):
@@ -256,9 +256,9 @@ def build(config, dropout=False):
                     dK_j[c, x] += softmax_scale * acc_k
 
                 # Alg. 4 l. 21: dQ_i += softmax_scale * dS_ij K_j   (entries (r, x), read-modify-write in HBM).
-                for e in range(tid, Br * D, THREADS):
-                    r = e // D
-                    x = e % D
+                for e in range(tid, Br * d_pad, THREADS):
+                    r = e // d_pad
+                    x = e % d_pad
                     row = i * Br + r
                     if row < Nq and x < d:
                         acc = float32(0.0)
@@ -268,9 +268,9 @@ def build(config, dropout=False):
                 cuda.syncthreads()  # Q_i, dO_i, P_ij, dS_ij (and K_j, V_j) all read before they are overwritten
 
             # Alg. 4 l. 24: write dK_j, dV_j (each thread the entries it accumulated: no barrier needed).
-            for e in range(tid, Bc * D, THREADS):
-                c = e // D
-                x = e % D
+            for e in range(tid, Bc * d_pad, THREADS):
+                c = e // d_pad
+                x = e % d_pad
                 col = j * Bc + c
                 if col < Nk and x < d:
                     dK[b, col, h, x] = dK_j[c, x]
@@ -289,7 +289,7 @@ def compile_targets(config):
     rows = types.Array(types.float32, 3, "C")
     argtypes = (tensor, tensor, tensor, tensor, tensor, rows, rows, tensor, tensor, tensor,
                 types.float32, types.boolean, types.int64, types.float64, types.uint64, types.int32)
-    label = (f"fa1_backward Br={config.Br} Bc={config.Bc} D={config.D} "
+    label = (f"fa1_backward Br={config.Br} Bc={config.Bc} d_pad={config.d_pad} "
              f"num_warps={config.num_warps}")
     return [(label, build(config), argtypes),
             (label.replace(NAME, f"{NAME}_dropout"), build(config, dropout=True), argtypes)]

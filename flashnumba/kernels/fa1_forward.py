@@ -32,9 +32,9 @@ P~_ij V_j over its own keys only. The partials meet in shared memory:
 
     m~_ij = max over warps of the warps' row maxima        (m_warp, num_warps x Br)
     l~_ij = sum over warps of the warps' row sums          (l_warp, num_warps x Br)
-    P~_ij V_j = sum over warps of the warps' products      (PV_warp, num_warps x Br x D)
+    P~_ij V_j = sum over warps of the warps' products      (PV_warp, num_warps x Br x d_pad)
 
-That exchange costs a barrier per combine and num_warps x Br x D floats of
+That exchange costs a barrier per combine and num_warps x Br x d_pad floats of
 shared memory; FlashAttention-2 gives each warp whole rows (split-Q) and needs
 none of it.
 
@@ -50,9 +50,9 @@ are the undropped softmax's statistics; only the P~_ij that multiplies V_j is
 dropped. With p = 0 no Philox code runs. Each element costs one full Philox
 call (4 words made, 1 used); unmeasured on a GPU.
 
-Head dims are compiled for the bucket D >= d (``common.head_dim_bucket``);
-tiles are zero-padded from d to D in shared memory, so the dot products run
-over the compile-time D. Tiles wholly above the causal diagonal are skipped:
+Head dims are compiled for the bucket d_pad >= d (``common.head_dim_bucket``);
+tiles are zero-padded from d to d_pad in shared memory, so the dot products run
+over the compile-time d_pad. Tiles wholly above the causal diagonal are skipped:
 for K_j, Q tiles i < q_tile_start(j) are never loaded, and a K_j no Q tile
 sees is not loaded at all.
 """
@@ -98,27 +98,27 @@ _DEFAULT_TILES = {
 
 
 def default_config(d):
-    """The shipped TileConfig for head dim d (compiled for its bucket D)."""
-    D = head_dim_bucket(d)
-    Br, Bc, num_warps = _DEFAULT_TILES[D]
-    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+    """The shipped TileConfig for head dim d (compiled for its bucket d_pad)."""
+    d_pad = head_dim_bucket(d)
+    Br, Bc, num_warps = _DEFAULT_TILES[d_pad]
+    return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=num_warps)
 
 
 def shipped_configs():
     """The default config of every head-dim bucket."""
-    return [default_config(D) for D in HEAD_DIM_BUCKETS]
+    return [default_config(d_pad) for d_pad in HEAD_DIM_BUCKETS]
 
 
 def smem_bytes(config):
     """Static shared memory of one thread block of ``build(config)``, in bytes."""
-    Br, Bc, D, W = config.Br, config.Bc, config.D, config.num_warps
-    floats = (Br * (D + 1)          # Q_i, rows padded to D + 1
-              + Bc * (D + 1)        # K_j, rows padded to D + 1
-              + Bc * D              # V_j
+    Br, Bc, d_pad, NW = config.Br, config.Bc, config.d_pad, config.num_warps
+    floats = (Br * (d_pad + 1)          # Q_i, rows padded to d_pad + 1
+              + Bc * (d_pad + 1)        # K_j, rows padded to d_pad + 1
+              + Bc * d_pad              # V_j
               + Br * (Bc + 1)       # S_ij, then P~_ij
-              + W * Br              # m_warp: each warp's row max
-              + W * Br              # l_warp: each warp's row sum
-              + W * Br * D          # PV_warp: each warp's P~_ij V_j
+              + NW * Br              # m_warp: each warp's row max
+              + NW * Br              # l_warp: each warp's row sum
+              + NW * Br * d_pad          # PV_warp: each warp's P~_ij V_j
               + 5 * Br)             # m_i, l_i, m~_ij, m_i_new, l_i_new
     return floats * FLOAT_BYTES
 
@@ -137,10 +137,10 @@ def build(config, dropout=False):
     """The forward kernel for one TileConfig, its sizes baked in as compile-time constants."""
     check_config(config)
     DROPOUT = bool(dropout)          # compile time: the kernel without dropout has no Philox code
-    Br, Bc, D, num_warps = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
+    Br, Bc, d_pad, num_warps = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     THREADS = num_warps * WARP_SIZE
     Bcw = Bc // num_warps           # keys (columns of S_ij) per warp
-    D_pad = D + 1                   # padded row stride: lanes reading different rows of
+    ROW_STRIDE = d_pad + 1                   # padded row stride: lanes reading different rows of
     Bc_pad = Bc + 1                 # K_j, Q_i or S_ij fall in different banks
 
     @cuda.jit
@@ -164,13 +164,13 @@ def build(config, dropout=False):
         Tc = (Nk + Bc - 1) // Bc
         Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
-        Q_i = cuda.shared.array((Br, D_pad), float32)
-        K_j = cuda.shared.array((Bc, D_pad), float32)
-        V_j = cuda.shared.array((Bc, D), float32)
+        Q_i = cuda.shared.array((Br, ROW_STRIDE), float32)
+        K_j = cuda.shared.array((Bc, ROW_STRIDE), float32)
+        V_j = cuda.shared.array((Bc, d_pad), float32)
         S_ij = cuda.shared.array((Br, Bc_pad), float32)
         m_warp = cuda.shared.array((num_warps, Br), float32)
         l_warp = cuda.shared.array((num_warps, Br), float32)
-        PV_warp = cuda.shared.array((num_warps, Br, D), float32)
+        PV_warp = cuda.shared.array((num_warps, Br, d_pad), float32)
         m_i = cuda.shared.array(Br, float32)
         l_i = cuda.shared.array(Br, float32)
         m_ij = cuda.shared.array(Br, float32)
@@ -193,9 +193,9 @@ def build(config, dropout=False):
                 continue                    # K_j is above the diagonal for every query: skipped
 
             # Alg. 1 l. 6: load K_j, V_j (keys j*Bc ..), zero-padded past Nk and past d.
-            for e in range(tid, Bc * D, THREADS):
-                c = e // D
-                x = e % D
+            for e in range(tid, Bc * d_pad, THREADS):
+                c = e // d_pad
+                x = e % d_pad
                 col = j * Bc + c
                 if col < Nk and x < d:
                     K_j[c, x] = K[b, col, h_kv, x]
@@ -206,9 +206,9 @@ def build(config, dropout=False):
 
             for i in range(i_first, Tr):                                  # Alg. 1 l. 7
                 # Alg. 1 l. 8: load Q_i (zero-padded) and the row statistics l_i, m_i from HBM.
-                for e in range(tid, Br * D, THREADS):
-                    r = e // D
-                    x = e % D
+                for e in range(tid, Br * d_pad, THREADS):
+                    r = e // d_pad
+                    x = e % d_pad
                     row = i * Br + r
                     if row < Nq and x < d:
                         Q_i[r, x] = Q[b, row, h, x]
@@ -230,7 +230,7 @@ def build(config, dropout=False):
                     r = e // Bcw
                     c = warp * Bcw + e % Bcw
                     s = float32(0.0)
-                    for x in range(D):
+                    for x in range(d_pad):
                         s += Q_i[r, x] * K_j[c, x]
                     s *= softmax_scale
                     row = i * Br + r
@@ -272,9 +272,9 @@ def build(config, dropout=False):
                 cuda.syncthreads()  # P~_ij and every warp's row sum written before they are read
 
                 # PV_warp[w] = (P~_ij o Z_ij) V_j summed over warp w's keys only (the split-K partial).
-                for e in range(lane, Br * D, WARP_SIZE):
-                    r = e // D
-                    x = e % D
+                for e in range(lane, Br * d_pad, WARP_SIZE):
+                    r = e // d_pad
+                    x = e % d_pad
                     acc = float32(0.0)
                     for cc in range(Bcw):
                         c = warp * Bcw + cc
@@ -300,9 +300,9 @@ def build(config, dropout=False):
 
                 # Alg. 1 l. 12: O_i <- diag(l_i_new)^-1 (diag(l_i) e^(m_i - m_i_new) O_i
                 #   + e^(m~_ij - m_i_new) (P~_ij o Z_ij) V_j),  (P~_ij o Z_ij) V_j = sum_w PV_warp.
-                for e in range(tid, Br * D, THREADS):
-                    r = e // D
-                    x = e % D
+                for e in range(tid, Br * d_pad, THREADS):
+                    r = e // d_pad
+                    x = e % d_pad
                     row = i * Br + r
                     if row < Nq and x < d:
                         o = float32(0.0)
@@ -330,7 +330,7 @@ def compile_targets(config):
     rows = types.Array(types.float32, 3, "C")
     argtypes = (tensor, tensor, tensor, tensor, rows, rows, types.float32, types.boolean,
                 types.int64, types.float64, types.uint64, types.int32)
-    label = (f"fa1_forward Br={config.Br} Bc={config.Bc} D={config.D} "
+    label = (f"fa1_forward Br={config.Br} Bc={config.Bc} d_pad={config.d_pad} "
              f"num_warps={config.num_warps}")
     return [(label, build(config), argtypes),
             (label.replace(NAME, f"{NAME}_dropout"), build(config, dropout=True), argtypes)]

@@ -19,7 +19,7 @@ clears dQ for the atomics):
                P_ij  = exp(S_ij - L_i)               0 where masked (c > r + offset) or where the row saw no key (L_i = -inf)
                dP_ij = dO_i V_j^T
                dS_ij = P_ij * (dP_ij o Z_ij - D_i)   -> P_ij o Z_ij, dS_ij to shared
-           phase B (warp w owns key rows [w Bc/num_warps, ...), lane owns dims k = lane + 32 u):
+           phase B (warp w owns key rows [w Bc/num_warps, ...), lane owns dims x = lane + 32 u):
                dV_j += (P_ij o Z_ij)^T dO_i
                dK_j += dS_ij^T Q_i                   (times scale once, at the end)
                dQ_i += scale dS_ij K_j               cuda.atomic.add into global dQ (float32)
@@ -43,7 +43,7 @@ dQ_i) are over data that *other warps* produced, so they go through shared
 memory (P_ij, dS_ij) after a block barrier, each thread summing in registers.
 
 Lane mappings and banks: K_j and V_j are stored with an odd row stride
-(32 ceil(D/32) + 1) so the 32 lanes of phase A, each reading a different row
+(32 ceil(d_pad/32) + 1) so the 32 lanes of phase A, each reading a different row
 c, hit 32 different banks; Q_i and dO_i are read in phase A as broadcasts
 (one row per warp) and in phase B as 32 consecutive words.
 
@@ -59,8 +59,8 @@ overwrites each entry): drawn inside phase A's main loop, the Philox code kept
 the compiler from holding S_ij, dP_ij in registers (they went to local memory).
 With p = 0 no Philox code runs.
 
-Head dim: compiled for D = head_dim_bucket(d); tiles are zero-padded in shared
-memory from d to D (to a multiple of 32 where lanes own dims), and only k < d
+Head dim: compiled for d_pad = head_dim_bucket(d); tiles are zero-padded in shared
+memory from d to d_pad (to a multiple of 32 where lanes own dims), and only x < d
 is written. GQA: dK, dV are written per *query* head into (B, Nk, Hq, d)
 scratch and summed over each group by ``gqa.reduce_groups``.
 
@@ -116,39 +116,39 @@ def _sizes(config):
     rows_per_warp = config.Br // config.num_warps
     keys_per_warp = config.Bc // config.num_warps
     cols_per_lane = config.Bc // WARP_SIZE
-    dims_per_lane = (config.D + WARP_SIZE - 1) // WARP_SIZE
+    dims_per_lane = (config.d_pad + WARP_SIZE - 1) // WARP_SIZE
     return rows_per_warp, keys_per_warp, cols_per_lane, dims_per_lane
 
 
 def default_config(d):
-    """The shipped tile configuration for head dim d (served by its bucket D)."""
-    D = common.head_dim_bucket(d)
-    Br, Bc, num_warps = _DEFAULTS[D]
-    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+    """The shipped tile configuration for head dim d (served by its bucket d_pad)."""
+    d_pad = common.head_dim_bucket(d)
+    Br, Bc, num_warps = _DEFAULTS[d_pad]
+    return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=num_warps)
 
 
 def shipped_configs():
     """The default configuration of every head-dim bucket."""
-    return [default_config(D) for D in HEAD_DIM_BUCKETS]
+    return [default_config(d_pad) for d_pad in HEAD_DIM_BUCKETS]
 
 
 def smem_bytes(config):
     """Static shared memory per block of ``dkdv``, the largest of this module's kernels:
-    K_j, V_j (Bc x W+1 each), Q_i, dO_i (Br x W each), P_ij, dS_ij (Br x Bc each), W = 32 ceil(D/32).
+    K_j, V_j (Bc x ROW_WIDTH+1 each), Q_i, dO_i (Br x ROW_WIDTH each), P_ij, dS_ij (Br x Bc each), ROW_WIDTH = 32 ceil(d_pad/32).
 
     ``dq`` declares the same arrays, but only writes P_ij, so the compiler drops it
     (Br x Bc floats less); ``preprocess`` and ``zero_fill`` use none."""
     _, _, _, dims_per_lane = _sizes(config)
-    W = dims_per_lane * WARP_SIZE
+    ROW_WIDTH = dims_per_lane * WARP_SIZE
     Br, Bc = config.Br, config.Bc
-    floats = 2 * Bc * (W + 1) + 2 * Br * W + 2 * Br * Bc
+    floats = 2 * Bc * (ROW_WIDTH + 1) + 2 * Br * ROW_WIDTH + 2 * Br * Bc
     return floats * FLOAT_BYTES
 
 
 def check_config(config):
     """Raise ConfigError unless the configuration can compile and launch."""
     common.check_sizes(config, NAME)
-    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
+    Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
     require(Br % num_warps == 0,
             f"Br={Br} must be a multiple of num_warps={num_warps}: each warp owns Br/num_warps rows of Q_i")
     require(Bc % WARP_SIZE == 0,
@@ -160,7 +160,7 @@ def check_config(config):
     registers = max(2 * rows_per_warp * cols_per_lane,                  # S_ij, dP_ij
                     2 * keys_per_warp * dims_per_lane + rows_per_warp * dims_per_lane)  # dK_j, dV_j, dQ_i
     require(registers <= MAX_REGISTER_TILE,
-            f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps} holds {registers} floats per thread "
+            f"Br={Br}, Bc={Bc}, d_pad={d_pad}, num_warps={num_warps} holds {registers} floats per thread "
             f"in register arrays (> {MAX_REGISTER_TILE}, would spill); use more warps or smaller tiles")
 
 
@@ -176,26 +176,26 @@ def build(config, dropout=False):
     """Compile-time sizes baked in as plain Python ints; returns Fa2BackwardKernels(preprocess, dkdv, dq)."""
     check_config(config)
     DROPOUT = bool(dropout)          # compile time: the kernel without dropout has no Philox code
-    Br, Bc, D, num_warps = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
+    Br, Bc, d_pad, num_warps = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     THREADS = num_warps * WARP_SIZE
     ROWS_PER_WARP, KEYS_PER_WARP, COLS_PER_LANE, DIMS_PER_LANE = _sizes(config)
-    W = DIMS_PER_LANE * WARP_SIZE          # tile width in shared memory: D, padded to whole lanes
-    KV_STRIDE = W + 1                      # odd row stride: 32 lanes reading 32 rows hit 32 banks
+    ROW_WIDTH = DIMS_PER_LANE * WARP_SIZE          # tile width in shared memory: d_pad, padded to whole lanes
+    KV_STRIDE = ROW_WIDTH + 1                      # odd row stride: 32 lanes reading 32 rows hit 32 banks
 
     @cuda.jit(device=True)
     def load_rows(dst, src, b, h, start, n_rows, N, d):
-        """dst[r, k] = src[b, start + r, h, k], zero past N and past d (all threads take part)."""
-        for idx in range(cuda.threadIdx.x, n_rows * W, THREADS):
-            r = idx // W
-            kk = idx % W
-            if start + r < N and kk < d:
-                dst[r, kk] = src[b, start + r, h, kk]
+        """dst[r, x] = src[b, start + r, h, x], zero past N and past d (all threads take part)."""
+        for idx in range(cuda.threadIdx.x, n_rows * ROW_WIDTH, THREADS):
+            r = idx // ROW_WIDTH
+            x = idx % ROW_WIDTH
+            if start + r < N and x < d:
+                dst[r, x] = src[b, start + r, h, x]
             else:
-                dst[r, kk] = 0.0
+                dst[r, x] = 0.0
 
     @cuda.jit(device=True)
     def probabilities_and_dS(Q_i, dO_i, K_j, V_j, P_ij, dS_ij, L, D_rows,
-                             b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale,
+                             b, h, i, j, r0, lane, Nq, Nk, offset, causal, scale,
                              dropout_p, seed):
         """Phase A for this warp's rows [r0, r0 + ROWS_PER_WARP) and this lane's columns:
         P_ij = exp(scale Q_i K_j^T - L_i), dS_ij = P_ij * (dO_i V_j^T o Z_ij - D_i), and
@@ -221,26 +221,26 @@ def build(config, dropout=False):
                 S[rr, t] = 0.0
                 dP[rr, t] = 0.0
         # S = Q_i K_j^T, dP = dO_i V_j^T: Q_i, dO_i broadcast; K_j, V_j one row per lane
-        for kk in range(D):
+        for x in range(d_pad):
             for rr in range(ROWS_PER_WARP):
-                q_rk = Q_i[r0 + rr, kk]
-                do_rk = dO_i[r0 + rr, kk]
+                q_rk = Q_i[r0 + rr, x]
+                do_rk = dO_i[r0 + rr, x]
                 for t in range(COLS_PER_LANE):
                     c = lane + WARP_SIZE * t
-                    S[rr, t] += q_rk * K_j[c, kk]
-                    dP[rr, t] += do_rk * V_j[c, kk]
+                    S[rr, t] += q_rk * K_j[c, x]
+                    dP[rr, t] += do_rk * V_j[c, x]
         for rr in range(ROWS_PER_WARP):
             row = i * Br + r0 + rr
             L_r = float32(-math.inf)
             D_r = float32(0.0)
-            if row < N_q:
+            if row < Nq:
                 L_r = L[b, h, row]
                 D_r = D_rows[b, h, row]
             for t in range(COLS_PER_LANE):
                 c = lane + WARP_SIZE * t
                 col = j * Bc + c
                 p = float32(0.0)
-                visible = row < N_q and col < N_k and not (causal and col > row + offset)
+                visible = row < Nq and col < Nk and not (causal and col > row + offset)
                 if visible and L_r != -math.inf:      # L_r = -inf: the row saw no key, P = 0
                     p = math.exp(scale * S[rr, t] - L_r)        # P_ij = exp(S_ij - L_i)
                 z = float32(1.0)                                # Z_ij: 1 without dropout
@@ -256,10 +256,10 @@ def build(config, dropout=False):
     def dkdv(q, k, v, dout, L, D_rows, dq, dk, dv, scale, causal, offset, dropout_p, seed,
              accumulate_dq, limit):
         # --- sizes ---
-        _, N_q, H_q, d = q.shape
-        N_k = k.shape[1]
+        _, Nq, H_q, d = q.shape
+        Nk = k.shape[1]
         H_kv = k.shape[2]
-        T_r = (N_q + Br - 1) // Br
+        Tr = (Nq + Br - 1) // Br
 
         # --- who am I ---
         j = cuda.blockIdx.x                   # K/V tile
@@ -275,8 +275,8 @@ def build(config, dropout=False):
         # --- shared memory (each array on its own line) ---
         K_j = cuda.shared.array((Bc, KV_STRIDE), float32)
         V_j = cuda.shared.array((Bc, KV_STRIDE), float32)
-        Q_i = cuda.shared.array((Br, W), float32)
-        dO_i = cuda.shared.array((Br, W), float32)
+        Q_i = cuda.shared.array((Br, ROW_WIDTH), float32)
+        dO_i = cuda.shared.array((Br, ROW_WIDTH), float32)
         P_ij = cuda.shared.array((Br, Bc), float32)
         dS_ij = cuda.shared.array((Br, Bc), float32)
 
@@ -289,35 +289,35 @@ def build(config, dropout=False):
                 dK_j[cc, u] = 0.0
                 dV_j[cc, u] = 0.0
 
-        load_rows(K_j, k, b, h_kv, j * Bc, Bc, N_k, d)
-        load_rows(V_j, v, b, h_kv, j * Bc, Bc, N_k, d)
+        load_rows(K_j, k, b, h_kv, j * Bc, Bc, Nk, d)
+        load_rows(V_j, v, b, h_kv, j * Bc, Bc, Nk, d)
 
         i_start = 0
         if causal:
-            i_start = q_tile_start(j, Br, Bc, N_q, offset)   # Q tiles above the diagonal are skipped
-        i_end = min(T_r, i_start + limit)
+            i_start = q_tile_start(j, Br, Bc, Nq, offset)   # Q tiles above the diagonal are skipped
+        i_end = min(Tr, i_start + limit)
 
         for i in range(i_start, i_end):
-            load_rows(Q_i, q, b, h, i * Br, Br, N_q, d)
-            load_rows(dO_i, dout, b, h, i * Br, Br, N_q, d)
+            load_rows(Q_i, q, b, h, i * Br, Br, Nq, d)
+            load_rows(dO_i, dout, b, h, i * Br, Br, Nq, d)
             cuda.syncthreads()  # Q_i, dO_i (and K_j, V_j on the first pass) written before any warp reads them
 
             # phase A: P_ij, dS_ij for this warp's rows
             probabilities_and_dS(Q_i, dO_i, K_j, V_j, P_ij, dS_ij, L, D_rows,
-                                 b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale,
+                                 b, h, i, j, r0, lane, Nq, Nk, offset, causal, scale,
                                  dropout_p, seed)
             cuda.syncthreads()  # every warp's rows of P_ij, dS_ij written before phase B reads whole columns
 
             # phase B: dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i over the valid rows of Q_i
-            n_rows = min(Br, N_q - i * Br)
+            n_rows = min(Br, Nq - i * Br)
             for r in range(n_rows):
                 for cc in range(KEYS_PER_WARP):
                     p = P_ij[r, c0 + cc]              # broadcast: one address for the warp
                     ds = dS_ij[r, c0 + cc]
                     for u in range(DIMS_PER_LANE):
-                        kk = lane + WARP_SIZE * u
-                        dV_j[cc, u] += p * dO_i[r, kk]
-                        dK_j[cc, u] += ds * Q_i[r, kk]
+                        x = lane + WARP_SIZE * u
+                        dV_j[cc, u] += p * dO_i[r, x]
+                        dK_j[cc, u] += ds * Q_i[r, x]
 
             # dQ_i += scale dS_ij K_j for this warp's rows, added into global dQ
             if accumulate_dq:
@@ -332,27 +332,27 @@ def build(config, dropout=False):
                 for rr in range(ROWS_PER_WARP):
                     row = i * Br + r0 + rr
                     for u in range(DIMS_PER_LANE):
-                        kk = lane + WARP_SIZE * u
-                        if row < N_q and kk < d:
-                            cuda.atomic.add(dq, (b, row, h, kk), scale * dQ_i[rr, u])
+                        x = lane + WARP_SIZE * u
+                        if row < Nq and x < d:
+                            cuda.atomic.add(dq, (b, row, h, x), scale * dQ_i[rr, u])
             cuda.syncthreads()  # every warp done reading Q_i, dO_i, P_ij, dS_ij before the next Q tile overwrites them
 
         # dK_j = scale dS^T Q summed over i, dV_j = P^T dO summed over i; per query head
         for cc in range(KEYS_PER_WARP):
             col = j * Bc + c0 + cc
             for u in range(DIMS_PER_LANE):
-                kk = lane + WARP_SIZE * u
-                if col < N_k and kk < d:
-                    dk[b, col, h, kk] = scale * dK_j[cc, u]
-                    dv[b, col, h, kk] = dV_j[cc, u]
+                x = lane + WARP_SIZE * u
+                if col < Nk and x < d:
+                    dk[b, col, h, x] = scale * dK_j[cc, u]
+                    dv[b, col, h, x] = dV_j[cc, u]
 
     @cuda.jit
     def dq_kernel(q, k, v, dout, L, D_rows, dq, scale, causal, offset, dropout_p, seed, limit):
         # --- sizes ---
-        _, N_q, H_q, d = q.shape
-        N_k = k.shape[1]
+        _, Nq, H_q, d = q.shape
+        Nk = k.shape[1]
         H_kv = k.shape[2]
-        T_c = (N_k + Bc - 1) // Bc
+        Tc = (Nk + Bc - 1) // Bc
 
         # --- who am I ---
         i = cuda.blockIdx.x                   # Q tile
@@ -367,8 +367,8 @@ def build(config, dropout=False):
         # --- shared memory (each array on its own line; the same arrays as dkdv) ---
         K_j = cuda.shared.array((Bc, KV_STRIDE), float32)
         V_j = cuda.shared.array((Bc, KV_STRIDE), float32)
-        Q_i = cuda.shared.array((Br, W), float32)
-        dO_i = cuda.shared.array((Br, W), float32)
+        Q_i = cuda.shared.array((Br, ROW_WIDTH), float32)
+        dO_i = cuda.shared.array((Br, ROW_WIDTH), float32)
         P_ij = cuda.shared.array((Br, Bc), float32)
         dS_ij = cuda.shared.array((Br, Bc), float32)
 
@@ -378,24 +378,24 @@ def build(config, dropout=False):
             for u in range(DIMS_PER_LANE):
                 dQ_i[rr, u] = 0.0
 
-        load_rows(Q_i, q, b, h, i * Br, Br, N_q, d)
-        load_rows(dO_i, dout, b, h, i * Br, Br, N_q, d)
+        load_rows(Q_i, q, b, h, i * Br, Br, Nq, d)
+        load_rows(dO_i, dout, b, h, i * Br, Br, Nq, d)
 
-        n_tiles = T_c
+        n_tiles = Tc
         if causal:
-            n_tiles = kv_tile_end(i, Br, Bc, N_q, N_k, offset)   # tiles past the diagonal are skipped
+            n_tiles = kv_tile_end(i, Br, Bc, Nq, Nk, offset)   # tiles past the diagonal are skipped
         for j in range(n_tiles):
             # with a step limit, add exactly the (i, j) pairs the dkdv block of tile j visited
             i_start = 0
             if causal:
-                i_start = q_tile_start(j, Br, Bc, N_q, offset)
+                i_start = q_tile_start(j, Br, Bc, Nq, offset)
             if i - i_start < limit:           # the same for the whole block: barriers stay uniform
-                load_rows(K_j, k, b, h_kv, j * Bc, Bc, N_k, d)
-                load_rows(V_j, v, b, h_kv, j * Bc, Bc, N_k, d)
+                load_rows(K_j, k, b, h_kv, j * Bc, Bc, Nk, d)
+                load_rows(V_j, v, b, h_kv, j * Bc, Bc, Nk, d)
                 cuda.syncthreads()  # K_j, V_j (and Q_i, dO_i on the first pass) written before any warp reads them
 
                 probabilities_and_dS(Q_i, dO_i, K_j, V_j, P_ij, dS_ij, L, D_rows,
-                                     b, h, i, j, r0, lane, N_q, N_k, offset, causal, scale,
+                                     b, h, i, j, r0, lane, Nq, Nk, offset, causal, scale,
                                  dropout_p, seed)
                 cuda.syncwarp()  # this warp's rows of dS_ij written by all its lanes before any lane reads a whole row
 
@@ -410,9 +410,9 @@ def build(config, dropout=False):
         for rr in range(ROWS_PER_WARP):
             row = i * Br + r0 + rr
             for u in range(DIMS_PER_LANE):
-                kk = lane + WARP_SIZE * u
-                if row < N_q and kk < d:
-                    dq[b, row, h, kk] = scale * dQ_i[rr, u]
+                x = lane + WARP_SIZE * u
+                if row < Nq and x < d:
+                    dq[b, row, h, x] = scale * dQ_i[rr, u]
 
     return Fa2BackwardKernels(preprocess=preprocess, dkdv=dkdv, dq=dq_kernel)
 
@@ -451,10 +451,10 @@ def fa2_backward_preprocess(dout, out):
     """D (B, Hq, Nq) with D_i = rowsum(dO_i * O_i); dout, out (B, Nq, Hq, d) float32."""
     _check_like("dout", dout, out.shape)
     _check_like("out", out, dout.shape)
-    B, N_q, H_q, _ = out.shape
+    B, Nq, H_q, _ = out.shape
     arrays = common.Arrays(dout, out)
-    D_rows = arrays.empty((B, H_q, N_q))
-    grid = (num_tiles(N_q, PRE_ROWS_PER_BLOCK), B * H_q)
+    D_rows = arrays.empty((B, H_q, Nq))
+    grid = (num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
     preprocess[grid, PRE_THREADS](arrays.to_device(dout), arrays.to_device(out), D_rows)
     return arrays.result(D_rows)
 
@@ -469,12 +469,12 @@ def fa2_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
     regenerates the forward's dropout mask from (seed, p).
     deterministic=True computes dQ in a separate kernel without atomics.
     """
-    B, N_q, N_k, H_q, H_kv, d = common.check_qkv(q, k, v)
+    B, Nq, Nk, H_q, H_kv, d = common.check_qkv(q, k, v)
     _check_like("dout", dout, q.shape)
     _check_like("out", out, q.shape)
-    _check_like("L", L, (B, H_q, N_q))
+    _check_like("L", L, (B, H_q, Nq))
     scale = common.resolve_scale(softmax_scale, d)
-    offset = common.resolve_offset(causal, alignment, N_q, N_k)
+    offset = common.resolve_offset(causal, alignment, Nq, Nk)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = common.resolve_config(d, Br, Bc, num_warps, defaults=default_config, check=check_config)
@@ -483,23 +483,23 @@ def fa2_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
     arrays = common.Arrays(dout, q, k, v, out, L)
     dout_d, q_d, k_d, v_d = (arrays.to_device(x) for x in (dout, q, k, v))
     out_d, L_d = arrays.to_device(out), arrays.to_device(L)
-    D_rows = cuda.device_array((B, H_q, N_q), dtype=np.float32)
+    D_rows = cuda.device_array((B, H_q, Nq), dtype=np.float32)
     dq = arrays.empty(q.shape)
-    dk_per_head = cuda.device_array((B, N_k, H_q, d), dtype=np.float32)
-    dv_per_head = cuda.device_array((B, N_k, H_q, d), dtype=np.float32)
+    dk_per_head = cuda.device_array((B, Nk, H_q, d), dtype=np.float32)
+    dv_per_head = cuda.device_array((B, Nk, H_q, d), dtype=np.float32)
 
     if not deterministic:
         zero_fill[(dq.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS](dq)
-    pre_grid = (num_tiles(N_q, PRE_ROWS_PER_BLOCK), B * H_q)
+    pre_grid = (num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
     kernels.preprocess[pre_grid, PRE_THREADS](dout_d, out_d, D_rows)
-    T_r = (N_q + config.Br - 1) // config.Br
-    T_c = (N_k + config.Bc - 1) // config.Bc
+    Tr = (Nq + config.Br - 1) // config.Br
+    Tc = (Nk + config.Bc - 1) // config.Bc
     scale32, causal = np.float32(scale), bool(causal)
-    kernels.dkdv[(T_c, B * H_q), config.threads](q_d, k_d, v_d, dout_d, L_d, D_rows, dq,
+    kernels.dkdv[(Tc, B * H_q), config.threads](q_d, k_d, v_d, dout_d, L_d, D_rows, dq,
                                                   dk_per_head, dv_per_head, scale32, causal,
                                                   offset, dropout_p, seed, not deterministic, steps)
     if deterministic:
-        kernels.dq[(T_r, B * H_q), config.threads](q_d, k_d, v_d, dout_d, L_d, D_rows, dq,
+        kernels.dq[(Tr, B * H_q), config.threads](q_d, k_d, v_d, dout_d, L_d, D_rows, dq,
                                                     scale32, causal, offset, dropout_p, seed, steps)
 
     dk = gqa.reduce_groups(dk_per_head, H_kv)

@@ -15,6 +15,19 @@ matrix-product kernels lay it out:
                by the FMA rate and the shared-memory loads that feed it; its
                speed beside PyTorch's is in PERF-NOTES.md (v5) and the README.
 
+Names here -> the paper's (Dao 2023, Algorithm 2; "l." = its line numbers):
+
+    D_rows         D = rowsum(dO o O) (l. 4), written by the preprocess launch
+    Kt, Vt         K_j^T, V_j^T in shared memory (l. 6)
+    Qs, dOs        Q_i, dO_i in shared memory (l. 9)
+    stat           group 0: log2(e) L_i;  group 1: scale D_i   (l. 9)
+    S              group 0: S_ij (l. 10), then P_ij (l. 11);
+                   group 1: dP_ij (l. 13), then dS_ij (l. 14)
+    Ps, dSs        P_ij (o Z_ij) and dS_ij in shared memory, for the other group's products
+    acc            group 0: dK_j (l. 16, scaled at the end);  group 1: dV_j (l. 12)
+    dQ             this K/V tile's share of dQ_i += dS_ij K_j (l. 15), added to HBM by atomics
+    r, c, x        a row of Q_i, a key of K_j, a head dim;  d_pad: the compiled head dim (d <= d_pad)
+
 The algorithm, with the papers' names. Group 0 and group 1 are the two halves
 of the block (num_warps / 2 warps each); the two columns run side by side:
 
@@ -60,15 +73,15 @@ floats of a row as one ``ld.shared.v4`` and uses them in one of two ways:
   (S_ij = Q_i K_j^T sums over k: Q_i[r, k0:k0+4] is "a chunk of 4 k steps"
   of row r). A thread holds one chunk per row of its tile.
 
-So no tile needs a second, transposed copy; the six tiles (70 KB for the D=64
+So no tile needs a second, transposed copy; the six tiles (70 KB for the d_pad=64
 default) live in one dynamic shared array at the offsets of ``smem_offsets``
 (more than 48 KB per block needs a dynamic array and a raised limit:
 ``smem_limit``):
 
-    Kt[k, c]   K_j^T   (D x Bc+4)   S_ij (vectors along c), dQ_i (chunks along c)
-    Vt[k, c]   V_j^T   (D x Bc+4)   dP_ij (vectors along c)
-    Qs[r, k]   Q_i     (Br x D+4)   S_ij (chunks along k), dK_j (vectors along k)
-    dOs[r, k]  dO_i    (Br x D+4)   dP_ij (chunks along k), dV_j (vectors along k)
+    Kt[x, c]   K_j^T   (d_pad x Bc+4)   S_ij (vectors along c), dQ_i (chunks along c)
+    Vt[x, c]   V_j^T   (d_pad x Bc+4)   dP_ij (vectors along c)
+    Qs[r, x]   Q_i     (Br x d_pad+4)   S_ij (chunks along x), dK_j (vectors along x)
+    dOs[r, x]  dO_i    (Br x d_pad+4)   dP_ij (chunks along x), dV_j (vectors along x)
     Ps[r, c]   P_ij    (Br x Bc+4)  dS_ij (group 1), dV_j (vectors along c)
     dSs[r, c]  dS_ij   (Br x Bc+4)  dK_j (vectors along c), dQ_i (chunks along c)
 
@@ -79,7 +92,7 @@ sector. Every row is padded by 4 floats, to 4 x (an odd number): the chunks of
 8 consecutive rows at the same column fall in 8 different groups of 4 banks,
 so a warp's chunk loads are conflict-free.
 
-Register tiles per thread (sizes from ``layout(config)``; the D=64 default,
+Register tiles per thread (sizes from ``layout(config)``; the d_pad=64 default,
 Br=32, Bc=64, 4 warps, shown)::
 
     S_ij / dP_ij  TM x TN     (4 x 8)   rows r = ty + RG a (chunks of Qs, dOs),
@@ -93,7 +106,7 @@ block's two groups each keep one of them: 64 accumulators per thread instead of
 
 Global memory: q, dout and dq are passed as flat 1-D views, so a row's address
 is one 64-bit add from the last one (Numba's 4-D indexing redoes the whole
-index product per element). A *whole* Q tile (all Br rows exist and d == D, every
+index product per element). A *whole* Q tile (all Br rows exist and d == d_pad, every
 tile of the benchmark but the causal diagonal's tails) is loaded and added into
 dQ with no bounds tests at all; an edge tile clamps its rows and zero-fills or
 zero-adds the dims past d.
@@ -123,7 +136,7 @@ of 4 keys) right after the tile barrier, before dP_ij, while group 0 computes
 S_ij and P_ij; it keeps them in one integer, uses them for dP_ij o Z_ij, and
 overwrites its own entries of Ps with P_ij o Z_ij for dV_j (D_i = rowsum(dO_i
 o O_i) with the dropped O, unchanged). Group 0 is untouched. What it costs
-(read off the SASS, sm_90, D=64 default; not measured on a GPU): ~600 more
+(read off the SASS, sm_90, d_pad=64 default; not measured on a GPU): ~600 more
 instructions per group-1 thread and Q tile (4 Philox calls of ~100
 instructions, the float64 keep tests, the selects in dS_ij and Ps) against
 ~3400 per Q tile (2560 FFMA), a sixth of them hidden behind group 0's exp2
@@ -137,11 +150,11 @@ summed over each group by ``gqa.sum_head_groups`` (into buffers the launcher
 allocated once). ``limit``: each block stops after ``limit`` iterations of its
 i loop and writes its dK_j, dV_j; dQ holds what was added so far.
 
-Head dims: compiled for D in FAST_HEAD_DIMS (32, 64, 128), as the fast forward;
-d <= D is zero-padded in shared memory and only n < d is written out.
+Head dims: compiled for d_pad in FAST_HEAD_DIMS (32, 64, 128), as the fast forward;
+d <= d_pad is zero-padded in shared memory and only n < d is written out.
 
 Known limits: fp32 FMA only; dQ gets Nk / Bc float32 atomics per entry (Bc = 64
-for the D=64 default); no prefetch of Q_{i+1}, dO_{i+1} (no registers left under
+for the d_pad=64 default); no prefetch of Q_{i+1}, dO_{i+1} (no registers left under
 the 168-register cap of 3 blocks per SM: other blocks hide that latency); q, dout
 must be C-contiguous (flat views); one float32 atomic per dQ entry per (i, j),
 so dQ is not bitwise reproducible (fa2_backward has a deterministic mode, this
@@ -174,8 +187,8 @@ MAX_REGISTER_FLOATS = 136                # floats per thread in register arrays;
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps, blocks_per_sm), blocks_per_sm 0 meaning
 # min_blocks_per_sm's choice. Chosen by `flashnumba bench --tune` (PERF-NOTES.md, runs 7 and 8):
-# D=64: Br=32 Bc=64 4 warps (70 KB of shared memory, 3 blocks per SM) was fastest; Br=Bc=64
-# 8 warps is not shipped (it spills 4 B on sm_80). D=128: Br=16 Bc=32 4 warps.
+# d_pad=64: Br=32 Bc=64 4 warps (70 KB of shared memory, 3 blocks per SM) was fastest; Br=Bc=64
+# 8 warps is not shipped (it spills 4 B on sm_80). d_pad=128: Br=16 Bc=32 4 warps.
 _DEFAULTS = {
     32: (32, 32, 2, 0),
     64: (32, 64, 4, 0),
@@ -189,8 +202,8 @@ _ALTERNATIVES = {
           (32, 32, 8, 2)],   # 78 KB, 2 blocks (16 warps) per SM, 128 registers
 }
 # Blocks per SM for the dropout kernel where the plain kernel's launch bound leaves it no
-# registers for the Philox state: (Br, Bc, D, num_warps, blocks_per_sm) -> blocks per SM. The
-# Br=Bc=16 D=128 dropout kernel spilled 8 B on sm_80 at 5 blocks per SM once dQ's padding dims
+# registers for the Philox state: (Br, Bc, d_pad, num_warps, blocks_per_sm) -> blocks per SM. The
+# Br=Bc=16 d_pad=128 dropout kernel spilled 8 B on sm_80 at 5 blocks per SM once dQ's padding dims
 # were masked (a NaN must not leak into other entries of dQ), so it is compiled for 4.
 # (Every other dropout kernel keeps its plain kernel's blocks per SM; those with
 # blocks_per_sm = 0 run one 4-key chunk per dQ loop trip instead of two: DQ_TWO_CHUNKS.)
@@ -237,33 +250,33 @@ def layout(config):
     G = T // 2
     return {"T": T, "G": G,
             "S": _split(config.Br, config.Bc, G, 1, 4),
-            "KV": _split(config.Bc, config.D, G, 4, 4),
-            "Q": _split(config.Br, config.D, T, 1, 1)}
+            "KV": _split(config.Bc, config.d_pad, G, 4, 4),
+            "Q": _split(config.Br, config.d_pad, T, 1, 1)}
 
 
 def default_config(d):
-    """The shipped tile configuration for head dim d (served by its bucket D)."""
-    D = fast_bucket(d)
-    Br, Bc, num_warps, blocks_per_sm = _DEFAULTS[D]
-    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps, blocks_per_sm=blocks_per_sm)
+    """The shipped tile configuration for head dim d (served by its bucket d_pad)."""
+    d_pad = fast_bucket(d)
+    Br, Bc, num_warps, blocks_per_sm = _DEFAULTS[d_pad]
+    return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=num_warps, blocks_per_sm=blocks_per_sm)
 
 
 def shipped_configs():
     """Every bucket's default plus the alternatives bench --tune times."""
-    configs = [default_config(D) for D in FAST_HEAD_DIMS]
-    for D, alternatives in _ALTERNATIVES.items():
-        configs += [TileConfig(Br=Br, Bc=Bc, D=D, num_warps=w, blocks_per_sm=blocks)
+    configs = [default_config(d_pad) for d_pad in FAST_HEAD_DIMS]
+    for d_pad, alternatives in _ALTERNATIVES.items():
+        configs += [TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=w, blocks_per_sm=blocks)
                     for Br, Bc, w, blocks in alternatives]
     return configs
 
 
 def smem_offsets(config):
     """Where each tile starts in the block's dynamic shared array, in floats, and the array's
-    length: Kt, Vt (D x Bc+4), Qs, dOs (Br x D+4), Ps, dSs (Br x Bc+4), in that order. Every
+    length: Kt, Vt (d_pad x Bc+4), Qs, dOs (Br x d_pad+4), Ps, dSs (Br x Bc+4), in that order. Every
     offset and row length is a multiple of 4 floats, so 16-byte vectors stay aligned."""
-    Br, Bc, D = config.Br, config.Bc, config.D
-    sizes = (("Kt", D * (Bc + PAD)), ("Vt", D * (Bc + PAD)), ("Qs", Br * (D + PAD)),
-             ("dOs", Br * (D + PAD)), ("Ps", Br * (Bc + PAD)), ("dSs", Br * (Bc + PAD)))
+    Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
+    sizes = (("Kt", d_pad * (Bc + PAD)), ("Vt", d_pad * (Bc + PAD)), ("Qs", Br * (d_pad + PAD)),
+             ("dOs", Br * (d_pad + PAD)), ("Ps", Br * (Bc + PAD)), ("dSs", Br * (Bc + PAD)))
     offsets, at = {}, 0
     for name, size in sizes:
         offsets[name] = at
@@ -287,7 +300,7 @@ def min_blocks_per_sm(config, dropout=False):
     memory allows (1 KB per block is reserved by the hardware), but not so many that a thread
     gets fewer than MIN_REGISTERS. The dropout kernel of a config in _DROPOUT_BLOCKS_PER_SM
     asks for fewer."""
-    key = (config.Br, config.Bc, config.D, config.num_warps, config.blocks_per_sm)
+    key = (config.Br, config.Bc, config.d_pad, config.num_warps, config.blocks_per_sm)
     if dropout and key in _DROPOUT_BLOCKS_PER_SM:
         return _DROPOUT_BLOCKS_PER_SM[key]
     if config.blocks_per_sm:
@@ -300,11 +313,11 @@ def min_blocks_per_sm(config, dropout=False):
 def check_config(config):
     """Raise ConfigError unless the configuration can compile and launch."""
     require(isinstance(config, TileConfig), f"expected a TileConfig, got {config!r}")
-    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
+    Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
     for name, value in (("Br", Br), ("Bc", Bc), ("num_warps", num_warps)):
         require(isinstance(value, (int, np.integer)) and value >= 1,
                 f"{name} must be a positive integer, got {value!r}")
-    require(D in FAST_HEAD_DIMS, f"D={D} is not a fast head-dim bucket {FAST_HEAD_DIMS}")
+    require(d_pad in FAST_HEAD_DIMS, f"d_pad={d_pad} is not a fast head-dim bucket {FAST_HEAD_DIMS}")
     T = config.threads
     require(num_warps % 2 == 0 and T <= 1024 and T & (T - 1) == 0,
             f"num_warps={num_warps}: must be even (two warp groups) and a power of 2, <= 32")
@@ -321,21 +334,21 @@ def check_config(config):
             f"blocks_per_sm={blocks}: that many blocks of {config.threads} threads and "
             f"{smem_bytes(config)} bytes of shared memory do not fit on one SM")
     lay = layout(config)
-    for name, what in (("S", "S_ij (Br x Bc) over T/2 threads"), ("KV", "dK_j (Bc x D) over T/2 threads"),
-                       ("Q", "dQ_i (Br x D) over T threads")):
+    for name, what in (("S", "S_ij (Br x Bc) over T/2 threads"), ("KV", "dK_j (Bc x d_pad) over T/2 threads"),
+                       ("Q", "dQ_i (Br x d_pad) over T threads")):
         require(lay[name] is not None,
-                f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps}: {what} does not split into "
+                f"Br={Br}, Bc={Bc}, d_pad={d_pad}, num_warps={num_warps}: {what} does not split into "
                 f"equal register tiles (runs of 4 where vectors are read)")
     smem = smem_bytes(config)
     require(smem <= smem_limit.MAX_BLOCK_BYTES,
-            f"Br={Br}, Bc={Bc}, D={D} needs {smem} bytes of shared memory per block "
+            f"Br={Br}, Bc={Bc}, d_pad={d_pad} needs {smem} bytes of shared memory per block "
             f"> {smem_limit.MAX_BLOCK_BYTES} (227 KB, an H100's most); use smaller tiles")
     TM, TN = lay["S"][:2]
     TKC, TKN = lay["KV"][:2]
     TQM, TQN = lay["Q"][:2]
     floats = TKC * TKN + max(TM * TN + CHUNK * TM + CHUNK, TQM * TQN + CHUNK * TQM + TQN)
     require(floats <= MAX_REGISTER_FLOATS,
-            f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps} holds {floats} floats per thread in "
+            f"Br={Br}, Bc={Bc}, d_pad={d_pad}, num_warps={num_warps} holds {floats} floats per thread in "
             f"register arrays (> {MAX_REGISTER_FLOATS}, would spill); use more warps or smaller tiles")
 
 
@@ -367,7 +380,7 @@ def build(config, dropout=False, softcap=False, alibi=False):
 def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
     """Compile-time sizes baked in as plain Python ints; returns the @cuda.jit kernel."""
     check_config(config)
-    Br, Bc, D = int(config.Br), int(config.Bc), int(config.D)
+    Br, Bc, d_pad = int(config.Br), int(config.Bc), int(config.d_pad)
     lay = layout(config)
     T, G = lay["T"], lay["G"]
     TM, TN, RG_S, CG_S = lay["S"]
@@ -378,9 +391,9 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
     TQM, TQN, RG_Q, CG_Q = lay["Q"]
     NW = config.num_warps
     T_MASK = T - 1
-    DP = D + PAD                             # row length of Qs, dOs
+    ROW_LEN = d_pad + PAD                             # row length of Qs, dOs
     BcP = Bc + PAD                           # row length of Kt, Vt, Ps, dSs
-    D_LANES = D // WARP_SIZE                 # dims per lane when a warp loads a row
+    DIMS_PER_LANE = d_pad // WARP_SIZE                 # dims per lane when a warp loads a row
     ROWS_PER_WARP = Br // NW                 # rows of Q_i per warp when loading
     INDEX_MASK = 0x7FFFFFFF                  # x & INDEX_MASK == x for the indices here; tells the
                                              # compiler x >= 0 (no negative-index wraparound code)
@@ -401,7 +414,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
     # device functions take the tile's offset (a compile-time constant once inlined).
 
     @cuda.jit(device=True, inline="always")
-    def chunk_ab(C, sm, As, Bt, k0, ty, tx, x, y):
+    def chunk_ab(C, sm, As, Bt, k0, ty, tx, a_vec, b_vec):
         """C[a, 4 g + t] += sum over k0 <= k < k0 + 4 of As[ty + RG_S a, k] Bt[k, 4 (tx + CG_S g) + t].
 
         S_ij += Q_i K_j^T (As = Qs, Bt = Kt) or dP_ij += dO_i V_j^T (As = dOs, Bt = Vt), four
@@ -410,17 +423,17 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         """
         for a in range(TM):
             for s in range(CHUNK):
-                x[a, s] = sm[As + (ty + RG_S * a) * DP + k0 + s]
+                a_vec[a, s] = sm[As + (ty + RG_S * a) * ROW_LEN + k0 + s]
         for s in range(CHUNK):
             for g in range(TN // 4):
                 for t in range(4):
-                    y[4 * g + t] = sm[Bt + (k0 + s) * BcP + 4 * (tx + CG_S * g) + t]
+                    b_vec[4 * g + t] = sm[Bt + (k0 + s) * BcP + 4 * (tx + CG_S * g) + t]
             for a in range(TM):
                 for n in range(TN):
-                    C[a, n] += x[a, s] * y[n]
+                    C[a, n] += a_vec[a, s] * b_vec[n]
 
     @cuda.jit(device=True, inline="always")
-    def step_atb(C, sm, As, Bs, r, ty, tx, x, y):
+    def step_atb(C, sm, As, Bs, r, ty, tx, a_vec, b_vec):
         """C[4 g + t, 4 g2 + t2] += As[r, 4 (ty + RG_K g) + t] Bs[r, 4 (tx + CG_K g2) + t2].
 
         dK_j += dS_ij^T Q_i (As = dSs, Bs = Qs) or dV_j += P_ij^T dO_i (As = Ps, Bs = dOs),
@@ -428,16 +441,16 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         """
         for g in range(TKC // 4):
             for t in range(4):
-                x[g, t] = sm[As + r * BcP + 4 * (ty + RG_K * g) + t]
+                a_vec[g, t] = sm[As + r * BcP + 4 * (ty + RG_K * g) + t]
         for g in range(TKN // 4):
             for t in range(4):
-                y[4 * g + t] = sm[Bs + r * DP + 4 * (tx + CG_K * g) + t]
+                b_vec[4 * g + t] = sm[Bs + r * ROW_LEN + 4 * (tx + CG_K * g) + t]
         for c in range(TKC):
             for n in range(TKN):
-                C[c, n] += x[c // 4, c % 4] * y[n]
+                C[c, n] += a_vec[c // 4, c % 4] * b_vec[n]
 
     @cuda.jit(device=True, inline="always")
-    def chunk_abt(C, sm, As, Bs, c0, ty, tx, x, y):
+    def chunk_abt(C, sm, As, Bs, c0, ty, tx, a_vec, b_vec):
         """C[a, t] += sum over c0 <= c < c0 + 4 of As[ty + RG_Q a, c] Bs[tx + CG_Q t, c].
 
         dQ_i += dS_ij K_j (As = dSs, Bs = Kt: K_j transposed, so its column n is a row),
@@ -445,37 +458,37 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         """
         for a in range(TQM):
             for s in range(CHUNK):
-                x[a, s] = sm[As + (ty + RG_Q * a) * BcP + c0 + s]
+                a_vec[a, s] = sm[As + (ty + RG_Q * a) * BcP + c0 + s]
         for t in range(TQN):
             for s in range(CHUNK):
-                y[s] = sm[Bs + (tx + CG_Q * t) * BcP + c0 + s]
+                b_vec[s] = sm[Bs + (tx + CG_Q * t) * BcP + c0 + s]
             for s in range(CHUNK):
                 for a in range(TQM):
-                    C[a, t] += x[a, s] * y[s]
+                    C[a, t] += a_vec[a, s] * b_vec[s]
 
     @cuda.jit(device=True, inline="always")
     def load_kv_transposed(sm, dst, src, b, h, start, N, d, warp, lane):
-        """dst[n, c] = src[b, start + c, h, n] for this warp's keys c = warp + NW cc, n < D; zeros
+        """dst[x, c] = src[b, start + c, h, x] for this warp's keys c = warp + NW cc, x < d_pad; zeros
         past N and past d. Once per block, so plainly written (the transposed store has bank
         conflicts; it happens once, against Tr Q tiles of work)."""
         for cc in range(Bc // NW):
             c = warp + NW * cc
-            for u in range(D_LANES):
-                n = lane + WARP_SIZE * u
+            for u in range(DIMS_PER_LANE):
+                x = lane + WARP_SIZE * u
                 value = float32(0.0)
-                if start + c < N and n < d:
-                    value = src[b, start + c, h, n]
-                sm[dst + n * BcP + c] = value
+                if start + c < N and x < d:
+                    value = src[b, start + c, h, x]
+                sm[dst + x * BcP + c] = value
 
     @cuda.jit(device=True, inline="always")
     def load_q_rows(sm, dst, src_flat, first, last, row_stride, d, warp, lane, whole):
-        """dst[r, n] = Q_i[r, n] (or dO_i) for this warp's rows r = warp + NW rr, n = lane + 32 u < D,
+        """dst[r, x] = Q_i[r, x] (or dO_i) for this warp's rows r = warp + NW rr, x = lane + 32 u < d_pad,
         from the flat array: row r of the tile starts at first + r row_stride. Lanes along
         consecutive dims: coalesced loads, conflict-free stores.
 
-        whole (every row of the tile exists and d == D): one 64-bit add per row, and the row's
+        whole (every row of the tile exists and d == d_pad): one 64-bit add per row, and the row's
         elements at constant offsets from it (about 3 instructions per element). Otherwise a
-        row past N_q reads the last row (flat index `last`: a valid address, masked later) and
+        row past Nq reads the last row (flat index `last`: a valid address, masked later) and
         dims past d are zeros: per row an add and a min, per element a clamped index, a load,
         a select and a store (about 15 instructions per element: 64-bit index arithmetic)."""
         idx = first + warp * row_stride
@@ -483,33 +496,33 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         if whole:
             for rr in range(ROWS_PER_WARP):
                 row_idx = (idx + lane) & FLAT_MASK
-                for u in range(D_LANES):
-                    sm[dst + (warp + NW * rr) * DP + lane + WARP_SIZE * u] = src_flat[row_idx + WARP_SIZE * u]
+                for u in range(DIMS_PER_LANE):
+                    sm[dst + (warp + NW * rr) * ROW_LEN + lane + WARP_SIZE * u] = src_flat[row_idx + WARP_SIZE * u]
                 idx += step
             return
         rr = 0
         while rr < ROWS_PER_WARP:
             r = warp + NW * rr
             row_idx = min(idx, last)
-            for u in range(D_LANES):
-                n = lane + WARP_SIZE * u
-                value = src_flat[(row_idx + min(n, d - 1)) & FLAT_MASK]
-                sm[dst + r * DP + n] = value if n < d else float32(0.0)
+            for u in range(DIMS_PER_LANE):
+                x = lane + WARP_SIZE * u
+                value = src_flat[(row_idx + min(x, d - 1)) & FLAT_MASK]
+                sm[dst + r * ROW_LEN + x] = value if x < d else float32(0.0)
             idx += step
             rr += 1
 
     @cuda.jit(**_jit_options(config, DROPOUT))
     def fa2_fast_backward_kernel(q_flat, k, v, dout_flat, L, D_rows, dq_flat, dk, dv, scale, windowed,
                                  lo, hi, dropout_p, seed, limit, cap, slopes):
-        # --- sizes (q_flat, dout_flat, dq_flat: flat views of (B, N_q, H_q, d) arrays) ---
+        # --- sizes (q_flat, dout_flat, dq_flat: flat views of (B, Nq, H_q, d) arrays) ---
         # scale: float32; windowed: bool (causal or a window); lo, hi: int64, key c is visible
         # to query r iff r + lo <= c <= r + hi; dropout_p: float64; seed: uint64 (both unused
         # unless DROPOUT); limit: i steps to run (int64); cap: float32 softcap (SOFTCAP only);
         # slopes: float32 (B, H_q) ALiBi slopes (ALIBI only).
-        _, N_k, H_kv, d = k.shape
+        _, Nk, H_kv, d = k.shape
         H_q = L.shape[1]
-        N_q = L.shape[2]
-        T_r = (N_q + Br - 1) // Br
+        Nq = L.shape[2]
+        Tr = (Nq + Br - 1) // Br
         scale_log2 = scale * float32(LOG2_E)
 
         # --- who am I ---
@@ -532,8 +545,8 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         h_kv = h // (H_q // H_kv)            # grouped-query attention: this head's K/V head
         col0 = j * Bc
         row_stride = H_q * d                 # flat index of q[b, r + 1, h, 0] - q[b, r, h, 0]
-        q_head = (b * N_q * H_q + h) * d     # flat index of q[b, 0, h, 0]
-        q_last = q_head + (N_q - 1) * row_stride
+        q_head = (b * Nq * H_q + h) * d     # flat index of q[b, 0, h, 0]
+        q_last = q_head + (Nq - 1) * row_stride
         if DROPOUT:                          # Philox key and the counter words fixed for this block
             key0, key1 = philox_key(seed)
             h_word = np.uint64(h)            # the query head, also under GQA
@@ -550,34 +563,34 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         S = cuda.local.array((TM, TN), float32)        # S_ij -> P_ij (group 0) or dP_ij -> dS_ij (group 1)
         dQ = cuda.local.array((TQM, TQN), float32)     # dQ_i, this K/V tile's share
         stat = cuda.local.array(TM, float32)           # log2(e) L_i (group 0) or scale D_i (group 1), per row
-        x = cuda.local.array((X_ROWS, CHUNK), float32)  # chunks of the left operand
-        y = cuda.local.array(Y_LEN, float32)           # a chunk or vectors of the right operand
+        a_vec = cuda.local.array((X_ROWS, CHUNK), float32)  # chunks of the left operand
+        b_vec = cuda.local.array(Y_LEN, float32)           # a chunk or vectors of the right operand
         for c in range(TKC):
             for n in range(TKN):
                 acc[c, n] = 0.0
 
-        # K_j, V_j -> shared, transposed, once; keys past N_k and dims past d are zeros
-        load_kv_transposed(sm, KT, k, b, h_kv, col0, N_k, d, warp, lane)
-        load_kv_transposed(sm, VT, v, b, h_kv, col0, N_k, d, warp, lane)
+        # K_j, V_j -> shared, transposed, once; keys past Nk and dims past d are zeros
+        load_kv_transposed(sm, KT, k, b, h_kv, col0, Nk, d, warp, lane)
+        load_kv_transposed(sm, VT, v, b, h_kv, col0, Nk, d, warp, lane)
 
         i = 0
-        i_stop = T_r
+        i_stop = Tr
         if windowed:                                   # Q tiles outside the band are skipped
-            i = q_tile_start(j, Br, Bc, N_q, hi)       # above the diagonal (right of the band)
-            i_stop = max(i, q_tile_end(j, Br, Bc, N_q, N_k, lo))   # below the band's left edge
+            i = q_tile_start(j, Br, Bc, Nq, hi)       # above the diagonal (right of the band)
+            i_stop = max(i, q_tile_end(j, Br, Bc, Nq, Nk, lo))   # below the band's left edge
         if ALIBI:
-            slope = slopes[b, h]                       # bias -slope |r + N_k - N_q - c|
+            slope = slopes[b, h]                       # bias -slope |r + Nk - Nq - c|
         i_end = min(i_stop, i + limit) & INDEX_MASK   # i_end < 2^31: its high word needs no register
-                                                   # (with offset an argument, the 2-warp D=64 kernel
+                                                   # (with offset an argument, the 2-warp d_pad=64 kernel
                                                    # spilled it on sm_90)
 
         while i < i_end:
             row0 = i * Br
             cuda.syncthreads()  # every warp done reading Qs, dOs (and Ps, dSs) of the last Q tile
 
-            # Q_i, dO_i -> shared (rows past N_q: clamped, masked below; dims past d: zeros)
+            # Q_i, dO_i -> shared (rows past Nq: clamped, masked below; dims past d: zeros)
             first = q_head + row0 * row_stride
-            whole = row0 + Br <= N_q and d == D
+            whole = row0 + Br <= Nq and d == d_pad
             load_q_rows(sm, QS, q_flat, first, q_last, row_stride, d, warp, lane, whole)
             load_q_rows(sm, DOS, dout_flat, first, q_last, row_stride, d, warp, lane, whole)
             cuda.syncthreads()  # Q_i, dO_i (and K_j, V_j the first time) written before any warp reads them
@@ -585,7 +598,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             # this thread's rows of log2(e) L_i (group 0) or of scale D_i (group 1), loaded now so that
             # their latency hides behind the products, not in front of exp2
             for a in range(TM):
-                row = min(row0 + ty_s + RG_S * a, N_q - 1) & INDEX_MASK
+                row = min(row0 + ty_s + RG_S * a, Nq - 1) & INDEX_MASK
                 if group == 0:
                     stat[a] = L[b, h, row] * float32(LOG2_E)
                 else:
@@ -612,18 +625,18 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
                     S[a, n] = 0.0
             k0 = 0
             if group == 0:
-                while k0 < D:
-                    chunk_ab(S, sm, QS, KT, k0, ty_s, tx_s, x, y)
-                    chunk_ab(S, sm, QS, KT, k0 + CHUNK, ty_s, tx_s, x, y)
+                while k0 < d_pad:
+                    chunk_ab(S, sm, QS, KT, k0, ty_s, tx_s, a_vec, b_vec)
+                    chunk_ab(S, sm, QS, KT, k0 + CHUNK, ty_s, tx_s, a_vec, b_vec)
                     k0 += 2 * CHUNK
             else:
-                while k0 < D:
-                    chunk_ab(S, sm, DOS, VT, k0, ty_s, tx_s, x, y)
-                    chunk_ab(S, sm, DOS, VT, k0 + CHUNK, ty_s, tx_s, x, y)
+                while k0 < d_pad:
+                    chunk_ab(S, sm, DOS, VT, k0, ty_s, tx_s, a_vec, b_vec)
+                    chunk_ab(S, sm, DOS, VT, k0 + CHUNK, ty_s, tx_s, a_vec, b_vec)
                     k0 += 2 * CHUNK
 
             # edge and diagonal tiles: some (row, key) pairs are masked
-            masked_tile = (row0 + Br > N_q or col0 + Bc > N_k
+            masked_tile = (row0 + Br > Nq or col0 + Bc > Nk
                            or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)))
             if group == 0:
                 # P_ij = exp(scale S_ij - L_i) = exp2(scale log2(e) S_ij - log2(e) L_i), 0 where masked
@@ -638,14 +651,14 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
                                 if SOFTCAP:      # S_ij = cap tanh(S_ij / cap); dS_ij will carry 1 - tanh^2
                                     tanh_s = math.tanh(score / cap)
                                     score = cap * tanh_s
-                                if ALIBI:        # S_ij -= slope |r + N_k - N_q - c|
-                                    score -= slope * float32(abs(row + N_k - N_q - col0 - c))
+                                if ALIBI:        # S_ij -= slope |r + Nk - Nq - c|
+                                    score -= slope * float32(abs(row + Nk - Nq - col0 - c))
                                 p = exp2_ftz(score * float32(LOG2_E) - stat[a])
                             else:
                                 p = exp2_ftz(S[a, 4 * g + t] * scale_log2 - stat[a])
                             if masked_tile:
                                 col = col0 + c
-                                if row >= N_q or col >= N_k or (windowed and (col > row + hi or col < row + lo)):
+                                if row >= Nq or col >= Nk or (windowed and (col > row + hi or col < row + lo)):
                                     p = float32(-0.0)    # hidden: -0, so group 1 can tell it from an underflow
                             sm[PS + r * BcP + c] = p
                             if SOFTCAP:          # P_ij (1 - tanh^2) for group 1's dS_ij (dSs is free
@@ -685,17 +698,17 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             r = 0
             if group == 0:
                 while r < Br:
-                    step_atb(acc, sm, DSS, QS, r, ty_k, tx_k, x, y)
-                    step_atb(acc, sm, DSS, QS, r + 1, ty_k, tx_k, x, y)
-                    step_atb(acc, sm, DSS, QS, r + 2, ty_k, tx_k, x, y)
-                    step_atb(acc, sm, DSS, QS, r + 3, ty_k, tx_k, x, y)
+                    step_atb(acc, sm, DSS, QS, r, ty_k, tx_k, a_vec, b_vec)
+                    step_atb(acc, sm, DSS, QS, r + 1, ty_k, tx_k, a_vec, b_vec)
+                    step_atb(acc, sm, DSS, QS, r + 2, ty_k, tx_k, a_vec, b_vec)
+                    step_atb(acc, sm, DSS, QS, r + 3, ty_k, tx_k, a_vec, b_vec)
                     r += CHUNK
             else:
                 while r < Br:
-                    step_atb(acc, sm, PS, DOS, r, ty_k, tx_k, x, y)
-                    step_atb(acc, sm, PS, DOS, r + 1, ty_k, tx_k, x, y)
-                    step_atb(acc, sm, PS, DOS, r + 2, ty_k, tx_k, x, y)
-                    step_atb(acc, sm, PS, DOS, r + 3, ty_k, tx_k, x, y)
+                    step_atb(acc, sm, PS, DOS, r, ty_k, tx_k, a_vec, b_vec)
+                    step_atb(acc, sm, PS, DOS, r + 1, ty_k, tx_k, a_vec, b_vec)
+                    step_atb(acc, sm, PS, DOS, r + 2, ty_k, tx_k, a_vec, b_vec)
+                    step_atb(acc, sm, PS, DOS, r + 3, ty_k, tx_k, a_vec, b_vec)
                     r += CHUNK
 
             # dQ_i = dS_ij K_j (the whole block), added into global dQ: eight keys per trip (four
@@ -705,17 +718,17 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
                     dQ[a, n] = 0.0
             c0 = 0
             while c0 < Bc:
-                chunk_abt(dQ, sm, DSS, KT, c0, ty_q, tx_q, x, y)
+                chunk_abt(dQ, sm, DSS, KT, c0, ty_q, tx_q, a_vec, b_vec)
                 if DQ_TWO_CHUNKS:
-                    chunk_abt(dQ, sm, DSS, KT, c0 + CHUNK, ty_q, tx_q, x, y)
+                    chunk_abt(dQ, sm, DSS, KT, c0 + CHUNK, ty_q, tx_q, a_vec, b_vec)
                     c0 += CHUNK
                 c0 += CHUNK
             # One atomic per entry; a warp's atomics for one (a, t) cover CG_Q consecutive dims of
             # each of its rows (whole 32-byte sectors), one instruction each at an immediate
             # offset. Dims n >= d (t >= t_valid) add an exact 0, selected rather than branched on,
-            # to the entries that follow in the flat array (other dims, or the D spare floats at
+            # to the entries that follow in the flat array (other dims, or the d_pad spare floats at
             # its end): K_j's padding dims are zeros, but a NaN in dS_ij times 0 is NaN. Rows past
-            # N_q are skipped. A whole tile (every row exists, d == D) needs neither test.
+            # Nq are skipped. A whole tile (every row exists, d == d_pad) needs neither test.
             if whole:
                 idx = (q_head + (row0 + ty_q) * row_stride + tx_q) & DQ_MASK
                 for a in range(TQM):
@@ -725,7 +738,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             else:
                 for a in range(TQM):
                     row = row0 + ty_q + RG_Q * a
-                    if row < N_q:
+                    if row < Nq:
                         idx = (q_head + row * row_stride + tx_q) & DQ_MASK
                         for t in range(TQN):
                             value = dQ[a, t]
@@ -738,7 +751,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         for g in range(TKC // 4):
             for t in range(4):
                 col = col0 + 4 * (ty_k + RG_K * g) + t
-                if col < N_k:
+                if col < Nk:
                     for g2 in range(TKN // 4):
                         for t2 in range(4):
                             n = 4 * (tx_k + CG_K * g2) + t2
@@ -772,10 +785,10 @@ def compile_targets(config):
 def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     """The default config for d, or `config`, with any of Br, Bc, num_warps overridden; checked."""
     base = config if config is not None else default_config(d)
-    if base.D < d:
-        raise ConfigError(f"config D={base.D} cannot serve head dim d={d}")
+    if base.d_pad < d:
+        raise ConfigError(f"config d_pad={base.d_pad} cannot serve head dim d={d}")
     config = TileConfig(Br=base.Br if Br is None else Br, Bc=base.Bc if Bc is None else Bc,
-                        D=base.D, num_warps=base.num_warps if num_warps is None else num_warps,
+                        d_pad=base.d_pad, num_warps=base.num_warps if num_warps is None else num_warps,
                         blocks_per_sm=base.blocks_per_sm)
     check_config(config)
     return config
@@ -806,14 +819,14 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     benchmark times. The inputs must stay alive. dropout_p > 0 launches the dropout variant
     of the main kernel (out must then be the dropped forward's output); p = 0 the plain one.
     """
-    B, N_q, N_k, H_q, H_kv, d = common.check_qkv(q, k, v)
+    B, Nq, Nk, H_q, H_kv, d = common.check_qkv(q, k, v)
     _check_like("dout", dout, q.shape)
     _check_like("out", out, q.shape)
-    _check_like("L", L, (B, H_q, N_q))
+    _check_like("L", L, (B, H_q, Nq))
     scale = common.resolve_scale(softmax_scale, d)
-    common.resolve_offset(causal, alignment, N_q, N_k)          # checks alignment
+    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
     windowed = is_windowed(causal, window_size)
-    lo, hi = (np.int64(x) for x in window_bounds(N_q, N_k, causal, window_size, alignment))
+    lo, hi = (np.int64(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
     cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
@@ -822,25 +835,25 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 
     arrays = common.Arrays(dout, q, k, v, out, L)
     dout_d, q_d, k_d, v_d, out_d, L_d = (arrays.to_device(x) for x in (dout, q, k, v, out, L))
-    D_rows = cuda.device_array((B, H_q, N_q), dtype=np.float32)
-    n_q = B * N_q * H_q * d
-    dq_spare = cuda.device_array(n_q + config.D, dtype=np.float32)   # D spare floats: see the kernel
+    D_rows = cuda.device_array((B, H_q, Nq), dtype=np.float32)
+    n_q = B * Nq * H_q * d
+    dq_spare = cuda.device_array(n_q + config.d_pad, dtype=np.float32)   # d_pad spare floats: see the kernel
     dq_flat = dq_spare[:n_q]
-    dq = dq_flat.reshape(B, N_q, H_q, d)
-    dk = cuda.device_array((B, N_k, H_kv, d), dtype=np.float32)
-    dv = cuda.device_array((B, N_k, H_kv, d), dtype=np.float32)
+    dq = dq_flat.reshape(B, Nq, H_q, d)
+    dk = cuda.device_array((B, Nk, H_kv, d), dtype=np.float32)
+    dv = cuda.device_array((B, Nk, H_kv, d), dtype=np.float32)
     grouped = H_q != H_kv
-    dk_heads = cuda.device_array((B, N_k, H_q, d), dtype=np.float32) if grouped else dk
-    dv_heads = cuda.device_array((B, N_k, H_q, d), dtype=np.float32) if grouped else dv
+    dk_heads = cuda.device_array((B, Nk, H_q, d), dtype=np.float32) if grouped else dk
+    dv_heads = cuda.device_array((B, Nk, H_q, d), dtype=np.float32) if grouped else dv
 
     # zero all of it, the spare floats too: their atomics (adding 0) read them
     dq_spare_4d = dq_spare.reshape(1, 1, 1, dq_spare.size)
     zero_dq = zero_fill[(dq_spare.size + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS]
-    rowsum = preprocess[((N_q + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, B * H_q), PRE_THREADS]
-    T_c = (N_k + config.Bc - 1) // config.Bc
+    rowsum = preprocess[((Nq + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, B * H_q), PRE_THREADS]
+    Tc = (Nk + config.Bc - 1) // config.Bc
     nbytes = smem_bytes(config)
-    main = kernel[(T_c, B * H_q), config.threads, 0, nbytes]
-    n_kv = B * N_k * H_kv * d
+    main = kernel[(Tc, B * H_q), config.threads, 0, nbytes]
+    n_kv = B * Nk * H_kv * d
     group_sum = gqa.sum_head_groups[(n_kv + gqa.THREADS - 1) // gqa.THREADS, gqa.THREADS]
     scale32 = np.float32(scale)
     q_flat, dout_flat = _flat(q_d, "q"), _flat(dout_d, "dout")

@@ -12,6 +12,18 @@ tile is laid out the way fast matrix-product kernels lay it out:
                16-byte vectors from k-major (transposed) tiles, so one shared
                load feeds 4-8 multiply-adds. fp32 FMA (no tensor cores).
 
+Names here -> the paper's (Dao 2023, Algorithm 1; "l." = its line numbers):
+
+    Qt, Kt, Vs     Q_i (l. 4), K_j, V_j (l. 7) in shared memory; Qt, Kt transposed,
+                   and Kt reused as Pt = P~_ij^T once S_ij is in registers
+    S              S_ij = Q_i K_j^T (l. 8), then P~_ij (l. 9), in log2 units
+    m_tilde        rowmax(S_ij);   m -> m_i^(j-1),   m_new -> m_i^(j)   (l. 9)
+    l_tilde        rowsum(P~_ij);  l -> l_i^(j) over this thread's columns (l. 9);
+                   the CG partial sums are added once, at the end
+    O              O_i^(j), unnormalised (l. 10); O_i / l_i is written at the end (l. 12, 14)
+    L              L_i = m_i + log l_i (l. 13, 15)
+    r, c, x        a row of Q_i, a key of K_j, a head dim;  d_pad: the compiled head dim (d <= d_pad)
+
 The algorithm, with the papers' names (scores in log2 units, see below):
 
     Q_i -> shared (transposed, pre-multiplied by scale * log2(e)), once
@@ -55,7 +67,7 @@ groups c = 4 (tx + CG g) + t, so one Philox call serves a (row, group): TM x NG
 calls per thread and tile, made right after the tile barrier, before S_ij
 exists (the registers are free then), into one integer of keep bits. m_i, l_i
 and L_i are those of the undropped softmax; only the P_ij that multiplies V_j
-is dropped. What it costs (read off the SASS, sm_90, D=64 default; not measured
+is dropped. What it costs (read off the SASS, sm_90, d_pad=64 default; not measured
 on a GPU): ~1000 more instructions per thread and K/V tile (4 rows x 2 Philox
 calls of ~100 instructions, 32 float64 keep tests, the selects) on top of ~5500
 (4096 of them FFMA), so I expect the dropout kernel 15-20% slower than the
@@ -73,18 +85,18 @@ and row sum are xor shuffles with offsets 1, 2, ..., CG / 2.
 
 Shared memory (48 KB at most, static; each array declared on its own line):
 
-    Qt[k, r]   Q_i transposed (D x Br): for each k a thread reads its 4 rows as one
+    Qt[x, r]   Q_i transposed (d_pad x Br): for each x a thread reads its 4 rows as one
                16-byte vector; the 32 / CG row groups of a warp read 64 bytes: one
                shared-memory wavefront, no bank conflict.
-    Kt[k, c]   K_j transposed (D x Bc): a thread reads 4 consecutive columns per
+    Kt[x, c]   K_j transposed (d_pad x Bc): a thread reads 4 consecutive columns per
                vector; the CG threads of a row group read 4 CG consecutive floats.
                After S_ij, the same array holds P_ij transposed, Pt[c, r], so that
                P_ij V_j reads P like S_ij reads Q. (Br == Bc keeps one shape.)
-    Vs[c, n]   V_j row-major (Bc x D): 4 consecutive output dims per vector.
+    Vs[c, x]   V_j row-major (Bc x d_pad): 4 consecutive output dims per vector.
 
     Transposing on the way in costs a 4-way bank conflict on the store (8 rows x
     4 dims per warp instruction, so the global loads stay 16-byte runs); it
-    happens once per tile, against D * Bc * Br multiply-adds.
+    happens once per tile, against d_pad * Bc * Br multiply-adds.
 
 Scores in log2 units: Q_i is multiplied by scale * log2(e) as it is loaded, so
 S_ij is already in log2 units and P_ij = exp2(S_ij - m) (one ``ex2.approx``
@@ -99,16 +111,16 @@ Compiler habits this file relies on (checked in the PTX, see PERF-NOTES.md):
   folds away and consecutive shared loads merge into ``ld.shared.v4.f32``;
 - the shared arrays are declared 16-byte aligned, for those vector loads.
 
-Head dims: compiled for D in FAST_HEAD_DIMS (32, 64, 128); d <= D is
+Head dims: compiled for d_pad in FAST_HEAD_DIMS (32, 64, 128); d <= d_pad is
 zero-padded in shared memory (Q_i) and only n < d is written out. d = 96
-therefore runs the D = 128 kernel and wastes a quarter of its multiply-adds.
+therefore runs the d_pad = 128 kernel and wastes a quarter of its multiply-adds.
 
 Barriers per K/V tile: three ``syncthreads`` (tile consumed / tile loaded /
 K_j consumed before P_ij overwrites it) and one ``syncwarp`` (a warp reads back
 only the rows of P_ij its own lanes wrote).
 
 Known limits: fp32 FMA only (no TF32 / tensor cores: numba exposes no mma);
-48 KB of static shared memory caps the tiles (D=128 runs 32 x 32 tiles
+48 KB of static shared memory caps the tiles (d_pad=128 runs 32 x 32 tiles
 with 2 warps); no software pipelining of the K_j, V_j loads (several blocks per
 SM hide that latency instead).
 """
@@ -168,29 +180,29 @@ def layout(config):
     T = config.threads
     CG = T * TM // config.Br              # threads that share a row
     return {"T": T, "CG": CG, "RG": T // max(CG, 1), "TN": config.Bc // max(CG, 1),
-            "TD": config.D // max(CG, 1), "NG": config.Bc // max(4 * CG, 1),
-            "ND": config.D // max(4 * CG, 1)}
+            "TD": config.d_pad // max(CG, 1), "NG": config.Bc // max(4 * CG, 1),
+            "ND": config.d_pad // max(4 * CG, 1)}
 
 
 def default_config(d):
-    """The shipped tile configuration for head dim d (served by its bucket D)."""
-    D = fast_bucket(d)
-    Br, Bc, num_warps = _DEFAULTS[D]
-    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+    """The shipped tile configuration for head dim d (served by its bucket d_pad)."""
+    d_pad = fast_bucket(d)
+    Br, Bc, num_warps = _DEFAULTS[d_pad]
+    return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=num_warps)
 
 
 def shipped_configs():
     """Every bucket's default plus the alternatives bench --tune times."""
-    configs = [default_config(D) for D in FAST_HEAD_DIMS]
-    for D, alternatives in _ALTERNATIVES.items():
-        configs += [TileConfig(Br=Br, Bc=Bc, D=D, num_warps=w) for Br, Bc, w in alternatives]
+    configs = [default_config(d_pad) for d_pad in FAST_HEAD_DIMS]
+    for d_pad, alternatives in _ALTERNATIVES.items():
+        configs += [TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=w) for Br, Bc, w in alternatives]
     return configs
 
 
 def smem_bytes(config):
-    """Qt (D x Br) + Kt, reused as Pt (max(D, Bc) x Bc) + Vs (Bc x D), float32."""
-    Br, Bc, D = config.Br, config.Bc, config.D
-    return (D * Br + max(D, Bc) * Bc + Bc * D) * FLOAT_BYTES
+    """Qt (d_pad x Br) + Kt, reused as Pt (max(d_pad, Bc) x Bc) + Vs (Bc x d_pad), float32."""
+    Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
+    return (d_pad * Br + max(d_pad, Bc) * Bc + Bc * d_pad) * FLOAT_BYTES
 
 
 def min_blocks_per_sm(config):
@@ -204,11 +216,11 @@ def min_blocks_per_sm(config):
 def check_config(config):
     """Raise ConfigError unless the configuration can compile and launch."""
     require(isinstance(config, TileConfig), f"expected a TileConfig, got {config!r}")
-    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
+    Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
     for name, value in (("Br", Br), ("Bc", Bc), ("num_warps", num_warps)):
         require(isinstance(value, (int, np.integer)) and value >= 1,
                 f"{name} must be a positive integer, got {value!r}")
-    require(D in FAST_HEAD_DIMS, f"D={D} is not a fast head-dim bucket {FAST_HEAD_DIMS}")
+    require(d_pad in FAST_HEAD_DIMS, f"d_pad={d_pad} is not a fast head-dim bucket {FAST_HEAD_DIMS}")
     require(Br == Bc, f"Br={Br} must equal Bc={Bc}: P_ij is stored in K_j's shared array")
     T = config.threads
     require(T <= 1024 and T & (T - 1) == 0, f"num_warps={num_warps}: threads must be a power of 2, <= 1024")
@@ -220,15 +232,15 @@ def check_config(config):
             f"(the threads of a row must sit in one warp)")
     require(lay["RG"] * TM == Br, f"Br={Br}: row groups x {TM} must cover Br")
     require(Bc % (4 * CG) == 0, f"Bc={Bc} must be a multiple of 4 * CG = {4 * CG}")
-    require(D % (4 * CG) == 0, f"D={D} must be a multiple of 4 * CG = {4 * CG}")
-    require(Bc <= D or Bc == Br, f"Bc={Bc}: Pt (Bc x Br) must fit where Kt was")
+    require(d_pad % (4 * CG) == 0, f"d_pad={d_pad} must be a multiple of 4 * CG = {4 * CG}")
+    require(Bc <= d_pad or Bc == Br, f"Bc={Bc}: Pt (Bc x Br) must fit where Kt was")
     smem = smem_bytes(config)
     require(smem <= STATIC_SMEM_LIMIT,
-            f"Br={Br}, Bc={Bc}, D={D} needs {smem} bytes of static shared memory "
+            f"Br={Br}, Bc={Bc}, d_pad={d_pad} needs {smem} bytes of static shared memory "
             f"> {STATIC_SMEM_LIMIT} (48 KB); use smaller tiles")
     floats = TM * lay["TN"] + TM * lay["TD"] + TM + max(lay["TN"], lay["TD"])
     require(floats <= MAX_REGISTER_FLOATS,
-            f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps} holds {floats} floats per thread in "
+            f"Br={Br}, Bc={Bc}, d_pad={d_pad}, num_warps={num_warps} holds {floats} floats per thread in "
             f"register arrays (> {MAX_REGISTER_FLOATS}, would spill); use more warps or smaller tiles")
 
 
@@ -260,7 +272,7 @@ def build(config, dropout=False, softcap=False, alibi=False):
 def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
     """Compile-time sizes baked in as plain Python ints; returns the @cuda.jit kernel."""
     check_config(config)
-    Br, Bc, D = int(config.Br), int(config.Bc), int(config.D)
+    Br, Bc, d_pad = int(config.Br), int(config.Bc), int(config.d_pad)
     lay = layout(config)
     T, CG, TN, TD, NG, ND = lay["T"], lay["CG"], lay["TN"], lay["TD"], lay["NG"], lay["ND"]
     require(not DROPOUT or TM * TN <= 64,
@@ -268,7 +280,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             f"of a thread's {TM} x {TN} tile of S_ij in one 64-bit integer")
     T_MASK = T - 1
     LOG2_CG = CG.bit_length() - 1
-    KP_ROWS = max(D, Bc)                    # Kt uses D rows, Pt uses Bc rows
+    KP_ROWS = max(d_pad, Bc)                    # Kt uses d_pad rows, Pt uses Bc rows
     T_ROWS = T // 4                         # rows of Q_i / K_j loaded per pass (4 threads per row)
     V_ROWS = T // WARP_SIZE                 # rows of V_j loaded per pass (a warp per row)
     INDEX_MASK = 0x7FFFFFFF                 # x & INDEX_MASK == x for the indices here; tells the
@@ -277,7 +289,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
     ALIGN = _smem_alignment()
 
     @cuda.jit(device=True, inline="always")
-    def product_step(C, At, Bs, kk, r_t, tx, x, y):
+    def product_step(C, At, Bs, kk, r_t, tx, a_vec, b_vec):
         """C[a, n] += At[kk, r_t + a] * Bs[kk, 4 (tx + CG g) + t]: one rank-1 update of a register tile.
 
         S_ij += Q_i[:, kk] K_j[:, kk]^T  (At = Qt, Bs = Kt), or
@@ -287,13 +299,13 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         """
         NB = C.shape[1] // 4
         for a in range(TM):
-            x[a] = At[kk, r_t + a]
+            a_vec[a] = At[kk, r_t + a]
         for g in range(NB):
             for t in range(4):
-                y[4 * g + t] = Bs[kk, 4 * (tx + CG * g) + t]
+                b_vec[4 * g + t] = Bs[kk, 4 * (tx + CG * g) + t]
         for a in range(TM):
             for n in range(4 * NB):
-                C[a, n] += x[a] * y[n]
+                C[a, n] += a_vec[a] * b_vec[n]
 
     @cuda.jit(**_jit_options(config))
     def fa2_fast_forward_kernel(q, k, v, out, L, q_scale, windowed, lo, hi, dropout_p, seed, limit,
@@ -304,25 +316,25 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         # float64; seed: uint64 (both unused unless DROPOUT); limit: j steps to run (int64);
         # cap2: float32 softcap log2(e) (SOFTCAP only); slopes: float32 (B, Hq) ALiBi slopes
         # (ALIBI only).
-        B, N_q, H_q, d = q.shape
-        N_k = k.shape[1]
+        B, Nq, H_q, d = q.shape
+        Nk = k.shape[1]
         H_kv = k.shape[2]
-        T_r = (N_q + Br - 1) // Br
-        T_c = (N_k + Bc - 1) // Bc
+        Tr = (Nq + Br - 1) // Br
+        Tc = (Nk + Bc - 1) // Bc
 
         # --- who am I ---
         tid = cuda.threadIdx.x & T_MASK     # = threadIdx.x; the mask proves tid >= 0 to the compiler
         tx = tid % CG                       # column group
         ty = tid // CG                      # row group: rows 4 ty .. 4 ty + 3
         r_t = TM * ty
-        i = T_r - 1 - cuda.blockIdx.x       # last Q tiles first: under causal they have the most work
+        i = Tr - 1 - cuda.blockIdx.x       # last Q tiles first: under causal they have the most work
         bh = cuda.blockIdx.y & 0x7FFFFFFF
         b = bh // H_q
         h = bh % H_q
         h_kv = h // (H_q // H_kv)           # grouped-query attention: this head's K/V head
         row0 = i * Br
-        r_ld = tid // 4                     # loading Q_i, K_j: rows r_ld + T_ROWS rr, dims k_ld + 4 s
-        k_ld = tid % 4
+        r_ld = tid // 4                     # loading Q_i, K_j: rows r_ld + T_ROWS rr, dims x_ld + 4 s
+        x_ld = tid % 4
         v_row = tid // WARP_SIZE            # loading V_j: rows v_row + V_ROWS rr, dims v_dim + 32 u
         v_dim = tid % WARP_SIZE
         if DROPOUT:                         # Philox key and the counter words fixed for this block
@@ -332,17 +344,17 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         # --- shared memory (each array on its own line) ---
-        Qt = cuda.shared.array((D, Br), float32, alignment=ALIGN)
+        Qt = cuda.shared.array((d_pad, Br), float32, alignment=ALIGN)
         Kt = cuda.shared.array((KP_ROWS, Bc), float32, alignment=ALIGN)   # K_j^T, then P_ij^T
-        Vs = cuda.shared.array((Bc, D), float32, alignment=ALIGN)
+        Vs = cuda.shared.array((Bc, d_pad), float32, alignment=ALIGN)
 
         # --- registers ---
         S = cuda.local.array((TM, TN), float32)     # S_ij, then P_ij: rows r_t + a, columns of tx
         O = cuda.local.array((TM, TD), float32)     # O_i, unnormalised
         m = cuda.local.array(TM, float32)           # m_i (log2 units)
         l = cuda.local.array(TM, float32)           # l_i, this thread's columns only
-        x = cuda.local.array(TM, float32)           # a column of Qt or of Pt
-        y = cuda.local.array(Y_LEN, float32)        # a row of Kt or of Vs
+        a_vec = cuda.local.array(TM, float32)           # a column of Qt or of Pt
+        b_vec = cuda.local.array(Y_LEN, float32)        # a row of Kt or of Vs
         for a in range(TM):
             m[a] = -math.inf
             l[a] = 0.0
@@ -351,25 +363,25 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
 
         # Q_i -> Qt, scaled into log2 units. Lanes: 4 consecutive dims x 8 rows, so a warp
         # reads 16-byte runs of 8 rows (the transposed store has a 4-way bank conflict). Rows
-        # past N_q load a clamped valid row (never written out); dims past d must be zero, so
+        # past Nq load a clamped valid row (never written out); dims past d must be zero, so
         # that K_j's padding dims add nothing to S_ij.
         for rr in range(Br // T_ROWS):
             r = r_ld + T_ROWS * rr
-            row = min(row0 + r, N_q - 1) & INDEX_MASK
-            for s4 in range(D // 4):
-                kk = k_ld + 4 * s4
-                value = q[b, row, h, min(kk, d - 1)] * q_scale
-                Qt[kk, r] = value if kk < d else float32(0.0)
+            row = min(row0 + r, Nq - 1) & INDEX_MASK
+            for s4 in range(d_pad // 4):
+                x = x_ld + 4 * s4
+                value = q[b, row, h, min(x, d - 1)] * q_scale
+                Qt[x, r] = value if x < d else float32(0.0)
 
-        n_tiles = T_c
+        n_tiles = Tc
         j = 0
         if windowed:                        # tiles outside the band are skipped, on both sides
-            n_tiles = kv_tile_end(i, Br, Bc, N_q, N_k, hi)
-            j = min(kv_tile_start(i, Br, Bc, N_k, lo), n_tiles)
+            n_tiles = kv_tile_end(i, Br, Bc, Nq, Nk, hi)
+            j = min(kv_tile_start(i, Br, Bc, Nk, lo), n_tiles)
         n_tiles = min(n_tiles, j + limit)
         if ALIBI:
             slope = slopes[b, h] * float32(LOG2_E)   # ALiBi slope in log2 units
-            alibi_offset = N_k - N_q                 # bias -slope |r + Nk - Nq - c|
+            alibi_offset = Nk - Nq                 # bias -slope |r + Nk - Nq - c|
 
         while j < n_tiles:
             col0 = j * Bc
@@ -378,21 +390,21 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             # K_j -> Kt (transposed, lanes as for Q_i); V_j -> Vs (lanes along the 32 consecutive
             # dims of one row: coalesced, no bank conflict). Unconditional loads from clamped,
             # valid addresses, so the compiler issues them all before any store. Nothing needs
-            # zeroing: keys past N_k are masked to -inf in S_ij (so P_ij = 0 times a finite V_j
+            # zeroing: keys past Nk are masked to -inf in S_ij (so P_ij = 0 times a finite V_j
             # row), K_j dims past d meet zeros in Qt, and V_j dims past d land in O_i columns
             # that are never written.
             for rr in range(Bc // T_ROWS):
                 c = r_ld + T_ROWS * rr
-                col = min(col0 + c, N_k - 1) & INDEX_MASK
-                for s4 in range(D // 4):
-                    kk = k_ld + 4 * s4
-                    Kt[kk, c] = k[b, col, h_kv, min(kk, d - 1)]
+                col = min(col0 + c, Nk - 1) & INDEX_MASK
+                for s4 in range(d_pad // 4):
+                    x = x_ld + 4 * s4
+                    Kt[x, c] = k[b, col, h_kv, min(x, d - 1)]
             for rr in range(Bc // V_ROWS):
                 c = v_row + V_ROWS * rr
-                col = min(col0 + c, N_k - 1) & INDEX_MASK
-                for u in range(D // WARP_SIZE):
-                    n = v_dim + WARP_SIZE * u
-                    Vs[c, n] = v[b, col, h_kv, min(n, d - 1)]
+                col = min(col0 + c, Nk - 1) & INDEX_MASK
+                for u in range(d_pad // WARP_SIZE):
+                    x = v_dim + WARP_SIZE * u
+                    Vs[c, x] = v[b, col, h_kv, min(x, d - 1)]
             cuda.syncthreads()  # K_j, V_j (and Q_i, the first time) written before any warp reads them
 
             if DROPOUT:
@@ -415,11 +427,11 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
                 for n in range(TN):
                     S[a, n] = 0.0
             k0 = 0
-            while k0 < D:                        # four k steps per trip, unrolled by hand
-                product_step(S, Qt, Kt, k0, r_t, tx, x, y)
-                product_step(S, Qt, Kt, k0 + 1, r_t, tx, x, y)
-                product_step(S, Qt, Kt, k0 + 2, r_t, tx, x, y)
-                product_step(S, Qt, Kt, k0 + 3, r_t, tx, x, y)
+            while k0 < d_pad:                        # four k steps per trip, unrolled by hand
+                product_step(S, Qt, Kt, k0, r_t, tx, a_vec, b_vec)
+                product_step(S, Qt, Kt, k0 + 1, r_t, tx, a_vec, b_vec)
+                product_step(S, Qt, Kt, k0 + 2, r_t, tx, a_vec, b_vec)
+                product_step(S, Qt, Kt, k0 + 3, r_t, tx, a_vec, b_vec)
                 k0 += 4
 
             if SOFTCAP or ALIBI:
@@ -435,14 +447,14 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
                                 score -= slope * float32(abs(row + alibi_offset - col))
                             S[a, 4 * g + t] = score
 
-            # mask keys past N_k and, under a window, outside the band; only edge and band-edge tiles
-            if col0 + Bc > N_k or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)):
+            # mask keys past Nk and, under a window, outside the band; only edge and band-edge tiles
+            if col0 + Bc > Nk or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)):
                 for a in range(TM):
                     row = row0 + r_t + a
                     for g in range(NG):
                         for t in range(4):
                             col = col0 + 4 * (tx + CG * g) + t
-                            if col >= N_k or (windowed and (col > row + hi or col < row + lo)):
+                            if col >= Nk or (windowed and (col > row + hi or col < row + lo)):
                                 S[a, 4 * g + t] = -math.inf
 
             # online softmax, row by row
@@ -483,10 +495,10 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             # O_i += P_ij V_j: per key c, one vector of P (4 rows) and ND vectors of V (TD dims)
             c0 = 0
             while c0 < Bc:                       # four keys per trip, unrolled by hand
-                product_step(O, Kt, Vs, c0, r_t, tx, x, y)
-                product_step(O, Kt, Vs, c0 + 1, r_t, tx, x, y)
-                product_step(O, Kt, Vs, c0 + 2, r_t, tx, x, y)
-                product_step(O, Kt, Vs, c0 + 3, r_t, tx, x, y)
+                product_step(O, Kt, Vs, c0, r_t, tx, a_vec, b_vec)
+                product_step(O, Kt, Vs, c0 + 1, r_t, tx, a_vec, b_vec)
+                product_step(O, Kt, Vs, c0 + 2, r_t, tx, a_vec, b_vec)
+                product_step(O, Kt, Vs, c0 + 3, r_t, tx, a_vec, b_vec)
                 c0 += 4
             j += 1
 
@@ -496,7 +508,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             for s in range(LOG2_CG):             # l_i = sum of the CG threads' partial sums
                 l_row += cuda.shfl_xor_sync(FULL_MASK, l_row, 1 << s)
             row = row0 + r_t + a
-            if row < N_q:
+            if row < Nq:
                 inv_l = float32(0.0)
                 if l_row != 0.0:                 # 0: no visible key (a NaN l stays NaN)
                     inv_l = float32(1.0) / l_row
@@ -533,10 +545,10 @@ def compile_targets(config):
 def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     """The default config for d, or `config`, with any of Br, Bc, num_warps overridden; checked."""
     base = config if config is not None else default_config(d)
-    if base.D != fast_bucket(d) and base.D < d:
-        raise ConfigError(f"config D={base.D} cannot serve head dim d={d}")
+    if base.d_pad != fast_bucket(d) and base.d_pad < d:
+        raise ConfigError(f"config d_pad={base.d_pad} cannot serve head dim d={d}")
     config = TileConfig(Br=base.Br if Br is None else Br, Bc=base.Bc if Bc is None else Bc,
-                        D=base.D, num_warps=base.num_warps if num_warps is None else num_warps)
+                        d_pad=base.d_pad, num_warps=base.num_warps if num_warps is None else num_warps)
     check_config(config)
     return config
 
@@ -551,11 +563,11 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     dropout_p > 0 launches the dropout variant of the kernel; p = 0 the plain one.
     softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``).
     """
-    B, N_q, N_k, H_q, H_kv, d = common.check_qkv(q, k, v)
+    B, Nq, Nk, H_q, H_kv, d = common.check_qkv(q, k, v)
     scale = common.resolve_scale(softmax_scale, d)
-    common.resolve_offset(causal, alignment, N_q, N_k)          # checks alignment
+    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
     windowed = is_windowed(causal, window_size)
-    lo, hi = (np.int64(x) for x in window_bounds(N_q, N_k, causal, window_size, alignment))
+    lo, hi = (np.int64(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
     cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
@@ -564,10 +576,10 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
 
     arrays = common.Arrays(q, k, v)
     q_d, k_d, v_d = arrays.to_device(q), arrays.to_device(k), arrays.to_device(v)
-    out = cuda.device_array((B, N_q, H_q, d), dtype=np.float32)
-    L = cuda.device_array((B, H_q, N_q), dtype=np.float32)
-    T_r = (N_q + config.Br - 1) // config.Br
-    launch_kernel = kernel[(T_r, B * H_q), config.threads]
+    out = cuda.device_array((B, Nq, H_q, d), dtype=np.float32)
+    L = cuda.device_array((B, H_q, Nq), dtype=np.float32)
+    Tr = (Nq + config.Br - 1) // config.Br
+    launch_kernel = kernel[(Tr, B * H_q), config.threads]
     q_scale = np.float32(scale * LOG2_E)
     cap2 = np.float32(cap * LOG2_E)
 

@@ -35,11 +35,11 @@ are loaded once per block and read by every warp.
 Inside a warp, for each of its rows r, lane L owns
 
     score columns   c = L + 32 t,  t < Bc / 32         (S_ij, P~_ij in registers)
-    output dims     k = L + 32 u,  u < ceil(D / 32)    (O_i in registers)
+    output dims     x = L + 32 u,  u < ceil(d_pad / 32)    (O_i in registers)
 
-S_ij[r, c] is a dot product over k of Q_i[r, :] (shared, the same address for
-all lanes: a broadcast) and K_j[c, :] (shared, row stride D + 1 so that the 32
-lanes reading 32 different rows hit 32 different banks). O_i[r, k] needs
+S_ij[r, c] is a dot product over x of Q_i[r, :] (shared, the same address for
+all lanes: a broadcast) and K_j[c, :] (shared, row stride d_pad + 1 so that the 32
+lanes reading 32 different rows hit 32 different banks). O_i[r, x] needs
 P~_ij[r, c] for every c, but each lane holds only its own columns, so the warp
 writes its rows of P~_ij to its own region of shared memory, waits for its
 lanes (``syncwarp``), and reads them back as broadcasts.
@@ -48,16 +48,16 @@ Where shuffles are used and where shared memory is: the row max and the row
 sum (10 ``shfl_xor_sync`` per row per K/V tile) go through shuffles; the row
 of P~_ij each lane needs for P~_ij V_j goes through shared memory.
 
-Head dim: compiled for D = head_dim_bucket(d); Q_i, K_j, V_j are zero-padded in
-shared memory from d to D (V_j to a multiple of 32, so every lane owns a whole
-number of output dims), and only k < d is written out.
+Head dim: compiled for d_pad = head_dim_bucket(d); Q_i, K_j, V_j are zero-padded in
+shared memory from d to d_pad (V_j to a multiple of 32, so every lane owns a whole
+number of output dims), and only x < d is written out.
 
 ``limit``: every block stops after ``limit`` iterations of its j loop and then
 finishes as usual (divides by l_i, writes O, L, m, l): the state after k steps.
 m and l (B, Hq, Nq) are always written, so the running state is readable.
 
 What bounds it: shared-memory loads, not arithmetic: a lane owns only Bc/32
-columns of a row, so each broadcast Q_i[r, k] or P~_ij[r, c] serves one or two
+columns of a row, so each broadcast Q_i[r, x] or P~_ij[r, c] serves one or two
 FMAs (its measured speed, several times below the fast version's, is in
 PERF-NOTES.md and figures/bench/readable). Dropout is not tuned: each lane calls one full Philox4x32-10 per
 score it owns and keeps one of the four words it makes (its columns are 32
@@ -129,34 +129,34 @@ def _sizes(config):
     """rows_per_warp, score columns per lane, output dims per lane, padded widths."""
     rows_per_warp = config.Br // config.num_warps
     cols_per_lane = config.Bc // WARP_SIZE
-    dims_per_lane = (config.D + WARP_SIZE - 1) // WARP_SIZE
+    dims_per_lane = (config.d_pad + WARP_SIZE - 1) // WARP_SIZE
     return rows_per_warp, cols_per_lane, dims_per_lane
 
 
 def default_config(d):
-    """The shipped tile configuration for head dim d (served by its bucket D)."""
-    D = common.head_dim_bucket(d)
-    Br, Bc, num_warps = _DEFAULTS[D]
-    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+    """The shipped tile configuration for head dim d (served by its bucket d_pad)."""
+    d_pad = common.head_dim_bucket(d)
+    Br, Bc, num_warps = _DEFAULTS[d_pad]
+    return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=num_warps)
 
 
 def shipped_configs():
     """The default configuration of every head-dim bucket."""
-    return [default_config(D) for D in HEAD_DIM_BUCKETS]
+    return [default_config(d_pad) for d_pad in HEAD_DIM_BUCKETS]
 
 
 def smem_bytes(config):
-    """Static shared memory per block: Q_i (Br x D), K_j (Bc x D+1), V_j (Bc x 32*ceil(D/32)), P~_ij (Br x Bc)."""
+    """Static shared memory per block: Q_i (Br x d_pad), K_j (Bc x d_pad+1), V_j (Bc x 32*ceil(d_pad/32)), P~_ij (Br x Bc)."""
     _, _, dims_per_lane = _sizes(config)
-    Br, Bc, D = config.Br, config.Bc, config.D
-    floats = Br * D + Bc * (D + 1) + Bc * WARP_SIZE * dims_per_lane + Br * Bc
+    Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
+    floats = Br * d_pad + Bc * (d_pad + 1) + Bc * WARP_SIZE * dims_per_lane + Br * Bc
     return floats * FLOAT_BYTES
 
 
 def check_config(config):
     """Raise ConfigError unless the configuration can compile and launch."""
     common.check_sizes(config, NAME)
-    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
+    Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
     require(Br % num_warps == 0,
             f"Br={Br} must be a multiple of num_warps={num_warps}: each warp owns Br/num_warps rows")
     require(Bc % WARP_SIZE == 0,
@@ -165,7 +165,7 @@ def check_config(config):
     rows_per_warp, cols_per_lane, dims_per_lane = _sizes(config)
     registers = rows_per_warp * (cols_per_lane + dims_per_lane + 3)
     require(registers <= MAX_REGISTER_TILE,
-            f"Br={Br}, Bc={Bc}, D={D}, num_warps={num_warps} holds {registers} floats per thread "
+            f"Br={Br}, Bc={Bc}, d_pad={d_pad}, num_warps={num_warps} holds {registers} floats per thread "
             f"in register arrays (> {MAX_REGISTER_TILE}, would spill); use more warps or smaller tiles")
 
 
@@ -178,10 +178,10 @@ def build(config, dropout=False):
     """Compile-time sizes baked in as plain Python ints; returns the @cuda.jit kernel."""
     check_config(config)
     DROPOUT = bool(dropout)          # compile time: the kernel without dropout has no Philox code
-    Br, Bc, D, num_warps = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
+    Br, Bc, d_pad, num_warps = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     THREADS = num_warps * WARP_SIZE
     ROWS_PER_WARP, COLS_PER_LANE, DIMS_PER_LANE = _sizes(config)
-    K_STRIDE = D + 1                          # odd row stride: lanes reading K_j[c, k] for 32 c hit 32 banks
+    K_STRIDE = d_pad + 1                          # odd row stride: lanes reading K_j[c, x] for 32 c hit 32 banks
     V_WIDTH = DIMS_PER_LANE * WARP_SIZE       # V_j padded so every lane owns DIMS_PER_LANE dims
 
     @cuda.jit
@@ -192,10 +192,10 @@ def build(config, dropout=False):
         c <= r + offset; dropout_p: float64; seed: uint64; limit: j steps to run (int64).
         """
         # --- sizes ---
-        _, N_q, H_q, d = q.shape
-        N_k = k.shape[1]
+        _, Nq, H_q, d = q.shape
+        Nk = k.shape[1]
         H_kv = k.shape[2]
-        T_c = (N_k + Bc - 1) // Bc
+        Tc = (Nk + Bc - 1) // Bc
         Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
         # --- who am I ---
@@ -209,7 +209,7 @@ def build(config, dropout=False):
         r0 = warp * ROWS_PER_WARP             # this warp's first row within Q_i
 
         # --- shared memory (each array on its own line) ---
-        Q_i = cuda.shared.array((Br, D), float32)
+        Q_i = cuda.shared.array((Br, d_pad), float32)
         K_j = cuda.shared.array((Bc, K_STRIDE), float32)
         V_j = cuda.shared.array((Bc, V_WIDTH), float32)
         P_ij = cuda.shared.array((Br, Bc), float32)   # warp w uses rows [r0, r0 + ROWS_PER_WARP)
@@ -226,56 +226,56 @@ def build(config, dropout=False):
             for u in range(DIMS_PER_LANE):
                 O_i[rr, u] = 0.0
 
-        # Q_i -> shared, pre-multiplied by the softmax scale; zero rows past N_q, zero dims past d
-        for idx in range(tid, Br * D, THREADS):
-            r = idx // D
-            kk = idx % D
+        # Q_i -> shared, pre-multiplied by the softmax scale; zero rows past Nq, zero dims past d
+        for idx in range(tid, Br * d_pad, THREADS):
+            r = idx // d_pad
+            x = idx % d_pad
             row = i * Br + r
-            if row < N_q and kk < d:
-                Q_i[r, kk] = q[b, row, h, kk] * scale
+            if row < Nq and x < d:
+                Q_i[r, x] = q[b, row, h, x] * scale
             else:
-                Q_i[r, kk] = 0.0
+                Q_i[r, x] = 0.0
 
-        n_tiles = T_c
+        n_tiles = Tc
         if causal:
-            n_tiles = kv_tile_end(i, Br, Bc, N_q, N_k, offset)   # tiles past the diagonal are skipped
+            n_tiles = kv_tile_end(i, Br, Bc, Nq, Nk, offset)   # tiles past the diagonal are skipped
         n_tiles = min(n_tiles, limit)
 
         for j in range(n_tiles):
-            # K_j, V_j -> shared; zero rows past N_k, zero dims past d
+            # K_j, V_j -> shared; zero rows past Nk, zero dims past d
             for idx in range(tid, Bc * V_WIDTH, THREADS):
                 c = idx // V_WIDTH
-                kk = idx % V_WIDTH
+                x = idx % V_WIDTH
                 col = j * Bc + c
-                if col < N_k and kk < d:
-                    V_j[c, kk] = v[b, col, h_kv, kk]
+                if col < Nk and x < d:
+                    V_j[c, x] = v[b, col, h_kv, x]
                 else:
-                    V_j[c, kk] = 0.0
-                if kk < D:
-                    if col < N_k and kk < d:
-                        K_j[c, kk] = k[b, col, h_kv, kk]
+                    V_j[c, x] = 0.0
+                if x < d_pad:
+                    if col < Nk and x < d:
+                        K_j[c, x] = k[b, col, h_kv, x]
                     else:
-                        K_j[c, kk] = 0.0
+                        K_j[c, x] = 0.0
             cuda.syncthreads()  # K_j, V_j (and Q_i on the first pass) fully written before any warp reads them
 
             # S_ij = (scale Q_i) K_j^T for this warp's rows and this lane's columns
             for rr in range(ROWS_PER_WARP):
                 for t in range(COLS_PER_LANE):
                     S_ij[rr, t] = 0.0
-            for kk in range(D):
+            for x in range(d_pad):
                 for rr in range(ROWS_PER_WARP):
-                    q_rk = Q_i[r0 + rr, kk]
+                    q_rk = Q_i[r0 + rr, x]
                     for t in range(COLS_PER_LANE):
-                        S_ij[rr, t] += q_rk * K_j[lane + WARP_SIZE * t, kk]
+                        S_ij[rr, t] += q_rk * K_j[lane + WARP_SIZE * t, x]
 
             # online softmax, one row at a time: the row's 32 lanes reduce with shuffles
             for rr in range(ROWS_PER_WARP):
                 row = i * Br + r0 + rr
-                # mask: keys past N_k, and under causal keys past the diagonal, score -inf
+                # mask: keys past Nk, and under causal keys past the diagonal, score -inf
                 m_tilde = float32(-math.inf)
                 for t in range(COLS_PER_LANE):
                     col = j * Bc + lane + WARP_SIZE * t
-                    if col >= N_k or (causal and col > row + offset):
+                    if col >= Nk or (causal and col > row + offset):
                         S_ij[rr, t] = -math.inf
                     m_tilde = max(m_tilde, S_ij[rr, t])
                 m_tilde = warp_max(m_tilde)                  # m~ = rowmax(S_ij)
@@ -307,7 +307,7 @@ def build(config, dropout=False):
                             P_ij[r0 + rr, c] = 0.0
             cuda.syncwarp()  # this warp's rows of P~_ij written by all its lanes before any lane reads a whole row
 
-            # O_i = e^(m_i - m_new) O_i + (P~_ij o Z_ij) V_j; lane owns dims k = lane + 32 u
+            # O_i = e^(m_i - m_new) O_i + (P~_ij o Z_ij) V_j; lane owns dims x = lane + 32 u
             for rr in range(ROWS_PER_WARP):
                 for u in range(DIMS_PER_LANE):
                     O_i[rr, u] *= alpha[rr]
@@ -321,14 +321,14 @@ def build(config, dropout=False):
         # O_i / l_i, L_i = m_i + log(l_i); a row that saw no key: O = 0, L = -inf
         for rr in range(ROWS_PER_WARP):
             row = i * Br + r0 + rr
-            if row < N_q:
+            if row < Nq:
                 inv_l = float32(0.0)
                 if l_i[rr] != 0.0:                            # 0: no visible key (a NaN l stays NaN)
                     inv_l = float32(1.0) / l_i[rr]
                 for u in range(DIMS_PER_LANE):
-                    kk = lane + WARP_SIZE * u
-                    if kk < d:
-                        out[b, row, h, kk] = O_i[rr, u] * inv_l
+                    x = lane + WARP_SIZE * u
+                    if x < d:
+                        out[b, row, h, x] = O_i[rr, u] * inv_l
                 if lane == 0:
                     if l_i[rr] != 0.0:
                         L[b, h, row] = m_i[rr] + math.log(l_i[rr])
@@ -370,9 +370,9 @@ def fa2_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=
     (PyTorch). dropout_p, seed: O = (P o Z) V with Z = keep / (1 - p), keep from
     ``philox.keep_mask(seed, p, B, Hq, Nq, Nk)``; L, m, l are the undropped softmax's.
     """
-    B, N_q, N_k, H_q, _, d = common.check_qkv(q, k, v)
+    B, Nq, Nk, H_q, _, d = common.check_qkv(q, k, v)
     scale = common.resolve_scale(softmax_scale, d)
-    offset = common.resolve_offset(causal, alignment, N_q, N_k)
+    offset = common.resolve_offset(causal, alignment, Nq, Nk)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps)
@@ -380,13 +380,13 @@ def fa2_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=
 
     arrays = common.Arrays(q, k, v)
     q_d, k_d, v_d = arrays.to_device(q), arrays.to_device(k), arrays.to_device(v)
-    out = arrays.empty((B, N_q, H_q, d))
-    L = arrays.empty((B, H_q, N_q))
-    m = arrays.empty((B, H_q, N_q))
-    l = arrays.empty((B, H_q, N_q))
+    out = arrays.empty((B, Nq, H_q, d))
+    L = arrays.empty((B, H_q, Nq))
+    m = arrays.empty((B, H_q, Nq))
+    l = arrays.empty((B, H_q, Nq))
 
-    T_r = (N_q + config.Br - 1) // config.Br
-    kernel[(T_r, B * H_q), config.threads](q_d, k_d, v_d, out, L, m, l, np.float32(scale),
+    Tr = (Nq + config.Br - 1) // config.Br
+    kernel[(Tr, B * H_q), config.threads](q_d, k_d, v_d, out, L, m, l, np.float32(scale),
                                            bool(causal), offset, dropout_p, seed, steps)
 
     if return_state:

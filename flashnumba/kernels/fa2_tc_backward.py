@@ -2,7 +2,7 @@
 
 Dao 2023, Algorithm 2, with every product on ``mma.sync.m16n8k16`` (``kernels.mma``):
 one thread block per K/V tile j and K/V head (grid (Tc, B * Hkv)); each warp owns
-16 keys of K_j (Br = Bc = 16 num_warps / SPLIT_D) and, for D >= 96, half of the
+16 keys of K_j (Br = Bc = 16 num_warps / SPLIT_D) and, for d_pad >= 96, half of the
 head dims of dK_j, dV_j and dQ_i (SPLIT_D = 2: the two warps of a pair both
 compute S_ij^T and dP_ij^T for their keys, which keeps dK_j + dV_j at 64 fp32
 registers per lane; ``split_d``). Four launches:
@@ -30,6 +30,18 @@ the A operands of dV_j and dK_j, so both go from accumulators to A fragments in
 registers, as P_ij does in the forward; only dQ needs dS_ij itself, which
 ldmatrix.trans reads back from shared memory.
 
+Names here -> the paper's (Dao 2023, Algorithm 2; "l." = its line numbers):
+
+    D_rows         D = rowsum(dO o O) (l. 4), the preprocess launch
+    Ks, Vs         K_j, V_j in shared memory, 16-bit (l. 6)
+    Qs, dOs        Q_i, dO_i in shared memory, 16-bit (l. 9);  Ls, Ds: log2(e) L_i, D_i (l. 9)
+    S              S_ij^T (l. 10), then (P_ij o Z_ij)^T (l. 11)
+    dP             dP_ij^T (l. 13), then dS_ij^T (l. 14)
+    dV, dK         dV_j (l. 12), dK_j (l. 16, unscaled until it is written, l. 18)
+    dSs, dQ        dS_ij^T in shared memory; dQ: this warp's rows of dS_ij K_j, added
+                   to HBM by atomics (l. 15)
+    d_pad          the compiled head dim (d <= d_pad)
+
 Names follow the paper; the lane layout is kernels/mma.py's: accumulator e of
 n-tile n holds S_ij^T[16 w + g + 8 (e // 2), 8 n + 2 t + e % 2] (key, query).
 Dropout (compile-time variant): Z_ij from ``philox.keep`` per element, the same
@@ -40,7 +52,7 @@ What bounds it: dQ by atomics (B * Hq * Nq * d fp32 adds per K/V tile row of
 blocks; not deterministic in its summation order), K_j and V_j re-read from
 shared memory by ldmatrix for every Q tile, four barriers per Q tile, and the
 dropout variant's Philox call per element (3 of its 4 words unused), the
-duplicated S_ij^T and dP_ij^T products at D >= 96, and tiles of only Bc = 32 keys
+duplicated S_ij^T and dP_ij^T products at d_pad >= 96, and tiles of only Bc = 32 keys
 (larger tiles needed more than 255 registers). No double buffering of Q_i, dO_i; no
 deterministic dQ option yet.
 """
@@ -77,48 +89,48 @@ PRE_THREADS = 128
 
 # (Br = Bc, num_warps) per head-dim bucket: Q_i, dO_i, K_j, V_j, dS_ij^T must fit in 48 KB.
 # Bc = 64 at d = 64 needed more than 255 registers (S^T, dP^T, dK_j, dV_j all live) and spilled.
-# D >= 96: two warps share 16 keys, each accumulating half of the head dims of dK_j, dV_j
+# d_pad >= 96: two warps share 16 keys, each accumulating half of the head dims of dK_j, dV_j
 # (SPLIT_D = 2; otherwise dK_j + dV_j alone are 128 fp32 registers per lane and it spilled).
 _DEFAULTS = {16: (32, 2), 32: (32, 2), 64: (32, 2), 96: (32, 4), 128: (32, 4)}
 _ALTERNATIVES = {64: [(16, 1)], 128: [(16, 2)]}
 
 
-def split_d(D):
-    """Warps that share 16 keys, each owning D / split_d(D) head dims of dK_j, dV_j, dQ_i."""
-    return 2 if D >= 96 else 1
+def split_d(d_pad):
+    """Warps that share 16 keys, each owning d_pad / split_d(d_pad) head dims of dK_j, dV_j, dQ_i."""
+    return 2 if d_pad >= 96 else 1
 
 
 def default_config(d):
-    D = common.head_dim_bucket(d)
-    B, num_warps = _DEFAULTS[D]
-    return TileConfig(Br=B, Bc=B, D=D, num_warps=num_warps)
+    d_pad = common.head_dim_bucket(d)
+    B, num_warps = _DEFAULTS[d_pad]
+    return TileConfig(Br=B, Bc=B, d_pad=d_pad, num_warps=num_warps)
 
 
 def shipped_configs():
-    configs = [default_config(D) for D in HEAD_DIM_BUCKETS]
-    for D, alternatives in _ALTERNATIVES.items():
-        configs += [TileConfig(Br=B, Bc=B, D=D, num_warps=w) for B, w in alternatives]
+    configs = [default_config(d_pad) for d_pad in HEAD_DIM_BUCKETS]
+    for d_pad, alternatives in _ALTERNATIVES.items():
+        configs += [TileConfig(Br=B, Bc=B, d_pad=d_pad, num_warps=w) for B, w in alternatives]
     return configs
 
 
 def smem_bytes(config):
-    """Q_i, dO_i, K_j, V_j (Br x (D + 8) 16-bit each), dS_ij^T (Bc x (Br + 8)), L_i and D_i (fp32)."""
-    Br, Bc, D = config.Br, config.Bc, config.D
-    return ((2 * Br + 2 * Bc) * (D + ROW_PAD) + Bc * (Br + ROW_PAD)) * HALF_BYTES + 2 * Br * FLOAT_BYTES
+    """Q_i, dO_i, K_j, V_j (Br x (d_pad + 8) 16-bit each), dS_ij^T (Bc x (Br + 8)), L_i and D_i (fp32)."""
+    Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
+    return ((2 * Br + 2 * Bc) * (d_pad + ROW_PAD) + Bc * (Br + ROW_PAD)) * HALF_BYTES + 2 * Br * FLOAT_BYTES
 
 
 def check_config(config):
     who = "fa2_tc_backward"
     common.check_sizes(config, who)
-    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
-    SPLIT = split_d(D)
+    Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
+    SPLIT = split_d(d_pad)
     require(Bc * SPLIT == 16 * num_warps,
             f"{who}: Bc={Bc} must be 16 x num_warps / {SPLIT} = {16 * num_warps // SPLIT} "
             f"(each warp owns 16 keys of K_j and 1/{SPLIT} of the head dims)")
     require(Br == Bc, f"{who}: Br={Br} must equal Bc={Bc} (warp w also owns rows 16w.. of dQ_i)")
-    require(D % (16 * SPLIT) == 0, f"{who}: D={D} must be a multiple of {16 * SPLIT}")
-    require((Br * D // 8) % config.threads == 0,
-            f"{who}: Br={Br}, D={D}: 16-byte chunks per tile must divide among {config.threads} threads")
+    require(d_pad % (16 * SPLIT) == 0, f"{who}: d_pad={d_pad} must be a multiple of {16 * SPLIT}")
+    require((Br * d_pad // 8) % config.threads == 0,
+            f"{who}: Br={Br}, d_pad={d_pad}: 16-byte chunks per tile must divide among {config.threads} threads")
     require(Br // 2 <= 63, f"{who}: Br={Br}: the dropout kernel keeps a lane's Br / 2 keep bits "
                            f"in one 64-bit integer")
     common.check_smem(config, smem_bytes(config), who)
@@ -141,18 +153,18 @@ def build(config, kind="bf16", dropout=False):
 @functools.cache
 def _build(config, KIND, DROPOUT):
     check_config(config)
-    Br, Bc, D, W = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
-    T = W * WARP_SIZE
-    DP = D + ROW_PAD
+    Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
+    T = NW * WARP_SIZE
+    ROW_LEN = d_pad + ROW_PAD
     BP = Br + ROW_PAD
-    KD = D // 16                  # k-steps over the head dim
+    KD = d_pad // 16                  # k-steps over the head dim
     NC = Br // 8                  # n-tiles of S^T (8 queries each)
     KC = Br // 16                 # k-steps over queries (dV_j, dK_j)
     KK = Bc // 16                 # k-steps over keys (dQ_i)
-    SPLIT = split_d(D)
-    DH = D // SPLIT               # head dims of dK_j, dV_j, dQ_i per warp
+    SPLIT = split_d(d_pad)
+    DH = d_pad // SPLIT               # head dims of dK_j, dV_j, dQ_i per warp
     NDH = DH // 8                 # their n-tiles
-    CHUNKS = D // 8
+    CHUNKS = d_pad // 8
     LOADS = Br * CHUNKS // T      # 16-byte chunks per thread per tile
     MMA_K, PACK_K, UNPACK_K = MMA[KIND], PACK[KIND], UNPACK[KIND]
     ALIGN = _smem_alignment()
@@ -215,11 +227,11 @@ def _build(config, KIND, DROPOUT):
     def preprocess(dout, out, D_rows):
         """D_rows[b, h, r] = sum_x dO[b, r, h, x] O[b, r, h, x] in fp32 (16-bit inputs)."""
         idx = cuda.grid(1)
-        B, N_q, H_q, d = out.shape
-        if idx < B * H_q * N_q:
-            r = idx % N_q
-            h = (idx // N_q) % H_q
-            b = idx // (N_q * H_q)
+        B, Nq, H_q, d = out.shape
+        if idx < B * H_q * Nq:
+            r = idx % Nq
+            h = (idx // Nq) % H_q
+            b = idx // (Nq * H_q)
             acc = float32(0.0)
             for x in range(d):
                 o, _ = UNPACK_K(uint32(out[b, r, h, x]))
@@ -231,24 +243,24 @@ def _build(config, KIND, DROPOUT):
     def finish_dq(dq_acc, scale, dq):
         """dq = scale dq_acc, rounded to the input dtype (bits)."""
         idx = cuda.grid(1)
-        B, N_q, H_q, d = dq.shape
-        if idx < B * N_q * H_q * d:
+        B, Nq, H_q, d = dq.shape
+        if idx < B * Nq * H_q * d:
             x = idx % d
             h = (idx // d) % H_q
-            r = (idx // (d * H_q)) % N_q
-            b = idx // (d * H_q * N_q)
+            r = (idx // (d * H_q)) % Nq
+            b = idx // (d * H_q * Nq)
             pair = PACK_K(dq_acc[b, r, h, x] * scale, float32(0.0))
             dq[b, r, h, x] = uint16(pair & uint32(0xFFFF))
 
     @cuda.jit
     def dkdv(q, k, v, dout, L, D_rows, dq_acc, dk, dv, q_scale, scale, causal, offset,
              dropout_p, seed, limit):
-        # --- sizes --- q, dout (B, N_q, H_q, D), k, v (B, N_k, H_kv, D): uint16 bits padded to D;
-        # L, D_rows (B, H_q, N_q) fp32; dq_acc (B, N_q, H_q, d) fp32; dk, dv (B, N_k, H_kv, d) bits.
-        N_q, H_q = q.shape[1], q.shape[2]
-        N_k, H_kv = k.shape[1], k.shape[2]
+        # --- sizes --- q, dout (B, Nq, H_q, d_pad), k, v (B, Nk, H_kv, d_pad): uint16 bits padded to d_pad;
+        # L, D_rows (B, H_q, Nq) fp32; dq_acc (B, Nq, H_q, d) fp32; dk, dv (B, Nk, H_kv, d) bits.
+        Nq, H_q = q.shape[1], q.shape[2]
+        Nk, H_kv = k.shape[1], k.shape[2]
         d = dk.shape[3]
-        T_r = (N_q + Br - 1) // Br
+        Tr = (Nq + Br - 1) // Br
         G = H_q // H_kv                      # query heads per K/V head
 
         # --- who am I ---
@@ -270,10 +282,10 @@ def _build(config, KIND, DROPOUT):
             Z_kept = float32(1.0 / (1.0 - dropout_p))
 
         # --- shared memory (each array on its own line) ---
-        Ks = cuda.shared.array((Bc, DP), uint16, alignment=ALIGN)
-        Vs = cuda.shared.array((Bc, DP), uint16, alignment=ALIGN)
-        Qs = cuda.shared.array((Br, DP), uint16, alignment=ALIGN)
-        dOs = cuda.shared.array((Br, DP), uint16, alignment=ALIGN)
+        Ks = cuda.shared.array((Bc, ROW_LEN), uint16, alignment=ALIGN)
+        Vs = cuda.shared.array((Bc, ROW_LEN), uint16, alignment=ALIGN)
+        Qs = cuda.shared.array((Br, ROW_LEN), uint16, alignment=ALIGN)
+        dOs = cuda.shared.array((Br, ROW_LEN), uint16, alignment=ALIGN)
         dSs = cuda.shared.array((Bc, BP), uint16, alignment=ALIGN)    # dS_ij^T, 16-bit
         Ls = cuda.shared.array(Br, float32)                          # L_i log2(e)
         Ds = cuda.shared.array(Br, float32)                          # D_i
@@ -286,8 +298,8 @@ def _build(config, KIND, DROPOUT):
         dQ = cuda.local.array((2, 4), float32)       # 16 columns of this warp's rows of dS_ij K_j
 
         # Alg. 2 lines 6-7: load K_j, V_j; dK_j = 0, dV_j = 0
-        load_rows(Ks, k, b, h_kv, col0, N_k, tid)
-        load_rows(Vs, v, b, h_kv, col0, N_k, tid)
+        load_rows(Ks, k, b, h_kv, col0, Nk, tid)
+        load_rows(Vs, v, b, h_kv, col0, Nk, tid)
         mma.cp_async_commit()
         for n in range(NDH):
             for e in range(4):
@@ -296,20 +308,20 @@ def _build(config, KIND, DROPOUT):
 
         i_start = 0
         if causal:
-            i_start = q_tile_start(j, Br, Bc, N_q, offset)     # Q tiles above the diagonal skipped
-        i_end = min(T_r, i_start + limit)
+            i_start = q_tile_start(j, Br, Bc, Nq, offset)     # Q tiles above the diagonal skipped
+        i_end = min(Tr, i_start + limit)
 
         for hq in range(h_kv * G, h_kv * G + G):             # GQA: the group's query heads
             for i in range(i_start, i_end):                  # Alg. 2 line 8
                 row0 = i * Br
                 # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
-                load_rows(Qs, q, b, hq, row0, N_q, tid)
-                load_rows(dOs, dout, b, hq, row0, N_q, tid)
+                load_rows(Qs, q, b, hq, row0, Nq, tid)
+                load_rows(dOs, dout, b, hq, row0, Nq, tid)
                 mma.cp_async_commit()
                 if tid < Br:
                     row = row0 + tid
-                    Ls[tid] = L[b, hq, row] * LOG2_E if row < N_q else float32(0.0)
-                    Ds[tid] = D_rows[b, hq, row] if row < N_q else float32(0.0)
+                    Ls[tid] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
+                    Ds[tid] = D_rows[b, hq, row] if row < Nq else float32(0.0)
                 mma.cp_async_wait(0)
                 cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them
 
@@ -331,7 +343,7 @@ def _build(config, KIND, DROPOUT):
                 product_T(S, Ks, Qs, w, lane)
                 # Alg. 2 line 12: dP_ij^T = V_j dO_i^T
                 product_T(dP, Vs, dOs, w, lane)
-                masked = col0 + Bc > N_k or row0 + Br > N_q or (causal and col0 + Bc - 1 > row0 + offset)
+                masked = col0 + Bc > Nk or row0 + Br > Nq or (causal and col0 + Bc - 1 > row0 + offset)
                 for n in range(NC):
                     for e in range(4):
                         key = col0 + 16 * w + g + 8 * (e // 2)
@@ -339,7 +351,7 @@ def _build(config, KIND, DROPOUT):
                         row = row0 + qr
                         visible = True
                         if masked:
-                            visible = key < N_k and row < N_q and (not causal or key <= row + offset)
+                            visible = key < Nk and row < Nq and (not causal or key <= row + offset)
                         p = float32(0.0)
                         if visible:
                             p = math.exp2(S[n, e] * q_scale - Ls[qr])
@@ -384,7 +396,7 @@ def _build(config, KIND, DROPOUT):
                         mma_into(dQ, 1, a, bf[2], bf[3])
                     for hh in range(2):
                         row = row0 + 16 * w + g + 8 * hh
-                        if row < N_q:
+                        if row < Nq:
                             for n in range(2):
                                 for e2 in range(2):
                                     x = x0 + 16 * nd + 8 * n + 2 * t + e2
@@ -397,7 +409,7 @@ def _build(config, KIND, DROPOUT):
         # Alg. 2 line 17: write dK_j = scale dK_j, dV_j in the input dtype
         for hh in range(2):
             key = col0 + 16 * w + g + 8 * hh
-            if key < N_k:
+            if key < Nk:
                 for n in range(NDH):
                     x = x0 + 8 * n + 2 * t
                     if x < d:
@@ -447,15 +459,15 @@ def static_smem_bytes(config):
 
 def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     base = config if config is not None else default_config(d)
-    if base.D < d:
-        raise ConfigError(f"config D={base.D} cannot serve head dim d={d}")
+    if base.d_pad < d:
+        raise ConfigError(f"config d_pad={base.d_pad} cannot serve head dim d={d}")
     B = Bc if Bc is not None else Br if Br is not None else None
-    SPLIT = split_d(base.D)
+    SPLIT = split_d(base.d_pad)
     if num_warps is None and B is not None:
         num_warps = max(1, B // 16) * SPLIT
     if B is None and num_warps is not None:
         B = 16 * num_warps // SPLIT
-    config = TileConfig(Br=base.Br if B is None else B, Bc=base.Bc if B is None else B, D=base.D,
+    config = TileConfig(Br=base.Br if B is None else B, Bc=base.Bc if B is None else B, d_pad=base.d_pad,
                         num_warps=base.num_warps if num_warps is None else num_warps)
     check_config(config)
     return config
@@ -465,40 +477,40 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
              dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None,
              dtype=None):
     """Check and allocate once; returns (launch, dq, dk, dv, kind), results as device uint16 bits."""
-    B, N_q, N_k, H_q, H_kv, d = check_qkv16(q, k, v)
+    B, Nq, Nk, H_q, H_kv, d = check_qkv16(q, k, v)
     for name, x in (("dout", dout), ("out", out)):
         if tuple(x.shape) != tuple(q.shape):
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
-    if tuple(L.shape) != (B, H_q, N_q):
-        raise ValueError(f"L must have shape {(B, H_q, N_q)}, got {tuple(L.shape)}")
+    if tuple(L.shape) != (B, H_q, Nq):
+        raise ValueError(f"L must have shape {(B, H_q, Nq)}, got {tuple(L.shape)}")
     kind = resolve_kind(q, dtype)
     for name, x in (("dout", dout), ("out", out)):
         if resolve_kind(x, dtype) != kind:
             raise TypeError(f"{name} must have q's dtype")
     scale = common.resolve_scale(softmax_scale, d)
-    offset = common.resolve_offset(causal, alignment, N_q, N_k)
+    offset = common.resolve_offset(causal, alignment, Nq, Nk)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
     kernels = build(config, kind, dropout=dropout_p > 0.0)
 
     arrays = common.Arrays(q, k, v, dout, out)
-    q_d, k_d, v_d, dout_d = (padded_bits(x, config.D, arrays) for x in (q, k, v, dout))
+    q_d, k_d, v_d, dout_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v, dout))
     out_d = arrays.to_device(out.view(np.uint16) if isinstance(out, np.ndarray) else out)
     L_d = arrays.to_device(np.ascontiguousarray(L, np.float32) if isinstance(L, np.ndarray) else L)
-    D_rows = cuda.device_array((B, H_q, N_q), dtype=np.float32)
-    dq_acc = cuda.device_array((B, N_q, H_q, d), dtype=np.float32)
-    dq = cuda.device_array((B, N_q, H_q, d), dtype=np.uint16)
-    dk = cuda.device_array((B, N_k, H_kv, d), dtype=np.uint16)
-    dv = cuda.device_array((B, N_k, H_kv, d), dtype=np.uint16)
-    T_c = (N_k + config.Bc - 1) // config.Bc
-    n_rows = B * H_q * N_q
+    D_rows = cuda.device_array((B, H_q, Nq), dtype=np.float32)
+    dq_acc = cuda.device_array((B, Nq, H_q, d), dtype=np.float32)
+    dq = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
+    dk = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
+    dv = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
+    Tc = (Nk + config.Bc - 1) // config.Bc
+    n_rows = B * H_q * Nq
     n_dq = dq.size
 
     def launch():
         kernels.preprocess[(n_rows + PRE_THREADS - 1) // PRE_THREADS, PRE_THREADS](dout_d, out_d, D_rows)
         zero_fill[(n_dq + 255) // 256, 256](dq_acc)     # dQ is accumulated by atomics
-        kernels.dkdv[(T_c, B * H_kv), config.threads](
+        kernels.dkdv[(Tc, B * H_kv), config.threads](
             q_d, k_d, v_d, dout_d, L_d, D_rows, dq_acc, dk, dv, np.float32(scale * LOG2_E),
             np.float32(scale), bool(causal), offset, dropout_p, seed, steps)
         kernels.finish_dq[(n_dq + 255) // 256, 256](dq_acc, np.float32(scale), dq)

@@ -12,7 +12,7 @@ Names, against the paper's Algorithm 1 (line numbers in the comments below):
 
     Q_i     Br x d, Br = 16 num_warps: warp w holds rows 16w .. 16w+15 as A fragments
             (registers ``Qf``), read once from global memory (line 4)
-    K_j, V_j  Bc x D tiles in shared memory (``Ks``, ``Vs``), filled by cp.async,
+    K_j, V_j  Bc x d_pad tiles in shared memory (``Ks``, ``Vs``), filled by cp.async,
             double-buffered (STAGES = 2) where 48 KB allows (lines 6-7)
     S_ij    Q_i K_j^T on mma: per warp 16 x Bc fp32 accumulators (``S``), in log2 units
     m_i, l_i  two rows per lane (rows g and g + 8 of the warp's 16); the row max and
@@ -20,19 +20,24 @@ Names, against the paper's Algorithm 1 (line numbers in the comments below):
             lane and summed over the quad once, at the end
     P_ij    exp2(S_ij - m_i), rounded to bf16/f16 and packed from the S accumulators
             straight into the A fragments of P_ij V_j (no shared memory)
-    O_i     16 x D fp32 accumulators per warp (``O``); V_j's B fragments by ldmatrix.trans
+    O_i     16 x d_pad fp32 accumulators per warp (``O``); V_j's B fragments by ldmatrix.trans
     O, L    O_i / l_i in the input dtype; L_i = (m_i + log2 l_i) ln 2 in fp32 (lines 12-14)
+
+Kernel locals: ``S`` -> S_ij (l. 8), then P~_ij (l. 9); ``m_tilde`` -> rowmax(S_ij),
+``m`` -> m_i^(j-1), ``m_new`` -> m_i^(j), ``l`` -> l_i^(j), ``l_tilde`` -> rowsum(P~_ij)
+(all l. 9); ``O`` -> O_i^(j), unnormalised (l. 10); r, c, x: a row, a key, a head dim;
+d_pad: the compiled head dim (d <= d_pad).
 
 Lane layout (TENSOR-CORES.md; lane = 4 g + t): accumulator e of n-tile nt holds
 S_ij[16 w + g + 8 (e // 2), 8 nt + 2 t + e % 2].
 
 Inputs are the raw 16-bit data (uint16 bits of fp16 or bf16), head dim padded
-with zeros to the bucket D (the wrapper copies when d < D, so every row of a
-tile is whole 16-byte chunks for cp.async). Rows past N_k and N_q read a
-clamped valid row: keys past N_k are masked to -inf in S_ij (so P_ij = 0
-times a finite V_j row), queries past N_q are never written.
+with zeros to the bucket d_pad (the wrapper copies when d < d_pad, so every row of a
+tile is whole 16-byte chunks for cp.async). Rows past Nk and Nq read a
+clamped valid row: keys past Nk are masked to -inf in S_ij (so P_ij = 0
+times a finite V_j row), queries past Nq are never written.
 
-Causal: key c is visible to query r when c <= r + offset (offset = N_k - N_q
+Causal: key c is visible to query r when c <= r + offset (offset = Nk - Nq
 bottom-right, 0 top-left; ``common.resolve_offset``); ``kv_tile_end`` skips the
 tiles past the diagonal, only the edge and diagonal tiles are masked.
 Dropout is a compile-time variant (``build(config, dtype, dropout=True)``):
@@ -40,10 +45,10 @@ element (r, c) of query head h, batch b is kept when ``philox.keep(seed, b, h,
 r, c, p)``, as in every other kernel; a lane's columns 2t, 2t+1 of an n-tile are
 two words of one Philox4x32-10 call. m_i, l_i and L are the undropped softmax's.
 
-What bounds it: per K/V tile a warp issues D/16 x Bc/8 mma for S_ij and Bc/16 x
-D/8 for P_ij V_j, between which the softmax runs on the CUDA cores (exp2, max,
+What bounds it: per K/V tile a warp issues d_pad/16 x Bc/8 mma for S_ij and Bc/16 x
+d_pad/8 for P_ij V_j, between which the softmax runs on the CUDA cores (exp2, max,
 shuffles) with no overlap across warps beyond what the scheduler finds; K_j and
-V_j are read from shared memory once per warp (ldmatrix); at D = 128 only one
+V_j are read from shared memory once per warp (ldmatrix); at d_pad = 128 only one
 stage fits in 48 KB of static shared memory, so the loads of tile j + 1 are not
 overlapped with tile j there. mma.sync is the Ampere instruction: on Hopper,
 wgmma is the faster path and this kernel does not use it.
@@ -79,7 +84,7 @@ MMA = {"bf16": mma.mma_bf16, "f16": mma.mma_f16}
 PACK = {"bf16": mma.pack_bf16x2, "f16": mma.pack_f16x2}
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps), Br = 16 num_warps.
-# D >= 96 takes Bc = 32: with Bc = 64 the d = 128 kernel needed more than 255 registers and spilled.
+# d_pad >= 96 takes Bc = 32: with Bc = 64 the d = 128 kernel needed more than 255 registers and spilled.
 _DEFAULTS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 32, 4), 128: (64, 32, 4)}
 _ALTERNATIVES = {64: [(128, 64, 8), (64, 32, 4)], 128: [(128, 32, 8)]}
 
@@ -90,25 +95,25 @@ _ALTERNATIVES = {64: [(128, 64, 8), (64, 32, 4)], 128: [(128, 32, 8)]}
 
 def stages(config):
     """K/V buffers: 2 (tile j + 1 loads while tile j is used) when both fit in 48 KB, else 1."""
-    one = 2 * config.Bc * (config.D + ROW_PAD) * HALF_BYTES
+    one = 2 * config.Bc * (config.d_pad + ROW_PAD) * HALF_BYTES
     return 2 if 2 * one <= STATIC_SMEM_LIMIT else 1
 
 
 def smem_bytes(config):
-    """Ks and Vs: STAGES x Bc x (D + ROW_PAD) 16-bit elements each, all static."""
-    return stages(config) * 2 * config.Bc * (config.D + ROW_PAD) * HALF_BYTES
+    """Ks and Vs: STAGES x Bc x (d_pad + ROW_PAD) 16-bit elements each, all static."""
+    return stages(config) * 2 * config.Bc * (config.d_pad + ROW_PAD) * HALF_BYTES
 
 
 def default_config(d):
-    D = common.head_dim_bucket(d)
-    Br, Bc, num_warps = _DEFAULTS[D]
-    return TileConfig(Br=Br, Bc=Bc, D=D, num_warps=num_warps)
+    d_pad = common.head_dim_bucket(d)
+    Br, Bc, num_warps = _DEFAULTS[d_pad]
+    return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=num_warps)
 
 
 def shipped_configs():
-    configs = [default_config(D) for D in HEAD_DIM_BUCKETS]
-    for D, alternatives in _ALTERNATIVES.items():
-        configs += [TileConfig(Br=Br, Bc=Bc, D=D, num_warps=w) for Br, Bc, w in alternatives]
+    configs = [default_config(d_pad) for d_pad in HEAD_DIM_BUCKETS]
+    for d_pad, alternatives in _ALTERNATIVES.items():
+        configs += [TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=w) for Br, Bc, w in alternatives]
     return configs
 
 
@@ -116,14 +121,14 @@ def check_config(config):
     """Raise ConfigError unless the configuration can compile and launch."""
     who = "fa2_tc_forward"
     common.check_sizes(config, who)
-    Br, Bc, D, num_warps = config.Br, config.Bc, config.D, config.num_warps
+    Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
     require(Br == 16 * num_warps, f"{who}: Br={Br} must be 16 x num_warps = {16 * num_warps} "
                                   f"(each warp owns 16 rows of Q_i)")
-    require(D % 16 == 0, f"{who}: D={D} must be a multiple of 16 (the k of m16n8k16)")
+    require(d_pad % 16 == 0, f"{who}: d_pad={d_pad} must be a multiple of 16 (the k of m16n8k16)")
     require(Bc % 16 == 0, f"{who}: Bc={Bc} must be a multiple of 16 (P_ij's A fragments)")
-    chunks = Bc * D // 8
+    chunks = Bc * d_pad // 8
     require(chunks % config.threads == 0,
-            f"{who}: Bc={Bc}, D={D}: {chunks} 16-byte chunks per tile must divide evenly among "
+            f"{who}: Bc={Bc}, d_pad={d_pad}: {chunks} 16-byte chunks per tile must divide evenly among "
             f"{config.threads} threads")
     common.check_smem(config, smem_bytes(config), who)
 
@@ -148,27 +153,27 @@ def build(config, kind="bf16", dropout=False):
 @functools.cache
 def _build(config, KIND, DROPOUT):
     check_config(config)
-    Br, Bc, D, W = int(config.Br), int(config.Bc), int(config.D), int(config.num_warps)
-    T = W * WARP_SIZE
+    Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
+    T = NW * WARP_SIZE
     STAGES = stages(config)
-    DP = D + ROW_PAD              # shared row length, elements
-    KD = D // 16                  # k-steps of S_ij = Q_i K_j^T (A fragments of Q_i)
+    ROW_LEN = d_pad + ROW_PAD              # shared row length, elements
+    KD = d_pad // 16                  # k-steps of S_ij = Q_i K_j^T (A fragments of Q_i)
     NC = Bc // 8                  # n-tiles of S_ij (8 keys each)
     KC = Bc // 16                 # k-steps of O_i += P_ij V_j
-    ND = D // 8                   # n-tiles of O_i (8 dims each)
-    CHUNKS = D // 8               # 16-byte chunks per row of K_j, V_j
+    ND = d_pad // 8                   # n-tiles of O_i (8 dims each)
+    CHUNKS = d_pad // 8               # 16-byte chunks per row of K_j, V_j
     LOADS = Bc * CHUNKS // T      # chunks per thread per tile (each of K_j and V_j)
     MMA_K, PACK_K = MMA[KIND], PACK[KIND]
     ALIGN = _smem_alignment()
 
     @cuda.jit(device=True, inline="always")
-    def load_tile(Ks, Vs, s, k, v, b, h_kv, col0, N_k, tid):
+    def load_tile(Ks, Vs, s, k, v, b, h_kv, col0, Nk, tid):
         """K_j, V_j (rows col0 .. col0 + Bc) -> stage s, by cp.async, 16 bytes per copy."""
         for u in range(LOADS):
             chunk = tid + T * u
             c = chunk // CHUNKS
             x = 8 * (chunk % CHUNKS)
-            col = min(col0 + c, N_k - 1)              # past N_k: a valid row, masked in S_ij
+            col = min(col0 + c, Nk - 1)              # past Nk: a valid row, masked in S_ij
             mma.cp_async_16(Ks, (s, c, x), k, (b, col, h_kv, x))
             mma.cp_async_16(Vs, (s, c, x), v, (b, col, h_kv, x))
 
@@ -181,14 +186,14 @@ def _build(config, KIND, DROPOUT):
 
     @cuda.jit
     def fa2_tc_forward_kernel(q, k, v, out, L, q_scale, causal, offset, dropout_p, seed, limit):
-        # --- sizes --- q (B, N_q, H_q, D), k, v (B, N_k, H_kv, D): uint16 bits, padded to D;
-        # out (B, N_q, H_q, d) uint16 bits; L (B, H_q, N_q) float32. q_scale: scale log2(e).
-        N_q, H_q = q.shape[1], q.shape[2]
-        N_k = k.shape[1]
+        # --- sizes --- q (B, Nq, H_q, d_pad), k, v (B, Nk, H_kv, d_pad): uint16 bits, padded to d_pad;
+        # out (B, Nq, H_q, d) uint16 bits; L (B, H_q, Nq) float32. q_scale: scale log2(e).
+        Nq, H_q = q.shape[1], q.shape[2]
+        Nk = k.shape[1]
         H_kv = k.shape[2]
         d = out.shape[3]
-        T_r = (N_q + Br - 1) // Br
-        T_c = (N_k + Bc - 1) // Bc
+        Tr = (Nq + Br - 1) // Br
+        Tc = (Nk + Bc - 1) // Bc
 
         # --- who am I ---
         tid = cuda.threadIdx.x
@@ -196,7 +201,7 @@ def _build(config, KIND, DROPOUT):
         lane = tid % WARP_SIZE
         g = lane // 4                       # accumulator rows g and g + 8
         t = lane % 4                        # accumulator columns 2t, 2t + 1 of each n-tile
-        i = T_r - 1 - cuda.blockIdx.x       # last Q tiles first: under causal they have the most work
+        i = Tr - 1 - cuda.blockIdx.x       # last Q tiles first: under causal they have the most work
         bh = cuda.blockIdx.y
         b = bh // H_q
         h = bh % H_q
@@ -210,8 +215,8 @@ def _build(config, KIND, DROPOUT):
             Z_kept = float32(1.0 / (1.0 - dropout_p))
 
         # --- shared memory: K_j and V_j, STAGES buffers each (each array on its own line) ---
-        Ks = cuda.shared.array((STAGES, Bc, DP), uint16, alignment=ALIGN)
-        Vs = cuda.shared.array((STAGES, Bc, DP), uint16, alignment=ALIGN)
+        Ks = cuda.shared.array((STAGES, Bc, ROW_LEN), uint16, alignment=ALIGN)
+        Vs = cuda.shared.array((STAGES, Bc, ROW_LEN), uint16, alignment=ALIGN)
 
         # --- registers ---
         Qf = cuda.local.array((KD, 4), uint32)      # Q_i's A fragments, two 16-bit values each
@@ -224,7 +229,7 @@ def _build(config, KIND, DROPOUT):
         # and the next column, as one 32-bit register (lower column in the low half)
         for kk in range(KD):
             for e in range(4):
-                row = min(wrow + g + 8 * (e % 2), N_q - 1)
+                row = min(wrow + g + 8 * (e % 2), Nq - 1)
                 x = 16 * kk + 2 * t + 8 * (e // 2)
                 Qf[kk, e] = uint32(q[b, row, h, x]) | (uint32(q[b, row, h, x + 1]) << uint32(16))
         # Alg. 1 line 5: O_i = 0, l_i = 0, m_i = -inf
@@ -235,13 +240,13 @@ def _build(config, KIND, DROPOUT):
             for e in range(4):
                 O[n, e] = 0.0
 
-        n_tiles = T_c
+        n_tiles = Tc
         if causal:
-            n_tiles = kv_tile_end(i, Br, Bc, N_q, N_k, offset)   # tiles past the diagonal skipped
+            n_tiles = kv_tile_end(i, Br, Bc, Nq, Nk, offset)   # tiles past the diagonal skipped
         n_tiles = min(n_tiles, limit)
 
         if n_tiles > 0:
-            load_tile(Ks, Vs, 0, k, v, b, h_kv, 0, N_k, tid)     # Alg. 1 line 7 for j = 0
+            load_tile(Ks, Vs, 0, k, v, b, h_kv, 0, Nk, tid)     # Alg. 1 line 7 for j = 0
             mma.cp_async_commit()
 
         j = 0
@@ -252,7 +257,7 @@ def _build(config, KIND, DROPOUT):
             # arrives while tile j is used; wait(1): all but the newest group (tile j) landed.
             if STAGES == 2:
                 if j + 1 < n_tiles:
-                    load_tile(Ks, Vs, 1 - s, k, v, b, h_kv, col0 + Bc, N_k, tid)
+                    load_tile(Ks, Vs, 1 - s, k, v, b, h_kv, col0 + Bc, Nk, tid)
                 mma.cp_async_commit()       # possibly empty, so that wait(1) always means tile j
                 mma.cp_async_wait(1)
             else:
@@ -272,15 +277,15 @@ def _build(config, KIND, DROPOUT):
                     mma_into(S, 2 * nn, a, kf[0], kf[1])
                     mma_into(S, 2 * nn + 1, a, kf[2], kf[3])
 
-            # scores in log2 units; -inf past N_k and (causal) past the diagonal: edge tiles only
-            masked = col0 + Bc > N_k or (causal and col0 + Bc - 1 > row0 + offset)
+            # scores in log2 units; -inf past Nk and (causal) past the diagonal: edge tiles only
+            masked = col0 + Bc > Nk or (causal and col0 + Bc - 1 > row0 + offset)
             for n in range(NC):
                 for e in range(4):
                     S[n, e] *= q_scale
                     if masked:
                         row = wrow + g + 8 * (e // 2)
                         col = col0 + 8 * n + 2 * t + e % 2
-                        if col >= N_k or (causal and col > row + offset):
+                        if col >= Nk or (causal and col > row + offset):
                             S[n, e] = -math.inf
 
             if DROPOUT:
@@ -342,7 +347,7 @@ def _build(config, KIND, DROPOUT):
             cuda.syncthreads()  # every warp done reading stage s before it is refilled
 
             if STAGES == 1 and j + 1 < n_tiles:
-                load_tile(Ks, Vs, 0, k, v, b, h_kv, col0 + Bc, N_k, tid)
+                load_tile(Ks, Vs, 0, k, v, b, h_kv, col0 + Bc, Nk, tid)
                 mma.cp_async_commit()
             j += 1
 
@@ -352,7 +357,7 @@ def _build(config, KIND, DROPOUT):
             l_row += cuda.shfl_xor_sync(FULL_MASK, l_row, 1)
             l_row += cuda.shfl_xor_sync(FULL_MASK, l_row, 2)
             row = wrow + g + 8 * hh
-            if row < N_q:
+            if row < Nq:
                 inv_l = float32(0.0)
                 if l_row != 0.0:                          # 0: no visible key, O = 0, L = -inf
                     inv_l = float32(1.0) / l_row
@@ -388,13 +393,13 @@ def compile_targets(config):
 
 def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     base = config if config is not None else default_config(d)
-    if base.D < d:
-        raise ConfigError(f"config D={base.D} cannot serve head dim d={d}")
+    if base.d_pad < d:
+        raise ConfigError(f"config d_pad={base.d_pad} cannot serve head dim d={d}")
     if num_warps is not None and Br is None:
         Br = 16 * num_warps
     if Br is not None and num_warps is None:
         num_warps = max(1, Br // 16)
-    config = TileConfig(Br=base.Br if Br is None else Br, Bc=base.Bc if Bc is None else Bc, D=base.D,
+    config = TileConfig(Br=base.Br if Br is None else Br, Bc=base.Bc if Bc is None else Bc, d_pad=base.d_pad,
                         num_warps=base.num_warps if num_warps is None else num_warps)
     check_config(config)
     return config
@@ -404,21 +409,21 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
              seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None, dtype=None):
     """Check and allocate once; returns (launch, out, L, kind): out holds uint16 bits on the device.
     ``launch()`` runs the kernel again into the same out and L (what a benchmark times)."""
-    B, N_q, N_k, H_q, _, d = check_qkv16(q, k, v)
+    B, Nq, Nk, H_q, _, d = check_qkv16(q, k, v)
     kind = resolve_kind(q, dtype)
     scale = common.resolve_scale(softmax_scale, d)
-    offset = common.resolve_offset(causal, alignment, N_q, N_k)
+    offset = common.resolve_offset(causal, alignment, Nq, Nk)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
     kernel = build(config, kind, dropout=dropout_p > 0.0)
 
     arrays = common.Arrays(q, k, v)
-    q_d, k_d, v_d = (padded_bits(x, config.D, arrays) for x in (q, k, v))
-    out = cuda.device_array((B, N_q, H_q, d), dtype=np.uint16)
-    L = cuda.device_array((B, H_q, N_q), dtype=np.float32)
-    T_r = (N_q + config.Br - 1) // config.Br
-    launch_kernel = kernel[(T_r, B * H_q), config.threads]
+    q_d, k_d, v_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v))
+    out = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
+    L = cuda.device_array((B, H_q, Nq), dtype=np.float32)
+    Tr = (Nq + config.Br - 1) // config.Br
+    launch_kernel = kernel[(Tr, B * H_q), config.threads]
     q_scale = np.float32(scale * LOG2_E)
 
     def launch():

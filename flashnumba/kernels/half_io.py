@@ -4,10 +4,10 @@ Shared by ``fa2_tc_forward`` and ``fa2_tc_backward`` (a kernel module does not i
 The kernels read raw 16-bit data: the uint16 bits of float16 or bfloat16 arrays
 (NumPy: ``ml_dtypes.bfloat16``; on the device, Numba arrays of the bits with
 ``dtype='bfloat16' | 'float16'``). cp.async moves whole 16-byte chunks, so rows
-are padded with zeros from d to the bucket D (a copy only when d < D).
+are padded with zeros from d to the bucket d_pad (a copy only when d < d_pad).
 
     resolve_kind(x, dtype) -> 'bf16' | 'f16'      check_qkv16(q, k, v) -> (B, Nq, Nk, Hq, Hkv, d)
-    bits_of(x)             -> uint16 view          padded_bits(x, D, arrays) -> device (B, N, H, D)
+    bits_of(x)             -> uint16 view          padded_bits(x, d_pad, arrays) -> device (B, N, H, d_pad)
     as_dtype(bits, kind, like) -> the result in the caller's kind of array
 """
 
@@ -22,12 +22,12 @@ KINDS = {dtypes.BFLOAT16: "bf16", dtypes.FLOAT16: "f16"}
 
 @cuda.jit
 def pad_head_dim(src, dst):
-    """dst[b, n, h, x] = src[b, n, h, x] for x < d, 0 for d <= x < D (uint16 bits)."""
+    """dst[b, n, h, x] = src[b, n, h, x] for x < d, 0 for d <= x < d_pad (uint16 bits)."""
     idx = cuda.grid(1)
-    B, N, H, D = dst.shape
-    if idx < B * N * H * D:
-        x = idx % D
-        rest = idx // D
+    B, N, H, d_pad = dst.shape
+    if idx < B * N * H * d_pad:
+        x = idx % d_pad
+        rest = idx // d_pad
         hh = rest % H
         rest //= H
         n = rest % N
@@ -86,19 +86,19 @@ def check_qkv16(q, k, v):
     return B, Nq, Nk, Hq, Hkv, d
 
 
-def padded_bits(x, D, arrays):
-    """x's uint16 bits on the device, C-contiguous, head dim zero-padded to D (a copy only when needed)."""
+def padded_bits(x, d_pad, arrays):
+    """x's uint16 bits on the device, C-contiguous, head dim zero-padded to d_pad (a copy only when needed)."""
     bits = bits_of(x)
     if arrays.host:
-        if bits.shape[3] == D:
+        if bits.shape[3] == d_pad:
             return cuda.to_device(np.ascontiguousarray(bits))
-        padded = np.zeros((*bits.shape[:3], D), np.uint16)
+        padded = np.zeros((*bits.shape[:3], d_pad), np.uint16)
         padded[..., :bits.shape[3]] = bits
         return cuda.to_device(padded)
     bits = arrays.to_device(bits)
-    if bits.shape[3] == D and bits.is_c_contiguous():
+    if bits.shape[3] == d_pad and bits.is_c_contiguous():
         return bits
-    padded = cuda.device_array((*bits.shape[:3], D), dtype=np.uint16)
+    padded = cuda.device_array((*bits.shape[:3], d_pad), dtype=np.uint16)
     n = padded.size
     pad_head_dim[(n + 255) // 256, 256](bits, padded)
     return padded

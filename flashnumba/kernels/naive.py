@@ -31,8 +31,8 @@ OUTPUT_THREADS = (64, 4)        # (output dim n, query r)
 @cuda.jit
 def scores(q, k, S, scale, causal):
     """S[bh, r, c] = scale * sum_n q[b, r, h, n] k[b, c, h_kv, n]; -inf where masked."""
-    B, N_q, H_q, d = q.shape
-    N_k = k.shape[1]
+    B, Nq, H_q, d = q.shape
+    Nk = k.shape[1]
     H_kv = k.shape[2]
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     r = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
@@ -40,9 +40,9 @@ def scores(q, k, S, scale, causal):
     b = bh // H_q
     h = bh % H_q
     h_kv = h // (H_q // H_kv)
-    if r >= N_q or c >= N_k:
+    if r >= Nq or c >= Nk:
         return
-    if causal and c > r + N_k - N_q:
+    if causal and c > r + Nk - Nq:
         S[bh, r, c] = -math.inf
         return
     acc = float32(0.0)
@@ -54,7 +54,7 @@ def scores(q, k, S, scale, causal):
 @cuda.jit
 def softmax_rows(S, L):
     """Row bh, r of S becomes softmax(S[bh, r, :]) in place; L[b, h, r] = logsumexp of the row."""
-    N_k = S.shape[2]
+    Nk = S.shape[2]
     H_q = L.shape[1]
     r = cuda.blockIdx.x
     bh = cuda.blockIdx.y
@@ -63,7 +63,7 @@ def softmax_rows(S, L):
 
     # m = max_c S[r, c]: each thread a strided slice, then a tree in shared memory
     m = float32(-math.inf)
-    for c in range(tid, N_k, SOFTMAX_THREADS):
+    for c in range(tid, Nk, SOFTMAX_THREADS):
         m = max(m, S[bh, r, c])
     partial[tid] = m
     cuda.syncthreads()  # every thread's partial max written before the tree reads them
@@ -79,7 +79,7 @@ def softmax_rows(S, L):
 
     # l = sum_c exp(S[r, c] - m)
     l = float32(0.0)
-    for c in range(tid, N_k, SOFTMAX_THREADS):
+    for c in range(tid, Nk, SOFTMAX_THREADS):
         l += math.exp(S[bh, r, c] - m_safe)
     partial[tid] = l
     cuda.syncthreads()  # every thread's partial sum written before the tree reads them
@@ -93,7 +93,7 @@ def softmax_rows(S, L):
 
     # P = exp(S - m) / l, in place
     inv_l = float32(1.0) / l if l > 0.0 else float32(0.0)
-    for c in range(tid, N_k, SOFTMAX_THREADS):
+    for c in range(tid, Nk, SOFTMAX_THREADS):
         S[bh, r, c] = math.exp(S[bh, r, c] - m_safe) * inv_l
     if tid == 0:
         L[bh // H_q, bh % H_q, r] = m_safe + math.log(l) if l > 0.0 else -math.inf
@@ -102,8 +102,8 @@ def softmax_rows(S, L):
 @cuda.jit
 def output(P, v, out):
     """out[b, r, h, n] = sum_c P[bh, r, c] v[b, c, h_kv, n]."""
-    B, N_q, H_q, d = out.shape
-    N_k = v.shape[1]
+    B, Nq, H_q, d = out.shape
+    Nk = v.shape[1]
     H_kv = v.shape[2]
     n = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     r = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
@@ -111,35 +111,35 @@ def output(P, v, out):
     b = bh // H_q
     h = bh % H_q
     h_kv = h // (H_q // H_kv)
-    if r >= N_q or n >= d:
+    if r >= Nq or n >= d:
         return
     acc = float32(0.0)
-    for c in range(N_k):
+    for c in range(Nk):
         acc += P[bh, r, c] * v[b, c, h_kv, n]
     out[b, r, h, n] = acc
 
 
-def scores_bytes(B, H_q, N_q, N_k):
+def scores_bytes(B, H_q, Nq, Nk):
     """Bytes of the score matrix this baseline materialises."""
-    return 4 * B * H_q * N_q * N_k
+    return 4 * B * H_q * Nq * Nk
 
 
 def naive_attention(q, k, v, *, causal=False, softmax_scale=None):
     """Naive attention: returns (O (B, Nq, Hq, d), L (B, Hq, Nq)), like fa2_forward."""
-    B, N_q, N_k, H_q, H_kv, d = common.check_qkv(q, k, v)
+    B, Nq, Nk, H_q, H_kv, d = common.check_qkv(q, k, v)
     scale = common.resolve_scale(softmax_scale, d)
     arrays = common.Arrays(q, k, v)
     q_d, k_d, v_d = arrays.to_device(q), arrays.to_device(k), arrays.to_device(v)
-    S = cuda.device_array((B * H_q, N_q, N_k), dtype=np.float32)
-    L = arrays.empty((B, H_q, N_q))
-    out = arrays.empty((B, N_q, H_q, d))
+    S = cuda.device_array((B * H_q, Nq, Nk), dtype=np.float32)
+    L = arrays.empty((B, H_q, Nq))
+    out = arrays.empty((B, Nq, H_q, d))
 
     tx, ty = SCORE_THREADS
-    scores[(num_tiles(N_k, tx), num_tiles(N_q, ty), B * H_q), SCORE_THREADS](
+    scores[(num_tiles(Nk, tx), num_tiles(Nq, ty), B * H_q), SCORE_THREADS](
         q_d, k_d, S, np.float32(scale), bool(causal))
-    softmax_rows[(N_q, B * H_q), SOFTMAX_THREADS](S, L)
+    softmax_rows[(Nq, B * H_q), SOFTMAX_THREADS](S, L)
     tx, ty = OUTPUT_THREADS
-    output[(num_tiles(d, tx), num_tiles(N_q, ty), B * H_q), OUTPUT_THREADS](S, v_d, out)
+    output[(num_tiles(d, tx), num_tiles(Nq, ty), B * H_q), OUTPUT_THREADS](S, v_d, out)
     return arrays.result(out), arrays.result(L)
 
 

@@ -26,7 +26,7 @@ PRE_ROWS_PER_BLOCK = PRE_WARPS * ROWS_PER_PRE_WARP
 @cuda.jit
 def preprocess(dout, out, D_rows):
     """D_rows[b, h, r] = sum_k dout[b, r, h, k] * out[b, r, h, k]."""
-    _, N_q, H_q, d = out.shape
+    _, Nq, H_q, d = out.shape
     b = cuda.blockIdx.y // H_q
     h = cuda.blockIdx.y % H_q
     tid = cuda.threadIdx.x
@@ -36,16 +36,16 @@ def preprocess(dout, out, D_rows):
     sub = lane % LANES_PER_ROW                 # this lane's place among its row's 8 lanes
 
     partial = float32(0.0)
-    if row < N_q:
-        for kk in range(sub, d, LANES_PER_ROW):
-            partial += dout[b, row, h, kk] * out[b, row, h, kk]
+    if row < Nq:
+        for x in range(sub, d, LANES_PER_ROW):
+            partial += dout[b, row, h, x] * out[b, row, h, x]
     # butterfly over the 8 lanes of this row (xor offsets < 8 never leave the group);
-    # every lane takes part, also those past N_q, so the full mask is right
+    # every lane takes part, also those past Nq, so the full mask is right
     offset = LANES_PER_ROW // 2
     while offset > 0:
         partial += cuda.shfl_xor_sync(FULL_MASK, partial, offset)
         offset //= 2
-    if sub == 0 and row < N_q:
+    if sub == 0 and row < Nq:
         D_rows[b, h, row] = partial
 
 

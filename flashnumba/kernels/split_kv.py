@@ -9,7 +9,7 @@ fill a GPU, and each walks the whole cache alone. Here the keys are split too:
     log-sum-exp) to HBM;
     combine: O = sum_s exp(L_s - L) O_s, L = log sum_s exp(L_s)   (flashnumba.merge)
 
-Inside a block (T = D threads, thread n owns output dim n):
+Inside a block (T = d_pad threads, thread n owns output dim n):
 
     for each query row r of (b, h):
         Q_r -> shared (scaled into log2 units)
@@ -29,8 +29,8 @@ costs what P V costs anyway (BC per thread per chunk) and no extra barriers.
 The cache is read through ``cache_rows[b]`` (flash-attn's cache_batch_idx) and
 sequence b sees its first ``seqlens_k[b]`` keys; query r of Nq sees key c when
 r + Nk - Nq - left <= c <= r + Nk - Nq + right (-1 unbounded; causal: right = 0).
-Head dims: compiled for D in SPLIT_HEAD_DIMS, up to 256 (shared memory: Ks is
-BC x (D + 1) floats, 33 KB at D = 256).
+Head dims: compiled for d_pad in SPLIT_HEAD_DIMS, up to 256 (shared memory: Ks is
+BC x (d_pad + 1) floats, 33 KB at d_pad = 256).
 
 What bounds it: reading K and V once from HBM; K's chunk is staged in shared
 memory, V is read straight from HBM. Not tuned on a GPU (bench/features.py
@@ -60,7 +60,7 @@ def head_dim_bucket(d):
     if not 1 <= d <= SPLIT_HEAD_DIMS[-1]:
         raise ValueError(f"head dim d={d} is not supported by split-KV decoding: expected "
                          f"1 <= d <= {SPLIT_HEAD_DIMS[-1]}")
-    return next(D for D in SPLIT_HEAD_DIMS if d <= D)
+    return next(d_pad for d_pad in SPLIT_HEAD_DIMS if d <= d_pad)
 
 
 def num_splits_heuristic(blocks, num_sms, num_key_blocks, max_splits=MAX_SPLITS):
@@ -85,10 +85,10 @@ def num_splits_heuristic(blocks, num_sms, num_key_blocks, max_splits=MAX_SPLITS)
 
 
 @functools.lru_cache(maxsize=None)
-def build(D, SOFTCAP=False, ALIBI=False):
-    """The split-KV kernel for head-dim bucket D (D threads); softcap and ALiBi as variants."""
-    T = D
-    KS_ROW = D + 1                        # padded row: threads n < BC read Ks[n, kk], no bank conflict
+def build(d_pad, SOFTCAP=False, ALIBI=False):
+    """The split-KV kernel for head-dim bucket d_pad (d_pad threads); softcap and ALiBi as variants."""
+    T = d_pad
+    KS_ROW = d_pad + 1                        # padded row: threads n < BC read Ks[n, kk], no bank conflict
 
     @cuda.jit
     def split_kv_kernel(q, k_cache, v_cache, cache_rows, seqlens_k, O_part, L_part, q_scale, left, right,
@@ -143,7 +143,7 @@ def build(D, SOFTCAP=False, ALIBI=False):
                     score = float32(-math.inf)
                     if c < c_hi:
                         acc = float32(0.0)
-                        for kk in range(D):
+                        for kk in range(d_pad):
                             acc += Qs[kk] * Ks[n, kk]
                         score = acc
                         if SOFTCAP:                 # S = c2 tanh(S / c2)
@@ -217,12 +217,12 @@ def partials(Q, K_cache, V_cache, cache_rows, seqlens_k, num_splits, keys_per_sp
     normalised output and log-sum-exp. Q, caches float32 device arrays; cache_rows, seqlens_k
     int32 device arrays (B,); window_size (left, right) with causal already folded in (right = 0)."""
     B, N_q, H_q, d = Q.shape
-    D = head_dim_bucket(d)
-    kernel = build(D, softcap > 0.0, slopes is not None)
+    d_pad = head_dim_bucket(d)
+    kernel = build(d_pad, softcap > 0.0, slopes is not None)
     O_part = cuda.device_array((num_splits, B, N_q, H_q, d), dtype=np.float32)
     L_part = cuda.device_array((num_splits, B, H_q, N_q), dtype=np.float32)
     slopes_d = slopes if slopes is not None else cuda.device_array((1, 1), dtype=np.float32)
-    kernel[(num_splits, B * H_q), D](Q, K_cache, V_cache, cache_rows, seqlens_k, O_part, L_part,
+    kernel[(num_splits, B * H_q), d_pad](Q, K_cache, V_cache, cache_rows, seqlens_k, O_part, L_part,
                                      np.float32(scale * LOG2_E), np.int64(window_size[0]),
                                      np.int64(window_size[1]), np.float32(softcap * LOG2_E), slopes_d,
                                      np.int64(keys_per_split))

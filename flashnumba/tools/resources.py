@@ -466,7 +466,7 @@ def describe_config(config):
     if config is None:
         return "-"
     blocks = f" b={config.blocks_per_sm}" if config.blocks_per_sm else ""
-    return f"Br={config.Br} Bc={config.Bc} D={config.D} w={config.num_warps}{blocks}"
+    return f"Br={config.Br} Bc={config.Bc} d_pad={config.d_pad} w={config.num_warps}{blocks}"
 
 
 def format_table(records):

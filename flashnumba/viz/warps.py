@@ -1,13 +1,13 @@
 """Inside one thread block: which warp computes what, and what the warps must exchange.
 
 FlashAttention-1 splits K_j and V_j across the warps of a block ("split-K"):
-warp w takes the columns [w*Bc/W, (w+1)*Bc/W) of S_ij = Q_i K_j^T for all Br
+warp w takes the columns [w*Bc/num_warps, (w+1)*Bc/num_warps) of S_ij = Q_i K_j^T for all Br
 rows. Each warp then has only part of every row, so the row max, the row sum
 and the product P_ij V_j are partial: the warps write them to shared memory,
 synchronise, and add them up.
 
 FlashAttention-2 splits Q_i instead ("split-Q"): warp w owns the rows
-[w*Br/W, (w+1)*Br/W) of S_ij, across all Bc columns, and the same rows of O_i.
+[w*Br/num_warps, (w+1)*Br/num_warps) of S_ij, across all Bc columns, and the same rows of O_i.
 A row never leaves its warp: its max and sum are reduced across the warp's
 lanes with shuffles, and nothing goes through shared memory.
 
@@ -40,15 +40,15 @@ def warp_cols(w, num_warps, Bc):
 
 def owner(scheme, num_warps, Br, Bc):
     """(Br, Bc) int array: which warp computes each entry of S_ij."""
-    W = np.empty((Br, Bc), dtype=int)
+    owners = np.empty((Br, Bc), dtype=int)
     for w in range(num_warps):
         if scheme == SPLIT_Q:
-            W[warp_rows(w, num_warps, Br).start:warp_rows(w, num_warps, Br).stop, :] = w
+            owners[warp_rows(w, num_warps, Br).start:warp_rows(w, num_warps, Br).stop, :] = w
         elif scheme == SPLIT_K:
-            W[:, warp_cols(w, num_warps, Bc).start:warp_cols(w, num_warps, Bc).stop] = w
+            owners[:, warp_cols(w, num_warps, Bc).start:warp_cols(w, num_warps, Bc).stop] = w
         else:
             raise ValueError(f"scheme={scheme!r}: expected {SPLIT_Q!r} or {SPLIT_K!r}")
-    return W
+    return owners
 
 
 def exchange(scheme, num_warps, Br, d):
@@ -78,14 +78,14 @@ def _shared(ax, r0, r1, c0, c1, label):
 
 def _draw_scheme(axes, scheme, num_warps, Br, Bc, d):
     ax_Q, ax_S, ax_V, ax_O, ax_text = axes
-    W = owner(scheme, num_warps, Br, Bc)
+    owners = owner(scheme, num_warps, Br, Bc)
     _matrix(ax_Q, "Q_i\n(Br x d)", Br, d, row_label="query row")
     _matrix(ax_S, "S_ij = Q_i K_j^T, P_ij\n(Br x Bc)", Br, Bc, col_label="key column")
     _matrix(ax_V, "K_j, V_j\n(Bc x d each)", Bc, d, row_label="key row")
     _matrix(ax_O, "O_i\n(Br x d)", Br, d)
     for w in range(num_warps):
         rows, cols = warp_rows(w, num_warps, Br), warp_cols(w, num_warps, Bc)
-        mask = W == w
+        mask = owners == w
         r_idx, c_idx = np.nonzero(mask)
         style.box(ax_S, r_idx.min(), r_idx.max() + 1, c_idx.min(), c_idx.max() + 1,
                   face=style.colour(w), edge="white", lw=1.5)
@@ -125,7 +125,7 @@ def _draw_scheme(axes, scheme, num_warps, Br, Bc, d):
                  transform=ax_text.transAxes)
     ax_text.text(0, 0.6, "\n".join(lines[1:]), ha="left", va="top", fontsize=9,
                  transform=ax_text.transAxes)
-    return {"owner": W, "exchange": ex}
+    return {"owner": owners, "exchange": ex}
 
 
 def warp_partition_figure(num_warps=4, Br=16, Bc=16, d=8):
