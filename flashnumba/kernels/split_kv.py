@@ -241,3 +241,19 @@ def merged(O_part, L_part):
 def keys_per_split(max_seqlen_k, num_splits):
     """Keys per split: the cache cut into num_splits runs, each a whole number of chunks."""
     return num_tiles(num_tiles(max_seqlen_k, num_splits), BC) * BC
+
+
+def targets():
+    """(label, dispatcher, argtypes) for the resource check: every bucket's plain and
+    softcap + ALiBi kernel, and the combine."""
+    from numba import types
+    a5 = types.Array(types.float32, 5, "C")
+    a4 = types.Array(types.float32, 4, "C")
+    a3 = types.Array(types.float32, 3, "C")
+    a2 = types.Array(types.float32, 2, "C")
+    i1 = types.Array(types.int32, 1, "C")
+    argtypes = (a4, a4, a4, i1, i1, a5, a4, types.float32, types.int64, types.int64, types.float32,
+                a2, types.int64)
+    kernels = [(f"{NAME}_d{d_pad}{'_softcap_alibi' if variant else ''}", build(d_pad, variant, variant),
+                argtypes) for d_pad in SPLIT_HEAD_DIMS for variant in (False, True)]
+    return kernels + [("combine", combine, (a5, a4, a4, a3))]
