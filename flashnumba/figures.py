@@ -17,7 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")   # before anything draws: no display, same pixels everywhere
 
-from flashnumba.viz import causal, io, loop_order, memory, on_chip, online_softmax, split_kv, warps, window
+from flashnumba.viz import causal, io, loop_order, memory, on_chip, online_softmax, split_kv, varlen, warps, window
 from flashnumba.viz.style import save
 
 # file name -> function returning its Figure (PNG) or Animation (GIF)
@@ -33,6 +33,7 @@ FIGURES = {
     "memory_footprint.png": memory.memory_figure,
     "window_band.png": window.window_figure,
     "split_kv.png": split_kv.split_kv_figure,
+    "varlen_tiles.png": varlen.varlen_figure,
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "figures"

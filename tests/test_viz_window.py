@@ -8,7 +8,7 @@ import numpy as np
 
 from flashnumba import figures
 from flashnumba.geometry import SKIPPED, Tiling
-from flashnumba.viz import split_kv, window
+from flashnumba.viz import split_kv, varlen, window
 
 
 def test_window_panels_are_the_tilings_band():
@@ -37,3 +37,17 @@ def test_split_kv_merge_is_attention_over_all_keys():
 def test_new_figures_are_registered():
     assert figures.FIGURES["window_band.png"] is window.window_figure
     assert figures.FIGURES["split_kv.png"] is split_kv.split_kv_figure
+
+
+def test_varlen_tiles_are_each_sequences_own():
+    data = varlen.varlen_figure().flashnumba_data
+    row0 = col0 = 0
+    computed = 0
+    for p, (Nq, Nk) in zip(data["panels"], varlen.LENGTHS):
+        assert (p["row0"], p["col0"]) == (row0, col0)            # placed at cu_seqlens offsets
+        t = Tiling(Nq, Nk, 8, 8, causal=True)
+        assert p["kind"] == {(i, j): t.kind(i, j) for i in range(t.Tr) for j in range(t.Tc)}
+        computed += t.Tr * t.Tc - t.count(SKIPPED)
+        row0, col0 = row0 + Nq, col0 + Nk
+    assert data["computed"] == computed < data["padded_tiles"]
+    assert figures.FIGURES["varlen_tiles.png"] is varlen.varlen_figure
