@@ -73,7 +73,10 @@ def attention_shapes(q, k, v, layout=FLASH_LAYOUT):
     if Hq % Hkv != 0:
         raise ValueError(f"nheads_q={Hq} must be a multiple of nheads_kv={Hkv} (grouped-query attention)")
     if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} is not supported; expected 1 <= headdim <= {MAX_HEAD_DIM}")
+        raise ValueError(f"head dim {d} is not supported; expected 1 <= headdim <= {MAX_HEAD_DIM}"
+                         + (" (head dims up to 256 run in flash_attn_with_kvcache only: the fast "
+                            "kernels' tiles do not fit 48 KB of static shared memory at 256)"
+                            if d > MAX_HEAD_DIM else ""))
     return B, Nq, Nk, Hq, Hkv, d
 
 
