@@ -74,8 +74,8 @@ def attention_shapes(q, k, v, layout=FLASH_LAYOUT):
         raise ValueError(f"nheads_q={Hq} must be a multiple of nheads_kv={Hkv} (grouped-query attention)")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} is not supported; expected 1 <= headdim <= {MAX_HEAD_DIM}"
-                         + (" (head dims up to 256 run in flash_attn_with_kvcache only: the fast "
-                            "kernels' tiles do not fit 48 KB of static shared memory at 256)"
+                         + (" (head dims up to 256 run in flash_attn_with_kvcache only: the fast kernels' "
+                            "shared and register tiles do not fit d = 256 in 48 KB and 255 registers)"
                             if d > MAX_HEAD_DIM else ""))
     return B, Nq, Nk, Hq, Hkv, d
 
