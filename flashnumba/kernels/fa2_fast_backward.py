@@ -515,7 +515,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
     def fa2_fast_backward_kernel(q_flat, k, v, dout_flat, L, D_rows, dq_flat, dk, dv, scale, windowed,
                                  lo, hi, dropout_p, seed, limit, cap, slopes):
         # --- sizes (q_flat, dout_flat, dq_flat: flat views of (B, Nq, H_q, d) arrays) ---
-        # scale: float32; windowed: bool (causal or a window); lo, hi: int64, key c is visible
+        # scale: float32; windowed: bool (causal or a window); lo, hi: int32, key c is visible
         # to query r iff r + lo <= c <= r + hi; dropout_p: float64; seed: uint64 (both unused
         # unless DROPOUT); limit: i steps to run (int64); cap: float32 softcap (SOFTCAP only);
         # slopes: float32 (B, H_q) ALiBi slopes (ALIBI only).
@@ -771,8 +771,8 @@ def compile_targets(config):
     a3 = types.Array(types.float32, 3, "C")
     a1 = types.Array(types.float32, 1, "C")
     a2 = types.Array(types.float32, 2, "C")
-    argtypes = (a1, a4, a4, a1, a3, a3, a1, a4, a4, types.float32, types.boolean, types.int64,
-                types.int64, types.float64, types.uint64, types.int64, types.float32, a2)
+    argtypes = (a1, a4, a4, a1, a3, a3, a1, a4, a4, types.float32, types.boolean, types.int32,
+                types.int32, types.float64, types.uint64, types.int64, types.float32, a2)
     return [(NAME, build(config), argtypes),
             (f"{NAME}_dropout", build(config, dropout=True), argtypes),
             (f"{NAME}_softcap_alibi", build(config, softcap=True, alibi=True), argtypes)]
@@ -826,7 +826,8 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     scale = common.resolve_scale(softmax_scale, d)
     common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
     windowed = is_windowed(causal, window_size)
-    lo, hi = (np.int64(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
+    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)): one register each, not two
+    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
     cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)

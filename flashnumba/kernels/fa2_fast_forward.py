@@ -312,7 +312,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
                                 cap2, slopes):
         # --- sizes ---
         # q_scale: float32 softmax scale times log2(e); windowed: bool (causal or a window);
-        # lo, hi: int64, key c is visible to query r iff r + lo <= c <= r + hi; dropout_p:
+        # lo, hi: int32, key c is visible to query r iff r + lo <= c <= r + hi; dropout_p:
         # float64; seed: uint64 (both unused unless DROPOUT); limit: j steps to run (int64);
         # cap2: float32 softcap log2(e) (SOFTCAP only); slopes: float32 (B, Hq) ALiBi slopes
         # (ALIBI only).
@@ -531,7 +531,7 @@ def compile_targets(config):
     a4 = types.Array(types.float32, 4, "C")
     a3 = types.Array(types.float32, 3, "C")
     a2 = types.Array(types.float32, 2, "C")
-    argtypes = (a4, a4, a4, a4, a3, types.float32, types.boolean, types.int64, types.int64,
+    argtypes = (a4, a4, a4, a4, a3, types.float32, types.boolean, types.int32, types.int32,
                 types.float64, types.uint64, types.int64, types.float32, a2)
     return [(NAME, build(config), argtypes),
             (f"{NAME}_dropout", build(config, dropout=True), argtypes),
@@ -567,7 +567,8 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     scale = common.resolve_scale(softmax_scale, d)
     common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
     windowed = is_windowed(causal, window_size)
-    lo, hi = (np.int64(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
+    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)): one register each, not two
+    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
     cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
