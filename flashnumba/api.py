@@ -44,9 +44,10 @@ the backward and ``flashnumba.philox.keep_mask`` draw the same mask, and the
 same seed gives the same result. Kept values are scaled by 1 / (1 - p).
 """
 
+import dataclasses
 import sys
 
-from flashnumba import validate
+from flashnumba import registry, validate
 from flashnumba.attention import Call, backward, forward
 from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT
 from flashnumba.interop import Operand, swap_seq_heads, take
@@ -54,12 +55,19 @@ from flashnumba.kernels.common import resolve_dropout
 
 
 def _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, alignment,
-          scale_name="softmax_scale", causal_name="causal", dtype="float32"):
+          scale_name="softmax_scale", causal_name="causal", dtype="float32", window_size=(-1, -1),
+          softcap=0.0, alibi_slopes=None, B=1, Hq=1):
     p, seed = resolve_dropout(dropout_p, seed)           # p in [0, 1), seed in [0, 2^64)
-    return Call(scale=validate.scale(softmax_scale, d, scale_name), dropout_p=float(p), seed=int(seed),
+    call = Call(scale=validate.scale(softmax_scale, d, scale_name), dropout_p=float(p), seed=int(seed),
                 causal=validate.flag(causal_name, causal), alignment=alignment,
                 algorithm=validate.algorithm(algorithm, dtype, d),
-                deterministic=validate.flag("deterministic", deterministic))
+                deterministic=validate.flag("deterministic", deterministic),
+                window_size=validate.window_size(window_size), softcap=validate.softcap(softcap),
+                alibi_slopes=validate.alibi_slopes(alibi_slopes, B, Hq))
+    if algorithm is None and call.features and call.algorithm != registry.DEFAULT:
+        # the half-precision default lacks these options: the fp32 kernels take them, widened
+        call = dataclasses.replace(call, algorithm=registry.DEFAULT)
+    return call
 
 
 def _needs_autograd(operands):
@@ -71,8 +79,8 @@ def _needs_autograd(operands):
 
 def _attention(q, k, v, call_args, return_attn_probs, alignment):
     operands = validate.tensors(q=q, k=k, v=v)
-    d = validate.attention_shapes(*operands)[-1]
-    call = _call(d, alignment=alignment, dtype=operands[0].dtype, **call_args)
+    B, _, _, Hq, _, d = validate.attention_shapes(*operands)
+    call = _call(d, alignment=alignment, dtype=operands[0].dtype, B=B, Hq=Hq, **call_args)
     return_attn_probs = validate.flag("return_attn_probs", return_attn_probs)
     if _needs_autograd(operands):
         from flashnumba.torch.function import FlashAttnFunction
@@ -85,23 +93,30 @@ def _attention(q, k, v, call_args, return_attn_probs, alignment):
 # flash-attn's calls
 # ---------------------------------------------------------------------------
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False,
-                    return_attn_probs=False, *, algorithm=None, seed=0):
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                    algorithm=None, seed=0):
     """Attention in flash-attn's layout: q (B, Nq, Hq, d), k and v (B, Nk, Hkv, d), Hq % Hkv == 0.
 
     Returns out (B, Nq, Hq, d) in q's dtype; with return_attn_probs=True,
     (out, softmax_lse (B, Hq, Nq) float32, S_dmask (B, Hq, Nq, Nk) in q's dtype:
     the probabilities with dropped entries negated; None without dropout).
     causal=True hides key c from query r when c > r + Nk - Nq (bottom-right).
+    window_size=(left, right): query r sees key c when r + Nk - Nq - left <= c <= r + Nk - Nq +
+    right, -1 unbounded (causal sets right = 0); tiles outside the band are skipped.
+    softcap > 0: scores S become softcap tanh(S / softcap). alibi_slopes (Hq,) or (B, Hq) float32:
+    -slope |r + Nk - Nq - c| added to the scores (after the softcap).
     softmax_scale defaults to 1/sqrt(d); deterministic=True makes the backward's dQ
     bitwise reproducible; seed keys the dropout mask.
     """
     return _attention(q, k, v, dict(dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                                    deterministic=deterministic, algorithm=algorithm, seed=seed),
+                                    deterministic=deterministic, algorithm=algorithm, seed=seed,
+                                    window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes),
                       return_attn_probs, BOTTOM_RIGHT)
 
 
-def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False,
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False,
                               return_attn_probs=False, *, algorithm=None, seed=0):
     """flash_attn_func on qkv (B, S, 3, H, d): q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]."""
     packed = Operand("qkv", qkv)
@@ -109,11 +124,12 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     if packed.shape[2] != 3:
         raise ValueError(f"qkv must have 3 at dim 2 (batch, seqlen, 3, nheads, headdim), got shape {packed.shape}")
     q, k, v = (take(qkv, packed.kind, i) for i in range(3))
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, deterministic, return_attn_probs,
-                           algorithm=algorithm, seed=seed)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, algorithm=algorithm, seed=seed)
 
 
-def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False,
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False,
                              return_attn_probs=False, *, algorithm=None, seed=0):
     """flash_attn_func on q (B, Nq, Hq, d) and kv (B, Nk, 2, Hkv, d): k, v = kv[:, :, 0], kv[:, :, 1]."""
     packed = Operand("kv", kv)
@@ -122,12 +138,13 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
         raise ValueError(f"kv must have 2 at dim 2 (batch, seqlen_k, 2, nheads_kv, headdim), "
                          f"got shape {packed.shape}")
     k, v = (take(kv, packed.kind, i) for i in range(2))
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, deterministic, return_attn_probs,
-                           algorithm=algorithm, seed=seed)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, algorithm=algorithm, seed=seed)
 
 
 def flash_attn_backward(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_scale=None, causal=False,
-                        deterministic=False, *, algorithm=None, seed=0):
+                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, *,
+                        algorithm=None, seed=0):
     """The gradients (dq, dk, dv) of flash_attn_func, for callers without an autograd framework.
 
     out and softmax_lse are flash_attn_func's results for the same q, k, v and
@@ -147,7 +164,8 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_
                         f"({lse.kind}) but q is not ({operands[1].kind}); pass all tensors on one side")
     validate.like(lse, (B, H_q, Nq), "(batch, nheads, seqlen_q)")
     call = _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, BOTTOM_RIGHT,
-                 dtype=operands[1].dtype)
+                 dtype=operands[1].dtype, window_size=window_size, softcap=softcap,
+                 alibi_slopes=alibi_slopes, B=B, Hq=H_q)
     return backward(operands + [lse], call)
 
 

@@ -14,7 +14,7 @@ the results come back in the inputs' kind and dtype. Both ``flashnumba.api`` (th
 other.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import cuda
@@ -36,10 +36,35 @@ class Call:
     alignment: str
     algorithm: str            # a version name of flashnumba.registry
     deterministic: bool
+    window_size: tuple = (-1, -1)     # flash-attn's (left, right), -1 unbounded
+    softcap: float = 0.0              # 0: none
+    alibi_slopes: object = field(default=None, compare=False)   # host float32 (B, Hq) or None
+
+    @property
+    def features(self):
+        """The options beyond plain attention this call uses, by flash-attn's names."""
+        return tuple(name for name, used in (("window_size", self.window_size != (-1, -1)),
+                                             ("softcap", self.softcap > 0.0),
+                                             ("alibi_slopes", self.alibi_slopes is not None)) if used)
 
     def kernel_options(self):
-        return dict(causal=self.causal, alignment=self.alignment, softmax_scale=self.scale,
-                    dropout_p=self.dropout_p, seed=self.seed)
+        options = dict(causal=self.causal, alignment=self.alignment, softmax_scale=self.scale,
+                       dropout_p=self.dropout_p, seed=self.seed)
+        if self.features:         # only kernels that declare FEATURES take these
+            options.update(window_size=self.window_size, softcap=self.softcap,
+                           alibi_slopes=self.alibi_slopes)
+        return options
+
+
+def _kernel_module(call, version, direction):
+    """The version's kernel module; a ValueError naming the algorithm when it lacks a feature."""
+    module = version.module(direction)
+    missing = [f for f in call.features if f not in getattr(module, "FEATURES", ())]
+    if missing:
+        raise ValueError(f"algorithm={version.name!r} does not implement {', '.join(missing)} "
+                         f"({direction}); use algorithm={registry.DEFAULT!r} (the default), whose "
+                         f"kernels do")
+    return module
 
 
 def reads_natively(version, dtype):
@@ -62,7 +87,8 @@ def forward_kernels(call, operands):
     inputs' dtype when `native` (the version read them as they are), L float32."""
     version = registry.version(call.algorithm)
     inputs, dtype_option = device_inputs(version, operands)
-    O, L = version.module(registry.FORWARD).forward(*inputs, **dtype_option, **call.kernel_options())
+    O, L = _kernel_module(call, version, registry.FORWARD).forward(
+        *inputs, **dtype_option, **call.kernel_options())
     return O, L, bool(dtype_option)
 
 
@@ -73,7 +99,7 @@ def backward_kernels(call, operands):
     if call.deterministic:
         version = registry.version(version.deterministic_backward)
     inputs, dtype_option = device_inputs(version, operands)
-    grads = version.module(registry.BACKWARD).backward(
+    grads = _kernel_module(call, version, registry.BACKWARD).backward(
         *inputs, deterministic=call.deterministic, **dtype_option, **call.kernel_options())
     return (*grads, bool(dtype_option))
 
@@ -99,6 +125,10 @@ def forward(operands, call, with_dmask):
         results = Results(q)
         S_dmask = None
         if with_dmask and call.dropout_p > 0.0:
+            if call.features:
+                raise ValueError(f"return_attn_probs=True with dropout does not take "
+                                 f"{', '.join(call.features)}: the S_dmask kernel draws plain "
+                                 f"attention's probabilities")
             S_dmask = results.give(dropout_mask_kernel(call, q.device_f32(), k.device_f32(), L))
         out = results.give_bits(O) if native else results.give(O)
         return out, results.give(L, "float32"), S_dmask

@@ -27,6 +27,9 @@ FIGURES = {
     "io_complexity.png": ("io", "io_figure"),
     "memory_footprint.png": ("memory", "memory_figure"),
     "mma_fragments.png": ("mma_fragments", "mma_fragments_figure"),
+    "window_band.png": ("window", "window_figure"),
+    "split_kv.png": ("split_kv", "split_kv_figure"),
+    "varlen_tiles.png": ("varlen", "varlen_figure"),
 }
 
 

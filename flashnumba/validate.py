@@ -108,7 +108,10 @@ def attention_shapes(q, k, v, layout=FLASH_LAYOUT):
     if Hq % Hkv != 0:
         raise ValueError(f"nheads_q={Hq} must be a multiple of nheads_kv={Hkv} (grouped-query attention)")
     if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} is not supported; expected 1 <= headdim <= {MAX_HEAD_DIM}")
+        raise ValueError(f"head dim {d} is not supported; expected 1 <= headdim <= {MAX_HEAD_DIM}"
+                         + (" (head dims up to 256 run in flash_attn_with_kvcache only: the fast kernels' "
+                            "shared and register tiles do not fit d = 256 in 48 KB and 255 registers)"
+                            if d > MAX_HEAD_DIM else ""))
     return B, Nq, Nk, Hq, Hkv, d
 
 
@@ -170,3 +173,52 @@ def algorithm(name, dtype=dtypes.FLOAT32, d=None):
         raise ValueError(f"algorithm={name!r} needs a GPU of compute capability >= {need}, this one "
                          f"is {'.'.join(map(str, cc))}; pass algorithm=None to choose by device")
     return version.name
+
+
+def window_size(value):
+    """flash-attn's (left, right): two integers, each -1 (unbounded) or >= 0. A side wider than
+    the sequence is allowed (as in flash-attn): it hides nothing."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of integers, -1 for unbounded; "
+                        f"got {value!r}")
+    for side, x in zip(("left", "right"), value):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+            raise TypeError(f"window_size {side} must be an integer (-1 for unbounded), got {x!r}")
+        if x < -1:
+            raise ValueError(f"window_size {side} must be -1 (unbounded) or >= 0, got {x}")
+    return int(value[0]), int(value[1])
+
+
+def softcap(value):
+    """softcap: a finite number >= 0 (0: no softcap)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"softcap must be a number >= 0 (0 for none), got {value!r}")
+    if not math.isfinite(float(value)) or value < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 for none), got {value!r}")
+    return float(value)
+
+
+def alibi_slopes(value, B, Hq):
+    """alibi_slopes of shape (nheads,) or (batch, nheads), float32, any side; returned as a host
+    float32 (B, Hq) array (a few bytes: the kernels take a device copy)."""
+    if value is None:
+        return None
+    op = Operand("alibi_slopes", value)
+    if op.dtype != "float32":
+        raise TypeError(f"alibi_slopes must be float32 (as flash-attn requires), got {op.dtype}")
+    if op.shape not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape ({Hq},) or ({B}, {Hq}) (nheads,) or "
+                         f"(batch, nheads), got {op.shape}")
+    host = _to_host(op)
+    if not np.all(np.isfinite(host)):
+        raise ValueError("alibi_slopes must be finite")
+    return np.ascontiguousarray(np.broadcast_to(host, (B, Hq)), dtype=np.float32)
+
+
+def _to_host(op):
+    x = op.value
+    if op.kind == "numpy":
+        return np.asarray(x, dtype=np.float32)
+    if op.kind in ("torch", "torch-cpu"):
+        return x.detach().cpu().numpy().astype(np.float32)
+    return op.device_bits().copy_to_host().astype(np.float32)

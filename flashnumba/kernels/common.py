@@ -176,6 +176,29 @@ def resolve_offset(causal, alignment, Nq, Nk):
     return np.int64(geometry.causal_offset(Nq, Nk, alignment))
 
 
+def resolve_features(softcap, alibi_slopes, B, H_q, alignment):
+    """(softcap as a float, ALiBi slopes as a float32 (B, H_q) device array) for the kernels.
+
+    The kernels take a slopes array even without ALiBi (then a 1 x 1 placeholder, never read).
+    ALiBi's distance |r + Nk - Nq - c| is flash-attn's, bottom-right only."""
+    cap = float(softcap)
+    if not math.isfinite(cap) or cap < 0.0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 for none), got {softcap!r}")
+    if alibi_slopes is None:
+        return cap, cuda.device_array((1, 1), dtype=np.float32)
+    if alignment != geometry.BOTTOM_RIGHT:
+        raise ValueError(f"alibi_slopes need alignment={geometry.BOTTOM_RIGHT!r} (flash-attn's), "
+                         f"got {alignment!r}")
+    if is_device_array(alibi_slopes):
+        alibi_slopes = alibi_slopes.copy_to_host()
+    slopes = np.asarray(alibi_slopes, dtype=np.float32)
+    if slopes.shape == (H_q,):
+        slopes = np.broadcast_to(slopes, (B, H_q))
+    if slopes.shape != (B, H_q):
+        raise ValueError(f"alibi_slopes must have shape ({H_q},) or ({B}, {H_q}), got {slopes.shape}")
+    return cap, cuda.to_device(np.ascontiguousarray(slopes))
+
+
 def resolve_limit(limit):
     """Step limit: stop each thread block after `limit` iterations of its loop (None: run all)."""
     if limit is None:

@@ -32,7 +32,7 @@ The algorithm, with the papers' names. Group 0 and group 1 are the two halves
 of the block (num_warps / 2 warps each); the two columns run side by side:
 
     K_j, V_j -> shared, once;  dK_j = 0 (group 0), dV_j = 0 (group 1)     registers
-    for i from q_tile_start(j) (0 without causal) to Tr - 1:
+    for i from q_tile_start(j) (0 without causal) to q_tile_end(j) - 1 (Tr - 1 without a window):
         Q_i, dO_i -> shared
         group 0                                  group 1
         .                                        Z_ij = keep / (1 - p)     dropout kernel only:
@@ -114,11 +114,14 @@ zero-adds the dims past d.
 Barriers per Q tile: four ``syncthreads`` (Q_i, dO_i free to overwrite /
 Q_i, dO_i loaded / P_ij written / dS_ij written), each explained where it is.
 
-Masking: P_ij = 0 for key c >= Nk, query row r >= Nq and, under causal, c > r +
-offset, tested on edge and diagonal tiles only. offset = Nk - Nq (bottom-right,
-flash-attn's, the default) or 0 (top-left, PyTorch's ``is_causal``) comes from
-``common.resolve_offset`` in the launcher; q_tile_start(j) skips the Q tiles
-above that diagonal for either. A row that sees no key at all (L_i = -inf) is
+Masking: P_ij = 0 for key c >= Nk, query row r >= Nq and, under causal or a
+sliding window, keys outside the band r + lo <= c <= r + hi
+(``geometry.window_bounds``: causal is hi = offset, offset = Nk - Nq bottom-right,
+flash-attn's, or 0 top-left, PyTorch's), tested on edge and band-edge tiles
+only; Q tiles q_tile_start(j) <= i < q_tile_end(j) are visited, the rest skipped.
+Softcap and ALiBi are compile-time variants (``build(config, softcap=True,
+alibi=True)``): group 0 caps and biases S_ij before exp2 and, with softcap,
+writes P_ij (1 - tanh^2) into dSs for group 1, which forms dS_ij from it. A row that sees no key at all (L_i = -inf) is
 masked wherever it meets a key, so it contributes nothing and no NaN appears. Rows past Nq and dims past d load clamped, valid
 addresses: Q_i and dO_i dims past d are zeros (so K_j's and V_j's padding adds
 nothing to S_ij, dP_ij), rows past Nq have P_ij = 0 and are never written.
@@ -159,22 +162,24 @@ kernel does not).
 """
 
 import functools
+import math
 
 import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, types
 
 from flashnumba import geometry
-from flashnumba.geometry import BOTTOM_RIGHT
+from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
 from flashnumba.kernels import common, gqa, smem_limit
 from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
 from flashnumba.kernels.fast_math import LOG2_E, exp2_ftz, is_negative_zero
-from flashnumba.kernels.geometry import num_tiles, q_tile_start
+from flashnumba.kernels.geometry import num_tiles, q_tile_end, q_tile_start
 from flashnumba.kernels.hardware import FLOAT_BYTES, REGISTERS_PER_SM, SM_SHARED_BYTES, WARP_SIZE
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess, zero_fill
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
+FEATURES = ("window_size", "softcap", "alibi_slopes")   # flash-attn's options beyond plain attention
 
 PAD = 4                                  # floats added to every shared row (see the docstring)
 CHUNK = 4                                # steps of a sum per 16-byte vector
@@ -364,14 +369,16 @@ def _jit_options(config, dropout):
 # The kernel
 # ---------------------------------------------------------------------------
 
-def build(config, dropout=False):
+def build(config, dropout=False, softcap=False, alibi=False):
     """The kernel for `config`; ``dropout=True`` is the variant that drops P_ij (a separate
-    compile: the default kernel has no Philox code at all). Cached per (config, variant)."""
-    return _build(config, bool(dropout))
+    compile: the default kernel has no Philox code at all); ``softcap``, ``alibi`` the variants
+    that cap and bias S_ij (softcap also carries tanh's derivative into dS_ij). Cached per
+    (config, variant)."""
+    return _build(config, bool(dropout), bool(softcap), bool(alibi))
 
 
 @functools.lru_cache(maxsize=None)
-def _build(config, DROPOUT):
+def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
     """Compile-time sizes baked in as plain Python ints; returns the @cuda.jit kernel."""
     check_config(config)
     Br, Bc, d_pad = int(config.Br), int(config.Bc), int(config.d_pad)
@@ -506,12 +513,13 @@ def _build(config, DROPOUT):
             rr += 1
 
     @cuda.jit(**_jit_options(config, DROPOUT))
-    def fa2_fast_backward_kernel(q_flat, k, v, dout_flat, L, D_rows, dq_flat, dk, dv, scale, causal,
-                                 offset, dropout_p, seed, limit):
+    def fa2_fast_backward_kernel(q_flat, k, v, dout_flat, L, D_rows, dq_flat, dk, dv, scale, windowed,
+                                 lo, hi, dropout_p, seed, limit, cap, slopes):
         # --- sizes (q_flat, dout_flat, dq_flat: flat views of (B, Nq, H_q, d) arrays) ---
-        # scale: float32; causal: bool; offset: int64, key c is visible to query r iff
-        # c <= r + offset; dropout_p: float64; seed: uint64 (both unused unless DROPOUT);
-        # limit: i steps to run (int64).
+        # scale: float32; windowed: bool (causal or a window); lo, hi: int32, key c is visible
+        # to query r iff r + lo <= c <= r + hi; dropout_p: float64; seed: uint64 (both unused
+        # unless DROPOUT); limit: i steps to run (int64); cap: float32 softcap (SOFTCAP only);
+        # slopes: float32 (B, H_q) ALiBi slopes (ALIBI only).
         _, Nk, H_kv, d = k.shape
         H_q = L.shape[1]
         Nq = L.shape[2]
@@ -567,9 +575,13 @@ def _build(config, DROPOUT):
         load_kv_transposed(sm, VT, v, b, h_kv, col0, Nk, d, warp, lane)
 
         i = 0
-        if causal:
-            i = q_tile_start(j, Br, Bc, Nq, offset)   # Q tiles above the diagonal are skipped
-        i_end = min(Tr, i + limit) & INDEX_MASK   # i_end < 2^31: its high word needs no register
+        i_stop = Tr
+        if windowed:                                   # Q tiles outside the band are skipped
+            i = q_tile_start(j, Br, Bc, Nq, hi)       # above the diagonal (right of the band)
+            i_stop = max(i, q_tile_end(j, Br, Bc, Nq, Nk, lo))   # below the band's left edge
+        if ALIBI:
+            slope = slopes[b, h]                       # bias -slope |r + Nk - Nq - c|
+        i_end = min(i_stop, i + limit) & INDEX_MASK   # i_end < 2^31: its high word needs no register
                                                    # (with offset an argument, the 2-warp d_pad=64 kernel
                                                    # spilled it on sm_90)
 
@@ -626,7 +638,7 @@ def _build(config, DROPOUT):
 
             # edge and diagonal tiles: some (row, key) pairs are masked
             masked_tile = (row0 + Br > Nq or col0 + Bc > Nk
-                           or (causal and col0 + Bc - 1 > row0 + offset))
+                           or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)))
             if group == 0:
                 # P_ij = exp(scale S_ij - L_i) = exp2(scale log2(e) S_ij - log2(e) L_i), 0 where masked
                 for a in range(TM):
@@ -635,12 +647,24 @@ def _build(config, DROPOUT):
                     for g in range(TN // 4):
                         for t in range(4):
                             c = 4 * (tx_s + CG_S * g) + t
-                            p = exp2_ftz(S[a, 4 * g + t] * scale_log2 - stat[a])
+                            if SOFTCAP or ALIBI:
+                                score = S[a, 4 * g + t] * scale
+                                if SOFTCAP:      # S_ij = cap tanh(S_ij / cap); dS_ij will carry 1 - tanh^2
+                                    tanh_s = math.tanh(score / cap)
+                                    score = cap * tanh_s
+                                if ALIBI:        # S_ij -= slope |r + Nk - Nq - c|
+                                    score -= slope * float32(abs(row + Nk - Nq - col0 - c))
+                                p = exp2_ftz(score * float32(LOG2_E) - stat[a])
+                            else:
+                                p = exp2_ftz(S[a, 4 * g + t] * scale_log2 - stat[a])
                             if masked_tile:
                                 col = col0 + c
-                                if row >= Nq or col >= Nk or (causal and col > row + offset):
+                                if row >= Nq or col >= Nk or (windowed and (col > row + hi or col < row + lo)):
                                     p = float32(-0.0)    # hidden: -0, so group 1 can tell it from an underflow
                             sm[PS + r * BcP + c] = p
+                            if SOFTCAP:          # P_ij (1 - tanh^2) for group 1's dS_ij (dSs is free
+                                                 # until group 1 writes it, after the next barrier)
+                                sm[DSS + r * BcP + c] = p * (float32(1.0) - tanh_s * tanh_s)
             cuda.syncthreads()  # P_ij written (group 0) before group 1 reads it
 
             if group == 1:
@@ -662,7 +686,10 @@ def _build(config, DROPOUT):
                                 else:
                                     dP_rc = float32(0.0)
                                     sm[PS + r * BcP + c] = float32(0.0)
-                            ds = P_rc * (dP_rc * scale - stat[a])
+                            if SOFTCAP:          # dS_ij = P_ij (1 - tanh^2) (dP_ij - D_i)
+                                ds = sm[DSS + r * BcP + c] * (dP_rc * scale - stat[a])
+                            else:
+                                ds = P_rc * (dP_rc * scale - stat[a])
                             if is_negative_zero(P_rc):
                                 ds = float32(0.0)   # a hidden key (P = -0): exactly 0, even where D_i is NaN
                             sm[DSS + r * BcP + c] = ds
@@ -744,10 +771,12 @@ def compile_targets(config):
     a4 = types.Array(types.float32, 4, "C")
     a3 = types.Array(types.float32, 3, "C")
     a1 = types.Array(types.float32, 1, "C")
-    argtypes = (a1, a4, a4, a1, a3, a3, a1, a4, a4, types.float32, types.boolean, types.int64,
-                types.float64, types.uint64, types.int64)
+    a2 = types.Array(types.float32, 2, "C")
+    argtypes = (a1, a4, a4, a1, a3, a3, a1, a4, a4, types.float32, types.boolean, types.int32,
+                types.int32, types.float64, types.uint64, types.int64, types.float32, a2)
     return [(NAME, build(config), argtypes),
-            (f"{NAME}_dropout", build(config, dropout=True), argtypes)]
+            (f"{NAME}_dropout", build(config, dropout=True), argtypes),
+            (f"{NAME}_softcap_alibi", build(config, softcap=True, alibi=True), argtypes)]
 
 
 # ---------------------------------------------------------------------------
@@ -782,7 +811,8 @@ def _check_like(name, x, shape):
 
 
 def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
-             dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None):
+             dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None,
+             window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """Check and allocate once; returns (launch, dq, dk, dv) with device arrays dq, dk, dv.
 
     ``launch()`` runs everything again into the same arrays, allocating nothing: zero dQ,
@@ -795,11 +825,15 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     _check_like("out", out, q.shape)
     _check_like("L", L, (B, H_q, Nq))
     scale = common.resolve_scale(softmax_scale, d)
-    offset = common.resolve_offset(causal, alignment, Nq, Nk)
+    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
+    windowed = is_windowed(causal, window_size)
+    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)): one register each, not two
+    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
+    cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
-    kernel = build(config, dropout=dropout_p > 0.0)
+    kernel = build(config, dropout=dropout_p > 0.0, softcap=cap > 0.0, alibi=alibi_slopes is not None)
 
     arrays = common.Arrays(dout, q, k, v, out, L)
     dout_d, q_d, k_d, v_d, out_d, L_d = (arrays.to_device(x) for x in (dout, q, k, v, out, L))
@@ -823,10 +857,10 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     main = kernel[(Tc, B * H_q), config.threads, 0, nbytes]
     n_kv = B * Nk * H_kv * d
     group_sum = gqa.sum_head_groups[geometry.num_tiles(n_kv, gqa.THREADS), gqa.THREADS]
-    scale32, causal = np.float32(scale), bool(causal)
+    scale32 = np.float32(scale)
     q_flat, dout_flat = _flat(q_d, "q"), _flat(dout_d, "dout")
-    args = (q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, scale32, causal,
-            offset, dropout_p, seed, steps)
+    args = (q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, scale32, windowed,
+            lo, hi, dropout_p, seed, steps, np.float32(cap), slopes)
     smem_limit.raise_dynamic_limit(kernel, args, nbytes)   # above 48 KB the driver must allow it
 
     def launch():
@@ -842,7 +876,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 
 def fa2_fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
                       softmax_scale=None, dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None,
-                      limit=None, config=None):
+                      limit=None, config=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """FlashAttention-2 backward, register-tiled. Returns (dq, dk, dv) shaped like q, k, v.
 
     dout, out (B, Nq, Hq, d) and L (B, Hq, Nq, natural-log logsumexp) come from the forward,
@@ -852,7 +886,8 @@ def fa2_fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_R
     """
     launch, dq, dk, dv = launcher(dout, q, k, v, out, L, causal=causal, alignment=alignment,
                                   softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
-                                  Br=Br, Bc=Bc, num_warps=num_warps, limit=limit, config=config)
+                                  Br=Br, Bc=Bc, num_warps=num_warps, limit=limit, config=config,
+                                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
     launch()
     arrays = common.Arrays(dout, q, k, v, out, L)
     return arrays.result(dq), arrays.result(dk), arrays.result(dv)

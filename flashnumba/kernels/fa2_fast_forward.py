@@ -48,6 +48,15 @@ Nk - Nq (bottom-right, flash-attn's, the default) or 0 (top-left, PyTorch's
 ``is_causal``), computed by ``common.resolve_offset`` in the wrapper and passed
 as an int64; kv_tile_end(i) skips the tiles past that diagonal for either.
 
+Sliding window, softcap, ALiBi (flash-attn's window_size, softcap, alibi_slopes):
+the window is a run-time band, key c visible to query r when r + lo <= c <= r +
+hi (``geometry.window_bounds``; causal is the band with hi = offset and lo = -Nq),
+so Q tile i visits tiles kv_tile_start(i) <= j < kv_tile_end(i) and skips the
+rest on both sides. Softcap and ALiBi are compile-time variants,
+``build(config, softcap=True, alibi=True)``: the plain kernel has neither. In log2
+units, S_ij = c2 tanh(S_ij / c2) with c2 = softcap log2(e), then S_ij -= slope
+log2(e) |r + Nk - Nq - c|, both before masking.
+
 Dropout is a compile-time variant, ``build(config, dropout=True)``, launched
 when p > 0: the p = 0 kernel contains no Philox code at all. Element (r, c) of
 query head h (also under GQA), batch b is kept when ``philox.keep(seed, b, h,
@@ -124,11 +133,11 @@ from numba import config as numba_config
 from numba import cuda, float32, types
 
 from flashnumba import geometry
-from flashnumba.geometry import BOTTOM_RIGHT
+from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
 from flashnumba.kernels import common
 from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
 from flashnumba.kernels.fast_math import LN_2, LOG2_E
-from flashnumba.kernels.geometry import kv_tile_end, num_tiles
+from flashnumba.kernels.geometry import kv_tile_end, kv_tile_start, num_tiles
 from flashnumba.kernels.hardware import (
     FLOAT_BYTES,
     FULL_MASK,
@@ -144,6 +153,7 @@ from flashnumba.kernels.philox import (  # kept: philox.keep's test on a drawn w
 )
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
+FEATURES = ("window_size", "softcap", "alibi_slopes")   # flash-attn's options beyond plain attention
 
 TM = 4                                   # rows of S_ij and O_i per thread (one 16-byte vector)
 MIN_REGISTERS = 160                      # per thread: S_ij, O_i, operands, and one tile of loads in flight
@@ -252,14 +262,15 @@ def _jit_options(config):
 # The kernel
 # ---------------------------------------------------------------------------
 
-def build(config, dropout=False):
+def build(config, dropout=False, softcap=False, alibi=False):
     """The kernel for `config`; ``dropout=True`` is the variant that drops P_ij (a separate
-    compile: the default kernel has no Philox code at all). Cached per (config, variant)."""
-    return _build(config, bool(dropout))
+    compile: the default kernel has no Philox code at all), ``softcap``, ``alibi`` the variants
+    that cap and bias S_ij. Cached per (config, variant)."""
+    return _build(config, bool(dropout), bool(softcap), bool(alibi))
 
 
 @functools.lru_cache(maxsize=None)
-def _build(config, DROPOUT):
+def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
     """Compile-time sizes baked in as plain Python ints; returns the @cuda.jit kernel."""
     check_config(config)
     Br, Bc, d_pad = int(config.Br), int(config.Bc), int(config.d_pad)
@@ -298,11 +309,14 @@ def _build(config, DROPOUT):
                 C[a, n] += a_vec[a] * b_vec[n]
 
     @cuda.jit(**_jit_options(config))
-    def fa2_fast_forward_kernel(q, k, v, out, L, q_scale, causal, offset, dropout_p, seed, limit):
+    def fa2_fast_forward_kernel(q, k, v, out, L, q_scale, windowed, lo, hi, dropout_p, seed, limit,
+                                cap2, slopes):
         # --- sizes ---
-        # q_scale: float32 softmax scale times log2(e); causal: bool; offset: int64, key c is
-        # visible to query r iff c <= r + offset; dropout_p: float64; seed: uint64 (both unused
-        # unless DROPOUT); limit: j steps to run (int64).
+        # q_scale: float32 softmax scale times log2(e); windowed: bool (causal or a window);
+        # lo, hi: int32, key c is visible to query r iff r + lo <= c <= r + hi; dropout_p:
+        # float64; seed: uint64 (both unused unless DROPOUT); limit: j steps to run (int64);
+        # cap2: float32 softcap log2(e) (SOFTCAP only); slopes: float32 (B, Hq) ALiBi slopes
+        # (ALIBI only).
         B, Nq, H_q, d = q.shape
         Nk = k.shape[1]
         H_kv = k.shape[2]
@@ -361,11 +375,15 @@ def _build(config, DROPOUT):
                 Qt[x, r] = value if x < d else float32(0.0)
 
         n_tiles = Tc
-        if causal:
-            n_tiles = kv_tile_end(i, Br, Bc, Nq, Nk, offset)   # tiles past the diagonal are skipped
-        n_tiles = min(n_tiles, limit)
-
         j = 0
+        if windowed:                        # tiles outside the band are skipped, on both sides
+            n_tiles = kv_tile_end(i, Br, Bc, Nq, Nk, hi)
+            j = min(kv_tile_start(i, Br, Bc, Nk, lo), n_tiles)
+        n_tiles = min(n_tiles, j + limit)
+        if ALIBI:
+            slope = slopes[b, h] * float32(LOG2_E)   # ALiBi slope in log2 units
+            alibi_offset = Nk - Nq                 # bias -slope |r + Nk - Nq - c|
+
         while j < n_tiles:
             col0 = j * Bc
             cuda.syncthreads()  # every warp done reading the last tile's Pt (in Kt) and Vs
@@ -417,14 +435,27 @@ def _build(config, DROPOUT):
                 product_step(S, Qt, Kt, k0 + 3, r_t, tx, a_vec, b_vec)
                 k0 += 4
 
-            # mask keys past Nk and, under causal, past the diagonal; only edge and diagonal tiles
-            if col0 + Bc > Nk or (causal and col0 + Bc - 1 > row0 + offset):
+            if SOFTCAP or ALIBI:
+                for a in range(TM):
+                    row = row0 + r_t + a
+                    for g in range(NG):
+                        for t in range(4):
+                            score = S[a, 4 * g + t]
+                            if SOFTCAP:          # S_ij = c2 tanh(S_ij / c2)
+                                score = cap2 * math.tanh(score / cap2)
+                            if ALIBI:            # S_ij -= slope |r + Nk - Nq - c|
+                                col = col0 + 4 * (tx + CG * g) + t
+                                score -= slope * float32(abs(row + alibi_offset - col))
+                            S[a, 4 * g + t] = score
+
+            # mask keys past Nk and, under a window, outside the band; only edge and band-edge tiles
+            if col0 + Bc > Nk or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)):
                 for a in range(TM):
                     row = row0 + r_t + a
                     for g in range(NG):
                         for t in range(4):
                             col = col0 + 4 * (tx + CG * g) + t
-                            if col >= Nk or (causal and col > row + offset):
+                            if col >= Nk or (windowed and (col > row + hi or col < row + lo)):
                                 S[a, 4 * g + t] = -math.inf
 
             # online softmax, row by row
@@ -500,10 +531,12 @@ def compile_targets(config):
     """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as the wrapper launches them."""
     a4 = types.Array(types.float32, 4, "C")
     a3 = types.Array(types.float32, 3, "C")
-    argtypes = (a4, a4, a4, a4, a3, types.float32, types.boolean, types.int64, types.float64,
-                types.uint64, types.int64)
+    a2 = types.Array(types.float32, 2, "C")
+    argtypes = (a4, a4, a4, a4, a3, types.float32, types.boolean, types.int32, types.int32,
+                types.float64, types.uint64, types.int64, types.float32, a2)
     return [(NAME, build(config), argtypes),
-            (f"{NAME}_dropout", build(config, dropout=True), argtypes)]
+            (f"{NAME}_dropout", build(config, dropout=True), argtypes),
+            (f"{NAME}_softcap_alibi", build(config, softcap=True, alibi=True), argtypes)]
 
 
 # ---------------------------------------------------------------------------
@@ -522,20 +555,26 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
 
 
 def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None, dropout_p=0.0,
-             seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None):
+             seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None, window_size=(-1, -1),
+             softcap=0.0, alibi_slopes=None):
     """Check and allocate once; returns (launch, out, L) with device arrays out, L.
 
     ``launch()`` runs the kernel again into the same out and L: what the
     benchmark times (no allocation inside the timed region). q, k, v must stay alive.
     dropout_p > 0 launches the dropout variant of the kernel; p = 0 the plain one.
+    softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``).
     """
     B, Nq, Nk, H_q, H_kv, d = common.check_qkv(q, k, v)
     scale = common.resolve_scale(softmax_scale, d)
-    offset = common.resolve_offset(causal, alignment, Nq, Nk)
+    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
+    windowed = is_windowed(causal, window_size)
+    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)): one register each, not two
+    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
+    cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
-    kernel = build(config, dropout=dropout_p > 0.0)
+    kernel = build(config, dropout=dropout_p > 0.0, softcap=cap > 0.0, alibi=alibi_slopes is not None)
 
     arrays = common.Arrays(q, k, v)
     q_d, k_d, v_d = arrays.to_device(q), arrays.to_device(k), arrays.to_device(v)
@@ -544,16 +583,18 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     Tr = geometry.num_tiles(Nq, config.Br)
     launch_kernel = kernel[(Tr, B * H_q), config.threads]
     q_scale = np.float32(scale * LOG2_E)
+    cap2 = np.float32(cap * LOG2_E)
 
     def launch():
-        launch_kernel(q_d, k_d, v_d, out, L, q_scale, bool(causal), offset, dropout_p, seed, steps)
+        launch_kernel(q_d, k_d, v_d, out, L, q_scale, windowed, lo, hi, dropout_p, seed, steps, cap2,
+                      slopes)
 
     return launch, out, L
 
 
 def fa2_fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
                      dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None,
-                     config=None):
+                     config=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """FlashAttention-2 forward, register-tiled. q (B, Nq, Hq, d), k, v (B, Nk, Hkv, d), float32.
 
     Returns (O (B, Nq, Hq, d), L (B, Hq, Nq)), L = logsumexp of each row's
@@ -565,7 +606,8 @@ def fa2_fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_s
     """
     launch, out, L = launcher(q, k, v, causal=causal, alignment=alignment,
                               softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, Br=Br,
-                              Bc=Bc, num_warps=num_warps, limit=limit, config=config)
+                              Bc=Bc, num_warps=num_warps, limit=limit, config=config,
+                              window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
     launch()
     arrays = common.Arrays(q, k, v)
     return arrays.result(out), arrays.result(L)

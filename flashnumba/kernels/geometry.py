@@ -11,3 +11,5 @@ from flashnumba import geometry
 num_tiles = cuda.jit(device=True)(geometry.num_tiles)
 kv_tile_end = cuda.jit(device=True)(geometry.kv_tile_end)
 q_tile_start = cuda.jit(device=True)(geometry.q_tile_start)
+kv_tile_start = cuda.jit(device=True)(geometry.kv_tile_start)
+q_tile_end = cuda.jit(device=True)(geometry.q_tile_end)

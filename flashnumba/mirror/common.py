@@ -10,6 +10,10 @@ Set-up (``prepare``) turns the keywords every mirror accepts into plain values:
     Z        the dropout matrix of FA1's backward (Algorithm 4): Z = keep / (1 - p),
              so kept entries are scaled up and dropped ones are 0 (None: no dropout)
     limit    each thread block's loop stops after `limit` iterations (None: no limit)
+    window_size, softcap, alibi_slope
+             flash-attn's sliding window (left, right), -1 unbounded (geometry.Tiling
+             skips the tiles outside the band); S = softcap tanh(S / softcap) when
+             softcap > 0; S -= alibi_slope |r + Nk - Nq - c| (this head's slope)
 
 A load copies a tile out of an HBM array and counts it; a store writes a tile
 back and counts it. The keep-mask is not counted: on a GPU it is regenerated on
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashnumba.geometry import PARTIAL, Tiling, default_block_sizes
+from flashnumba.geometry import BOTTOM_RIGHT, PARTIAL, Tiling, default_block_sizes
 
 DEFAULT_M = 4 * 64 * 64   # floats of on-chip memory: Br = Bc = 64 at d = 64
 
@@ -36,6 +40,8 @@ class Problem:
     Z: np.ndarray | None      # (Nq, Nk) keep / (1 - p), or None without dropout
     limit: int | None         # iterations of each thread block's loop, None for all
     dtype: np.dtype
+    softcap: float = 0.0      # S = softcap tanh(S / softcap) when > 0
+    alibi_slope: float = 0.0  # S -= slope |r + Nk - Nq - c|
 
 
 def as_matrix(name, X, dtype):
@@ -52,7 +58,8 @@ def compute_dtype(*arrays):
     return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
 
 
-def prepare(Q, K, V, *, Br, Bc, M, causal, alignment, softmax_scale, keep, dropout_p, limit):
+def prepare(Q, K, V, *, Br, Bc, M, causal, alignment, softmax_scale, keep, dropout_p, limit,
+            window_size=(-1, -1), softcap=0.0, alibi_slope=0.0):
     """Check one head's Q (Nq, d), K, V (Nk, d) and resolve the keywords; returns (Q, K, V, Problem)."""
     dtype = compute_dtype(Q, K, V)
     Q, K, V = (as_matrix(name, X, dtype) for name, X in (("Q", Q), ("K", K), ("V", V)))
@@ -69,7 +76,7 @@ def prepare(Q, K, V, *, Br, Bc, M, causal, alignment, softmax_scale, keep, dropo
     rule_Br, rule_Bc = default_block_sizes(DEFAULT_M if M is None else M, d)
     Br = rule_Br if Br is None else Br
     Bc = rule_Bc if Bc is None else Bc
-    tiling = Tiling(Nq, Nk, Br, Bc, causal=causal, alignment=alignment)
+    tiling = Tiling(Nq, Nk, Br, Bc, causal=causal, alignment=alignment, window_size=window_size)
 
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
 
@@ -89,7 +96,10 @@ def prepare(Q, K, V, *, Br, Bc, M, causal, alignment, softmax_scale, keep, dropo
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
     limit = None if limit is None else int(limit)
 
-    return Q, K, V, Problem(tiling, d, scale, Z, limit, np.dtype(dtype))
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0: none), got {softcap}")
+    return Q, K, V, Problem(tiling, d, scale, Z, limit, np.dtype(dtype), float(softcap),
+                            float(alibi_slope))
 
 
 # ---------------------------------------------------------------- HBM traffic
@@ -108,11 +118,28 @@ def store(hbm, name, X, index, tile):
 # ---------------------------------------------------------------- on-chip math
 
 def scores(problem, Q_i, K_j, i, j):
-    """S_ij = scale Q_i K_j^T, with -inf where the causal mask hides a key (PARTIAL tiles only)."""
+    """S_ij = scale Q_i K_j^T, softcapped and ALiBi-biased when asked, with -inf where the causal
+    mask or the window hides a key (PARTIAL tiles only)."""
     S_ij = problem.scale * (Q_i @ K_j.T)
+    if problem.softcap:
+        S_ij = problem.softcap * np.tanh(S_ij / problem.softcap)     # softcap tanh(S / softcap)
+    if problem.alibi_slope:
+        t = problem.tiling
+        r = np.arange(t.rows(i).start, t.rows(i).stop)[:, None]
+        c = np.arange(t.cols(j).start, t.cols(j).stop)[None, :]
+        offset = t.Nk - t.Nq if t.alignment == BOTTOM_RIGHT else 0
+        S_ij = S_ij - problem.alibi_slope * np.abs(r + offset - c)   # ALiBi: -slope |r + Nk - Nq - c|
     if problem.tiling.kind(i, j) == PARTIAL:
         S_ij = np.where(problem.tiling.mask(i, j), S_ij, -np.inf)
     return S_ij
+
+
+def softcap_derivative(problem, Q_i, K_j):
+    """d S_ij / d(scale Q_i K_j^T) = 1 - tanh^2(scale Q_i K_j^T / softcap); 1 without softcap.
+    The backward multiplies dS_ij by it (ALiBi's bias is constant: nothing to carry)."""
+    if not problem.softcap:
+        return 1.0
+    return 1.0 - np.square(np.tanh(problem.scale * (Q_i @ K_j.T) / problem.softcap))
 
 
 def dropped(X_ij, problem, i, j):

@@ -28,8 +28,10 @@ The paper writes dQ = 0 (l. 3) before D (l. 4); the order does not matter.)
 The paper also lists O_i among the inner loads; once D is precomputed nothing
 uses it, so (like flash-attn) it is not loaded here.
 Z_ij = keep / (1 - p) is the forward's dropout matrix (1 without dropout).
-Causal: K/V tile j visits Tiling.q_range(j); a K/V tile no Q tile sees loads
+Causal or a sliding window (window_size): K/V tile j visits Tiling.q_range(j); a K/V tile no Q tile sees loads
 nothing and writes dK_j = dV_j = 0. A row with no visible key (L_i = -inf) has P = 0.
+Softcap multiplies dS_ij by 1 - tanh^2(scale Q_i K_j^T / softcap); ALiBi's bias
+(alibi_slope) changes P_ij only.
 `limit` stops each K/V tile's i loop after `limit` Q tiles; dK_j, dV_j are then
 written as usual.
 """
@@ -38,7 +40,16 @@ import numpy as np
 
 from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.hbm import HBM
-from flashnumba.mirror.common import as_matrix, dropped, load, prepare, safe, scores, store
+from flashnumba.mirror.common import (
+    as_matrix,
+    dropped,
+    load,
+    prepare,
+    safe,
+    scores,
+    softcap_derivative,
+    store,
+)
 from flashnumba.mirror.trace import finish, record
 
 ALGORITHM = __name__.rpartition(".")[2]     # "fa2_backward": the name its steps carry
@@ -46,14 +57,15 @@ ALGORITHM = __name__.rpartition(".")[2]     # "fa2_backward": the name its steps
 
 def fa2_backward_steps(dO, Q, K, V, O, L, *, Br=None, Bc=None, M=None, causal=False,
                        alignment=BOTTOM_RIGHT, softmax_scale=None, keep=None, dropout_p=0.0,
-                       limit=None, hbm=None):
+                       limit=None, hbm=None, window_size=(-1, -1), softcap=0.0, alibi_slope=0.0):
     """Yield a Step after every inner step; return (dQ (Nq, d), dK (Nk, d), dV (Nk, d)).
 
     O, L are fa2_forward's outputs for the same Q, K, V and keywords.
     """
     Q, K, V, problem = prepare(Q, K, V, Br=Br, Bc=Bc, M=M, causal=causal, alignment=alignment,
                                softmax_scale=softmax_scale, keep=keep, dropout_p=dropout_p,
-                               limit=limit)
+                               limit=limit, window_size=window_size, softcap=softcap,
+                               alibi_slope=alibi_slope)
     t = problem.tiling
     hbm = HBM() if hbm is None else hbm
     dO = as_matrix("dO", dO, problem.dtype)
@@ -101,6 +113,7 @@ def fa2_backward_steps(dO, Q, K, V, O, L, *, Br=None, Bc=None, M=None, causal=Fa
             dV_j += dropped(P_ij, problem, i, j).T @ dO_i       # dV_j += (P_ij Z_ij)^T dO_i   Alg. 2 l. 12
             dP_ij = dropped(dO_i @ V_j.T, problem, i, j)        # dP_ij = (dO_i V_j^T) Z_ij   Alg. 2 l. 13
             dS_ij = P_ij * (dP_ij - D_i[:, None])               # dS_ij = P_ij (dP_ij - D_i)   Alg. 2 l. 14
+            dS_ij = dS_ij * softcap_derivative(problem, Q_i, K_j)   # softcap: times 1 - tanh^2
             dQ_i += problem.scale * (dS_ij @ K_j)               # dQ_i += scale dS_ij K_j   Alg. 2 l. 15
             dK_j += problem.scale * (dS_ij.T @ Q_i)             # dK_j += scale dS_ij^T Q_i   Alg. 2 l. 16
             store(hbm, "dQ", dQ, rows, dQ_i)

@@ -21,6 +21,10 @@ L = m + log(l) are written:
 
 Dropout multiplies P~_ij by Z_ij = keep / (1 - p) before P V; l sums the undropped P~_ij.
 Causal: Q tile i visits Tiling.kv_range(i); tiles above the diagonal are skipped.
+A sliding window (window_size=(left, right)) skips the tiles on both sides of its
+band, so Q tile i loads about (left + right + Br) / Bc K/V tiles, not Tc: the HBM
+reads of K and V fall from O(Nq Nk) to O(Nq w). softcap and alibi_slope change
+S_ij only (``mirror.common.scores``).
 A Q tile that sees no key at all (causal, Nq > Nk) loads nothing and writes
 O_i = 0, L_i = -inf, as the kernel's early exit does.
 `limit` stops each Q tile's j loop after `limit` K/V tiles; O_i, L_i are then
@@ -56,11 +60,13 @@ def _write_out(hbm, O, L, rows, O_i, l_i, m_i):
 
 
 def fa2_forward_steps(Q, K, V, *, Br=None, Bc=None, M=None, causal=False, alignment=BOTTOM_RIGHT,
-                      softmax_scale=None, keep=None, dropout_p=0.0, limit=None, hbm=None):
+                      softmax_scale=None, keep=None, dropout_p=0.0, limit=None, hbm=None,
+                      window_size=(-1, -1), softcap=0.0, alibi_slope=0.0):
     """Yield a Step after every inner step; return (O (Nq, d), L (Nq,))."""
     Q, K, V, problem = prepare(Q, K, V, Br=Br, Bc=Bc, M=M, causal=causal, alignment=alignment,
                                softmax_scale=softmax_scale, keep=keep, dropout_p=dropout_p,
-                               limit=limit)
+                               limit=limit, window_size=window_size, softcap=softcap,
+                               alibi_slope=alibi_slope)
     t = problem.tiling
     hbm = HBM() if hbm is None else hbm
     Nq, d = Q.shape

@@ -81,7 +81,8 @@ from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT
 KERNEL_MODULES = list(registry.kernel_modules())      # every version's forward and backward
 PLAIN_TARGETS = ["flashnumba.kernels.gqa:targets", "flashnumba.kernels.naive:targets",
                  "flashnumba.kernels.cast:targets", "flashnumba.kernels.lse:targets",
-                 "flashnumba.kernels.dropout_mask:targets"]   # "module:function"
+                 "flashnumba.kernels.dropout_mask:targets",
+                 "flashnumba.kernels.split_kv:targets"]   # "module:function"
 DEFAULT_SOURCES = KERNEL_MODULES + PLAIN_TARGETS
 DEFAULT_CCS = ((8, 0), (9, 0))
 MAX_REGISTERS = 255                 # per thread, on every architecture since sm_35

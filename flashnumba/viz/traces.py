@@ -47,7 +47,7 @@ def block_sizes(d, Br=None, Bc=None, M=None):
 
 
 def record(algorithm, Nq, Nk, d, Br=None, Bc=None, M=None, causal=False,
-           alignment=BOTTOM_RIGHT, seed=0):
+           alignment=BOTTOM_RIGHT, seed=0, window_size=(-1, -1)):
     """Run ``flashnumba.mirror.<algorithm>_steps`` on a seeded problem; return its Trace.
 
     A backward first runs its forward (untraced, uncounted) for O and the statistics.
@@ -58,6 +58,8 @@ def record(algorithm, Nq, Nk, d, Br=None, Bc=None, M=None, causal=False,
     x = problem(Nq, Nk, d, seed)
     hbm = HBM()
     options = {"Br": Br, "Bc": Bc, "causal": causal, "alignment": alignment}
+    if window_size != (-1, -1):               # only FA2's mirrors take a window
+        options["window_size"] = window_size
     steps_of = getattr(mirror, algorithm + "_steps")
     if algorithm.endswith("_forward"):
         gen = steps_of(x["Q"], x["K"], x["V"], hbm=hbm, **options)
@@ -66,7 +68,7 @@ def record(algorithm, Nq, Nk, d, Br=None, Bc=None, M=None, causal=False,
         saved = forward(x["Q"], x["K"], x["V"], **options)     # FA1: (O, l, m); FA2: (O, L)
         gen = steps_of(x["dO"], x["Q"], x["K"], x["V"], *saved, hbm=hbm, **options)
     steps, result = run(gen)
-    tiling = Tiling(Nq, Nk, Br, Bc, causal=causal, alignment=alignment)
+    tiling = Tiling(Nq, Nk, Br, Bc, causal=causal, alignment=alignment, window_size=window_size)
     return Trace(algorithm, steps, tiling, d, result, hbm, x)
 
 
