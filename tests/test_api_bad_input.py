@@ -65,7 +65,7 @@ BAD = [
     ("causal-not-bool", lambda: F.flash_attn_func(q0, k0, v0, causal="yes"), TypeError,
      r"causal must be True or False, got 'yes'"),
     ("algorithm", lambda: F.flash_attn_func(q0, k0, v0, algorithm="fa3"), ValueError,
-     r"algorithm must be one of 'fa1', 'fa2', 'fa2_fast', got 'fa3'"),
+     "algorithm must be one of " + ", ".join(map(repr, registry.names())) + ", got 'fa3'"),
     ("host-and-device", lambda: F.flash_attn_func(q0, cuda.to_device(k0), v0), TypeError,
      r"q is on the host \(numpy\) but k is on the device \(numba\); pass all tensors on one side"),
     # flash_attn_backward
