@@ -166,7 +166,7 @@ import math
 
 import numpy as np
 from numba import config as numba_config
-from numba import cuda, float32, types
+from numba import cuda, float32, int64, types
 
 from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
 from flashnumba.kernels import common, gqa, smem_limit
@@ -576,8 +576,9 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         i = 0
         i_stop = Tr
         if windowed:                                   # Q tiles outside the band are skipped
-            i = q_tile_start(j, Br, Bc, Nq, hi)       # above the diagonal (right of the band)
-            i_stop = max(i, q_tile_end(j, Br, Bc, Nq, Nk, lo))   # below the band's left edge
+            # (int64 as without a window: lo, hi are int32 only to save registers)
+            i = int64(q_tile_start(j, Br, Bc, Nq, hi))          # above the diagonal (right of the band)
+            i_stop = int64(max(i, q_tile_end(j, Br, Bc, Nq, Nk, lo)))   # below the band's left edge
         if ALIBI:
             slope = slopes[b, h]                       # bias -slope |r + Nk - Nq - c|
         i_end = min(i_stop, i + limit) & INDEX_MASK   # i_end < 2^31: its high word needs no register
