@@ -166,7 +166,7 @@ import math
 
 import numpy as np
 from numba import config as numba_config
-from numba import cuda, float32, types
+from numba import cuda, float32, int64, types
 
 from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
@@ -210,6 +210,12 @@ _ALTERNATIVES = {
 # blocks_per_sm = 0 run one 4-key chunk per dQ loop trip instead of two: DQ_TWO_CHUNKS.)
 _DROPOUT_BLOCKS_PER_SM = {
     (16, 16, 128, 2, 0): 4,
+}
+# The same for the softcap / ALiBi variant: at the blocks per SM of the plain kernel these two
+# spilled on sm_90 (4 B and 16 B); with these they do not (ptxas, flashnumba resources).
+_FEATURE_BLOCKS_PER_SM = {
+    (16, 16, 128, 2, 0): 4,
+    (32, 64, 64, 4, 0): 2,
 }
 
 
@@ -296,14 +302,16 @@ def static_smem_bytes(config):
     return 0
 
 
-def min_blocks_per_sm(config, dropout=False):
+def min_blocks_per_sm(config, dropout=False, features=False):
     """Blocks per SM to ask the compiler for: config.blocks_per_sm if set, else as many as shared
     memory allows (1 KB per block is reserved by the hardware), but not so many that a thread
-    gets fewer than MIN_REGISTERS. The dropout kernel of a config in _DROPOUT_BLOCKS_PER_SM
-    asks for fewer."""
+    gets fewer than MIN_REGISTERS. The dropout kernel of a config in _DROPOUT_BLOCKS_PER_SM,
+    the softcap / ALiBi kernel of one in _FEATURE_BLOCKS_PER_SM, asks for fewer."""
     key = (config.Br, config.Bc, config.d_pad, config.num_warps, config.blocks_per_sm)
     if dropout and key in _DROPOUT_BLOCKS_PER_SM:
         return _DROPOUT_BLOCKS_PER_SM[key]
+    if features and key in _FEATURE_BLOCKS_PER_SM:
+        return _FEATURE_BLOCKS_PER_SM[key]
     if config.blocks_per_sm:
         return config.blocks_per_sm
     by_smem = SM_SHARED_BYTES // (smem_bytes(config) + 1024)
@@ -358,11 +366,11 @@ def _smem_alignment():
     return None if numba_config.ENABLE_CUDASIM else 16
 
 
-def _jit_options(config, dropout):
+def _jit_options(config, dropout, features=False):
     """Launch bounds for the real compiler (the simulator takes none)."""
     if numba_config.ENABLE_CUDASIM:
         return {}
-    return {"launch_bounds": (config.threads, min_blocks_per_sm(config, dropout))}
+    return {"launch_bounds": (config.threads, min_blocks_per_sm(config, dropout, features))}
 
 
 # ---------------------------------------------------------------------------
@@ -512,7 +520,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             idx += step
             rr += 1
 
-    @cuda.jit(**_jit_options(config, DROPOUT))
+    @cuda.jit(**_jit_options(config, DROPOUT, SOFTCAP or ALIBI))
     def fa2_fast_backward_kernel(q_flat, k, v, dout_flat, L, D_rows, dq_flat, dk, dv, scale, windowed,
                                  lo, hi, dropout_p, seed, limit, cap, slopes):
         # --- sizes (q_flat, dout_flat, dq_flat: flat views of (B, Nq, H_q, d) arrays) ---
@@ -577,8 +585,9 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         i = 0
         i_stop = Tr
         if windowed:                                   # Q tiles outside the band are skipped
-            i = q_tile_start(j, Br, Bc, Nq, hi)       # above the diagonal (right of the band)
-            i_stop = max(i, q_tile_end(j, Br, Bc, Nq, Nk, lo))   # below the band's left edge
+            # (int64 as without a window: lo, hi are int32 only to save registers)
+            i = int64(q_tile_start(j, Br, Bc, Nq, hi))          # above the diagonal (right of the band)
+            i_stop = int64(max(i, q_tile_end(j, Br, Bc, Nq, Nk, lo)))   # below the band's left edge
         if ALIBI:
             slope = slopes[b, h]                       # bias -slope |r + Nk - Nq - c|
         i_end = min(i_stop, i + limit) & INDEX_MASK   # i_end < 2^31: its high word needs no register

@@ -130,7 +130,7 @@ import math
 
 import numpy as np
 from numba import config as numba_config
-from numba import cuda, float32, types
+from numba import cuda, float32, int64, types
 
 from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
@@ -377,8 +377,8 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         n_tiles = Tc
         j = 0
         if windowed:                        # tiles outside the band are skipped, on both sides
-            n_tiles = kv_tile_end(i, Br, Bc, Nq, Nk, hi)
-            j = min(kv_tile_start(i, Br, Bc, Nk, lo), n_tiles)
+            n_tiles = int64(kv_tile_end(i, Br, Bc, Nq, Nk, hi))    # int64: lo, hi are int32 only
+            j = int64(min(kv_tile_start(i, Br, Bc, Nk, lo), n_tiles))   # to save registers
         n_tiles = min(n_tiles, j + limit)
         if ALIBI:
             slope = slopes[b, h] * float32(LOG2_E)   # ALiBi slope in log2 units
