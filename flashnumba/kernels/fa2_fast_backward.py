@@ -197,8 +197,7 @@ _DEFAULTS = {
 }
 # Other configurations that compile cleanly, for tuning on a GPU (bench --tune).
 _ALTERNATIVES = {
-    64: [(32, 32, 4, 4),     # 44 KB (fits without raising the limit), 4 blocks per SM, 128 registers
-         (32, 32, 4, 0)],    # the compiler's choice: 3 blocks (12 warps) per SM
+    64: [(32, 32, 4, 4)],    # 44 KB (fits without raising the limit), 4 blocks per SM, 128 registers
     128: [(16, 16, 2, 0),    # 39 KB, 5 blocks per SM
           (32, 32, 8, 2)],   # 78 KB, 2 blocks (16 warps) per SM, 128 registers
 }

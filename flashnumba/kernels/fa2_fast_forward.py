@@ -206,9 +206,22 @@ def smem_bytes(config):
     return (d_pad * Br + max(d_pad, Bc) * Bc + Bc * d_pad) * FLOAT_BYTES
 
 
-def min_blocks_per_sm(config):
+# Blocks per SM for the dropout kernel where the plain kernel's launch bound leaves too few
+# registers for the Philox state: (Br, Bc, d_pad, num_warps) -> blocks per SM. At the plain
+# kernel's 3 blocks (168 registers) the d_pad=64 dropout kernel spills on sm_90 (ptxas,
+# `flashnumba resources`).
+_DROPOUT_BLOCKS_PER_SM = {
+    (64, 64, 64, 4): 2,
+}
+
+
+def min_blocks_per_sm(config, dropout=False):
     """Blocks per SM to ask the compiler for: as many as shared memory allows (1 KB per block is
-    reserved by the hardware), but not so many that a thread gets fewer than 128 registers."""
+    reserved by the hardware), but not so many that a thread gets fewer than 128 registers; the
+    dropout kernel of a config in _DROPOUT_BLOCKS_PER_SM asks for fewer."""
+    key = (config.Br, config.Bc, config.d_pad, config.num_warps)
+    if dropout and key in _DROPOUT_BLOCKS_PER_SM:
+        return _DROPOUT_BLOCKS_PER_SM[key]
     by_smem = SM_SHARED_BYTES // (smem_bytes(config) + 1024)
     by_registers = REGISTERS_PER_SM // (config.threads * MIN_REGISTERS)
     return max(1, min(by_smem, by_registers))
@@ -250,12 +263,12 @@ def _smem_alignment():
     return None if numba_config.ENABLE_CUDASIM else 16
 
 
-def _jit_options(config):
+def _jit_options(config, dropout=False):
     """Launch bounds for the real compiler (the simulator takes none): caps registers so that
     as many blocks as shared memory allows can share an SM."""
     if numba_config.ENABLE_CUDASIM:
         return {}
-    return {"launch_bounds": (config.threads, min_blocks_per_sm(config))}
+    return {"launch_bounds": (config.threads, min_blocks_per_sm(config, dropout))}
 
 
 # ---------------------------------------------------------------------------
@@ -308,7 +321,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             for n in range(4 * NB):
                 C[a, n] += a_vec[a] * b_vec[n]
 
-    @cuda.jit(**_jit_options(config))
+    @cuda.jit(**_jit_options(config, DROPOUT))
     def fa2_fast_forward_kernel(q, k, v, out, L, q_scale, windowed, lo, hi, dropout_p, seed, limit,
                                 cap2, slopes):
         # --- sizes ---
