@@ -33,12 +33,17 @@ FIGURES = {
 }
 
 
+def function(name):
+    """The flashnumba.viz function that draws file `name` (a key of FIGURES)."""
+    module, function_name = FIGURES[name]
+    return getattr(importlib.import_module(f"flashnumba.viz.{module}"), function_name)
+
+
 def draw(name):
     """The Figure or Animation of file `name` (a key of FIGURES)."""
     import matplotlib
     matplotlib.use("Agg")   # before anything draws: no display, same pixels everywhere
-    module, function = FIGURES[name]
-    return getattr(importlib.import_module(f"flashnumba.viz.{module}"), function)()
+    return function(name)()
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "figures"
 

@@ -35,8 +35,8 @@ def test_split_kv_merge_is_attention_over_all_keys():
 
 
 def test_new_figures_are_registered():
-    assert figures.FIGURES["window_band.png"] is window.window_figure
-    assert figures.FIGURES["split_kv.png"] is split_kv.split_kv_figure
+    assert figures.function("window_band.png") is window.window_figure
+    assert figures.function("split_kv.png") is split_kv.split_kv_figure
 
 
 def test_varlen_tiles_are_each_sequences_own():
@@ -50,4 +50,4 @@ def test_varlen_tiles_are_each_sequences_own():
         computed += t.Tr * t.Tc - t.count(SKIPPED)
         row0, col0 = row0 + Nq, col0 + Nk
     assert data["computed"] == computed < data["padded_tiles"]
-    assert figures.FIGURES["varlen_tiles.png"] is varlen.varlen_figure
+    assert figures.function("varlen_tiles.png") is varlen.varlen_figure
