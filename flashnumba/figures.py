@@ -61,8 +61,10 @@ def _progress(done, total, name, started, stream):
     stream.flush()
 
 
-def generate(out_dir, names=None, stream=sys.stderr):
-    """Write the named figures (all by default) into out_dir; returns the paths written."""
+def generate(out_dir, names=None, stream=None):
+    """Write the named figures (all by default) into out_dir; returns the paths written.
+    Progress goes to `stream`, by default the sys.stderr of the moment of the call."""
+    stream = sys.stderr if stream is None else stream
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(FIGURES) if names is None else list(names)
