@@ -168,9 +168,10 @@ def test_dropout_is_a_separate_cached_variant(module):
         labels = [label for label, _, _ in targets]
         assert len(set(labels)) == len(labels) and sum(label.endswith("_dropout") for label in labels) == 1
         for _, _, argtypes in targets:
-            # ..., causal, offset (int64), dropout_p (float64), seed (uint64), limit
-            assert tuple(argtypes[-5:]) == (types.boolean, types.int64, types.float64, types.uint64,
-                                            types.int64)
+            # ..., windowed, lo, hi, dropout_p (float64), seed (uint64), limit (int64), cap, slopes
+            a2 = types.Array(types.float32, 2, "C")
+            assert tuple(argtypes[-8:]) == (types.boolean, types.int32, types.int32, types.float64,
+                                            types.uint64, types.int64, types.float32, a2)
 
 
 def test_backward_dropout_launch_bounds():
