@@ -14,10 +14,10 @@ def test_committed_report_matches_the_grid_and_the_kernel():
     report = tile_report.load()
     assert report["command"] == tile_report.COMMAND
     assert report["arch"] == f"sm_{tile_report.CC[0]}{tile_report.CC[1]}"
-    shapes = [(r["Br"], r["Bc"], r["D"], r["num_warps"]) for r in report["rows"]]
+    shapes = [(r["Br"], r["Bc"], r["d_pad"], r["num_warps"]) for r in report["rows"]]
     assert shapes == list(tile_report.GRID), "run: python -m flashnumba.course.tile_report"
     for row in report["rows"]:
-        config = TileConfig(Br=row["Br"], Bc=row["Bc"], d_pad=row["D"], num_warps=row["num_warps"])
+        config = TileConfig(Br=row["Br"], Bc=row["Bc"], d_pad=row["d_pad"], num_warps=row["num_warps"])
         fa2_forward.check_config(config)
         assert row["smem"] == fa2_forward.smem_bytes(config), row
         assert row["spill_stores"] == row["spill_loads"] == 0, row

@@ -9,9 +9,9 @@ seconds, so the lesson reads the report committed beside this file,
 
 which needs the NVIDIA compiler wheels (``pip install -e '.[cu13]'``), no GPU.
 
-    GRID                 the (Br, Bc, D, num_warps) configs measured
+    GRID                 the (Br, Bc, d_pad, num_warps) configs measured
     targets()            (label, dispatcher, argtypes) of each, for resources.check_all
-    load()               the committed report: {"command", "arch", "rows": [{Br, Bc, D, num_warps,
+    load()               the committed report: {"command", "arch", "rows": [{Br, Bc, d_pad, num_warps,
                          registers, spill_stores, spill_loads, stack_frame, smem}, ...]}
 """
 
@@ -22,18 +22,18 @@ from pathlib import Path
 REPORT = Path(__file__).with_name("tile_report.json")
 COMMAND = "python -m flashnumba.course.tile_report"
 CC = (9, 0)                               # sm_90: H100 / H200
-# (Br, Bc, D, num_warps): every config fa2_forward.check_config accepts among a few shapes
+# (Br, Bc, d_pad, num_warps): every config fa2_forward.check_config accepts among a few shapes
 GRID = ((16, 32, 64, 1), (32, 32, 64, 2), (16, 32, 64, 4), (16, 64, 64, 4), (32, 32, 64, 4),
         (64, 32, 64, 4), (32, 32, 64, 8), (64, 32, 64, 8))
 
 
-def _config(Br, Bc, D, num_warps):
+def _config(Br, Bc, d_pad, num_warps):
     from flashnumba.kernels.common import TileConfig
-    return TileConfig(Br=Br, Bc=Bc, d_pad=D, num_warps=num_warps)
+    return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=num_warps)
 
 
-def label(Br, Bc, D, num_warps):
-    return f"Br={Br} Bc={Bc} D={D} w={num_warps}"
+def label(Br, Bc, d_pad, num_warps):
+    return f"Br={Br} Bc={Bc} d_pad={d_pad} w={num_warps}"
 
 
 def targets():
@@ -57,7 +57,7 @@ def measure():
     rows = []
     for shape in GRID:
         r = by_label[label(*shape)]
-        rows.append(dict(zip(("Br", "Bc", "D", "num_warps"), shape), registers=r.registers,
+        rows.append(dict(zip(("Br", "Bc", "d_pad", "num_warps"), shape), registers=r.registers,
                          spill_stores=r.spill_stores, spill_loads=r.spill_loads,
                          stack_frame=r.stack_frame, smem=r.smem))
     return {"command": COMMAND, "arch": f"sm_{CC[0]}{CC[1]}", "kernel": "fa2_forward (no dropout)",

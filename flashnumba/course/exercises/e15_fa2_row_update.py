@@ -73,27 +73,27 @@ NUM_WARPS = 2
 
 
 @functools.cache
-def lesson_kernel(update_row, accumulate, Br, Bc, D):
+def lesson_kernel(update_row, accumulate, Br, Bc, d):
     """FA2's forward loop for one head (float64), update_row and accumulate as device functions.
 
-    q (Nq, D), k, v (Nk, D) -> out (Nq, D) = O_i / l_i, m, l (Nq): the state after `limit`
+    q (Nq, d), k, v (Nk, d) -> out (Nq, d) = O_i / l_i, m, l (Nq): the state after `limit`
     iterations of each block's j loop, as flashnumba.stepping reads it."""
     ROWS_PER_WARP = Br // NUM_WARPS
     COLS_PER_LANE = Bc // WARP_SIZE
-    DIMS_PER_LANE = (D + WARP_SIZE - 1) // WARP_SIZE
+    DIMS_PER_LANE = (d + WARP_SIZE - 1) // WARP_SIZE
     V_WIDTH = DIMS_PER_LANE * WARP_SIZE
     THREADS = NUM_WARPS * WARP_SIZE
 
     @cuda.jit
     def fa2_lesson_kernel(q, k, v, out, m, l, scale, causal, offset, limit):
-        N_q, N_k = q.shape[0], k.shape[0]
+        Nq, Nk = q.shape[0], k.shape[0]
         i = cuda.blockIdx.x                              # Q tile i: this block
         tid = cuda.threadIdx.x
         lane = tid % WARP_SIZE
         r0 = (tid // WARP_SIZE) * ROWS_PER_WARP          # this warp's first row within Q_i
 
-        Q_i = cuda.shared.array((Br, D), float64)
-        K_j = cuda.shared.array((Bc, D), float64)
+        Q_i = cuda.shared.array((Br, d), float64)
+        K_j = cuda.shared.array((Bc, d), float64)
         V_j = cuda.shared.array((Bc, V_WIDTH), float64)
         P_ij = cuda.shared.array((Br, Bc), float64)
         S_ij = cuda.local.array((ROWS_PER_WARP, COLS_PER_LANE), float64)
@@ -106,20 +106,20 @@ def lesson_kernel(update_row, accumulate, Br, Bc, D):
             l_i[rr] = 0.0
             for u in range(DIMS_PER_LANE):
                 O_i[rr, u] = 0.0
-        for idx in range(tid, Br * D, THREADS):          # Q_i -> shared, times the scale
-            row = i * Br + idx // D
-            Q_i[idx // D, idx % D] = q[row, idx % D] * scale if row < N_q else 0.0
+        for idx in range(tid, Br * d, THREADS):          # Q_i -> shared, times the scale
+            row = i * Br + idx // d
+            Q_i[idx // d, idx % d] = q[row, idx % d] * scale if row < Nq else 0.0
 
-        n_tiles = (N_k + Bc - 1) // Bc
+        n_tiles = (Nk + Bc - 1) // Bc
         if causal:                                       # tiles past the diagonal are skipped
-            last = min((i + 1) * Br, N_q) - 1 + offset
+            last = min((i + 1) * Br, Nq) - 1 + offset
             n_tiles = 0 if last < 0 else min(last // Bc + 1, n_tiles)
         for j in range(min(n_tiles, limit)):
-            for idx in range(tid, Bc * V_WIDTH, THREADS):    # K_j, V_j -> shared, zero past N_k, D
+            for idx in range(tid, Bc * V_WIDTH, THREADS):    # K_j, V_j -> shared, zero past Nk, d
                 c, kk = idx // V_WIDTH, idx % V_WIDTH
-                inside = j * Bc + c < N_k and kk < D
+                inside = j * Bc + c < Nk and kk < d
                 V_j[c, kk] = v[j * Bc + c, kk] if inside else 0.0
-                if kk < D:
+                if kk < d:
                     K_j[c, kk] = k[j * Bc + c, kk] if inside else 0.0
             cuda.syncthreads()          # K_j, V_j (and Q_i) fully written before any warp reads them
 
@@ -128,10 +128,10 @@ def lesson_kernel(update_row, accumulate, Br, Bc, D):
                 for t in range(COLS_PER_LANE):
                     c = lane + WARP_SIZE * t
                     acc = 0.0
-                    for kk in range(D):
+                    for kk in range(d):
                         acc += Q_i[r0 + rr, kk] * K_j[c, kk]
                     col = j * Bc + c
-                    masked = col >= N_k or (causal and col > row + offset)
+                    masked = col >= Nk or (causal and col > row + offset)
                     S_ij[rr, t] = -math.inf if masked else acc
                 update_row(S_ij, P_ij, m_i, l_i, alpha, rr, r0 + rr, lane)   # the online softmax
             cuda.syncwarp()             # this warp's rows of P_ij written by all its lanes before any reads them
@@ -140,10 +140,10 @@ def lesson_kernel(update_row, accumulate, Br, Bc, D):
 
         for rr in range(ROWS_PER_WARP):                  # O_i / l_i (0 for a row with no key); m, l
             row = i * Br + r0 + rr
-            if row < N_q:
+            if row < Nq:
                 for u in range(DIMS_PER_LANE):
                     kk = lane + WARP_SIZE * u
-                    if kk < D:
+                    if kk < d:
                         out[row, kk] = O_i[rr, u] / l_i[rr] if l_i[rr] != 0.0 else 0.0
                 if lane == 0:
                     m[row] = m_i[rr]

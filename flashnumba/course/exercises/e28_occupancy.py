@@ -51,7 +51,7 @@ def _limits(smem, registers, threads):
 def _cases():
     from flashnumba.course import tile_report
     cases = [(row["smem"], row["registers"], 32 * row["num_warps"],
-              (f"fa2_forward Br={row['Br']} Bc={row['Bc']} D={row['D']} w={row['num_warps']} "
+              (f"fa2_forward Br={row['Br']} Bc={row['Bc']} d_pad={row['d_pad']} w={row['num_warps']} "
                f"(ptxas: {row['registers']} registers, {row['smem']} B)"))
              for row in tile_report.load()["rows"]]
     cases += [(0, 16, 32, "a tiny kernel: 1 warp, 16 registers, no shared memory"),

@@ -30,18 +30,20 @@ print(f"sm_90: {hardware.SM_SHARED_BYTES // 1024} KB of shared memory and {hardw
 # ## What one block of `fa2_forward` holds
 #
 # One thread block owns query tile `Q_i` (`Br` rows) and walks over the key/value tiles. Its
-# static shared memory, in float32 (`fa2_forward.smem_bytes`):
+# static shared memory, in float32 (`fa2_forward.smem_bytes`), for the head dim `d` padded to its
+# compile-time bucket `d_pad` (`TileConfig.d_pad`: a kernel built for `d_pad = 64` serves every
+# `d` from 33 to 64, its tiles zero-padded):
 #
-#     Q_i   Br x D                    loaded once
-#     K_j   Bc x (D + 1)              one padding column: 32 lanes reading 32 rows hit 32 banks
-#     V_j   Bc x 32 ceil(D / 32)      padded so every lane owns whole output dims
-#     P_ij  Br x Bc                   each warp's rows of P~_ij, read back as broadcasts
+#     Q_i   Br x d_pad                    loaded once
+#     K_j   Bc x (d_pad + 1)              one padding column: 32 lanes reading 32 rows hit 32 banks
+#     V_j   Bc x 32 ceil(d_pad / 32)      padded so every lane owns whole output dims
+#     P_ij  Br x Bc                       each warp's rows of P~_ij, read back as broadcasts
 #
 # and each thread keeps in registers, for each of its `Br / num_warps` rows, its `Bc / 32` scores,
-# its `ceil(D / 32)` output dims and 3 scalars (`m`, `l`, the rescale factor): `fa2_forward`
+# its `ceil(d_pad / 32)` output dims and 3 scalars (`m`, `l`, the rescale factor): `fa2_forward`
 # refuses a config whose register tile is over `MAX_REGISTER_TILE = 128` floats, since the
 # compiler must also fit addresses, loop counters and temporaries in the 255 registers a thread may
-# have. The library's own check (`fa2_forward.check_config`) on every `Br x Bc` for `D = 64` and
+# have. The library's own check (`fa2_forward.check_config`) on every `Br x Bc` for `d_pad = 64` and
 # 4 or 1 warps:
 
 # %%
@@ -64,14 +66,14 @@ for ax, num_warps in zip(axes, (4, 1)):
                     color=colour)
     ax.imshow(np.minimum(kb, 60), cmap="Blues", vmin=0, vmax=90)
     ax.set(xticks=range(4), xticklabels=sizes, yticks=range(4), yticklabels=sizes, xlabel="Bc",
-           ylabel="Br", title=f"D=64, num_warps={num_warps}: smem (limit 48 KB)")
+           ylabel="Br", title=f"d_pad=64, num_warps={num_warps}: smem (limit 48 KB)")
 plt.show()
 
 # %% [markdown]
 # ## Exercise 1: the largest tiles that fit
 #
 # Larger tiles mean fewer passes over `K` and `V` (each `K_j, V_j` is read once per query tile:
-# `Tr = ceil(N / Br)` times) and more work per barrier. Write `choose_tiles(D, num_warps)`: among
+# `Tr = ceil(N / Br)` times) and more work per barrier. Write `choose_tiles(d_pad, num_warps)`: among
 # `Br, Bc` in `(16, 32, 64, 128)`, the pair with the largest `Br * Bc` (on a tie the larger `Br`)
 # that `fa2_forward` accepts: `Br` a multiple of `num_warps`, `Bc` a multiple of 32, at most
 # 48 KB of static shared memory, at most 128 register floats per thread; `None` if none fits.
@@ -81,7 +83,7 @@ plt.show()
 # %% [exercise] choose_tiles
 
 # %% [markdown]
-# The library's shipped choice for `D = 64` is `fa2_forward.default_config(64)`; it was picked on
+# The library's shipped choice for `d_pad = 64` is `fa2_forward.default_config(64)`; it was picked on
 # a GPU by timing, among the configs that fit, and need not be the largest:
 
 # %%
@@ -107,8 +109,8 @@ print("the NVIDIA compiler wheels are " + ("installed here: that command re-meas
       "report is what this lesson shows"))
 print(f"\n{'config':<24}{'registers':>10}{'spills':>8}{'stack':>7}{'ptxas smem':>12}{'smem_bytes':>12}")
 for row in report["rows"]:
-    config = TileConfig(Br=row["Br"], Bc=row["Bc"], d_pad=row["D"], num_warps=row["num_warps"])
-    print(f"{tile_report.label(row['Br'], row['Bc'], row['D'], row['num_warps']):<24}"
+    config = TileConfig(Br=row["Br"], Bc=row["Bc"], d_pad=row["d_pad"], num_warps=row["num_warps"])
+    print(f"{tile_report.label(row['Br'], row['Bc'], row['d_pad'], row['num_warps']):<24}"
           f"{row['registers']:>10}{row['spill_stores'] + row['spill_loads']:>8}{row['stack_frame']:>7}"
           f"{row['smem']:>12}{fa2_forward.smem_bytes(config):>12}")
 
@@ -143,7 +145,7 @@ for row in report["rows"]:
 # %% [markdown]
 # With the grader's answer (`course.solution("occupancy")`), each measured config's resident warps
 # per SM, and which bound binds. More rows per block share each `K_j, V_j` load; more resident
-# warps hide more latency; the shipped `D = 64` config (64 x 32, 8 warps) trades a little of the
+# warps hide more latency; the shipped `d_pad = 64` config (64 x 32, 8 warps) trades a little of the
 # second for the first.
 
 # %%
@@ -159,7 +161,7 @@ ax.bar([], [], color="C0", label="shared memory binds")
 ax.bar([], [], color="C1", label="registers bind")
 ax.legend(loc="upper right")
 ax.set(ylabel="resident warps per SM", ylim=(0, 70),
-       title="fa2_forward, D=64, sm_90 (registers from ptxas); dashed: the 64-warp maximum")
+       title="fa2_forward, d_pad=64, sm_90 (registers from ptxas); dashed: the 64-warp maximum")
 plt.show()
 
 # %% [markdown]

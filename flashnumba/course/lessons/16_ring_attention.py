@@ -54,10 +54,12 @@ for causal in (False, True):
 # ring step `s`, then each rank `r`, yield `{"i": r, "j": src, "O_r": ..., "L_r": ...}` (copies)
 # after rank `r` has merged the visiting block; at the end `return O, L` for the whole sequence
 # (the ranks' `O_r`, `L_r` in rank order). You may call `flashnumba.reference.single_head` with
-# `softmax_scale=1 / sqrt(d)` on a block and `flashnumba.merge.merge_pair`. Under `causal`
-# (`N_q = N_k`, key `c` visible to query `r` when `c <= r`), a block of an earlier rank is seen
-# whole, a rank's own block is causal inside, and a block of a later rank is skipped: the rank
-# still yields, with `O_r, L_r` unchanged. The grader steps your generator next to the ring
+# `softmax_scale=1 / sqrt(d)` on a block and `flashnumba.merge.merge_pair`. The ring attends one
+# sequence to itself, so `Nq = Nk = N` with or without the mask (flashnumba's rings refuse `K` of
+# another length). Under `causal` (key `c` visible to query `r` when `c <= r`; with `Nq = Nk` both
+# alignments of lesson 9 agree), a block of an earlier rank is seen whole, a rank's own block is
+# causal inside, and a block of a later rank is skipped: the rank still yields, with `O_r, L_r`
+# unchanged. The grader steps your generator next to the ring
 # mirror (`flashnumba.mirror.ring.ring_forward_steps`); in its messages, "step k" counts yields
 # (`k = s world + r`), `i` is the rank and `j` the visiting block.
 
