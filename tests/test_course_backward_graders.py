@@ -48,6 +48,14 @@ def test_the_deterministic_pass_refuses_atomics():
     assert not result.passed and "atomic" in result.message
 
 
+def test_an_atomic_on_a_local_array_is_refused_before_any_launch():
+    # on a GPU it is an illegal address, and every later kernel of the process fails
+    local = _variant("dkdv_kernel", "dV_c[x] += p * dO_i[rr, x]", "cuda.atomic.add(dV_c, x, p * dO_i[rr, x])")
+    result = course.check("dkdv_kernel", local)
+    assert not result.passed and "thread-local array dV_c" in result.message
+    assert result.where["variable"] == "dV_c"
+
+
 def test_keep_tile_refuses_the_library_mask():
     shortcut = _variant("keep_tile", "keep[a, e] = float(x) * 2.0 ** -32 >= p",
                         "keep[a, e] = philox.keep_mask(seed, p, b + 1, h + 1, r + 1, c + 1)[b, h, r, c]")

@@ -65,7 +65,12 @@ element, one writing, with no ``syncthreads`` between), so a missing barrier fai
 not only when the simulator's thread order happens to expose it. For a device function
 (lessons 7, 8), call it from a kernel the grader owns (``e13_warp_max.row_kernel``,
 ``e15_fa2_row_update.lesson_kernel``) and launch through ``e13_warp_max.launch``, which
-turns an error in a simulated thread into the student's own exception type.
+turns an error in a simulated thread into the student's own exception type. A GPU kernel
+drops exceptions, so ``as_device`` raises a function's leading ``raise`` (a stub's
+NotImplementedError) on the host before compiling; a grader that checks less on a GPU (no
+race check there) passes ``grade(..., gpu_limits="...")``, a sentence ending its messages there.
+Never launch on a GPU what can be refused first: an atomic on a thread-local array, for
+one, is an illegal address that leaves the process's CUDA context unusable.
 Call the student's code through ``grading.call`` so its errors become messages.
 ``grade`` turns NotImplementedError into "not done yet" (never an exception),
 so a student notebook executes to the end with every stub in place.

@@ -6,6 +6,10 @@ much, in words a student can act on: the case (shapes, options), the variable,
 the first (step, tile, row, column) that differs, what was expected, what came.
 """
 
+import ast
+import builtins
+import inspect
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +51,44 @@ def call(function, *args, **kwargs):
         raise
     except Exception as e:
         raise Mismatch(f"your function raised {type(e).__name__}: {e}") from e
+
+
+def on_gpu():
+    """True when kernels run on a GPU: the graders of lessons 6-8 then check values only."""
+    import flashnumba
+    return flashnumba.device() != "sim"
+
+
+def unconditional_raise(function):
+    """The exception `function` raises before anything else, or None.
+
+    That is, when its body (after a docstring) opens with ``raise E(...)``, E a built-in
+    exception and its arguments literals, as every stub's ``raise NotImplementedError("FILL ME
+    IN: ...")``. Graders of device functions ask this before compiling: on a GPU an exception
+    raised inside a kernel never reaches the host (numba drops it unless the kernel is compiled
+    with debug=True), so the stub would run on and fail with wrong values, not "not done yet".
+    """
+    function = getattr(function, "py_func", function)          # a @cuda.jit(device=True) function
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    if not tree.body or not isinstance(tree.body[0], ast.FunctionDef):
+        return None
+    body = tree.body[0].body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]                                        # the docstring
+    if not body or not isinstance(body[0], ast.Raise) or body[0].exc is None:
+        return None
+    exc = body[0].exc
+    name, args = (exc.func, exc.args) if isinstance(exc, ast.Call) and not exc.keywords else (exc, [])
+    cls = getattr(builtins, name.id, None) if isinstance(name, ast.Name) else None
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        return None
+    try:
+        return cls(*(ast.literal_eval(a) for a in args))
+    except (ValueError, TypeError, SyntaxError):
+        return None
 
 
 def same_array(name, got, want, tol=TOL, case="", **where):
@@ -161,12 +203,15 @@ def kernel_steps(algorithm, problem, kernel, case=""):
     return report
 
 
-def grade(exercise, run):
-    """Run a check body `run()` (which raises Mismatch or returns a success note) as a Result."""
+def grade(exercise, run, gpu_limits=None):
+    """Run a check body `run()` (which raises Mismatch or returns a success note) as a Result.
+
+    gpu_limits: what this grader cannot check on a GPU, a sentence added to every message there."""
+    after = f" [on a GPU: {gpu_limits}]" if gpu_limits and on_gpu() else ""
     try:
         note = run()
     except NotImplementedError as e:
-        return Result(exercise, False, f"not done yet ({e})")
+        return Result(exercise, False, f"not done yet ({e}){after}")
     except Mismatch as m:
-        return Result(exercise, False, m.message, where=m.where or None)
-    return Result(exercise, True, note or "correct", points=1)
+        return Result(exercise, False, m.message + after, where=m.where or None)
+    return Result(exercise, True, (note or "correct") + after, points=1)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 from numba import cuda
 
-from flashnumba.course.grading import Mismatch, call, grade
+from flashnumba.course.grading import Mismatch, call, grade, unconditional_raise
 from flashnumba.kernels.hardware import WARP_SIZE
 
 ID = "warp_max"
@@ -43,11 +43,26 @@ COLS_PER_LANE = 2                  # the grader's tile has Bc = 64 columns: lane
 WARPS = 2                          # warps per block, one row of S each
 
 
-@functools.cache      # one compiled device function per student function (a GPU compiles once)
+# what a GPU cannot report: numba drops an exception raised inside a kernel (it needs debug=True)
+GPU_LIMITS = ("an exception raised inside your device function is not reported, unless it is the "
+              "function's first statement (as in the stub); FLASHNUMBA_DEVICE=sim reports it")
+
+
 def as_device(function):
-    """A device function for kernels: the function itself if already @cuda.jit(device=True)."""
+    """A device function for kernels: the function itself if already @cuda.jit(device=True).
+
+    A function whose first statement raises (the stub's NotImplementedError) raises here, on the
+    host, before anything is compiled: on a GPU the kernel would drop the exception and run on."""
+    first = unconditional_raise(function)
+    if first is not None:
+        raise first
     if type(function).__module__.startswith("numba"):
         return function
+    return _compiled(function)
+
+
+@functools.cache      # one compiled device function per student function (a GPU compiles once)
+def _compiled(function):
     return cuda.jit(device=True)(function)
 
 
@@ -133,10 +148,10 @@ def check_lanes(name, got, want, hint, tol=0.0):
 def check(implementation):
     def run():
         S = scores()
-        m, _ = call(run_rows, S, as_device(implementation))
+        m, _ = call(run_rows, S, call(as_device, implementation))
         check_lanes("m", m, S.max(axis=1),
                     "Every lane must end with the max of all 32: exchange with lanes 16, 8, 4, 2, 1 "
                     "apart (shfl_xor_sync), and keep max(own, partner's) at each step; a row of "
                     "-inf (no visible key) stays -inf.")
         return "every lane of every warp holds its row's max, -inf rows included"
-    return grade(ID, run)
+    return grade(ID, run, gpu_limits=GPU_LIMITS)

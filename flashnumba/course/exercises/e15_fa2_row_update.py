@@ -15,7 +15,7 @@ import numpy as np
 from numba import cuda, float64
 
 from flashnumba import registry, stepping
-from flashnumba.course.exercises.e13_warp_max import as_device, launch
+from flashnumba.course.exercises.e13_warp_max import GPU_LIMITS, as_device, launch
 from flashnumba.course.grading import grade, kernel_steps
 from flashnumba.kernels.fa2_forward import warp_max, warp_sum
 from flashnumba.kernels.hardware import WARP_SIZE
@@ -188,7 +188,7 @@ def check_kernel(exercise, update_row, accumulate):
                 warnings.simplefilter("ignore", RuntimeWarning)   # (np.errstate would not reach the
                 kernel_steps(ALGORITHM, p, kernel, case=case)     # simulator's threads)
         return "O, m and l agree with the FA2 mirror after every step, rows with no visible key included"
-    return grade(exercise, run)
+    return grade(exercise, run, gpu_limits=GPU_LIMITS)
 
 
 def accumulate_reference(O_i, P_ij, V_j, alpha, r0, lane):

@@ -8,12 +8,13 @@ rows of Q_i; both are stepped against flashnumba.mirror.fa2_backward_state.
 
 import inspect
 import math
+import re
 
 import numpy as np
 from numba import cuda, float32
 
 from flashnumba import registry, stepping
-from flashnumba.course.grading import Mismatch, call, grade, kernel_steps
+from flashnumba.course.grading import Mismatch, call, grade, kernel_steps, on_gpu
 
 ID = "dkdv_kernel"
 LESSON = 11
@@ -206,18 +207,47 @@ def backward_inputs(p):
 CASES = ((12, 20, 4, 4, 8, False), (13, 10, 3, 4, 8, True))
 
 
-def uses_atomics(implementation):
-    """False when the function's source (comments left out) never calls an atomic; None if unreadable."""
+def _code(implementation):
+    """The function's source with comments left out; None if unreadable."""
     try:
         source = inspect.getsource(implementation)
     except (OSError, TypeError):
         return None
-    code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())
-    return "atomic." in code
+    return "\n".join(line.split("#", 1)[0] for line in source.splitlines())
+
+
+def uses_atomics(implementation):
+    """False when the function's source (comments left out) never calls an atomic; None if unreadable."""
+    code = _code(implementation)
+    return None if code is None else "atomic." in code
+
+
+def local_atomics(implementation):
+    """The names of the thread-local arrays (cuda.local.array) the source passes to an atomic.
+
+    Atomics work on global and shared memory; on a GPU one on a thread's local array is an
+    illegal address, which leaves the process's CUDA context unusable: graders refuse it
+    before launching."""
+    code = _code(implementation) or ""
+    local = set(re.findall(r"(\w+)\s*=\s*cuda\.local\.array\(", code))
+    return sorted(local & set(re.findall(r"cuda\.atomic\.\w+\(\s*(\w+)", code)))
+
+
+NO_ATOMIC = ("your kernel adds into dQ without an atomic: every thread of a block (and every block, at "
+             "once on a GPU) adds into the same dQ[r, x]; a plain += loses updates. Use "
+             "cuda.atomic.add(dQ, (r, x), value)")
 
 
 def check(implementation):
     def run():
+        if local_atomics(implementation):
+            raise Mismatch(f"your kernel calls an atomic on the thread-local array "
+                           f"{local_atomics(implementation)[0]}: atomics are for global (or shared) "
+                           f"memory, where other threads add too; a local array is the thread's own, "
+                           f"add into it with +=", variable=local_atomics(implementation)[0])
+        if on_gpu() and uses_atomics(implementation) is False:
+            raise Mismatch(NO_ATOMIC + " (on a GPU the lost updates make the values wrong too, so "
+                           "they are compared once the atomics are in)", variable="dQ")
         for Nq, Nk, d, Br, Bc, causal in CASES:
             case = f"{'causal, ' if causal else ''}Nq={Nq}, Nk={Nk}, d={d}, Br={Br}, Bc={Bc}"
             p = stepping.make_problem(Nq, Nk, d, causal=causal, seed=Nq + Nk, Br=Br, Bc=Bc,
@@ -235,10 +265,8 @@ def check(implementation):
                 return {name: np.asarray(x, dtype=np.float64) for name, x in zip(("dQ", "dK", "dV"), out)}
 
             kernel_steps(ALGORITHM, p, kernel, case=case)
-        if uses_atomics(implementation) is False:
-            raise Mismatch("the numbers agree, but your kernel adds into dQ without an atomic: every "
-                           "thread of a block (and every block, at once on a GPU) adds into the same "
-                           "dQ[r, x]; a plain += loses updates. Use cuda.atomic.add(dQ, (r, x), value)")
+        if uses_atomics(implementation) is False:          # the simulator's threads lost nothing
+            raise Mismatch("the numbers agree, but " + NO_ATOMIC, variable="dQ")
         return ("dQ, dK, dV agree with mirror.fa2_backward_state after every step of each block's "
                 "loop (limit = 1, 2, ...), causal with rows that see no key included")
     return grade(ID, run)
