@@ -6,7 +6,7 @@ from flashnumba.cli import main
 
 
 def test_demo_prints_every_implementation_with_small_errors(capsys):
-    assert main(["demo", "--N", "40", "--d", "24", "--causal"]) == 0
+    assert main(["demo", "--N", "24", "--d", "12", "--causal"]) == 0
     out = capsys.readouterr().out
     rows = {m.group(1).strip(): [float(x) for x in m.group(2).split()[:5]]
             for m in re.finditer(r"^((?:mirror|kernel) .+?\)) +([-+.\de ]+)", out, re.M)}

@@ -77,7 +77,7 @@ def test_forward_dropout_other_config_and_softmax_scale(rng):
 
 
 def test_forward_same_seed_same_bits_other_seed_differs(rng):
-    q, k, v, _ = attention_inputs(rng, 1, 70, 70, 2, 1, 40)
+    q, k, v, _ = attention_inputs(rng, 1, 40, 40, 1, 1, 40)
     first = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED)
     again = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED)
     other = fast_fwd.fa2_fast_forward(q, k, v, causal=True, dropout_p=P, seed=SEED + 2 ** 32)

@@ -304,33 +304,20 @@ def test_parse_log_without_an_entry_is_an_error():
 # The tensor-core instruction count
 # ---------------------------------------------------------------------------
 
-def mma_targets():
-    """The smallest tensor-core forward (D = 16, bf16) and the smallest FMA forward, labelled by
-    version: built on their own, so this check does not wait for every shipped kernel."""
+def test_mma_count_is_reported_for_tensor_core_kernels_only(records):
+    """PTX mma.sync count, read from the shared build: the tensor-core forward's largest config
+    has S = Q K^T and O += P V per K/V tile unrolled (m16n8k16: d_pad/16 x Bc/8 + Bc/16 x d_pad/8);
+    the FMA forward has none."""
     from flashnumba import registry
-    targets = []
-    for name in (registry.DEFAULT_HALF, registry.DEFAULT):
+    for name, expect_mma in ((registry.DEFAULT_HALF, True), (registry.DEFAULT, False)):
         module = registry.version(name).module(registry.FORWARD)
-        label, dispatcher, argtypes = module.compile_targets(module.default_config(16))[0]
-        targets.append((f"{name}:{label}", dispatcher, argtypes))
-    return targets
-
-
-def test_mma_count_is_reported_for_tensor_core_kernels_only():
-    """PTX mma.sync count: the tc forward's S = Q K^T and O += P V per K/V tile (D = 16 in
-    m16n8k16: D/16 x Bc/8 + Bc/16 x D/8), none in the FMA kernel; both link clean."""
-    from flashnumba import registry
-    records = resources.check_all(ccs=CCS, sources=[f"{THIS_MODULE}:mma_targets"], sys_path=[HERE],
-                                  jobs=1)
-    assert resources.find_problems(records) == []
-    tc = registry.version(registry.DEFAULT_HALF).module(registry.FORWARD)
-    Bc, D = tc.default_config(16).Bc, 16                      # d = 16 is its own head-dim bucket
-    by_version = {}
-    for r in records:
-        by_version.setdefault(r.label.partition(":")[0], []).append(r)
-    assert {r.cc for r in by_version[registry.DEFAULT_HALF]} == set(CCS)
-    for r in by_version[registry.DEFAULT_HALF]:
-        assert r.mma == (D // 16) * (Bc // 8) + (Bc // 16) * (D // 8) > 0, r
-    for r in by_version[registry.DEFAULT]:
-        assert r.mma == 0, r
+        config = resources.largest(module.shipped_configs())
+        plain = module.compile_targets(config)[0][0]
+        for cc in CCS:
+            (r,) = [r for r in _of(records, resources.source_name(module.__name__), cc) if r.label == plain]
+            if expect_mma:
+                assert r.mma == (config.d_pad // 16) * (config.Bc // 8) + \
+                    (config.Bc // 16) * (config.d_pad // 8) > 0, r
+            else:
+                assert r.mma == 0, r
     assert " mma " in resources.format_table(records).splitlines()[0]

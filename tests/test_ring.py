@@ -2,10 +2,10 @@
 simulator), forward and backward against the float64 reference on the full sequence;
 bad input an error on every rank, never a hang.
 
-Each multi-process test starts P copies of tests/ring_worker.py on a free port and waits
-for them with a timeout (a hang fails the test and the workers are killed). They share
-one xdist group, so ``--dist loadgroup`` runs them on one worker, one after another,
-instead of starting 2 x 4 x n simulator processes at once.
+Each launch starts P copies of tests/ring_worker.py on a free port (one launch for 2 ranks,
+one for 4: module fixtures) and waits for them with a timeout (a hang fails the test and the
+workers are killed). The tests share one xdist group, so ``--dist loadgroup`` runs them on one
+worker, one after another, instead of starting simulator processes on both at once.
 """
 
 import json
@@ -78,30 +78,23 @@ def _check_against_reference(case, world, out_dir):
         assert error < FP32_TOL, f"{case['name']}: {name} relative error {error:.2e}"
 
 
-# ---------------------------------------------------------------- forward and backward, 2 and 4 ranks
+# ---------------------------------------------------------------- one launch per world size
+# Starting a rank costs an interpreter with torch and numba: every 2-rank case (the valid ones,
+# then the bad ones on the same group) runs in one launch, the 4-rank cases in another.
 
-@ring_processes
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_two_ranks_equal_the_reference(layout, tmp_path):
+def _two_rank_valid():
     """GQA (2 query heads on 1 K/V head), causal and not, N = 32 over 2 ranks."""
-    cases = [_case(f"{layout}_causal", layout, True, N=32, H_q=2, H_kv=1, seed=1),
-             _case(f"{layout}_full", layout, False, N=32, H_q=2, H_kv=1, seed=2, softmax_scale=0.3)]
-    _launch(2, cases, tmp_path)
-    for case in cases:
-        _check_against_reference(case, 2, tmp_path)
+    return [_case(f"{layout}_{kind}", layout, causal, N=32, H_q=2, H_kv=1, seed=seed, **extra)
+            for layout in LAYOUTS
+            for kind, causal, seed, extra in (("causal", True, 1, {}), ("full", False, 2, {"softmax_scale": 0.3}))]
 
 
-@ring_processes
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_four_ranks_causal_equal_the_reference(layout, tmp_path):
+def _four_rank_valid():
     """N = 32 over 4 ranks (zigzag: 8 chunks of 4): the skipped and the half blocks."""
-    case = _case(f"{layout}_causal4", layout, True, N=32, H_q=1, H_kv=1, d=8, seed=3)
-    _launch(4, [case], tmp_path)
-    _check_against_reference(case, 4, tmp_path)
+    return [_case(f"{layout}_causal4", layout, True, N=32, H_q=1, H_kv=1, d=8, seed=3) for layout in LAYOUTS]
 
 
-# ---------------------------------------------------------------- bad input: every rank raises
-
+LAYOUTS = ("contiguous", "zigzag")
 BAD = {
     "short_slice_on_last_rank": "every rank must pass the same q shape; got rank 0: (1, 16, 2, 16); "
                                 "rank 1: (1, 15, 2, 16) (every rank must hold N / P positions of the "
@@ -116,15 +109,46 @@ BAD = {
 }
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The output directory of one 2-rank launch: the valid cases, then each bad case."""
+    out_dir = tmp_path_factory.mktemp("ring2")
+    bad = [_case(name, "contiguous", False, N=32, H_q=2, H_kv=1, bad=name) for name in BAD]
+    _launch(2, _two_rank_valid() + bad, out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ring4")
+    _launch(4, _four_rank_valid(), out_dir)
+    return out_dir
+
+
 @ring_processes
-def test_bad_input_is_an_error_on_every_rank(tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_ranks_equal_the_reference(layout, two_ranks):
+    cases = [case for case in _two_rank_valid() if case["layout"] == layout]
+    assert len(cases) == 2
+    for case in cases:
+        _check_against_reference(case, 2, two_ranks)
+
+
+@ring_processes
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_four_ranks_causal_equal_the_reference(layout, four_ranks):
+    (case,) = [case for case in _four_rank_valid() if case["layout"] == layout]
+    _check_against_reference(case, 4, four_ranks)
+
+
+@ring_processes
+def test_bad_input_is_an_error_on_every_rank(two_ranks):
     """Each bad case raises on both ranks (the rank at fault and the other), and the next case
-    runs on the same group: nobody was left waiting on a point-to-point operation."""
-    cases = [_case(bad, "contiguous", False, N=32, H_q=2, H_kv=1, bad=bad) for bad in BAD]
-    _launch(2, cases, tmp_path)
+    runs on the same group: nobody was left waiting on a point-to-point operation (the launch
+    fails on a timeout otherwise)."""
     for bad, expected in BAD.items():
         for rank in range(2):
-            message = (tmp_path / f"{bad}_rank{rank}.txt").read_text()
+            message = (two_ranks / f"{bad}_rank{rank}.txt").read_text()
             assert message.startswith("ValueError: ring_flash_attn_func: "), message
             assert expected in message, f"{bad}, rank {rank}: {message}"
 
