@@ -12,6 +12,7 @@ from conftest import attention_inputs, check_forward, rel_err
 
 from flashnumba import geometry, reference
 from flashnumba.kernels import fa2_fast_forward as fast
+from flashnumba.kernels import smem_limit
 from flashnumba.kernels.common import ConfigError, TileConfig
 
 TOL = 1e-5
@@ -74,16 +75,20 @@ def test_fast_forward_softmax_scale_and_other_config(rng):
 
 
 def test_fast_forward_configs_are_checked():
-    with pytest.raises(ConfigError, match="Br=64 must equal Bc=32"):
+    with pytest.raises(ConfigError, match="Br=64 must be <= Bc=32"):
         fast.check_config(TileConfig(Br=64, Bc=32, d_pad=64, num_warps=4))
-    with pytest.raises(ConfigError, match="static shared memory"):
-        fast.check_config(TileConfig(Br=64, Bc=64, d_pad=128, num_warps=4))
+    with pytest.raises(ConfigError, match="shared memory per block"):
+        fast.check_config(TileConfig(Br=128, Bc=128, d_pad=256, num_warps=16))   # 384 KB
     for config in fast.shipped_configs():
         fast.check_config(config)
-        assert fast.smem_bytes(config) <= 48 * 1024
-    assert [fast.default_config(d).d_pad for d in (1, 16, 17, 64, 65, 100, 128)] == [32, 32, 32, 64, 128, 128, 128]
-    with pytest.raises(ValueError):
-        fast.default_config(129)
+        # static: 48 KB at most; dynamic (d_pad = 256 only): what an A100 gives a block
+        assert fast.static_smem_bytes(config) <= 48 * 1024
+        assert fast.smem_bytes(config) <= smem_limit.opt_in_limit((8, 0))
+        assert fast.is_dynamic(config) == (config.d_pad == 256)
+    assert ([fast.default_config(d).d_pad for d in (1, 16, 17, 64, 65, 100, 128, 129, 200, 256)]
+            == [32, 32, 32, 64, 128, 128, 128, 256, 256, 256])
+    with pytest.raises(ValueError, match=r"head dim d=257 is not supported: expected 1 <= d <= 256"):
+        fast.default_config(257)
 
 
 def _backward_module():
