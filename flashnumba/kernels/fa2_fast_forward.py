@@ -83,7 +83,10 @@ Thread layout (T threads; TM = 4 rows per thread; CG column groups)::
 The CG threads of a row are CG consecutive lanes of one warp, so the row max
 and row sum are xor shuffles with offsets 1, 2, ..., CG / 2.
 
-Shared memory (48 KB at most, static; each array declared on its own line):
+Shared memory (static, each array declared on its own line, where the tiles fit in 48 KB;
+for d_pad = 256, one dynamic array with the three tiles at ``smem_offsets``, indexed by
+hand through ``tile_load`` / ``tile_store``, launched with smem_bytes(config) and a raised
+limit: ``smem_limit``):
 
     Qt[x, r]   Q_i transposed (d_pad x Br): for each x a thread reads its 4 rows as one
                16-byte vector; the 32 / CG row groups of a warp read 64 bytes: one
@@ -91,7 +94,7 @@ Shared memory (48 KB at most, static; each array declared on its own line):
     Kt[x, c]   K_j transposed (d_pad x Bc): a thread reads 4 consecutive columns per
                vector; the CG threads of a row group read 4 CG consecutive floats.
                After S_ij, the same array holds P_ij transposed, Pt[c, r], so that
-               P_ij V_j reads P like S_ij reads Q. (Br == Bc keeps one shape.)
+               P_ij V_j reads P like S_ij reads Q. (Br <= Bc: Pt, Bc x Br, fits in Kt.)
     Vs[c, x]   V_j row-major (Bc x d_pad): 4 consecutive output dims per vector.
 
     Transposing on the way in costs a 4-way bank conflict on the store (8 rows x
@@ -111,17 +114,21 @@ Compiler habits this file relies on (checked in the PTX, see PERF-NOTES.md):
   folds away and consecutive shared loads merge into ``ld.shared.v4.f32``;
 - the shared arrays are declared 16-byte aligned, for those vector loads.
 
-Head dims: compiled for d_pad in FAST_HEAD_DIMS (32, 64, 128); d <= d_pad is
+Head dims: compiled for d_pad in FAST_HEAD_DIMS (32, 64, 128, 256); d <= d_pad is
 zero-padded in shared memory (Q_i) and only n < d is written out. d = 96
 therefore runs the d_pad = 128 kernel and wastes a quarter of its multiply-adds.
+d_pad = 256 cannot fit 48 KB: O_i's 4 x TD register tile needs CG = 16 threads per row
+(TD = 16), so Bc >= 4 CG = 64 and K_j alone is 64 KB. It runs Br = 32, Bc = 64 with 4
+warps in 160 KB of dynamic shared memory (Br < Bc: P_ij^T, Bc x Br, still fits where
+K_j^T was), one block per SM; an A100 gives a block 163 KB, an H100 227 KB.
 
 Barriers per K/V tile: three ``syncthreads`` (tile consumed / tile loaded /
 K_j consumed before P_ij overwrites it) and one ``syncwarp`` (a warp reads back
 only the rows of P_ij its own lanes wrote).
 
 Known limits: fp32 FMA only (no TF32 / tensor cores: numba exposes no mma);
-48 KB of static shared memory caps the tiles (d_pad=128 runs 32 x 32 tiles
-with 2 warps); no software pipelining of the K_j, V_j loads (several blocks per
+48 KB of static shared memory caps the tiles up to d_pad = 128 (d_pad=128 runs
+32 x 32 tiles with 2 warps; d_pad = 256, over 48 KB, one block per SM); no software pipelining of the K_j, V_j loads (several blocks per
 SM hide that latency instead).
 """
 
