@@ -23,7 +23,7 @@ TOL = 1e-5
 
 
 # (B, Nq, Nk, Hq, Hkv, d, causal): tile multiple, not a multiple, N < tile, Nq != Nk both ways
-# (fully masked rows when Nq > Nk under causal), GQA, and other head dims (buckets 32, 128)
+# (fully masked rows when Nq > Nk under causal), GQA, and other head dims (buckets 32, 128, 256)
 FORWARD_CASES = [
     pytest.param(1, 128, 128, 1, 1, 64, False, id="N=128 multiple of 64"),
     pytest.param(1, 100, 100, 2, 1, 64, True, id="N=100 not a multiple, causal, GQA 2:1"),
@@ -32,6 +32,8 @@ FORWARD_CASES = [
     pytest.param(1, 100, 40, 1, 1, 64, True, id="Nq=100 > Nk=40 causal, fully masked rows"),
     pytest.param(2, 50, 70, 4, 2, 24, False, id="d=24 (bucket 32), B=2, GQA 4:2"),
     pytest.param(1, 40, 40, 2, 2, 128, True, id="d=128 causal"),
+    pytest.param(1, 20, 33, 2, 1, 256, True, id="d=256 (dynamic shared memory) causal Nq < Nk, GQA 2:1"),
+    pytest.param(1, 33, 20, 1, 1, 200, True, id="d=200 (d_pad=256) causal Nq > Nk, fully masked rows"),
 ]
 
 
