@@ -50,7 +50,7 @@ CASES = [
     pytest.param(2, 20, 28, 4, 2, 40, False, id="d=40 (d_pad=64), B=2, GQA 4:2"),
     pytest.param(1, 40, 36, 1, 1, 24, True, id="d=24 (d_pad=32) causal"),
     pytest.param(1, 20, 20, 1, 1, 128, True, id="d=128 causal"),
-    pytest.param(1, 20, 33, 2, 1, 256, True, id="d=256 (Br = Bc = 16) causal Nq < Nk, GQA 2:1"),
+    pytest.param(1, 20, 24, 2, 1, 256, True, id="d=256 (Br = Bc = 16) causal Nq < Nk, GQA 2:1"),
     pytest.param(1, 33, 20, 1, 1, 200, False, id="d=200 (d_pad=256) Nq > Nk"),
     pytest.param(1, 100, 130, 2, 2, 64, True, id="Nq=100 Nk=130 causal: three K/V tiles, whole and edge Q tiles"),
 ]
