@@ -40,8 +40,8 @@ BAD = [
      ValueError, r"algorithm='fa2' serves head dims up to 128, got headdim 160"),
     ("headdim-deterministic", lambda: F.flash_attn_func(t(1, 8, 2, 160), t(1, 12, 2, 160), t(1, 12, 2, 160),
                                                         deterministic=True),
-     ValueError, r"deterministic=True runs the backward of algorithm='fa2', which serves head dims up "
-                 r"to 128, got headdim 160"),
+     ValueError, (r"deterministic=True runs the backward of algorithm='fa2', which serves head dims up "
+                  r"to 128, got headdim 160")),
     ("empty-q", lambda: F.flash_attn_func(t(1, 0, 2, 16), k0, v0), ValueError,
      r"sequence lengths must be at least 1; got seqlen_q=0, seqlen_k=12"),
     ("empty-k", lambda: F.flash_attn_func(q0, t(1, 0, 2, 16), t(1, 0, 2, 16)), ValueError,
