@@ -32,8 +32,8 @@ FORWARD_CASES = [
     pytest.param(1, 100, 40, 1, 1, 64, True, id="Nq=100 > Nk=40 causal, fully masked rows"),
     pytest.param(2, 50, 70, 4, 2, 24, False, id="d=24 (bucket 32), B=2, GQA 4:2"),
     pytest.param(1, 40, 40, 2, 2, 128, True, id="d=128 causal"),
-    pytest.param(1, 20, 33, 2, 1, 256, True, id="d=256 (dynamic shared memory) causal Nq < Nk, GQA 2:1"),
-    pytest.param(1, 33, 20, 1, 1, 200, True, id="d=200 (d_pad=256) causal Nq > Nk, fully masked rows"),
+    pytest.param(1, 20, 70, 1, 1, 256, True, id="d=256 (dynamic shared memory) causal Nq < Nk, two K/V tiles"),
+    pytest.param(1, 33, 20, 2, 1, 200, True, id="d=200 (d_pad=256) causal Nq > Nk, fully masked rows, GQA 2:1"),
 ]
 
 
