@@ -128,8 +128,9 @@ only the rows of P_ij its own lanes wrote).
 
 Known limits: fp32 FMA only (no TF32 / tensor cores: numba exposes no mma);
 48 KB of static shared memory caps the tiles up to d_pad = 128 (d_pad=128 runs
-32 x 32 tiles with 2 warps; d_pad = 256, over 48 KB, one block per SM); no software pipelining of the K_j, V_j loads (several blocks per
-SM hide that latency instead).
+32 x 32 tiles with 2 warps); d_pad = 256, over 48 KB, runs one block per SM; no
+software pipelining of the K_j, V_j loads (several blocks per SM hide that
+latency instead, except at d_pad = 256).
 """
 
 import functools
