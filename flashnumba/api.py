@@ -58,10 +58,10 @@ def _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, a
           scale_name="softmax_scale", causal_name="causal", dtype="float32", window_size=(-1, -1),
           softcap=0.0, alibi_slopes=None, B=1, Hq=1):
     p, seed = resolve_dropout(dropout_p, seed)           # p in [0, 1), seed in [0, 2^64)
+    name = validate.algorithm(algorithm, dtype, d)
     call = Call(scale=validate.scale(softmax_scale, d, scale_name), dropout_p=float(p), seed=int(seed),
                 causal=validate.flag(causal_name, causal), alignment=alignment,
-                algorithm=validate.algorithm(algorithm, dtype, d),
-                deterministic=validate.flag("deterministic", deterministic),
+                algorithm=name, deterministic=validate.deterministic(deterministic, name, d),
                 window_size=validate.window_size(window_size), softcap=validate.softcap(softcap),
                 alibi_slopes=validate.alibi_slopes(alibi_slopes, B, Hq))
     if algorithm is None and call.features and call.algorithm != registry.DEFAULT:

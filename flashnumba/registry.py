@@ -144,17 +144,17 @@ VERSIONS = (
             "one thread block per (batch, head); warps split the keys of S_ij and pool partial max, "
             "sum and P V through shared memory; dK_j, dV_j on chip, dQ_i read-modify-written in HBM",
             forward_state=("O", "l", "m"), backward_state=("dQ", "dK", "dV"),
-            launcher=False, deterministic_backward="fa1"),
+            launcher=False, deterministic_backward="fa1", max_head_dim=128),
     Version("fa2", FA2, 1,
             "grid (Tr, batch x heads); warps split the rows of Q_i and reduce with shuffles; the "
             "backward adds dQ with float32 atomics, or with deterministic=True in a separate pass",
             forward_state=("O", "m", "l"), backward_state=("dQ", "dK", "dV"),
-            launcher=False, deterministic_backward="fa2"),
+            launcher=False, deterministic_backward="fa2", max_head_dim=128),
     Version("fa2_fast", FA2, 2,
             "register tiles (4 x 8 per thread), k-major shared tiles read as 16-byte vectors, exp2 "
             "with log2(e) folded into the scale; the backward with more than 48 KB of shared memory",
             forward_state=("O", "L"), backward_state=("dQ", "dK", "dV"),
-            launcher=True, deterministic_backward="fa2"),
+            launcher=True, deterministic_backward="fa2", max_head_dim=256),
     Version("fa2_tc", FA2, 3,
             "mma.sync m16n8k16 on the tensor cores: each warp owns 16 rows of Q_i in registers, "
             "K_j and V_j double-buffered by cp.async, P_ij handed from the S_ij accumulators to "
@@ -165,6 +165,10 @@ VERSIONS = (
             min_compute_capability=(8, 0),   # mma.sync with bf16 operands is sm_80's instruction
             max_head_dim=128),
 )
+
+# Head dims: fa1, fa2 and fa2_tc compile d_pad in kernels.common.HEAD_DIM_BUCKETS (up to 128),
+# fa2_fast in FAST_HEAD_DIMS (up to 256, flash-attn's largest); tests/test_head_dims.py checks.
+MAX_HEAD_DIM = max(v.max_head_dim for v in VERSIONS)   # the most any version serves
 
 DEFAULT = "fa2_fast"          # what the public calls run when no algorithm is named
 DEFAULT_HALF = "fa2_tc"       # ... with float16 or bfloat16 inputs, where it can run

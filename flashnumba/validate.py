@@ -20,7 +20,6 @@ import numpy as np
 
 from flashnumba import dtypes, registry
 from flashnumba.interop import Operand
-from flashnumba.kernels.common import MAX_HEAD_DIM
 
 
 def tensors(**named):
@@ -107,12 +106,23 @@ def attention_shapes(q, k, v, layout=FLASH_LAYOUT):
         raise ValueError(f"head counts must be at least 1; got nheads_q={Hq}, nheads_kv={Hkv}")
     if Hq % Hkv != 0:
         raise ValueError(f"nheads_q={Hq} must be a multiple of nheads_kv={Hkv} (grouped-query attention)")
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} is not supported; expected 1 <= headdim <= {MAX_HEAD_DIM}"
-                         + (" (head dims up to 256 run in flash_attn_with_kvcache only: the fast kernels' "
-                            "shared and register tiles do not fit d = 256 in 48 KB and 255 registers)"
-                            if d > MAX_HEAD_DIM else ""))
+    if not 1 <= d <= registry.MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is not supported; expected 1 <= headdim <= {registry.MAX_HEAD_DIM}")
     return B, Nq, Nk, Hq, Hkv, d
+
+
+def deterministic(value, name, d):
+    """The deterministic flag, checked against the head dims of the version whose backward
+    serves it (registry: deterministic_backward) for algorithm `name`."""
+    value = flag("deterministic", value)
+    if value:
+        version = registry.version(registry.version(name).deterministic_backward)
+        if not version.serves_head_dim(d):
+            raise ValueError(f"deterministic=True runs the backward of algorithm={version.name!r}, which "
+                             f"serves head dims up to {version.max_head_dim}, got headdim {d}; pass "
+                             f"deterministic=False (dQ added with atomics) for head dims above "
+                             f"{version.max_head_dim}")
+    return value
 
 
 def like(op, shape, what):

@@ -24,8 +24,8 @@ def _bad_cases():
     yield "batch mismatch", (q, *(_qkv(B=2)[1:])), {}, ValueError, r"k has batch 2, expected q's batch 1"
     yield "head dim mismatch", (q, *(_qkv(d=8)[1:])), {}, ValueError, r"k has head dim 8, expected q's head dim 16"
     yield "Hq % Hkv", (_qkv(Hq=3)[0], k, v), {}, ValueError, r"nheads_q=3 must be a multiple of nheads_kv=2"
-    big = _qkv(d=130)
-    yield "head dim too large", big, {}, ValueError, r"head dim d=130 is not supported: expected 1 <= d <= 128"
+    big = _qkv(d=257)                    # above every kernel's largest (fa2_fast's 256)
+    yield "head dim too large", big, {}, ValueError, r"head dim d=257 is not supported: expected 1 <= d <= (128|256)"
     zero = _qkv(d=0)
     yield "head dim 0", zero, {}, ValueError, r"head dim d=0"
     yield "empty sequence", (_qkv(Nq=0)[0], k, v), {}, ValueError, r"seqlen_q=0"
@@ -42,6 +42,15 @@ def test_bad_input_is_refused_clearly(forward, case):
     _, args, kwargs, error, message = case
     with pytest.raises(error, match=message):
         forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("forward, limit", [(fa1_forward, 128), (fa2_forward, 128), (fa2_fast_forward, 256)],
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_head_dim_limit_is_each_kernels_own(forward, limit):
+    """fa1 and fa2 compile head dims up to 128, fa2_fast up to 256 (flash-attn's largest): one
+    past the limit is refused with the limit named."""
+    with pytest.raises(ValueError, match=rf"head dim d={limit + 1} is not supported: expected 1 <= d <= {limit}$"):
+        forward(*_qkv(d=limit + 1))
 
 
 @pytest.mark.parametrize("forward", FORWARDS, ids=lambda f: f.__name__)

@@ -29,7 +29,8 @@ def test_shape_selection():
     parsed = cases.parse_shapes("4x16x4096x64c, 1x16x65536x64n,2x2x100x32")
     assert [c.label for c in parsed] == ["B4 H16 N4096 d64 causal", "B1 H16 N65536 d64",
                                          "B2 H2 N100 d32", "B2 H2 N100 d32 causal"]
-    for bad in ("4x16x4096", "4x16x4096x256", "ax1x1x1", ""):
+    assert cases.parse_shapes("1x2x100x256n")[0].d == 256          # fa2_fast's largest head dim
+    for bad in ("4x16x4096", "4x16x4096x257", "ax1x1x1", ""):
         with pytest.raises(ValueError):
             cases.parse_shapes(bad)
     default = cases.default_cases()

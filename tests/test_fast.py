@@ -12,6 +12,7 @@ from conftest import attention_inputs, check_forward, rel_err
 
 from flashnumba import geometry, reference
 from flashnumba.kernels import fa2_fast_forward as fast
+from flashnumba.kernels import smem_limit
 from flashnumba.kernels.common import ConfigError, TileConfig
 
 TOL = 1e-5
@@ -22,7 +23,7 @@ TOL = 1e-5
 
 
 # (B, Nq, Nk, Hq, Hkv, d, causal): tile multiple, not a multiple, N < tile, Nq != Nk both ways
-# (fully masked rows when Nq > Nk under causal), GQA, and other head dims (buckets 32, 128)
+# (fully masked rows when Nq > Nk under causal), GQA, and other head dims (buckets 32, 128, 256)
 FORWARD_CASES = [
     pytest.param(1, 128, 128, 1, 1, 64, False, id="N=128 multiple of 64"),
     pytest.param(1, 100, 100, 2, 1, 64, True, id="N=100 not a multiple, causal, GQA 2:1"),
@@ -31,6 +32,8 @@ FORWARD_CASES = [
     pytest.param(1, 100, 40, 1, 1, 64, True, id="Nq=100 > Nk=40 causal, fully masked rows"),
     pytest.param(2, 50, 70, 4, 2, 24, False, id="d=24 (bucket 32), B=2, GQA 4:2"),
     pytest.param(1, 40, 40, 2, 2, 128, True, id="d=128 causal"),
+    pytest.param(1, 20, 70, 1, 1, 256, True, id="d=256 (dynamic shared memory) causal Nq < Nk, two K/V tiles"),
+    pytest.param(1, 33, 20, 2, 1, 200, True, id="d=200 (d_pad=256) causal Nq > Nk, fully masked rows, GQA 2:1"),
 ]
 
 
@@ -74,16 +77,20 @@ def test_fast_forward_softmax_scale_and_other_config(rng):
 
 
 def test_fast_forward_configs_are_checked():
-    with pytest.raises(ConfigError, match="Br=64 must equal Bc=32"):
+    with pytest.raises(ConfigError, match="Br=64 must be <= Bc=32"):
         fast.check_config(TileConfig(Br=64, Bc=32, d_pad=64, num_warps=4))
-    with pytest.raises(ConfigError, match="static shared memory"):
-        fast.check_config(TileConfig(Br=64, Bc=64, d_pad=128, num_warps=4))
+    with pytest.raises(ConfigError, match="shared memory per block"):
+        fast.check_config(TileConfig(Br=128, Bc=128, d_pad=256, num_warps=16))   # 384 KB
     for config in fast.shipped_configs():
         fast.check_config(config)
-        assert fast.smem_bytes(config) <= 48 * 1024
-    assert [fast.default_config(d).d_pad for d in (1, 16, 17, 64, 65, 100, 128)] == [32, 32, 32, 64, 128, 128, 128]
-    with pytest.raises(ValueError):
-        fast.default_config(129)
+        # static: 48 KB at most; dynamic (d_pad = 256 only): what an A100 gives a block
+        assert fast.static_smem_bytes(config) <= 48 * 1024
+        assert fast.smem_bytes(config) <= smem_limit.opt_in_limit((8, 0))
+        assert fast.is_dynamic(config) == (config.d_pad == 256)
+    assert ([fast.default_config(d).d_pad for d in (1, 16, 17, 64, 65, 100, 128, 129, 200, 256)]
+            == [32, 32, 32, 64, 128, 128, 128, 256, 256, 256])
+    with pytest.raises(ValueError, match=r"head dim d=257 is not supported: expected 1 <= d <= 256"):
+        fast.default_config(257)
 
 
 def _backward_module():

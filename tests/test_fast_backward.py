@@ -39,7 +39,8 @@ def _check(grads, refs):
 
 # (B, Nq, Nk, Hq, Hkv, d, causal): the awkward sizes. The shipped config for 32 < d <= 64 has
 # Br = 32, Bc = 64; d = 40 runs that d_pad = 64 kernel with zero padding, d = 24 the d_pad = 32 one
-# (Br = Bc = 32), d = 128 the d_pad = 128 one (Br = 16, Bc = 32).
+# (Br = Bc = 32), d = 128 the d_pad = 128 one (Br = 16, Bc = 32), d = 200 and 256 the d_pad = 256
+# one (Br = Bc = 16).
 CASES = [
     pytest.param(1, 64, 64, 1, 1, 64, False, id="N=64 multiple of the tile"),
     pytest.param(1, 50, 50, 2, 1, 64, True, id="N=50 not a multiple, causal, GQA 2:1"),
@@ -49,6 +50,8 @@ CASES = [
     pytest.param(2, 20, 28, 4, 2, 40, False, id="d=40 (d_pad=64), B=2, GQA 4:2"),
     pytest.param(1, 40, 36, 1, 1, 24, True, id="d=24 (d_pad=32) causal"),
     pytest.param(1, 20, 20, 1, 1, 128, True, id="d=128 causal"),
+    pytest.param(1, 20, 24, 2, 1, 256, True, id="d=256 (Br = Bc = 16) causal Nq < Nk, GQA 2:1"),
+    pytest.param(1, 33, 20, 1, 1, 200, False, id="d=200 (d_pad=256) Nq > Nk"),
     pytest.param(1, 100, 130, 2, 2, 64, True, id="Nq=100 Nk=130 causal: three K/V tiles, whole and edge Q tiles"),
 ]
 
@@ -170,7 +173,8 @@ def test_configs_are_checked():
     for config in fast_bwd.shipped_configs():
         fast_bwd.check_config(config)
         assert fast_bwd.smem_bytes(config) <= smem_limit.MAX_BLOCK_BYTES
-    assert [fast_bwd.default_config(d).d_pad for d in (1, 32, 33, 64, 65, 128)] == [32, 32, 64, 64, 128, 128]
+    assert ([fast_bwd.default_config(d).d_pad for d in (1, 32, 33, 64, 65, 128, 129, 200, 256)]
+            == [32, 32, 64, 64, 128, 128, 256, 256, 256])
     with pytest.raises(ConfigError, match="bytes of shared memory per block"):
         fast_bwd.check_config(TileConfig(Br=128, Bc=128, d_pad=128, num_warps=32))
     with pytest.raises(ConfigError, match="would spill"):
@@ -181,8 +185,8 @@ def test_configs_are_checked():
         fast_bwd.check_config(TileConfig(Br=32, Bc=32, d_pad=64, num_warps=1))
     with pytest.raises(ConfigError, match="cannot serve"):
         fast_bwd.resolve_config(64, config=fast_bwd.default_config(32))
-    with pytest.raises(ValueError):
-        fast_bwd.default_config(129)
+    with pytest.raises(ValueError, match=r"head dim d=257 is not supported: expected 1 <= d <= 256"):
+        fast_bwd.default_config(257)
 
 
 def test_wrong_inputs_are_rejected(rng):

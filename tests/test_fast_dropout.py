@@ -51,6 +51,7 @@ FORWARD_CASES = [
     pytest.param(1, 40, 100, 2, 1, 64, True, TL, id="top-left Nq=40 < Nk=100, GQA 2:1"),
     pytest.param(1, 100, 40, 1, 1, 40, True, TL, id="top-left Nq=100 > Nk=40, d=40"),
     pytest.param(1, 40, 50, 2, 2, 128, True, BR, id="d=128 (32 x 32 tiles), causal"),
+    pytest.param(1, 20, 33, 2, 1, 256, True, BR, id="d=256 (32 x 64 tiles), causal, GQA 2:1"),
 ]
 
 
@@ -104,6 +105,7 @@ BACKWARD_CASES = [
     pytest.param(1, 24, 70, 2, 1, 64, True, TL, id="top-left Nq=24 < Nk=70, GQA 2:1"),
     pytest.param(1, 70, 24, 1, 1, 40, True, TL, id="top-left Nq=70 > Nk=24, d=40"),
     pytest.param(1, 20, 28, 1, 1, 128, True, BR, id="d=128 (16 x 16 tiles), causal"),
+    pytest.param(1, 33, 20, 1, 1, 200, True, BR, id="d=200 (d_pad=256, 16 x 16 tiles), causal Nq > Nk"),
 ]
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from flashnumba import reference
+from flashnumba import reference, registry
+from flashnumba.kernels.common import MAX_FAST_HEAD_DIM
 from flashnumba.kernels.fa1_backward import fa1_backward
 from flashnumba.kernels.fa1_forward import fa1_forward
 from flashnumba.kernels.fa2_backward import fa2_backward
@@ -36,6 +37,20 @@ def _fa2(q, k, v, dout):
 def _fa2_fast(q, k, v, dout):
     O, L = fa2_fast_forward(q, k, v, causal=True)
     return (O, L, *fa2_fast_backward(dout, q, k, v, O, L, causal=True))
+
+
+def test_registry_head_dim_limits_are_the_kernels_buckets():
+    """fa2_fast compiles d_pad up to 256 (flash-attn's largest), the others up to 128; a d above
+    128 runs fa2_fast by default, for every dtype and device (half inputs widened)."""
+    for version in registry.VERSIONS:
+        module = version.module(registry.FORWARD)
+        largest = max(config.d_pad for config in module.shipped_configs())
+        assert version.max_head_dim == largest, version.name
+    assert registry.MAX_HEAD_DIM == MAX_FAST_HEAD_DIM == 256
+    assert registry.version(registry.DEFAULT).max_head_dim == 256
+    for dtype in ("float32", "float16", "bfloat16"):
+        for cc in (None, (8, 0), (9, 0)):
+            assert registry.default(dtype, 129, cc) == registry.default(dtype, 256, cc) == registry.DEFAULT
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)

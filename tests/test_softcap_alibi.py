@@ -61,6 +61,7 @@ CASES = [
     pytest.param(1, 20, 13, 2, 1, 8, True, (-1, -1), 1.5, False, id="Nq>Nk causal, softcap, GQA"),
     pytest.param(2, 9, 40, 2, 2, 12, False, (6, 2), 0.0, True, id="B=2 (B, H) slopes, window"),
     pytest.param(1, 33, 33, 1, 1, 8, False, (-1, -1), 0.7, True, id="softcap and ALiBi together"),
+    pytest.param(1, 20, 24, 1, 1, 200, False, (9, 4), 1.5, False, id="d=200 (fa2_fast only): window, softcap, ALiBi"),
 ]
 
 

@@ -11,6 +11,8 @@ The fewest bytes: each input read once and each output written once, float32
 
 from dataclasses import dataclass
 
+from flashnumba import registry
+
 SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 LONG_SEQ_LENS = (65536, 131072)
 
@@ -102,8 +104,8 @@ def parse_shapes(text):
         if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(f"shape {item!r}: expected BxHxNxd with positive integers, e.g. 4x16x4096x64")
         B, H, N, d = map(int, parts)
-        if d > 128:
-            raise ValueError(f"shape {item!r}: head dim d={d} > 128 is not supported")
+        if d > registry.MAX_HEAD_DIM:
+            raise ValueError(f"shape {item!r}: head dim d={d} > {registry.MAX_HEAD_DIM} is not supported")
         cases += [Case(B, H, N, d, causal) for causal in modes]
     if not cases:
         raise ValueError(f"--shapes {text!r} names no shape")

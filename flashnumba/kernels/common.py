@@ -19,8 +19,9 @@ from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT, WARP_SIZE
 
 HEAD_DIM_BUCKETS = (16, 32, 64, 96, 128)
 MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
-FAST_HEAD_DIMS = (32, 64, 128)           # the fast kernels' compile-time d_pad; d <= 16 runs in d_pad = 32,
+FAST_HEAD_DIMS = (32, 64, 128, 256)      # the fast kernels' compile-time d_pad; d <= 16 runs in d_pad = 32,
                                          # 64 < d <= 96 in d_pad = 128 (a d_pad = 96 build spilled: 12-wide rows)
+MAX_FAST_HEAD_DIM = FAST_HEAD_DIMS[-1]   # flash-attn's largest head dim; the readable kernels stop at MAX_HEAD_DIM
 
 
 @cuda.jit(device=True)
@@ -41,8 +42,8 @@ def head_dim_bucket(d):
 
 def fast_bucket(d):
     """The compile-time head dim d_pad of the fast kernels that serves head dim d."""
-    if not 1 <= d <= FAST_HEAD_DIMS[-1]:
-        raise ValueError(f"head dim d={d} is not supported: expected 1 <= d <= {FAST_HEAD_DIMS[-1]}")
+    if not 1 <= d <= MAX_FAST_HEAD_DIM:
+        raise ValueError(f"head dim d={d} is not supported: expected 1 <= d <= {MAX_FAST_HEAD_DIM}")
     return next(d_pad for d_pad in FAST_HEAD_DIMS if d <= d_pad)
 
 
@@ -114,8 +115,9 @@ def is_device_array(x):
     return bool(getattr(x, "__cuda_ndarray__", False))
 
 
-def check_qkv(q, k, v):
-    """Shapes of q (B, Nq, Hq, d), k and v (B, Nk, Hkv, d); returns (B, Nq, Nk, Hq, Hkv, d)."""
+def check_qkv(q, k, v, bucket=head_dim_bucket):
+    """Shapes of q (B, Nq, Hq, d), k and v (B, Nk, Hkv, d); returns (B, Nq, Nk, Hq, Hkv, d).
+    `bucket` (head_dim_bucket, or fast_bucket for the fast kernels) checks the head dim."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if len(x.shape) != 4:
             raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
@@ -135,7 +137,7 @@ def check_qkv(q, k, v):
         raise ValueError(f"batch must be >= 1, got {B}")
     if Hkv < 1 or Hq % Hkv != 0:
         raise ValueError(f"nheads_q={Hq} must be a multiple of nheads_kv={Hkv}")
-    head_dim_bucket(d)
+    bucket(d)
     return B, Nq, Nk, Hq, Hkv, d
 
 

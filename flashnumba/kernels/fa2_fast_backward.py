@@ -150,8 +150,11 @@ summed over each group by ``gqa.sum_head_groups`` (into buffers the launcher
 allocated once). ``limit``: each block stops after ``limit`` iterations of its
 i loop and writes its dK_j, dV_j; dQ holds what was added so far.
 
-Head dims: compiled for d_pad in FAST_HEAD_DIMS (32, 64, 128), as the fast forward;
-d <= d_pad is zero-padded in shared memory and only n < d is written out.
+Head dims: compiled for d_pad in FAST_HEAD_DIMS (32, 64, 128, 256), as the fast forward;
+d <= d_pad is zero-padded in shared memory and only n < d is written out. d_pad = 256
+runs Br = Bc = 16 with 4 warps (75 KB): a thread of a group holds 8 x 8 of dK_j (or dV_j).
+deterministic=True runs fa2_backward (registry: deterministic_backward), which stops at
+d = 128: above it there is no deterministic backward.
 
 Known limits: fp32 FMA only; dQ gets Nk / Bc float32 atomics per entry (Bc = 64
 for the d_pad=64 default); no prefetch of Q_{i+1}, dO_{i+1} (no registers left under
@@ -194,6 +197,7 @@ _DEFAULTS = {
     32: (32, 32, 2, 0),
     64: (32, 64, 4, 0),
     128: (16, 32, 4, 0),
+    256: (16, 16, 4, 0),     # 75 KB, 2 blocks per SM: dK_j (or dV_j) 16 x 256 over 64 threads
 }
 # Other configurations that compile cleanly, for tuning on a GPU (bench --tune).
 _ALTERNATIVES = {
@@ -828,7 +832,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     benchmark times. The inputs must stay alive. dropout_p > 0 launches the dropout variant
     of the main kernel (out must then be the dropped forward's output); p = 0 the plain one.
     """
-    B, Nq, Nk, H_q, H_kv, d = common.check_qkv(q, k, v)
+    B, Nq, Nk, H_q, H_kv, d = common.check_qkv(q, k, v, bucket=fast_bucket)
     _check_like("dout", dout, q.shape)
     _check_like("out", out, q.shape)
     _check_like("L", L, (B, H_q, Nq))

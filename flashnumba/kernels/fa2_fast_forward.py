@@ -83,7 +83,10 @@ Thread layout (T threads; TM = 4 rows per thread; CG column groups)::
 The CG threads of a row are CG consecutive lanes of one warp, so the row max
 and row sum are xor shuffles with offsets 1, 2, ..., CG / 2.
 
-Shared memory (48 KB at most, static; each array declared on its own line):
+Shared memory (static, each array declared on its own line, where the tiles fit in 48 KB;
+for d_pad = 256, one dynamic array with the three tiles at ``smem_offsets``, indexed by
+hand through ``tile_load`` / ``tile_store``, launched with smem_bytes(config) and a raised
+limit: ``smem_limit``):
 
     Qt[x, r]   Q_i transposed (d_pad x Br): for each x a thread reads its 4 rows as one
                16-byte vector; the 32 / CG row groups of a warp read 64 bytes: one
@@ -91,7 +94,7 @@ Shared memory (48 KB at most, static; each array declared on its own line):
     Kt[x, c]   K_j transposed (d_pad x Bc): a thread reads 4 consecutive columns per
                vector; the CG threads of a row group read 4 CG consecutive floats.
                After S_ij, the same array holds P_ij transposed, Pt[c, r], so that
-               P_ij V_j reads P like S_ij reads Q. (Br == Bc keeps one shape.)
+               P_ij V_j reads P like S_ij reads Q. (Br <= Bc: Pt, Bc x Br, fits in Kt.)
     Vs[c, x]   V_j row-major (Bc x d_pad): 4 consecutive output dims per vector.
 
     Transposing on the way in costs a 4-way bank conflict on the store (8 rows x
@@ -111,18 +114,23 @@ Compiler habits this file relies on (checked in the PTX, see PERF-NOTES.md):
   folds away and consecutive shared loads merge into ``ld.shared.v4.f32``;
 - the shared arrays are declared 16-byte aligned, for those vector loads.
 
-Head dims: compiled for d_pad in FAST_HEAD_DIMS (32, 64, 128); d <= d_pad is
+Head dims: compiled for d_pad in FAST_HEAD_DIMS (32, 64, 128, 256); d <= d_pad is
 zero-padded in shared memory (Q_i) and only n < d is written out. d = 96
 therefore runs the d_pad = 128 kernel and wastes a quarter of its multiply-adds.
+d_pad = 256 cannot fit 48 KB: O_i's 4 x TD register tile needs CG = 16 threads per row
+(TD = 16), so Bc >= 4 CG = 64 and K_j alone is 64 KB. It runs Br = 32, Bc = 64 with 4
+warps in 160 KB of dynamic shared memory (Br < Bc: P_ij^T, Bc x Br, still fits where
+K_j^T was), one block per SM; an A100 gives a block 163 KB, an H100 227 KB.
 
 Barriers per K/V tile: three ``syncthreads`` (tile consumed / tile loaded /
 K_j consumed before P_ij overwrites it) and one ``syncwarp`` (a warp reads back
 only the rows of P_ij its own lanes wrote).
 
 Known limits: fp32 FMA only (no TF32 / tensor cores: numba exposes no mma);
-48 KB of static shared memory caps the tiles (d_pad=128 runs 32 x 32 tiles
-with 2 warps); no software pipelining of the K_j, V_j loads (several blocks per
-SM hide that latency instead).
+48 KB of static shared memory caps the tiles up to d_pad = 128 (d_pad=128 runs
+32 x 32 tiles with 2 warps); d_pad = 256, over 48 KB, runs one block per SM; no
+software pipelining of the K_j, V_j loads (several blocks per SM hide that
+latency instead, except at d_pad = 256).
 """
 
 import functools
@@ -134,7 +142,7 @@ from numba import cuda, float32, int64, types
 
 from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
-from flashnumba.kernels import common
+from flashnumba.kernels import common, smem_limit
 from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
 from flashnumba.kernels.fast_math import LN_2, LOG2_E
 from flashnumba.kernels.geometry import kv_tile_end, kv_tile_start, num_tiles
@@ -164,11 +172,13 @@ _DEFAULTS = {
     32: (64, 64, 4),
     64: (64, 64, 4),
     128: (32, 32, 2),
+    256: (32, 64, 4),    # dynamic shared memory (160 KB: fits an A100's 163 KB); see smem_offsets
 }
 # Other configurations that compile cleanly, for tuning on a GPU (bench --tune).
 _ALTERNATIVES = {
     64: [(32, 32, 2)],
     128: [],
+    256: [],
 }
 
 
@@ -200,10 +210,37 @@ def shipped_configs():
     return configs
 
 
+def smem_offsets(config):
+    """Where Qt (d_pad x Br), Kt, reused as Pt (max(d_pad, Bc) x Bc), and Vs (Bc x d_pad) start,
+    in floats, and their total: in one dynamic shared array when they need more than 48 KB
+    (``is_dynamic``), else three static arrays of these sizes. Every offset is a multiple of
+    4 floats, so 16-byte vectors stay aligned."""
+    Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
+    sizes = (("Qt", d_pad * Br), ("Kt", max(d_pad, Bc) * Bc), ("Vs", Bc * d_pad))
+    offsets, at = {}, 0
+    for name, size in sizes:
+        offsets[name] = at
+        at += size
+    offsets["floats"] = at
+    return offsets
+
+
 def smem_bytes(config):
     """Qt (d_pad x Br) + Kt, reused as Pt (max(d_pad, Bc) x Bc) + Vs (Bc x d_pad), float32."""
-    Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
-    return (d_pad * Br + max(d_pad, Bc) * Bc + Bc * d_pad) * FLOAT_BYTES
+    return smem_offsets(config)["floats"] * FLOAT_BYTES
+
+
+def is_dynamic(config):
+    """True when the tiles need more than the 48 KB of static shared memory a block may have:
+    then they live in one dynamic shared array and the launch raises the limit (smem_limit).
+    Only d_pad = 256 needs it: its 4-wide column groups of CG = 16 threads make Bc >= 64, and
+    K_j alone is then 64 KB."""
+    return smem_bytes(config) > STATIC_SMEM_LIMIT
+
+
+def static_smem_bytes(config):
+    """Static shared memory per block, as ptxas counts it: smem_bytes, or 0 when dynamic."""
+    return 0 if is_dynamic(config) else smem_bytes(config)
 
 
 # Blocks per SM for the dropout kernel where the plain kernel's launch bound leaves too few
@@ -235,7 +272,8 @@ def check_config(config):
         require(isinstance(value, (int, np.integer)) and value >= 1,
                 f"{name} must be a positive integer, got {value!r}")
     require(d_pad in FAST_HEAD_DIMS, f"d_pad={d_pad} is not a fast head-dim bucket {FAST_HEAD_DIMS}")
-    require(Br == Bc, f"Br={Br} must equal Bc={Bc}: P_ij is stored in K_j's shared array")
+    require(Br <= Bc, f"Br={Br} must be <= Bc={Bc}: P_ij^T (Bc x Br) is stored in K_j^T's shared array "
+                      f"(max(d_pad, Bc) x Bc)")
     T = config.threads
     require(T <= 1024 and T & (T - 1) == 0, f"num_warps={num_warps}: threads must be a power of 2, <= 1024")
     require((T * TM) % Br == 0, f"Br={Br} must divide threads * {TM} = {T * TM}")
@@ -249,9 +287,9 @@ def check_config(config):
     require(d_pad % (4 * CG) == 0, f"d_pad={d_pad} must be a multiple of 4 * CG = {4 * CG}")
     require(Bc <= d_pad or Bc == Br, f"Bc={Bc}: Pt (Bc x Br) must fit where Kt was")
     smem = smem_bytes(config)
-    require(smem <= STATIC_SMEM_LIMIT,
-            f"Br={Br}, Bc={Bc}, d_pad={d_pad} needs {smem} bytes of static shared memory "
-            f"> {STATIC_SMEM_LIMIT} (48 KB); use smaller tiles")
+    require(smem <= smem_limit.MAX_BLOCK_BYTES,
+            f"Br={Br}, Bc={Bc}, d_pad={d_pad} needs {smem} bytes of shared memory per block "
+            f"> {smem_limit.MAX_BLOCK_BYTES} (227 KB, an H100's most); use smaller tiles")
     floats = TM * lay["TN"] + TM * lay["TD"] + TM + max(lay["TN"], lay["TD"])
     require(floats <= MAX_REGISTER_FLOATS,
             f"Br={Br}, Bc={Bc}, d_pad={d_pad}, num_warps={num_warps} holds {floats} floats per thread in "
@@ -294,17 +332,42 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             f"of a thread's {TM} x {TN} tile of S_ij in one 64-bit integer")
     T_MASK = T - 1
     LOG2_CG = CG.bit_length() - 1
-    KP_ROWS = max(d_pad, Bc)                    # Kt uses d_pad rows, Pt uses Bc rows
     T_ROWS = T // 4                         # rows of Q_i / K_j loaded per pass (4 threads per row)
     V_ROWS = T // WARP_SIZE                 # rows of V_j loaded per pass (a warp per row)
     INDEX_MASK = 0x7FFFFFFF                 # x & INDEX_MASK == x for the indices here; tells the
                                             # compiler x >= 0 (no negative-index wraparound code)
     Y_LEN = max(TN, TD)
     ALIGN = _smem_alignment()
+    DYNAMIC = is_dynamic(config)             # the tiles need more than 48 KB: a dynamic array
+    SM = smem_offsets(config)                # tile offsets in the shared array, floats
+    QT, KT, VS = SM["Qt"], SM["Kt"], SM["Vs"]
+    KP_ROWS = max(d_pad, Bc)                 # Kt uses d_pad rows, Pt uses Bc rows
+
+    # Tile element [row, col] of a shared tile at offset OFF with rows LEN long: the 2-D static
+    # array itself (OFF, LEN unused), or, for the dynamic array, sm[OFF + LEN row + col]
+    # (indexed by hand: a reshaped view of it costs a stack frame). The static kernels keep
+    # 2-D arrays: indexed by hand, the d_pad=128 one spilled on sm_80 (ptxas).
+    if DYNAMIC:
+        @cuda.jit(device=True, inline="always")
+        def tile_load(A, OFF, LEN, row, col):
+            return A[OFF + LEN * row + col]
+
+        @cuda.jit(device=True, inline="always")
+        def tile_store(A, OFF, LEN, row, col, value):
+            A[OFF + LEN * row + col] = value
+    else:
+        @cuda.jit(device=True, inline="always")
+        def tile_load(A, OFF, LEN, row, col):
+            return A[row, col]
+
+        @cuda.jit(device=True, inline="always")
+        def tile_store(A, OFF, LEN, row, col, value):
+            A[row, col] = value
 
     @cuda.jit(device=True, inline="always")
-    def product_step(C, At, Bs, kk, r_t, tx, a_vec, b_vec):
-        """C[a, n] += At[kk, r_t + a] * Bs[kk, 4 (tx + CG g) + t]: one rank-1 update of a register tile.
+    def product_step(C, At, AT, A_LEN, Bs, BS, B_LEN, kk, r_t, tx, a_vec, b_vec):
+        """C[a, n] += At[kk, r_t + a] * Bs[kk, 4 (tx + CG g) + t]: one rank-1 update of a register tile
+        (At, Bs: tiles at offsets AT, BS with rows A_LEN, B_LEN long, read by tile_load).
 
         S_ij += Q_i[:, kk] K_j[:, kk]^T  (At = Qt, Bs = Kt), or
         O_i  += P_ij[:, kk] V_j[kk, :]   (At = Pt, Bs = Vs).
@@ -313,10 +376,10 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
         """
         NB = C.shape[1] // 4
         for a in range(TM):
-            a_vec[a] = At[kk, r_t + a]
+            a_vec[a] = tile_load(At, AT, A_LEN, kk, r_t + a)
         for g in range(NB):
             for t in range(4):
-                b_vec[4 * g + t] = Bs[kk, 4 * (tx + CG * g) + t]
+                b_vec[4 * g + t] = tile_load(Bs, BS, B_LEN, kk, 4 * (tx + CG * g) + t)
         for a in range(TM):
             for n in range(4 * NB):
                 C[a, n] += a_vec[a] * b_vec[n]
@@ -357,10 +420,16 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             b_word = np.uint64(b)
             Z_kept = float32(1.0 / (1.0 - dropout_p))   # Z_ij of a kept element (0 if dropped)
 
-        # --- shared memory (each array on its own line) ---
-        Qt = cuda.shared.array((d_pad, Br), float32, alignment=ALIGN)
-        Kt = cuda.shared.array((KP_ROWS, Bc), float32, alignment=ALIGN)   # K_j^T, then P_ij^T
-        Vs = cuda.shared.array((Bc, d_pad), float32, alignment=ALIGN)
+        # --- shared memory (each array on its own line; above 48 KB all three are the one
+        # dynamic array, smem_bytes(config) long, their tiles at smem_offsets) ---
+        if DYNAMIC:
+            Qt = cuda.shared.array(0, float32, alignment=ALIGN)
+            Kt = Qt                                                     # K_j^T, then P_ij^T
+            Vs = Qt
+        else:
+            Qt = cuda.shared.array((d_pad, Br), float32, alignment=ALIGN)
+            Kt = cuda.shared.array((KP_ROWS, Bc), float32, alignment=ALIGN)   # K_j^T, then P_ij^T
+            Vs = cuda.shared.array((Bc, d_pad), float32, alignment=ALIGN)
 
         # --- registers ---
         S = cuda.local.array((TM, TN), float32)     # S_ij, then P_ij: rows r_t + a, columns of tx
@@ -385,7 +454,7 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
             for s4 in range(d_pad // 4):
                 x = x_ld + 4 * s4
                 value = q[b, row, h, min(x, d - 1)] * q_scale
-                Qt[x, r] = value if x < d else float32(0.0)
+                tile_store(Qt, QT, Br, x, r, value if x < d else float32(0.0))
 
         n_tiles = Tc
         j = 0
@@ -412,13 +481,13 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
                 col = min(col0 + c, Nk - 1) & INDEX_MASK
                 for s4 in range(d_pad // 4):
                     x = x_ld + 4 * s4
-                    Kt[x, c] = k[b, col, h_kv, min(x, d - 1)]
+                    tile_store(Kt, KT, Bc, x, c, k[b, col, h_kv, min(x, d - 1)])
             for rr in range(Bc // V_ROWS):
                 c = v_row + V_ROWS * rr
                 col = min(col0 + c, Nk - 1) & INDEX_MASK
                 for u in range(d_pad // WARP_SIZE):
                     x = v_dim + WARP_SIZE * u
-                    Vs[c, x] = v[b, col, h_kv, min(x, d - 1)]
+                    tile_store(Vs, VS, d_pad, c, x, v[b, col, h_kv, min(x, d - 1)])
             cuda.syncthreads()  # K_j, V_j (and Q_i, the first time) written before any warp reads them
 
             if DROPOUT:
@@ -442,10 +511,10 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
                     S[a, n] = 0.0
             k0 = 0
             while k0 < d_pad:                        # four k steps per trip, unrolled by hand
-                product_step(S, Qt, Kt, k0, r_t, tx, a_vec, b_vec)
-                product_step(S, Qt, Kt, k0 + 1, r_t, tx, a_vec, b_vec)
-                product_step(S, Qt, Kt, k0 + 2, r_t, tx, a_vec, b_vec)
-                product_step(S, Qt, Kt, k0 + 3, r_t, tx, a_vec, b_vec)
+                product_step(S, Qt, QT, Br, Kt, KT, Bc, k0, r_t, tx, a_vec, b_vec)
+                product_step(S, Qt, QT, Br, Kt, KT, Bc, k0 + 1, r_t, tx, a_vec, b_vec)
+                product_step(S, Qt, QT, Br, Kt, KT, Bc, k0 + 2, r_t, tx, a_vec, b_vec)
+                product_step(S, Qt, QT, Br, Kt, KT, Bc, k0 + 3, r_t, tx, a_vec, b_vec)
                 k0 += 4
 
             if SOFTCAP or ALIBI:
@@ -503,16 +572,16 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
                 for t in range(4):
                     c = 4 * (tx + CG * g) + t
                     for a in range(TM):
-                        Kt[c, r_t + a] = S[a, 4 * g + t]
+                        tile_store(Kt, KT, Bc, c, r_t + a, S[a, 4 * g + t])    # Pt[c, r_t + a]
             cuda.syncwarp()  # this warp's rows of P_ij written by all its lanes before any lane reads them
 
             # O_i += P_ij V_j: per key c, one vector of P (4 rows) and ND vectors of V (TD dims)
             c0 = 0
             while c0 < Bc:                       # four keys per trip, unrolled by hand
-                product_step(O, Kt, Vs, c0, r_t, tx, a_vec, b_vec)
-                product_step(O, Kt, Vs, c0 + 1, r_t, tx, a_vec, b_vec)
-                product_step(O, Kt, Vs, c0 + 2, r_t, tx, a_vec, b_vec)
-                product_step(O, Kt, Vs, c0 + 3, r_t, tx, a_vec, b_vec)
+                product_step(O, Kt, KT, Bc, Vs, VS, d_pad, c0, r_t, tx, a_vec, b_vec)
+                product_step(O, Kt, KT, Bc, Vs, VS, d_pad, c0 + 1, r_t, tx, a_vec, b_vec)
+                product_step(O, Kt, KT, Bc, Vs, VS, d_pad, c0 + 2, r_t, tx, a_vec, b_vec)
+                product_step(O, Kt, KT, Bc, Vs, VS, d_pad, c0 + 3, r_t, tx, a_vec, b_vec)
                 c0 += 4
             j += 1
 
@@ -577,7 +646,7 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     dropout_p > 0 launches the dropout variant of the kernel; p = 0 the plain one.
     softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``).
     """
-    B, Nq, Nk, H_q, H_kv, d = common.check_qkv(q, k, v)
+    B, Nq, Nk, H_q, H_kv, d = common.check_qkv(q, k, v, bucket=fast_bucket)
     scale = common.resolve_scale(softmax_scale, d)
     common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
     windowed = is_windowed(causal, window_size)
@@ -594,13 +663,15 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     out = cuda.device_array((B, Nq, H_q, d), dtype=np.float32)
     L = cuda.device_array((B, H_q, Nq), dtype=np.float32)
     Tr = geometry.num_tiles(Nq, config.Br)
-    launch_kernel = kernel[(Tr, B * H_q), config.threads]
+    nbytes = smem_bytes(config) if is_dynamic(config) else 0
+    launch_kernel = kernel[(Tr, B * H_q), config.threads, 0, nbytes]
     q_scale = np.float32(scale * LOG2_E)
     cap2 = np.float32(cap * LOG2_E)
+    args = (q_d, k_d, v_d, out, L, q_scale, windowed, lo, hi, dropout_p, seed, steps, cap2, slopes)
+    smem_limit.raise_dynamic_limit(kernel, args, nbytes)   # above 48 KB the driver must allow it
 
     def launch():
-        launch_kernel(q_d, k_d, v_d, out, L, q_scale, windowed, lo, hi, dropout_p, seed, steps, cap2,
-                      slopes)
+        launch_kernel(*args)
 
     return launch, out, L
 
