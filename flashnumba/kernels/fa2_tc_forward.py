@@ -37,9 +37,15 @@ tile is whole 16-byte chunks for cp.async). Rows past Nk and Nq read a
 clamped valid row: keys past Nk are masked to -inf in S_ij (so P_ij = 0
 times a finite V_j row), queries past Nq are never written.
 
-Causal: key c is visible to query r when c <= r + offset (offset = Nk - Nq
-bottom-right, 0 top-left; ``common.resolve_offset``); ``kv_tile_end`` skips the
-tiles past the diagonal, only the edge and diagonal tiles are masked.
+Causal and sliding window (flash-attn's window_size): a run-time band, key c
+visible to query r when r + lo <= c <= r + hi (``geometry.window_bounds``;
+causal is the band with hi = offset, offset = Nk - Nq bottom-right or 0 top-left,
+and lo = -Nq), so Q tile i visits tiles kv_tile_start(i) <= j < kv_tile_end(i)
+and skips the rest on both sides; only the edge and band-edge tiles are masked.
+Softcap and ALiBi are compile-time variants, ``build(config, kind, softcap=True,
+alibi=True)``, as in ``fa2_fast_forward``: in log2 units S_ij = c2 tanh(S_ij / c2)
+with c2 = softcap log2(e), then S_ij -= slope log2(e) |r + Nk - Nq - c|, both
+before masking.
 Dropout is a compile-time variant (``build(config, dtype, dropout=True)``):
 element (r, c) of query head h, batch b is kept when ``philox.keep(seed, b, h,
 r, c, p)``, as in every other kernel; a lane's columns 2t, 2t+1 of an n-tile are
@@ -59,10 +65,10 @@ import math
 
 import numpy as np
 from numba import config as numba_config
-from numba import cuda, float32, types, uint16, uint32
+from numba import cuda, float32, int64, types, uint16, uint32
 
 from flashnumba import geometry
-from flashnumba.geometry import BOTTOM_RIGHT
+from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
 from flashnumba.kernels import common, mma
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
@@ -73,12 +79,13 @@ from flashnumba.kernels.common import (
     require,
 )
 from flashnumba.kernels.fast_math import LN_2, LOG2_E
-from flashnumba.kernels.geometry import kv_tile_end, num_tiles
+from flashnumba.kernels.geometry import kv_tile_end, kv_tile_start, num_tiles
 from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.hardware import FULL_MASK
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
+FEATURES = ("window_size", "softcap", "alibi_slopes")   # flash-attn's options beyond plain attention
 HALF_BYTES = 2
 ROW_PAD = 8                    # elements added to each shared row: ldmatrix rows of one tile fall
                                # in different banks (8 x 16 B apart instead of a multiple of 128 B)
@@ -144,16 +151,17 @@ def _smem_alignment():
 # The kernel
 # ---------------------------------------------------------------------------
 
-def build(config, kind="bf16", dropout=False):
+def build(config, kind="bf16", dropout=False, softcap=False, alibi=False):
     """The kernel for `config` and 16-bit type `kind` ("bf16" or "f16"); dropout=True is the
-    variant that drops P_ij (a separate compile). Cached."""
+    variant that drops P_ij, softcap, alibi the variants that cap and bias S_ij (each a
+    separate compile). Cached."""
     if kind not in MMA:
         raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
-    return _build(config, kind, bool(dropout))
+    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi))
 
 
 @functools.cache
-def _build(config, KIND, DROPOUT):
+def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
     check_config(config)
     Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     T = NW * WARP_SIZE
@@ -187,9 +195,14 @@ def _build(config, KIND, DROPOUT):
             C[n, e] = d[e]
 
     @cuda.jit
-    def fa2_tc_forward_kernel(q, k, v, out, L, q_scale, causal, offset, dropout_p, seed, limit):
+    def fa2_tc_forward_kernel(q, k, v, out, L, q_scale, windowed, lo, hi, dropout_p, seed, limit,
+                              cap2, slopes):
         # --- sizes --- q (B, Nq, H_q, d_pad), k, v (B, Nk, H_kv, d_pad): uint16 bits, padded to d_pad;
-        # out (B, Nq, H_q, d) uint16 bits; L (B, H_q, Nq) float32. q_scale: scale log2(e).
+        # out (B, Nq, H_q, d) uint16 bits; L (B, H_q, Nq) float32. q_scale: scale log2(e);
+        # windowed: bool (causal or a window); lo, hi: int32, key c is visible to query r iff
+        # r + lo <= c <= r + hi; dropout_p: float64, seed: uint64 (DROPOUT only); limit: j steps
+        # to run (int64); cap2: float32 softcap log2(e) (SOFTCAP only); slopes: float32 (B, H_q)
+        # ALiBi slopes (ALIBI only).
         Nq, H_q = q.shape[1], q.shape[2]
         Nk = k.shape[1]
         H_kv = k.shape[2]
@@ -243,16 +256,20 @@ def _build(config, KIND, DROPOUT):
                 O[n, e] = 0.0
 
         n_tiles = Tc
-        if causal:
-            n_tiles = kv_tile_end(i, Br, Bc, Nq, Nk, offset)   # tiles past the diagonal skipped
-        n_tiles = min(n_tiles, limit)
+        j = 0
+        if windowed:                        # tiles outside the band are skipped, on both sides
+            n_tiles = int64(kv_tile_end(i, Br, Bc, Nq, Nk, hi))
+            j = int64(min(kv_tile_start(i, Br, Bc, Nk, lo), n_tiles))
+        n_tiles = min(n_tiles, j + limit)
+        if ALIBI:
+            slope = slopes[b, h] * float32(LOG2_E)     # ALiBi slope in log2 units
+            alibi_offset = Nk - Nq                     # bias -slope |r + Nk - Nq - c|
 
-        if n_tiles > 0:
-            load_tile(Ks, Vs, 0, k, v, b, h_kv, 0, Nk, tid)     # Alg. 1 line 7 for j = 0
+        if j < n_tiles:                     # Alg. 1 line 7 for the first visited tile
+            load_tile(Ks, Vs, j % STAGES, k, v, b, h_kv, j * Bc, Nk, tid)
             mma.cp_async_commit()
 
-        j = 0
-        while j < n_tiles:                  # Alg. 1 line 6: for 1 <= j <= Tc
+        while j < n_tiles:                  # Alg. 1 line 6: for 1 <= j <= Tc (inside the band)
             s = j % STAGES
             col0 = j * Bc
             # Alg. 1 line 7: load K_j, V_j. With two stages, tile j + 1 is requested now and
@@ -279,16 +296,21 @@ def _build(config, KIND, DROPOUT):
                     mma_into(S, 2 * nn, a, kf[0], kf[1])
                     mma_into(S, 2 * nn + 1, a, kf[2], kf[3])
 
-            # scores in log2 units; -inf past Nk and (causal) past the diagonal: edge tiles only
-            masked = col0 + Bc > Nk or (causal and col0 + Bc - 1 > row0 + offset)
+            # scores in log2 units, capped and biased (variants); -inf past Nk and outside the
+            # band: edge and band-edge tiles only
+            masked = col0 + Bc > Nk or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo))
             for n in range(NC):
                 for e in range(4):
-                    S[n, e] *= q_scale
-                    if masked:
-                        row = wrow + g + 8 * (e // 2)
-                        col = col0 + 8 * n + 2 * t + e % 2
-                        if col >= Nk or (causal and col > row + offset):
-                            S[n, e] = -math.inf
+                    row = wrow + g + 8 * (e // 2)
+                    col = col0 + 8 * n + 2 * t + e % 2
+                    score = S[n, e] * q_scale
+                    if SOFTCAP:                  # S_ij = c2 tanh(S_ij / c2)
+                        score = cap2 * math.tanh(score / cap2)
+                    if ALIBI:                    # S_ij -= slope |r + Nk - Nq - c|
+                        score -= slope * float32(abs(row + alibi_offset - col))
+                    if masked and (col >= Nk or (windowed and (col > row + hi or col < row + lo))):
+                        score = -math.inf
+                    S[n, e] = score
 
             if DROPOUT:
                 # keep bits of this lane's 4 NC entries of Z_ij (bit 4 n + e). Columns 2t, 2t + 1
@@ -383,10 +405,16 @@ def compile_targets(config):
     """[(label, dispatcher, argtypes)] for the resource check, as the wrapper launches them."""
     u4 = types.Array(types.uint16, 4, "C")
     f3 = types.Array(types.float32, 3, "C")
-    argtypes = (u4, u4, u4, u4, f3, types.float32, types.boolean, types.int64, types.float64,
-                types.uint64, types.int64)
-    return [(f"fa2_tc_forward_{kind}{'_dropout' if drop else ''}", build(config, kind, drop), argtypes)
-            for kind in ("bf16", "f16") for drop in (False, True)]
+    f2 = types.Array(types.float32, 2, "C")
+    argtypes = (u4, u4, u4, u4, f3, types.float32, types.boolean, types.int32, types.int32,
+                types.float64, types.uint64, types.int64, types.float32, f2)
+    targets = []
+    for kind in ("bf16", "f16"):
+        targets += [(f"{NAME}_{kind}", build(config, kind), argtypes),
+                    (f"{NAME}_{kind}_dropout", build(config, kind, dropout=True), argtypes),
+                    (f"{NAME}_{kind}_softcap_alibi", build(config, kind, softcap=True, alibi=True),
+                     argtypes)]
+    return targets
 
 
 # ---------------------------------------------------------------------------
@@ -408,17 +436,23 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
 
 
 def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None, dropout_p=0.0,
-             seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None, dtype=None):
+             seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None, dtype=None,
+             window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """Check and allocate once; returns (launch, out, L, kind): out holds uint16 bits on the device.
-    ``launch()`` runs the kernel again into the same out and L (what a benchmark times)."""
+    ``launch()`` runs the kernel again into the same out and L (what a benchmark times).
+    softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``)."""
     B, Nq, Nk, H_q, _, d = check_qkv16(q, k, v)
     kind = resolve_kind(q, dtype)
     scale = common.resolve_scale(softmax_scale, d)
-    offset = common.resolve_offset(causal, alignment, Nq, Nk)
+    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
+    windowed = is_windowed(causal, window_size)
+    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)), as fa2_fast_forward takes them
+    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
+    cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
-    kernel = build(config, kind, dropout=dropout_p > 0.0)
+    kernel = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0, alibi=alibi_slopes is not None)
 
     arrays = common.Arrays(q, k, v)
     q_d, k_d, v_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v))
@@ -427,27 +461,32 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     Tr = geometry.num_tiles(Nq, config.Br)
     launch_kernel = kernel[(Tr, B * H_q), config.threads]
     q_scale = np.float32(scale * LOG2_E)
+    cap2 = np.float32(cap * LOG2_E)
+    args = (q_d, k_d, v_d, out, L, q_scale, windowed, lo, hi, dropout_p, seed, steps, cap2, slopes)
 
     def launch():
-        launch_kernel(q_d, k_d, v_d, out, L, q_scale, bool(causal), offset, dropout_p, seed, steps)
+        launch_kernel(*args)
 
     return launch, out, L, kind
 
 
 def fa2_tc_forward(q, k, v, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT, dropout_p=0.0,
-                   seed=0, limit=None, *, Br=None, Bc=None, num_warps=None, config=None, dtype=None):
+                   seed=0, limit=None, *, Br=None, Bc=None, num_warps=None, config=None, dtype=None,
+                   window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """FlashAttention-2 forward on tensor cores. q (B, Nq, Hq, d), k, v (B, Nk, Hkv, d), all
     float16 or all bfloat16 (NumPy, ml_dtypes.bfloat16 included), or Numba device arrays of
     their uint16 bits with dtype='bfloat16' | 'float16'.
 
     Returns (O (B, Nq, Hq, d) in the input dtype, L (B, Hq, Nq) float32), L the logsumexp of each
     row's scaled scores (natural log; -inf for a row with no visible key). alignment, dropout_p,
-    seed, limit as in ``fa2_fast_forward``. NumPy in, NumPy out; device in, device out.
+    seed, limit, window_size, softcap, alibi_slopes as in ``fa2_fast_forward``. NumPy in, NumPy
+    out; device in, device out.
     """
     launch, out, L, kind = launcher(q, k, v, causal=causal, alignment=alignment,
                                     softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
                                     Br=Br, Bc=Bc, num_warps=num_warps, limit=limit, config=config,
-                                    dtype=dtype)
+                                    dtype=dtype, window_size=window_size, softcap=softcap,
+                                    alibi_slopes=alibi_slopes)
     launch()
     L_out = L.copy_to_host() if isinstance(q, np.ndarray) else L
     return as_dtype(out, kind, q), L_out

