@@ -8,6 +8,7 @@ import pytest
 from tc_helpers import inputs, lse_rel, ratio
 
 from flashnumba import reference
+from flashnumba.kernels import fa2_tc_backward as tcb
 from flashnumba.kernels import fa2_tc_forward as tcf
 from flashnumba.tools import emulation
 
@@ -43,3 +44,21 @@ def test_forward_within_twice_the_dense_error(rng, dtype, B, Nq, Nk, Hq, Hkv, d,
     assert lse_rel(L, lse) <= 1e-5
     plain, _ = reference.attention(q64, k64, v64, causal=causal)
     assert np.abs(O.astype(np.float64) - plain).max() > 0.05     # the options changed the result
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("B, Nq, Nk, Hq, Hkv, d, causal, window, softcap, slopes", CASES)
+def test_backward_within_three_times_the_dense_error(rng, dtype, B, Nq, Nk, Hq, Hkv, d, causal, window,
+                                                     softcap, slopes):
+    q, k, v, dout = inputs(rng, dtype, B, Nq, Nk, Hq, Hkv, d)
+    opts = _options(rng, B, Hq, causal, window, softcap, slopes)
+    out, L = tcf.fa2_tc_forward(q, k, v, Br=BLOCK, Bc=BLOCK, **opts)
+    grads = tcb.fa2_tc_backward(dout, q, k, v, out, L, Bc=BLOCK, **opts)
+    a = [x.astype(np.float64) for x in (dout, q, k, v)]
+    refs = reference.attention_backward(*a, **opts)
+    lows = emulation.attention_backward_in_dtype(*a, dtype, **opts)
+    plains = reference.attention_backward(*a, causal=causal)
+    for name, x, ref, low, plain in zip(("dq", "dk", "dv"), grads, refs, lows, plains):
+        assert x.dtype == q.dtype
+        assert ratio(x, ref, low) <= 3.0, name
+        assert np.abs(x.astype(np.float64) - plain).max() > 0.05, name    # the options mattered

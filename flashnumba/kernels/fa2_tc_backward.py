@@ -10,12 +10,15 @@ registers per lane; ``split_d``). Four launches:
     preprocess   D_i = rowsum(dO_i o O_i), fp32, one thread per row (Alg. 2 line 4)
     zero_fill    dQ = 0 (fp32, accumulated by atomics)
     dkdv         for each query head h of the group (GQA: dK_j, dV_j summed over it in registers)
-                   for each Q tile i visible to K_j (causal: from q_tile_start):
+                   for each Q tile i visible to K_j (q_tile_start <= i < q_tile_end under
+                 causal or a window):
                      Q_i, dO_i -> shared (cp.async); L_i, D_i -> shared
                      S_ij^T  = K_j Q_i^T                 mma, A = K_j (ldmatrix), B = Q_i
+                     S_ij^T  = softcap tanh(scale S_ij^T / softcap) - slope |r + Nk - Nq - c|
+                                                         (the SOFTCAP, ALIBI variants only)
                      P_ij^T  = exp(scale S_ij^T - L_i)    (0 where masked)
                      dP_ij^T = V_j dO_i^T                mma, A = V_j, B = dO_i
-                     dS_ij^T = P_ij^T o (dP_ij^T o Z^T - D_i)
+                     dS_ij^T = P_ij^T o (dP_ij^T o Z^T - D_i)   (o (1 - tanh^2) with softcap)
                      dV_j   += (P_ij o Z_ij)^T dO_i      mma, A packed from P^T's accumulators,
                                                          B = dO_i by ldmatrix.trans
                      dK_j   += dS_ij^T Q_i               mma, A packed from dS^T, B = Q_i (.trans)
@@ -44,6 +47,12 @@ Names here -> the paper's (Dao 2023, Algorithm 2; "l." = its line numbers):
 
 Names follow the paper; the lane layout is kernels/mma.py's: accumulator e of
 n-tile n holds S_ij^T[16 w + g + 8 (e // 2), 8 n + 2 t + e % 2] (key, query).
+Masking: P_ij = 0 for key c >= Nk, query row r >= Nq and, under causal or a
+sliding window, keys outside the band r + lo <= c <= r + hi
+(``geometry.window_bounds``), tested on edge and band-edge tiles only.
+Softcap and ALiBi are compile-time variants (``build(config, kind, softcap=True,
+alibi=True)``), as in ``fa2_fast_backward``: S_ij is capped and biased before
+exp, and with softcap dS_ij carries tanh's derivative, 1 - tanh^2.
 Dropout (compile-time variant): Z_ij from ``philox.keep`` per element, the same
 mask as every other kernel. m_i, l_i are not needed: L_i = m_i + log l_i from
 the forward gives P_ij directly.
@@ -64,10 +73,10 @@ import math
 
 import numpy as np
 from numba import config as numba_config
-from numba import cuda, float32, types, uint16, uint32
+from numba import cuda, float32, int64, types, uint16, uint32
 
 from flashnumba import geometry
-from flashnumba.geometry import BOTTOM_RIGHT
+from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
 from flashnumba.kernels import common, mma
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
@@ -77,11 +86,12 @@ from flashnumba.kernels.common import (
     require,
 )
 from flashnumba.kernels.fast_math import LOG2_E
-from flashnumba.kernels.geometry import num_tiles, q_tile_start
+from flashnumba.kernels.geometry import num_tiles, q_tile_end, q_tile_start
 from flashnumba.kernels.half_io import as_dtype, bits_of, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
+FEATURES = ("window_size", "softcap", "alibi_slopes")   # flash-attn's options beyond plain attention
 HALF_BYTES = 2
 FLOAT_BYTES = 4
 ROW_PAD = 8
@@ -146,15 +156,17 @@ def _smem_alignment():
 Fa2TcBackwardKernels = collections.namedtuple("Fa2TcBackwardKernels", "preprocess dkdv finish_dq")
 
 
-def build(config, kind="bf16", dropout=False):
-    """(preprocess, dkdv, finish_dq) for `config` and `kind` ('bf16' | 'f16'). Cached."""
+def build(config, kind="bf16", dropout=False, softcap=False, alibi=False):
+    """(preprocess, dkdv, finish_dq) for `config` and `kind` ('bf16' | 'f16'); dropout, softcap,
+    alibi: the dkdv variants that drop P_ij, cap S_ij (and carry tanh's derivative into dS_ij),
+    bias S_ij. Cached."""
     if kind not in MMA:
         raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
-    return _build(config, kind, bool(dropout))
+    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi))
 
 
 @functools.cache
-def _build(config, KIND, DROPOUT):
+def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
     check_config(config)
     Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     T = NW * WARP_SIZE
@@ -256,10 +268,14 @@ def _build(config, KIND, DROPOUT):
             dq[b, r, h, x] = uint16(pair & uint32(0xFFFF))
 
     @cuda.jit
-    def dkdv(q, k, v, dout, L, D_rows, dq_acc, dk, dv, q_scale, scale, causal, offset,
-             dropout_p, seed, limit):
+    def dkdv(q, k, v, dout, L, D_rows, dq_acc, dk, dv, q_scale, scale, windowed, lo, hi,
+             dropout_p, seed, limit, cap, slopes):
         # --- sizes --- q, dout (B, Nq, H_q, d_pad), k, v (B, Nk, H_kv, d_pad): uint16 bits padded to d_pad;
         # L, D_rows (B, H_q, Nq) fp32; dq_acc (B, Nq, H_q, d) fp32; dk, dv (B, Nk, H_kv, d) bits.
+        # q_scale: scale log2(e), scale: float32; windowed: bool (causal or a window); lo, hi:
+        # int32, key c is visible to query r iff r + lo <= c <= r + hi; dropout_p, seed (DROPOUT
+        # only); limit: i steps to run (int64); cap: float32 softcap (SOFTCAP only); slopes:
+        # float32 (B, H_q) ALiBi slopes (ALIBI only).
         Nq, H_q = q.shape[1], q.shape[2]
         Nk, H_kv = k.shape[1], k.shape[2]
         d = dk.shape[3]
@@ -310,11 +326,15 @@ def _build(config, KIND, DROPOUT):
                 dV[n, e] = 0.0
 
         i_start = 0
-        if causal:
-            i_start = q_tile_start(j, Br, Bc, Nq, offset)     # Q tiles above the diagonal skipped
-        i_end = min(Tr, i_start + limit)
+        i_stop = Tr
+        if windowed:                                         # Q tiles outside the band are skipped
+            i_start = int64(q_tile_start(j, Br, Bc, Nq, hi))            # above the band's right edge
+            i_stop = int64(max(i_start, q_tile_end(j, Br, Bc, Nq, Nk, lo)))   # below its left edge
+        i_end = min(i_stop, i_start + limit)
 
         for hq in range(h_kv * G, h_kv * G + G):             # GQA: the group's query heads
+            if ALIBI:
+                slope = slopes[b, hq]                        # bias -slope |r + Nk - Nq - c|
             for i in range(i_start, i_end):                  # Alg. 2 line 8
                 row0 = i * Br
                 # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
@@ -346,7 +366,8 @@ def _build(config, KIND, DROPOUT):
                 product_T(S, Ks, Qs, w, lane)
                 # Alg. 2 line 13: dP_ij^T = V_j dO_i^T
                 product_T(dP, Vs, dOs, w, lane)
-                masked = col0 + Bc > Nk or row0 + Br > Nq or (causal and col0 + Bc - 1 > row0 + offset)
+                masked = (col0 + Bc > Nk or row0 + Br > Nq
+                          or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)))
                 for n in range(NC):
                     for e in range(4):
                         key = col0 + 16 * w + g + 8 * (e // 2)
@@ -354,10 +375,19 @@ def _build(config, KIND, DROPOUT):
                         row = row0 + qr
                         visible = True
                         if masked:
-                            visible = key < Nk and row < Nq and (not causal or key <= row + offset)
+                            visible = key < Nk and row < Nq and (not windowed or row + lo <= key <= row + hi)
                         p = float32(0.0)
                         if visible:
-                            p = math.exp2(S[n, e] * q_scale - Ls[qr])
+                            if SOFTCAP or ALIBI:
+                                score = S[n, e] * scale
+                                if SOFTCAP:              # S_ij = cap tanh(S_ij / cap)
+                                    tanh_s = math.tanh(score / cap)
+                                    score = cap * tanh_s
+                                if ALIBI:                # S_ij -= slope |r + Nk - Nq - c|
+                                    score -= slope * float32(abs(row + Nk - Nq - key))
+                                p = math.exp2(score * float32(LOG2_E) - Ls[qr])
+                            else:
+                                p = math.exp2(S[n, e] * q_scale - Ls[qr])
                         z = float32(1.0)
                         if DROPOUT:
                             z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
@@ -365,6 +395,8 @@ def _build(config, KIND, DROPOUT):
                         ds = float32(0.0)
                         if visible:
                             ds = p * (dP[n, e] * z - Ds[qr])
+                            if SOFTCAP:                  # through the cap: dS_ij o (1 - tanh^2)
+                                ds *= float32(1.0) - tanh_s * tanh_s
                         S[n, e] = p * z
                         dP[n, e] = ds
 
@@ -440,13 +472,16 @@ def compile_targets(config):
     u4 = types.Array(types.uint16, 4, "C")
     f3 = types.Array(types.float32, 3, "C")
     f4 = types.Array(types.float32, 4, "C")
+    f2 = types.Array(types.float32, 2, "C")
     argtypes = (u4, u4, u4, u4, f3, f3, f4, u4, u4, types.float32, types.float32, types.boolean,
-                types.int64, types.float64, types.uint64, types.int64)
+                types.int32, types.int32, types.float64, types.uint64, types.int64, types.float32, f2)
     targets = []
     for kind in ("bf16", "f16"):
         plain = build(config, kind)
         targets += [(f"fa2_tc_backward_{kind}", plain.dkdv, argtypes),
                     (f"fa2_tc_backward_{kind}_dropout", build(config, kind, True).dkdv, argtypes),
+                    (f"fa2_tc_backward_{kind}_softcap_alibi",
+                     build(config, kind, softcap=True, alibi=True).dkdv, argtypes),
                     (f"fa2_tc_backward_preprocess_{kind}", plain.preprocess, (u4, u4, f3)),
                     (f"fa2_tc_backward_finish_dq_{kind}", plain.finish_dq, (f4, types.float32, u4))]
     return targets
@@ -478,8 +513,9 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
 
 def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
              dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None,
-             dtype=None):
-    """Check and allocate once; returns (launch, dq, dk, dv, kind), results as device uint16 bits."""
+             dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """Check and allocate once; returns (launch, dq, dk, dv, kind), results as device uint16 bits.
+    softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``)."""
     B, Nq, Nk, H_q, H_kv, d = check_qkv16(q, k, v)
     for name, x in (("dout", dout), ("out", out)):
         if tuple(x.shape) != tuple(q.shape):
@@ -491,11 +527,16 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
         if resolve_kind(x, dtype) != kind:
             raise TypeError(f"{name} must have q's dtype")
     scale = common.resolve_scale(softmax_scale, d)
-    offset = common.resolve_offset(causal, alignment, Nq, Nk)
+    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
+    windowed = is_windowed(causal, window_size)
+    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)), as fa2_fast_backward takes them
+    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
+    cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
-    kernels = build(config, kind, dropout=dropout_p > 0.0)
+    kernels = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0,
+                    alibi=alibi_slopes is not None)
 
     arrays = common.Arrays(q, k, v, dout, out)
     q_d, k_d, v_d, dout_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v, dout))
@@ -515,7 +556,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
         zero_fill[geometry.num_tiles(n_dq, 256), 256](dq_acc)     # dQ is accumulated by atomics
         kernels.dkdv[(Tc, B * H_kv), config.threads](
             q_d, k_d, v_d, dout_d, L_d, D_rows, dq_acc, dk, dv, np.float32(scale * LOG2_E),
-            np.float32(scale), bool(causal), offset, dropout_p, seed, steps)
+            np.float32(scale), windowed, lo, hi, dropout_p, seed, steps, np.float32(cap), slopes)
         kernels.finish_dq[geometry.num_tiles(n_dq, 256), 256](dq_acc, np.float32(scale), dq)
 
     return launch, dq, dk, dv, kind
@@ -523,16 +564,17 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 
 def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT,
                     dropout_p=0.0, seed=0, limit=None, *, Br=None, Bc=None, num_warps=None,
-                    config=None, dtype=None):
+                    config=None, dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """FlashAttention-2 backward on tensor cores. Returns (dq, dk, dv) shaped like q, k, v, in
     the input dtype (float16 or bfloat16). dout, out (B, Nq, Hq, d) in that dtype and L (B, Hq, Nq)
-    float32 come from the forward, run with the same causal, alignment, softmax_scale, dropout_p
-    and seed. NumPy in, NumPy out; device arrays (uint16 bits, with dtype=) in, device arrays out.
+    float32 come from the forward, run with the same causal, alignment, softmax_scale, dropout_p,
+    seed, window_size, softcap and alibi_slopes. NumPy in, NumPy out; device arrays (uint16 bits, with dtype=) in, device arrays out.
     """
     launch, dq, dk, dv, kind = launcher(dout, q, k, v, out, L, causal=causal, alignment=alignment,
                                         softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
                                         Br=Br, Bc=Bc, num_warps=num_warps, limit=limit,
-                                        config=config, dtype=dtype)
+                                        config=config, dtype=dtype, window_size=window_size,
+                                        softcap=softcap, alibi_slopes=alibi_slopes)
     launch()
     return as_dtype(dq, kind, q), as_dtype(dk, kind, q), as_dtype(dv, kind, q)
 
