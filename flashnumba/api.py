@@ -48,7 +48,7 @@ import dataclasses
 import sys
 
 from flashnumba import registry, validate
-from flashnumba.attention import Call, backward, forward
+from flashnumba.attention import Call, backward, forward, lacks_features
 from flashnumba.geometry import BOTTOM_RIGHT, TOP_LEFT
 from flashnumba.interop import Operand, swap_seq_heads, take
 from flashnumba.kernels.common import resolve_dropout
@@ -64,8 +64,8 @@ def _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, a
                 algorithm=name, deterministic=validate.deterministic(deterministic, name, d),
                 window_size=validate.window_size(window_size), softcap=validate.softcap(softcap),
                 alibi_slopes=validate.alibi_slopes(alibi_slopes, B, Hq))
-    if algorithm is None and call.features and call.algorithm != registry.DEFAULT:
-        # the half-precision default lacks these options: the fp32 kernels take them, widened
+    if algorithm is None and call.features and lacks_features(call, registry.version(call.algorithm)):
+        # a default whose kernels lack these options: the fp32 kernels take them, widened
         call = dataclasses.replace(call, algorithm=registry.DEFAULT)
     return call
 

@@ -56,10 +56,21 @@ class Call:
         return options
 
 
+def _missing(call, module):
+    """The options of `call` (flash-attn's names) that a kernel module's FEATURES do not declare."""
+    return [f for f in call.features if f not in getattr(module, "FEATURES", ())]
+
+
+def lacks_features(call, version):
+    """True when `version`'s forward or backward kernels lack one of `call`'s options: the public
+    calls then run the default version instead, when no algorithm was named."""
+    return any(_missing(call, version.module(direction)) for direction in registry.DIRECTIONS)
+
+
 def _kernel_module(call, version, direction):
     """The version's kernel module; a ValueError naming the algorithm when it lacks a feature."""
     module = version.module(direction)
-    missing = [f for f in call.features if f not in getattr(module, "FEATURES", ())]
+    missing = _missing(call, module)
     if missing:
         raise ValueError(f"algorithm={version.name!r} does not implement {', '.join(missing)} "
                          f"({direction}); use algorithm={registry.DEFAULT!r} (the default), whose "

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from tc_helpers import inputs, lse_rel, ratio
 
-from flashnumba import reference
+import flashnumba
+from flashnumba import reference, registry
 from flashnumba.kernels import fa2_tc_backward as tcb
 from flashnumba.kernels import fa2_tc_forward as tcf
 from flashnumba.tools import emulation
@@ -62,3 +63,40 @@ def test_backward_within_three_times_the_dense_error(rng, dtype, B, Nq, Nk, Hq, 
         assert x.dtype == q.dtype
         assert ratio(x, ref, low) <= 3.0, name
         assert np.abs(x.astype(np.float64) - plain).max() > 0.05, name    # the options mattered
+
+
+@pytest.fixture
+def tc_calls(monkeypatch):
+    """The directions whose fa2_tc entry point a public call reached (and ran)."""
+    calls = []
+    version = registry.version(registry.DEFAULT_HALF)
+    forward, backward = (version.module(direction) for direction in registry.DIRECTIONS)
+    run_forward, run_backward = forward.forward, backward.backward
+
+    def spy_forward(*args, **options):
+        calls.append(registry.FORWARD)
+        return run_forward(*args, **options)
+
+    def spy_backward(*args, **options):
+        calls.append(registry.BACKWARD)
+        return run_backward(*args, **options)
+    monkeypatch.setattr(forward, "forward", spy_forward)
+    monkeypatch.setattr(backward, "backward", spy_backward)
+    return calls
+
+
+def test_public_calls_with_the_options_run_the_tensor_core_kernels(rng, tc_calls):
+    """bf16 inputs with window_size, softcap and alibi_slopes: flash_attn_func and
+    flash_attn_backward run fa2_tc (not the fp32 fallback), within flash-attn's rule."""
+    assert registry.DEFAULT_HALF == "fa2_tc"
+    q, k, v, dout = inputs(rng, "bfloat16", 1, 20, 33, 2, 1, 16)
+    opts = _options(rng, 1, 2, False, (4, 1), 1.2, "heads")
+    out, lse, _ = flashnumba.flash_attn_func(q, k, v, return_attn_probs=True, **opts)
+    grads = flashnumba.flash_attn_backward(dout, q, k, v, out, lse, **opts)
+    assert tc_calls == [registry.FORWARD, registry.BACKWARD]
+    a = [x.astype(np.float64) for x in (dout, q, k, v)]
+    ref, _ = reference.attention(*a[1:], **opts)
+    assert out.dtype == q.dtype and ratio(out, ref, emulation.attention_in_dtype(*a[1:], "bfloat16", **opts)) <= 2.0
+    lows = emulation.attention_backward_in_dtype(*a, "bfloat16", **opts)
+    for x, r, low in zip(grads, reference.attention_backward(*a, **opts), lows):
+        assert x.dtype == q.dtype and ratio(x, r, low) <= 3.0
