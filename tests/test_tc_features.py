@@ -5,6 +5,7 @@ running fa2_tc, not the fp32 fallback, with them. Simulator sizes are tiny."""
 
 import numpy as np
 import pytest
+from numba import config as numba_config
 from tc_helpers import inputs, lse_rel, ratio
 
 import flashnumba
@@ -13,14 +14,27 @@ from flashnumba.kernels import fa2_tc_backward as tcb
 from flashnumba.kernels import fa2_tc_forward as tcf
 from flashnumba.tools import emulation
 
-# (B, Nq, Nk, Hq, Hkv, d, causal, window, softcap, slopes: None, "heads" (Hq,) or "batch" (B, Hq))
+ON_GPU = not numba_config.ENABLE_CUDASIM
+
+# (B, Nq, Nk, Hq, Hkv, d, causal, window, softcap, slopes: None, "heads" (Hq,) or "batch" (B, Hq),
+#  tiles: Br = Bc = 16 on the simulator (a window of a few keys is narrower than a tile, and several
+#  tiles run), None: the shipped defaults)
 CASES = [
-    pytest.param(1, 20, 33, 1, 1, 16, False, (3, 2), 0.0, None, id="window narrower than a tile, Nq<Nk"),
-    pytest.param(1, 33, 20, 2, 1, 16, True, (5, -1), 0.0, None, id="causal window, Nq>Nk, GQA"),
-    pytest.param(1, 20, 33, 2, 2, 32, False, (-1, -1), 1.5, "heads", id="softcap, ALiBi (Hq,)"),
-    pytest.param(1, 33, 20, 1, 1, 16, False, (7, 0), 0.8, "batch", id="window, softcap, ALiBi (B, Hq)"),
+    pytest.param(1, 20, 33, 1, 1, 16, False, (3, 2), 0.0, None, 16, id="window narrower than a tile, Nq<Nk"),
+    pytest.param(1, 33, 20, 2, 1, 16, True, (5, -1), 0.0, None, 16, id="causal window, Nq>Nk, GQA"),
+    pytest.param(1, 20, 33, 2, 2, 32, False, (-1, -1), 1.5, "heads", 16, id="softcap, ALiBi (Hq,)"),
+    pytest.param(1, 33, 20, 1, 1, 16, False, (7, 0), 0.8, "batch", 16, id="window, softcap, ALiBi (B, Hq)"),
 ]
-BLOCK = 16          # Br = Bc = 16: a window of a few keys is narrower than a tile, and several tiles run
+GPU_CASES = [
+    pytest.param(2, 700, 1100, 4, 2, 64, True, (256, -1), 0.0, None, None, id="gpu: causal window 256"),
+    pytest.param(1, 1000, 1000, 4, 4, 128, False, (100, 50), 30.0, "batch", None, id="gpu: all three, d=128"),
+    pytest.param(1, 300, 257, 2, 1, 40, False, (-1, -1), 5.0, "heads", None, id="gpu: softcap, ALiBi, d=40"),
+]
+PARAMS = "B, Nq, Nk, Hq, Hkv, d, causal, window, softcap, slopes, tiles"
+
+
+def _cases():
+    return CASES + (GPU_CASES if ON_GPU else [])
 
 
 def _options(rng, B, Hq, causal, window, softcap, slopes):
@@ -31,12 +45,12 @@ def _options(rng, B, Hq, causal, window, softcap, slopes):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("B, Nq, Nk, Hq, Hkv, d, causal, window, softcap, slopes", CASES)
+@pytest.mark.parametrize(PARAMS, _cases())
 def test_forward_within_twice_the_dense_error(rng, dtype, B, Nq, Nk, Hq, Hkv, d, causal, window,
-                                              softcap, slopes):
+                                              softcap, slopes, tiles):
     q, k, v, _ = inputs(rng, dtype, B, Nq, Nk, Hq, Hkv, d)
     opts = _options(rng, B, Hq, causal, window, softcap, slopes)
-    O, L = tcf.fa2_tc_forward(q, k, v, Br=BLOCK, Bc=BLOCK, **opts)
+    O, L = tcf.fa2_tc_forward(q, k, v, Br=tiles, Bc=tiles, **opts)
     assert O.dtype == q.dtype and O.shape == q.shape
     q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
     ref, lse = reference.attention(q64, k64, v64, **opts)
@@ -48,13 +62,13 @@ def test_forward_within_twice_the_dense_error(rng, dtype, B, Nq, Nk, Hq, Hkv, d,
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("B, Nq, Nk, Hq, Hkv, d, causal, window, softcap, slopes", CASES)
+@pytest.mark.parametrize(PARAMS, _cases())
 def test_backward_within_three_times_the_dense_error(rng, dtype, B, Nq, Nk, Hq, Hkv, d, causal, window,
-                                                     softcap, slopes):
+                                                     softcap, slopes, tiles):
     q, k, v, dout = inputs(rng, dtype, B, Nq, Nk, Hq, Hkv, d)
     opts = _options(rng, B, Hq, causal, window, softcap, slopes)
-    out, L = tcf.fa2_tc_forward(q, k, v, Br=BLOCK, Bc=BLOCK, **opts)
-    grads = tcb.fa2_tc_backward(dout, q, k, v, out, L, Bc=BLOCK, **opts)
+    out, L = tcf.fa2_tc_forward(q, k, v, Br=tiles, Bc=tiles, **opts)
+    grads = tcb.fa2_tc_backward(dout, q, k, v, out, L, Bc=tiles, **opts)
     a = [x.astype(np.float64) for x in (dout, q, k, v)]
     refs = reference.attention_backward(*a, **opts)
     lows = emulation.attention_backward_in_dtype(*a, dtype, **opts)
