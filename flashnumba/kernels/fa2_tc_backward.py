@@ -14,9 +14,9 @@ registers per lane; ``split_d``). Four launches:
                  causal or a window):
                      Q_i, dO_i -> shared (cp.async); L_i, D_i -> shared
                      S_ij^T  = K_j Q_i^T                 mma, A = K_j (ldmatrix), B = Q_i
-                     S_ij^T  = softcap tanh(scale S_ij^T / softcap) - slope |r + Nk - Nq - c|
-                                                         (the SOFTCAP, ALIBI variants only)
-                     P_ij^T  = exp(scale S_ij^T - L_i)    (0 where masked)
+                     P_ij^T  = exp(scale S_ij^T - L_i)    (0 where masked); the SOFTCAP, ALIBI
+                               variants: exp(softcap tanh(scale S_ij^T / softcap)
+                                             - slope |r + Nk - Nq - c| - L_i)
                      dP_ij^T = V_j dO_i^T                mma, A = V_j, B = dO_i
                      dS_ij^T = P_ij^T o (dP_ij^T o Z^T - D_i)   (o (1 - tanh^2) with softcap)
                      dV_j   += (P_ij o Z_ij)^T dO_i      mma, A packed from P^T's accumulators,
