@@ -33,8 +33,10 @@ $(VENV)/.lessons: $(VENV)/.core
 demo: $(VENV)/.core
 	$(BIN)/flashnumba demo
 
+# --dist loadfile: one file's tests on one worker, so the resource build and the ring launches
+# happen once (pytest 9 ignores pytest-xdist 3.8's xdist_group marks: loadgroup splits them).
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 figures: $(VENV)/.core
 	$(BIN)/flashnumba figures

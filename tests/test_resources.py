@@ -8,8 +8,9 @@ kernels built to fail (too much shared memory, spills, a run-time indexed local
 array) must be caught.
 
 Everything is built once per session (flashnumba.tools.resources starts the
-compiler workers). Under pytest-xdist the first worker to need the build does it
-and leaves it in pytest's shared temp directory; the other waits for it.
+compiler workers). ``make test``'s ``--dist loadfile`` keeps this file on one
+worker; under other xdist modes the first worker to need the build does it and
+leaves it in pytest's shared temp directory, and the others wait for it.
 """
 
 import fcntl
@@ -23,8 +24,6 @@ from numba import cuda, float32, types
 
 from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT
 from flashnumba.tools import resources
-
-pytestmark = pytest.mark.xdist_group("resources")   # with --dist loadgroup: one worker
 
 # sm_90 only: the lent GPUs' architecture; the GPU run's `flashnumba resources` links every
 # shipped config for sm_80 and sm_90 (.ci/gpu-run resources).

@@ -4,8 +4,8 @@ bad input an error on every rank, never a hang.
 
 Each launch starts P copies of tests/ring_worker.py on a free port (one launch for 2 ranks,
 one for 4: module fixtures) and waits for them with a timeout (a hang fails the test and the
-workers are killed). The tests share one xdist group, so ``--dist loadgroup`` runs them on one
-worker, one after another, instead of starting simulator processes on both at once.
+workers are killed). ``make test``'s ``--dist loadfile`` runs this file's tests on one worker,
+so each launch happens once.
 """
 
 import json
@@ -30,7 +30,6 @@ REPO = WORKER.parent.parent
 TIMEOUT_S = 240
 FP32_TOL = 1e-5          # the project's float32 bound, relative to the float64 reference
 
-ring_processes = pytest.mark.xdist_group("ring")
 
 
 def _free_port():
@@ -125,7 +124,6 @@ def four_ranks(tmp_path_factory):
     return out_dir
 
 
-@ring_processes
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_ranks_equal_the_reference(layout, two_ranks):
     cases = [case for case in _two_rank_valid() if case["layout"] == layout]
@@ -134,14 +132,12 @@ def test_two_ranks_equal_the_reference(layout, two_ranks):
         _check_against_reference(case, 2, two_ranks)
 
 
-@ring_processes
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_four_ranks_causal_equal_the_reference(layout, four_ranks):
     (case,) = [case for case in _four_rank_valid() if case["layout"] == layout]
     _check_against_reference(case, 4, four_ranks)
 
 
-@ring_processes
 def test_bad_input_is_an_error_on_every_rank(two_ranks):
     """Each bad case raises on both ranks (the rank at fault and the other), and the next case
     runs on the same group: nobody was left waiting on a point-to-point operation (the launch
