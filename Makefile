@@ -33,10 +33,11 @@ $(VENV)/.lessons: $(VENV)/.core
 demo: $(VENV)/.core
 	$(BIN)/flashnumba demo
 
-# --dist loadfile: one file's tests on one worker, so the resource build and the ring launches
-# happen once (pytest 9 ignores pytest-xdist 3.8's xdist_group marks: loadgroup splits them).
+# --dist load: tests go to whichever worker is free (pytest 9 ignores pytest-xdist 3.8's
+# xdist_group marks; loadfile leaves one worker idle at the end). The resource build is shared
+# through a file lock (tests/test_resources.py).
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+	$(BIN)/python -m pytest -n 2 --dist load -q
 
 figures: $(VENV)/.core
 	$(BIN)/flashnumba figures

@@ -8,9 +8,8 @@ kernels built to fail (too much shared memory, spills, a run-time indexed local
 array) must be caught.
 
 Everything is built once per session (flashnumba.tools.resources starts the
-compiler workers). ``make test``'s ``--dist loadfile`` keeps this file on one
-worker; under other xdist modes the first worker to need the build does it and
-leaves it in pytest's shared temp directory, and the others wait for it.
+compiler workers). Under pytest-xdist the first worker to need the build does it
+and leaves it in pytest's shared temp directory; the others wait for it.
 """
 
 import fcntl

@@ -2,10 +2,10 @@
 simulator), forward and backward against the float64 reference on the full sequence;
 bad input an error on every rank, never a hang.
 
-Each launch starts P copies of tests/ring_worker.py on a free port (one launch for 2 ranks,
-one for 4: module fixtures) and waits for them with a timeout (a hang fails the test and the
-workers are killed). ``make test``'s ``--dist loadfile`` runs this file's tests on one worker,
-so each launch happens once.
+Each of the two multi-process tests starts P copies of tests/ring_worker.py on a free port
+(one launch with every 2-rank case, one with the 4-rank ones: an interpreter with torch and
+numba per rank is the cost) and waits for them with a timeout (a hang fails the test and the
+workers are killed).
 """
 
 import json
@@ -78,8 +78,6 @@ def _check_against_reference(case, world, out_dir):
 
 
 # ---------------------------------------------------------------- one launch per world size
-# Starting a rank costs an interpreter with torch and numba: every 2-rank case (the valid ones,
-# then the bad ones on the same group) runs in one launch, the 4-rank cases in another.
 
 def _two_rank_valid():
     """GQA (2 query heads on 1 K/V head), causal and not, N = 32 over 2 ranks."""
@@ -108,45 +106,30 @@ BAD = {
 }
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """The output directory of one 2-rank launch: the valid cases, then each bad case."""
-    out_dir = tmp_path_factory.mktemp("ring2")
+def test_two_ranks_equal_the_reference_and_refuse_bad_input(tmp_path):
+    """One 2-rank launch: the valid cases (both layouts) against the reference, then each bad case
+    raises on both ranks (the rank at fault and the other) and the next case runs on the same
+    group: nobody was left waiting on a point-to-point operation (the launch fails on a timeout
+    otherwise)."""
+    valid = _two_rank_valid()
     bad = [_case(name, "contiguous", False, N=32, H_q=2, H_kv=1, bad=name) for name in BAD]
-    _launch(2, _two_rank_valid() + bad, out_dir)
-    return out_dir
-
-
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ring4")
-    _launch(4, _four_rank_valid(), out_dir)
-    return out_dir
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_two_ranks_equal_the_reference(layout, two_ranks):
-    cases = [case for case in _two_rank_valid() if case["layout"] == layout]
-    assert len(cases) == 2
-    for case in cases:
-        _check_against_reference(case, 2, two_ranks)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_four_ranks_causal_equal_the_reference(layout, four_ranks):
-    (case,) = [case for case in _four_rank_valid() if case["layout"] == layout]
-    _check_against_reference(case, 4, four_ranks)
-
-
-def test_bad_input_is_an_error_on_every_rank(two_ranks):
-    """Each bad case raises on both ranks (the rank at fault and the other), and the next case
-    runs on the same group: nobody was left waiting on a point-to-point operation (the launch
-    fails on a timeout otherwise)."""
-    for bad, expected in BAD.items():
+    _launch(2, valid + bad, tmp_path)
+    assert {case["layout"] for case in valid} == set(LAYOUTS) and len(valid) == 4
+    for case in valid:
+        _check_against_reference(case, 2, tmp_path)
+    for name, expected in BAD.items():
         for rank in range(2):
-            message = (two_ranks / f"{bad}_rank{rank}.txt").read_text()
+            message = (tmp_path / f"{name}_rank{rank}.txt").read_text()
             assert message.startswith("ValueError: ring_flash_attn_func: "), message
-            assert expected in message, f"{bad}, rank {rank}: {message}"
+            assert expected in message, f"{name}, rank {rank}: {message}"
+
+
+def test_four_ranks_causal_equal_the_reference(tmp_path):
+    """One 4-rank launch, both layouts."""
+    cases = _four_rank_valid()
+    _launch(4, cases, tmp_path)
+    for case in cases:
+        _check_against_reference(case, 4, tmp_path)
 
 
 # ---------------------------------------------------------------- the checks alone (no processes)
