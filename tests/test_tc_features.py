@@ -5,7 +5,6 @@ running fa2_tc, not the fp32 fallback, with them. Simulator sizes are tiny."""
 
 import numpy as np
 import pytest
-from numba import config as numba_config
 from tc_helpers import inputs, lse_rel, ratio
 
 import flashnumba
@@ -14,7 +13,7 @@ from flashnumba.kernels import fa2_tc_backward as tcb
 from flashnumba.kernels import fa2_tc_forward as tcf
 from flashnumba.tools import emulation
 
-ON_GPU = not numba_config.ENABLE_CUDASIM
+ON_GPU = not flashnumba.on_simulator()
 
 # (B, Nq, Nk, Hq, Hkv, d, causal, window, softcap, slopes: None, "heads" (Hq,) or "batch" (B, Hq),
 #  tiles: Br = Bc = 16 on the simulator (a window of a few keys is narrower than a tile, and several

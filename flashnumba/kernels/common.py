@@ -98,6 +98,17 @@ def check_sizes(config, who):
             f"a thread block has at most 1024 (num_warps <= 32)")
 
 
+def tile_offsets(sizes):
+    """Tiles laid end to end in one shared array: {name: first float} for (name, floats) in
+    `sizes`, in order, and "floats": the array's length."""
+    offsets, at = {}, 0
+    for name, size in sizes:
+        offsets[name] = at
+        at += size
+    offsets["floats"] = at
+    return offsets
+
+
 def check_smem(config, smem, who):
     """`smem` bytes of static shared memory fit the 48 KB a block may have."""
     require(smem <= STATIC_SMEM_LIMIT,

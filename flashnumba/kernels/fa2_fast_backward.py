@@ -287,12 +287,7 @@ def smem_offsets(config):
     Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
     sizes = (("Kt", d_pad * (Bc + PAD)), ("Vt", d_pad * (Bc + PAD)), ("Qs", Br * (d_pad + PAD)),
              ("dOs", Br * (d_pad + PAD)), ("Ps", Br * (Bc + PAD)), ("dSs", Br * (Bc + PAD)))
-    offsets, at = {}, 0
-    for name, size in sizes:
-        offsets[name] = at
-        at += size
-    offsets["floats"] = at
-    return offsets
+    return common.tile_offsets(sizes)
 
 
 def smem_bytes(config):

@@ -217,12 +217,7 @@ def smem_offsets(config):
     4 floats, so 16-byte vectors stay aligned."""
     Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
     sizes = (("Qt", d_pad * Br), ("Kt", max(d_pad, Bc) * Bc), ("Vs", Bc * d_pad))
-    offsets, at = {}, 0
-    for name, size in sizes:
-        offsets[name] = at
-        at += size
-    offsets["floats"] = at
-    return offsets
+    return common.tile_offsets(sizes)
 
 
 def smem_bytes(config):
