@@ -21,7 +21,7 @@ SEED = 11
 CASES = [
     (1, 20, 37, 1, 1, 24, False, BOTTOM_RIGHT, 0.0, 16),     # Nq != Nk, edge tiles, d < d_pad
     (1, 33, 17, 2, 1, 16, True, BOTTOM_RIGHT, 0.0, 16),      # GQA, fully masked rows
-    (1, 30, 45, 1, 1, 32, True, TOP_LEFT, 0.0, None),        # default tiles (4 warps)
+    (1, 40, 70, 1, 1, 32, True, TOP_LEFT, 0.0, None),        # default tiles: Br=32 < Bc=64, 4 warps
     (1, 21, 30, 1, 1, 17, True, BOTTOM_RIGHT, 0.2, 16),      # dropout, odd head dim
     (1, 18, 20, 1, 1, 100, True, BOTTOM_RIGHT, 0.0, 16),     # d_pad = 128: two warps split the dims
 ]
@@ -76,8 +76,10 @@ def test_bad_inputs_are_refused(rng):
         tcb.fa2_tc_backward(dout, q, k, v, out, L[:, :, :5])
     with pytest.raises(ValueError, match="dout must have q's shape"):
         tcb.fa2_tc_backward(dout[:, :4], q, k, v, out, L)
-    with pytest.raises(ConfigError, match="Br=32 must equal Bc=16"):
-        tcb.check_config(TileConfig(Br=32, Bc=16, d_pad=32, num_warps=1))
+    with pytest.raises(ConfigError, match="Br=24 must be a multiple of 16"):
+        tcb.check_config(TileConfig(Br=24, Bc=16, d_pad=32, num_warps=1))
+    with pytest.raises(ConfigError, match="Bc=32 must be 16 x num_warps / 1 = 16"):
+        tcb.check_config(TileConfig(Br=16, Bc=32, d_pad=32, num_warps=1))
     for config in tcb.shipped_configs():
         tcb.check_config(config)
 

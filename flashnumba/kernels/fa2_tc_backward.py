@@ -2,10 +2,13 @@
 
 Dao 2023, Algorithm 2, with every product on ``mma.sync.m16n8k16`` (``kernels.mma``):
 one thread block per K/V tile j and K/V head (grid (Tc, B * Hkv)); each warp owns
-16 keys of K_j (Br = Bc = 16 num_warps / SPLIT_D) and, for d_pad >= 96, half of the
-head dims of dK_j, dV_j and dQ_i (SPLIT_D = 2: the two warps of a pair both
-compute S_ij^T and dP_ij^T for their keys, which keeps dK_j + dV_j at 64 fp32
-registers per lane; ``split_d``). Four launches:
+16 keys of K_j (Bc = 16 num_warps / SPLIT_D) and, for d_pad >= 96, half of the
+head dims of dK_j, dV_j (SPLIT_D = 2: the two warps of a pair both compute S_ij^T
+and dP_ij^T for their keys, which keeps dK_j + dV_j at 64 fp32 registers per
+lane; ``split_d``). Q tiles have Br rows, any multiple of 16 (Br <= Bc keeps
+S_ij^T and dP_ij^T small): a warp's registers grow with Br, the block's K/V
+tile with Bc, and every Q tile's loads and dQ_i atomics are shared by Bc keys.
+dQ_i's 16 x 16 pieces are dealt out to all warps. Four launches:
 
     preprocess   D_i = rowsum(dO_i o O_i), fp32, one thread per row (Alg. 2 line 4)
     zero_fill    dQ = 0 (fp32, accumulated by atomics)
@@ -24,7 +27,8 @@ registers per lane; ``split_d``). Four launches:
                      dK_j   += dS_ij^T Q_i               mma, A packed from dS^T, B = Q_i (.trans)
                      dS_ij^T -> shared (16-bit); dQ_i += dS_ij K_j   mma, A = dS by
                                                          ldmatrix.trans, B = K_j (.trans);
-                                                         fp32 atomics into dQ
+                                                         fp32 atomics into dQ, 16 x 16
+                                                         pieces of dQ_i dealt to the warps
                  dK_j = scale dK_j, dV_j written in the input dtype
     finish_dq    dQ = scale dQ (fp32) -> the input dtype
 
@@ -41,7 +45,7 @@ Names here -> the paper's (Dao 2023, Algorithm 2; "l." = its line numbers):
     S              S_ij^T (l. 10), then (P_ij o Z_ij)^T (l. 11)
     dP             dP_ij^T (l. 13), then dS_ij^T (l. 14)
     dV, dK         dV_j (l. 12), dK_j (l. 16, unscaled until it is written, l. 18)
-    dSs, dQ        dS_ij^T in shared memory; dQ: this warp's rows of dS_ij K_j, added
+    dSs, dQ        dS_ij^T in shared memory; dQ: one 16 x 16 piece of dS_ij K_j, added
                    to HBM by atomics (l. 15)
     d_pad          the compiled head dim (d <= d_pad)
 
@@ -57,12 +61,14 @@ Dropout (compile-time variant): Z_ij from ``philox.keep`` per element, the same
 mask as every other kernel. m_i, l_i are not needed: L_i = m_i + log l_i from
 the forward gives P_ij directly.
 
-What bounds it: dQ by atomics (B * Hq * Nq * d fp32 adds per K/V tile row of
-blocks; not deterministic in its summation order), K_j and V_j re-read from
-shared memory by ldmatrix for every Q tile, four barriers per Q tile, and the
-dropout variant's Philox call per element (3 of its 4 words unused), the
-duplicated S_ij^T and dP_ij^T products at d_pad >= 96, and tiles of only Bc = 32 keys
-(larger tiles needed more than 255 registers). No double buffering of Q_i, dO_i.
+What bounds it: dQ by atomics (B * Hq * Nq * d fp32 adds per column of K/V
+blocks, so Nk / Bc of them per element of dQ; not deterministic in its summation
+order), Q_i and dO_i re-read from L2 by every K/V block (also Nk / Bc times), K_j
+and V_j re-read from shared memory by ldmatrix for every Q tile, three barriers
+per Q tile, the dropout variant's Philox call per element (3 of its 4 words
+unused), the duplicated S_ij^T and dP_ij^T products at d_pad >= 96, and the 48 KB
+of static shared memory, which caps Bc (K_j and V_j) times d_pad. No double
+buffering of Q_i, dO_i.
 deterministic=True is served by FA2's readable backward (``registry``: its
 separate dQ pass, on the inputs widened to float32), not by this kernel.
 """
@@ -100,12 +106,13 @@ PACK = {"bf16": mma.pack_bf16x2, "f16": mma.pack_f16x2}
 UNPACK = {"bf16": mma.unpack_bf16x2, "f16": mma.unpack_f16x2}
 PRE_THREADS = 128
 
-# (Br = Bc, num_warps) per head-dim bucket: Q_i, dO_i, K_j, V_j, dS_ij^T must fit in 48 KB.
-# Bc = 64 at d = 64 needed more than 255 registers (S^T, dP^T, dK_j, dV_j all live) and spilled.
+# (Br, Bc, num_warps) per head-dim bucket: Q_i, dO_i, K_j, V_j, dS_ij^T must fit in 48 KB.
+# A warp's registers grow with Br (S^T, dP^T: Br / 2 fp32 each per lane): Br = Bc = 64 at
+# d = 64 needed more than 255 registers and spilled; Bc grows with the warps instead.
 # d_pad >= 96: two warps share 16 keys, each accumulating half of the head dims of dK_j, dV_j
 # (SPLIT_D = 2; otherwise dK_j + dV_j alone are 128 fp32 registers per lane and it spilled).
-_DEFAULTS = {16: (32, 2), 32: (32, 2), 64: (32, 2), 96: (32, 4), 128: (32, 4)}
-_ALTERNATIVES = {64: [(16, 1)], 128: [(16, 2)]}
+_DEFAULTS = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 96: (32, 64, 8), 128: (16, 64, 8)}
+_ALTERNATIVES = {64: [(32, 32, 2), (16, 128, 8), (16, 16, 1)], 128: [(32, 32, 4), (32, 48, 6), (16, 16, 2)]}
 
 
 def split_d(d_pad):
@@ -115,14 +122,14 @@ def split_d(d_pad):
 
 def default_config(d):
     d_pad = common.head_dim_bucket(d)
-    B, num_warps = _DEFAULTS[d_pad]
-    return TileConfig(Br=B, Bc=B, d_pad=d_pad, num_warps=num_warps)
+    Br, Bc, num_warps = _DEFAULTS[d_pad]
+    return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=num_warps)
 
 
 def shipped_configs():
     configs = [default_config(d_pad) for d_pad in HEAD_DIM_BUCKETS]
     for d_pad, alternatives in _ALTERNATIVES.items():
-        configs += [TileConfig(Br=B, Bc=B, d_pad=d_pad, num_warps=w) for B, w in alternatives]
+        configs += [TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=w) for Br, Bc, w in alternatives]
     return configs
 
 
@@ -140,10 +147,8 @@ def check_config(config):
     require(Bc * SPLIT == 16 * num_warps,
             f"{who}: Bc={Bc} must be 16 x num_warps / {SPLIT} = {16 * num_warps // SPLIT} "
             f"(each warp owns 16 keys of K_j and 1/{SPLIT} of the head dims)")
-    require(Br == Bc, f"{who}: Br={Br} must equal Bc={Bc} (warp w also owns rows 16w.. of dQ_i)")
+    require(Br % 16 == 0, f"{who}: Br={Br} must be a multiple of 16 (the mma's k-steps over queries)")
     require(d_pad % (16 * SPLIT) == 0, f"{who}: d_pad={d_pad} must be a multiple of {16 * SPLIT}")
-    require((Br * d_pad // 8) % config.threads == 0,
-            f"{who}: Br={Br}, d_pad={d_pad}: 16-byte chunks per tile must divide among {config.threads} threads")
     require(Br // 2 <= 63, f"{who}: Br={Br}: the dropout kernel keeps a lane's Br / 2 keep bits "
                            f"in one 64-bit integer")
     common.check_smem(config, smem_bytes(config), who)
@@ -176,11 +181,11 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
     NC = Br // 8                  # n-tiles of S^T (8 queries each)
     KC = Br // 16                 # k-steps over queries (dV_j, dK_j)
     KK = Bc // 16                 # k-steps over keys (dQ_i)
+    PIECES = (Br // 16) * (d_pad // 16)   # 16 x 16 pieces of dQ_i, dealt to the warps
     SPLIT = split_d(d_pad)
     DH = d_pad // SPLIT               # head dims of dK_j, dV_j, dQ_i per warp
     NDH = DH // 8                 # their n-tiles
-    CHUNKS = d_pad // 8
-    LOADS = Br * CHUNKS // T      # 16-byte chunks per thread per tile
+    CHUNKS = d_pad // 8           # 16-byte chunks per row
     MMA_K, PACK_K, UNPACK_K = MMA[KIND], PACK[KIND], UNPACK[KIND]
     ALIGN = _smem_alignment()
 
@@ -191,10 +196,9 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
             C[n, e] = d[e]
 
     @cuda.jit(device=True, inline="always")
-    def load_rows(dst, src, b, h, start, N, tid):
-        """rows start .. start + Br of src (clamped to N - 1) -> dst, by cp.async."""
-        for u in range(LOADS):
-            chunk = tid + T * u
+    def load_rows(dst, src, b, h, start, N, tid, ROWS):
+        """rows start .. start + ROWS of src (clamped to N - 1) -> dst, by cp.async."""
+        for chunk in range(tid, ROWS * CHUNKS, T):
             r = chunk // CHUNKS
             x = 8 * (chunk % CHUNKS)
             mma.cp_async_16(dst, (r, x), src, (b, min(start + r, N - 1), h, x))
@@ -285,8 +289,8 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
         # --- who am I ---
         tid = cuda.threadIdx.x
         warp = tid // WARP_SIZE
-        w = warp // SPLIT                    # keys 16w .. 16w + 15 of K_j; rows 16w.. of dQ_i
-        x0 = DH * (warp % SPLIT)             # head dims x0 .. x0 + DH of dK_j, dV_j, dQ_i
+        w = warp // SPLIT                    # keys 16w .. 16w + 15 of K_j
+        x0 = DH * (warp % SPLIT)             # head dims x0 .. x0 + DH of dK_j, dV_j
         lane = tid % WARP_SIZE
         g = lane // 4
         t = lane % 4
@@ -314,11 +318,11 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
         dP = cuda.local.array((NC, 4), float32)      # dP_ij^T, then dS_ij^T
         dK = cuda.local.array((NDH, 4), float32)     # dK_j (unscaled), rows 16w + g, + 8
         dV = cuda.local.array((NDH, 4), float32)     # dV_j
-        dQ = cuda.local.array((2, 4), float32)       # 16 columns of this warp's rows of dS_ij K_j
+        dQ = cuda.local.array((2, 4), float32)       # a 16 x 16 piece of dS_ij K_j
 
         # Alg. 2 lines 6-7: load K_j, V_j; dK_j = 0, dV_j = 0
-        load_rows(Ks, k, b, h_kv, col0, Nk, tid)
-        load_rows(Vs, v, b, h_kv, col0, Nk, tid)
+        load_rows(Ks, k, b, h_kv, col0, Nk, tid, Bc)
+        load_rows(Vs, v, b, h_kv, col0, Nk, tid, Bc)
         mma.cp_async_commit()
         for n in range(NDH):
             for e in range(4):
@@ -338,13 +342,13 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
             for i in range(i_start, i_end):                  # Alg. 2 line 8
                 row0 = i * Br
                 # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
-                load_rows(Qs, q, b, hq, row0, Nq, tid)
-                load_rows(dOs, dout, b, hq, row0, Nq, tid)
+                load_rows(Qs, q, b, hq, row0, Nq, tid, Br)
+                load_rows(dOs, dout, b, hq, row0, Nq, tid, Br)
                 mma.cp_async_commit()
-                if tid < Br:
-                    row = row0 + tid
-                    Ls[tid] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
-                    Ds[tid] = D_rows[b, hq, row] if row < Nq else float32(0.0)
+                for qr in range(tid, Br, T):
+                    row = row0 + qr
+                    Ls[qr] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
+                    Ds[qr] = D_rows[b, hq, row] if row < Nq else float32(0.0)
                 mma.cp_async_wait(0)
                 cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them
 
@@ -416,25 +420,27 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
                             dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
                 cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
 
-                # Alg. 2 line 15: dQ_i += dS_ij K_j for rows 16w .. 16w + 15 of Q_i; A = dS_ij
-                # by ldmatrix.trans of dS_ij^T, B = K_j by ldmatrix.trans; fp32 atomics into dQ
-                for nd in range(NDH // 2):           # 16 dims at a time: 8 accumulators live
+                # Alg. 2 line 15: dQ_i += dS_ij K_j, piece by piece: rows 16 rq.., dims 16 nq.. of
+                # dQ_i; A = dS_ij by ldmatrix.trans of dS_ij^T, B = K_j by ldmatrix.trans; fp32
+                # atomics into dQ
+                for piece in range(warp, PIECES, NW):
+                    rq = piece // (d_pad // 16)
+                    nq = piece % (d_pad // 16)
                     for n in range(2):
                         for e in range(4):
                             dQ[n, e] = 0.0
                     for kk in range(KK):
                         a = mma.ldmatrix_x4_trans(dSs, (16 * kk + lane % 8 + 8 * (lane // 16),
-                                                        16 * w + 8 * ((lane // 8) % 2)))
-                        bf = mma.ldmatrix_x4_trans(Ks, (16 * kk + lane % 16,
-                                                        x0 + 16 * nd + 8 * (lane // 16)))
+                                                        16 * rq + 8 * ((lane // 8) % 2)))
+                        bf = mma.ldmatrix_x4_trans(Ks, (16 * kk + lane % 16, 16 * nq + 8 * (lane // 16)))
                         mma_into(dQ, 0, a, bf[0], bf[1])
                         mma_into(dQ, 1, a, bf[2], bf[3])
                     for hh in range(2):
-                        row = row0 + 16 * w + g + 8 * hh
+                        row = row0 + 16 * rq + g + 8 * hh
                         if row < Nq:
                             for n in range(2):
                                 for e2 in range(2):
-                                    x = x0 + 16 * nd + 8 * n + 2 * t + e2
+                                    x = 16 * nq + 8 * n + 2 * t + e2
                                     if x < d:
                                         cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
                 cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
@@ -496,16 +502,19 @@ def static_smem_bytes(config):
 # ---------------------------------------------------------------------------
 
 def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
+    """The config for head dim d: `config`, else the default one with any of Br, Bc, num_warps
+    replaced. Bc and num_warps go together (Bc = 16 num_warps / split_d): either gives the
+    other. Br not given: the default's, but no more than Bc."""
     base = config if config is not None else default_config(d)
     if base.d_pad < d:
         raise ConfigError(f"config d_pad={base.d_pad} cannot serve head dim d={d}")
-    B = Bc if Bc is not None else Br if Br is not None else None
     SPLIT = split_d(base.d_pad)
-    if num_warps is None and B is not None:
-        num_warps = max(1, B // 16) * SPLIT
-    if B is None and num_warps is not None:
-        B = 16 * num_warps // SPLIT
-    config = TileConfig(Br=base.Br if B is None else B, Bc=base.Bc if B is None else B, d_pad=base.d_pad,
+    if num_warps is None and Bc is not None:
+        num_warps = max(1, Bc // 16) * SPLIT
+    if Bc is None and num_warps is not None:
+        Bc = 16 * num_warps // SPLIT
+    Bc = base.Bc if Bc is None else Bc
+    config = TileConfig(Br=min(base.Br, Bc) if Br is None else Br, Bc=Bc, d_pad=base.d_pad,
                         num_warps=base.num_warps if num_warps is None else num_warps)
     check_config(config)
     return config
