@@ -118,6 +118,18 @@ def take(x, kind, index):
     return _device_view(x, cai)
 
 
+def c_order(x):
+    """A host array as C-ordered with the strides of a fresh array. NumPy and PyTorch call an array
+    contiguous whatever the stride of an axis of length 1 (x[:, 3:4] of a (2, 8) array keeps the
+    stride 32 there); numba's device arrays do not, and the kernels' wrappers need contiguous."""
+    x = np.ascontiguousarray(x)
+    strides, step = [], x.itemsize
+    for n in reversed(x.shape):
+        strides.append(step)
+        step *= n
+    return x if x.strides == tuple(reversed(strides)) or x.size == 0 else x.copy()
+
+
 class Operand:
     """One input tensor, read but not moved: its name, kind, shape and storage dtype."""
 
@@ -128,6 +140,10 @@ class Operand:
         self.shape = tuple(int(n) for n in x.shape) if hasattr(x, "shape") else \
             tuple(x.__cuda_array_interface__["shape"])
         self.dtype = dtypes.name_of(x)
+        if self.kind == "torch":
+            # before anything asks numba for the device (validate.algorithm does), which makes
+            # numba's context and fixes its memory manager: see torch_allocator
+            torch_allocator.install()
 
     @property
     def on_host(self):
@@ -146,12 +162,12 @@ class Operand:
         """The data as a Numba device array of its storage bits (uint16 for bfloat16), any strides."""
         x, bits = self.value, dtypes.BITS[self.dtype]
         if self.kind == "numpy":
-            return cuda.to_device(np.ascontiguousarray(x).view(bits))
+            return cuda.to_device(c_order(x).view(bits))
         if self.kind == "torch-cpu":
             t = x.detach().contiguous()
             if self.dtype == dtypes.BFLOAT16:
                 t = t.view(sys.modules["torch"].int16)
-            return cuda.to_device(t.numpy().view(bits))
+            return cuda.to_device(c_order(t.numpy()).view(bits))
         if self.kind == "numba":
             return x
         if self.kind == "torch":

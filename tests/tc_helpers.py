@@ -72,7 +72,7 @@ def compile_report(body):
             with resources._building_for(cc):
                 ptx = library.get_asm_str(cc=cc)
             log = resources.link(library, cc)
-            return {"ptx": ptx, **resources.summarise(resources.parse_ptxas_log(log))}
+            return {"ptx": ptx, **resources.read_log(log)}
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "FLASHNUMBA_DEVICE")}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -54,3 +54,14 @@ def test_bfloat16_numpy_through_ml_dtypes(rng):
     ref = reference.attention(*(x.astype(np.float64) for x in (q, k, v)))[0]
     low = emulation.attention_in_dtype(*(x.astype(np.float64) for x in (q, k, v)), "bfloat16")
     assert np.abs(out.astype(np.float64) - ref).max() <= 2 * np.abs(low - ref).max()
+
+
+def test_host_arrays_reach_the_device_with_fresh_strides():
+    # NumPy calls a[:, 3:4][None] contiguous whatever the strides of its length-1 axes; numba's
+    # device arrays do not, and the varlen calls' one-row lse slices failed on a GPU that way
+    from flashnumba.interop import c_order
+    a = np.zeros((2, 8), np.float32)
+    odd = np.ascontiguousarray(a[:, 3:4])[None]
+    assert odd.flags.c_contiguous and odd.strides != (8, 4, 4)
+    assert c_order(odd).strides == (8, 4, 4) and np.array_equal(c_order(odd), odd)
+    assert c_order(a) is a

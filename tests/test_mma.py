@@ -236,7 +236,7 @@ _COMPILE_CHECK = textwrap.dedent("""
             ptx = library.get_asm_str(cc=cc)
         log = resources.link(library, cc)
         report[f"sm_{cc[0]}{cc[1]}"] = {
-            "ptx": ptx, **resources.summarise(resources.parse_ptxas_log(log))}
+            "ptx": ptx, **resources.read_log(log)}
     print(json.dumps(report))
 """)
 

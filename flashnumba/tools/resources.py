@@ -193,6 +193,15 @@ def summarise(functions):
     }
 
 
+def read_log(log):
+    """summarise(parse_ptxas_log(log)); a log it cannot read is an error that shows the log's start
+    (a new nvJitLink may word its report differently: the error says how)."""
+    try:
+        return summarise(parse_ptxas_log(log))
+    except ValueError as exc:
+        raise ValueError(f"{exc}; the log ({len(log)} characters) begins {log[:400]!r}") from None
+
+
 # ---------------------------------------------------------------------------
 # The worker: runs with the real CUDA target, never the simulator
 # ---------------------------------------------------------------------------
@@ -317,8 +326,7 @@ def _measure(dispatcher, argtypes, ccs):
     results = {}
     for cc in ccs:
         try:
-            results[cc] = {**summarise(parse_ptxas_log(link(library, cc))),
-                           "mma": mma_count(library, cc)}
+            results[cc] = {**read_log(link(library, cc)), "mma": mma_count(library, cc)}
         except Exception as exc:  # noqa: BLE001  (a link error: a failed record)
             results[cc] = {"error": _short_error(exc)}
         results[cc]["seconds"] = time.perf_counter() - start
