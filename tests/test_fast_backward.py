@@ -21,8 +21,6 @@ from flashnumba.kernels.common import ConfigError, TileConfig
 TOL = 1e-5
 
 
-
-
 def _forward(q, k, v, causal, softmax_scale=None):
     out, L = reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
     return out.astype(np.float32), L.astype(np.float32)
@@ -40,19 +38,20 @@ def _check(grads, refs):
 # (B, Nq, Nk, Hq, Hkv, d, causal): the awkward sizes. The shipped config for 32 < d <= 64 has
 # Br = 32, Bc = 64; d = 40 runs that d_pad = 64 kernel with zero padding, d = 24 the d_pad = 32 one
 # (Br = Bc = 32), d = 128 the d_pad = 128 one (Br = 16, Bc = 32), d = 200 and 256 the d_pad = 256
-# one (Br = Bc = 16).
+# one (Br = Bc = 16). A simulated launch costs about (tile pairs visited) x B x Hq: GQA is tested
+# where the id says so (4:2 with B = 2 tests the head and batch indexing together).
 CASES = [
     pytest.param(1, 64, 64, 1, 1, 64, False, id="N=64 multiple of the tile"),
-    pytest.param(1, 50, 50, 2, 1, 64, True, id="N=50 not a multiple, causal, GQA 2:1"),
+    pytest.param(1, 50, 50, 1, 1, 64, True, id="N=50 not a multiple, causal"),
     pytest.param(1, 20, 20, 1, 1, 64, False, id="N=20 below the tile"),
     pytest.param(1, 24, 70, 1, 1, 64, True, id="Nq=24 < Nk=70 causal"),
     pytest.param(1, 70, 24, 1, 1, 40, True, id="Nq=70 > Nk=24 causal, 46 fully masked rows, d=40"),
     pytest.param(2, 20, 28, 4, 2, 40, False, id="d=40 (d_pad=64), B=2, GQA 4:2"),
     pytest.param(1, 40, 36, 1, 1, 24, True, id="d=24 (d_pad=32) causal"),
     pytest.param(1, 20, 20, 1, 1, 128, True, id="d=128 causal"),
-    pytest.param(1, 20, 24, 2, 1, 256, True, id="d=256 (Br = Bc = 16) causal Nq < Nk, GQA 2:1"),
-    pytest.param(1, 33, 20, 1, 1, 200, False, id="d=200 (d_pad=256) Nq > Nk"),
-    pytest.param(1, 100, 130, 2, 2, 64, True, id="Nq=100 Nk=130 causal: three K/V tiles, whole and edge Q tiles"),
+    pytest.param(1, 10, 14, 2, 1, 256, True, id="d=256 (Br = Bc = 16) causal Nq < Nk, GQA 2:1"),
+    pytest.param(1, 20, 17, 1, 1, 200, False, id="d=200 (d_pad=256) Nq > Nk, two tiles each way"),
+    pytest.param(1, 100, 130, 1, 1, 64, True, id="Nq=100 Nk=130 causal: three K/V tiles, whole and edge Q tiles"),
 ]
 
 
@@ -70,7 +69,7 @@ def test_fast_backward_matches_reference(rng, B, Nq, Nk, H_q, H_kv, d, causal):
 ])
 def test_top_left_causal(rng, Nq, Nk, d):
     """PyTorch's diagonal (key c visible to row r iff c <= r), with the reference's O and L."""
-    q, k, v, dout = attention_inputs(rng, 1, Nq, Nk, 2, 1, d)
+    q, k, v, dout = attention_inputs(rng, 1, Nq, Nk, 1, 1, d)
     out, L = reference.attention(q, k, v, causal=True, alignment=geometry.TOP_LEFT)
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out.astype(np.float32), L.astype(np.float32),
                                        causal=True, alignment=geometry.TOP_LEFT)
@@ -91,10 +90,13 @@ def test_fully_masked_rows_get_zero_dq(rng):
 
 
 def test_after_the_fast_forward_with_softmax_scale(rng):
-    """The benchmark's pipeline: fa2_fast_forward's O and L (natural log) feed the backward."""
-    q, k, v, dout = attention_inputs(rng, 1, 45, 45, 1, 1, 64)
+    """The benchmark's pipeline: fa2_fast_forward's O and L (natural log) feed the backward, here
+    with the forward's fully masked rows (causal Nq > Nk: L = -inf, O = 0) in the d_pad = 32 kernels."""
+    q, k, v, dout = attention_inputs(rng, 1, 45, 20, 1, 1, 32)
     out, L = fast_fwd.fa2_fast_forward(q, k, v, causal=True, softmax_scale=0.3)
+    assert np.isneginf(L[0, 0, :25]).all() and np.isfinite(L[0, 0, 25:]).all()
     grads = fast_bwd.fa2_fast_backward(dout, q, k, v, out, L, causal=True, softmax_scale=0.3)
+    assert np.all(grads[0][0, :25] == 0.0)
     _check(grads, reference.attention_backward(dout, q, k, v, causal=True, softmax_scale=0.3))
 
 
@@ -154,7 +156,7 @@ def test_limit_is_the_truncated_sum(rng, causal):
 def test_device_arrays_and_relaunch(rng):
     """Device arrays in, device arrays out; launch() twice gives the same dq (it is zeroed
     inside launch, not only at allocation)."""
-    q, k, v, dout = attention_inputs(rng, 1, 40, 24, 2, 1, 64)
+    q, k, v, dout = attention_inputs(rng, 1, 40, 24, 1, 1, 64)
     out, L = _forward(q, k, v, causal=False)
     arrays = common.Arrays(dout, q, k, v, out, L)
     on_device = [arrays.to_device(x) for x in (dout, q, k, v, out, L)]

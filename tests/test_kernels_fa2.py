@@ -40,7 +40,7 @@ CASES = {
     "gqa-causal":        (1, 33, 33, 2, 1, 16, True, {"Br": 16, "Bc": 32, "num_warps": 2}),
     "d64-default":       (1, 48, 40, 1, 1, 64, False, {}),                        # default config
     "d128-default":      (1, 9, 12, 1, 1, 128, True, {}),                         # default config
-    "N128-d64-default":  (2, 128, 128, 1, 1, 64, True, {}),                       # default config, many tiles
+    "N128-d64-default":  (1, 128, 128, 1, 1, 64, True, {}),                       # default config, many tiles (B = 2: N-below-tile)
 }
 
 
