@@ -8,7 +8,9 @@ initcheck) in a few minutes:
 A version whose kernels read only 16-bit inputs (fa2_tc) runs on the same
 inputs rounded to bfloat16 and is held to flash-attn's rule (max error <= 2x
 that of dense attention computed in bfloat16 for out, 3x for the gradients;
-lse 1e-5 relative). Then the public calls (``flashnumba.tools.accuracy``'s
+lse 1e-5 relative). Then decoding from a KV cache (``flash_attn_with_kvcache``:
+the split-KV kernels and their merge, GQA, a window with softcap, an empty
+cache row), and the public calls (``flashnumba.tools.accuracy``'s
 small table: float32 and bfloat16, with and without dropout, every algorithm
 that takes the dtype), so the dtype, S_dmask and dropout kernels are covered
 too. Exits non-zero if any result is off by more than 1e-5 relative (or the
@@ -91,6 +93,36 @@ def _errors(dtype, results, q, k, v, dout, causal):
     return errs, all(errs[n] <= HALF_LIMITS[n] for n in names)
 
 
+# (B, Nq, Hq, Hkv, d, cache rows, cache_seqlens, num_splits, options) for flash_attn_with_kvcache
+DECODE = [
+    (2, 1, 4, 2, 64, 300, (0, 237), 3, {"causal": True}),
+    (2, 3, 4, 1, 40, 160, (150, 9), 0, {"window_size": (20, 0), "softcap": 5.0}),
+]
+
+
+def _decode_failures(rng):
+    """Appends one new token per sequence, attends, and compares with the reference per sequence."""
+    failures = 0
+    for B, Nq, Hq, Hkv, d, S, seqlens, splits, options in DECODE:
+        q = rng.standard_normal((B, Nq, Hq, d)).astype(np.float32)
+        k_cache, v_cache = (rng.standard_normal((B, S, Hkv, d)).astype(np.float32) for _ in range(2))
+        k, v = (rng.standard_normal((B, 1, Hkv, d)).astype(np.float32) for _ in range(2))
+        seqlens = np.array(seqlens, np.int32)
+        out, lse = flashnumba.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
+                                                      num_splits=splits, return_softmax_lse=True, **options)
+        errs = []
+        for b in range(B):
+            n = int(seqlens[b]) + 1
+            o, l = reference.attention(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], **options)
+            errs += [_rel_err(out[b:b + 1], o), _rel_err(lse[b:b + 1], l)]
+        ok = max(errs) <= TOL
+        failures += not ok
+        print(f"{'PASS' if ok else 'FAIL'} {'kvcache':<18} float32  B={B} Nq={Nq} Hq={Hq} Hkv={Hkv} d={d} "
+              f"cache={S} seqlens={tuple(int(x) for x in seqlens)} splits={splits} {options}: "
+              f"max rel err {max(errs):.1e}", flush=True)
+    return failures
+
+
 def main(argv=None):
     rng = np.random.default_rng(0)
     failures = 0
@@ -108,6 +140,7 @@ def main(argv=None):
                              for n, e in errs.items())
             print(f"{'PASS' if ok else 'FAIL'} {name:<18} {dtype:<8} B={B} Nq={Nq} Nk={Nk} Hq={Hq} "
                   f"Hkv={Hkv} d={d} causal={causal}: {shown}", flush=True)
+    failures += _decode_failures(rng)
     # the public calls: dtype casts, dropout (S_dmask, Philox in every kernel), every algorithm
     from flashnumba.tools import accuracy
     _, api_failures = accuracy.table(accuracy.SIM_CASES, dtypes=("float32", "bfloat16"))
