@@ -102,10 +102,10 @@ def _build(sources):
     # Each kernel module's largest config only: compiling every shipped config of eight kernel
     # modules for two targets takes longer than the whole suite may on 2 cores. The GPU run
     # (.ci/gpu-run resources) and `flashnumba resources` check every shipped config.
-    # Under xdist each worker is one core's share: one compiler process per build.
-    jobs = 1 if os.environ.get("PYTEST_XDIST_WORKER") else None
+    # One compiler process per build: a module's kernels share device functions compiled once,
+    # and under xdist each worker is one core's share.
     return resources.check_all(ccs=CCS, sources=list(sources), sys_path=[HERE],
-                               configs="largest", jobs=jobs)
+                               configs="largest", jobs=1)
 
 
 @pytest.fixture(scope="session")
