@@ -2,21 +2,32 @@
 
 import json
 
+import pytest
+
 from flashnumba.tools import accuracy
 
 
 def test_accuracy_table_passes_and_writes_json(tmp_path, capsys):
+    """The second small case only (causal, Nq != Nk, odd d, dropout: the mask read back from
+    S_dmask); the first costs the simulator as much again and adds grouped-query heads only."""
     path = tmp_path / "acc.json"
-    assert accuracy.main(["--small", "--dtypes", "float32", "bfloat16", "--algorithms", "fa2",
-                          "--json", str(path)]) == 0
+    assert accuracy.main(["--small", "--cases", "2", "--dtypes", "float32", "bfloat16",
+                          "--algorithms", "fa2", "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "| bfloat16 | fa2 |" in printed and "accuracy: 0 failure(s)" in printed
     rows = json.loads(path.read_text())["rows"]
-    assert len(rows) == 2 * len(accuracy.SIM_CASES)
+    assert [(r["dtype"], r["case"]) for r in rows] == [(dtype, accuracy.SIM_CASES[1][0])
+                                                       for dtype in ("float32", "bfloat16")]
     fp32 = [r for r in rows if r["dtype"] == "float32"]
     assert all(r[name] <= 1e-5 for r in fp32 for name in accuracy.NAMES)
     low = [r for r in rows if r["dtype"] == "bfloat16"]
     assert all(r["out"] <= 2 and r["dq"] <= 3 for r in low)
+
+
+def test_cases_out_of_range_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        accuracy.main(["--small", "--cases", "3"])
+    assert f"there are {len(accuracy.SIM_CASES)} cases" in capsys.readouterr().err
 
 
 def test_a_wrong_result_fails_the_table(monkeypatch):

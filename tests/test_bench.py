@@ -81,8 +81,12 @@ def test_sim_pass_catches_an_injected_wrong_implementation():
 def test_sim_mode_runs_and_plain_run_needs_a_gpu(capsys):
     import flashnumba
     if flashnumba.on_simulator():
-        assert bench.main(["--sim", "--impls", "fa2_fast"]) == 0
-        assert "NOT A BENCHMARK" in capsys.readouterr().out
+        # one small shape: run_sim's default shapes are the kernel tests' business
+        assert bench.main(["--sim", "--impls", "fa2_fast", "--shapes", "1x1x20x16c"]) == 0
+        out = capsys.readouterr().out
+        assert "NOT A BENCHMARK" in out and "all ok" in out
+        assert [line.split()[:3] for line in out.splitlines() if "B1 Nq20 Nk20 Hq1 Hkv1 d16 causal" in line] == [
+            ["fwd", "flashnumba", "fa2_fast"], ["bwd", "flashnumba", "fa2_fast"]]
         assert bench.main([]) == 2                              # the simulator is not a GPU
         assert "no CUDA GPU" in capsys.readouterr().err
     else:                                                       # on a GPU, --sim is refused

@@ -7,9 +7,11 @@ Then the checker itself is checked: its log parser on captured real logs, and
 kernels built to fail (too much shared memory, spills, a run-time indexed local
 array) must be caught.
 
-Everything is built once per session (flashnumba.tools.resources starts the
-compiler workers). Under pytest-xdist the first worker to need the build does it
-and leaves it in pytest's shared temp directory; the others wait for it.
+Each kernel module is its own build (flashnumba.tools.resources starts the compiler
+workers), made by the first test that needs it and kept for the session; the kernels
+built to fail are one more build. Under pytest-xdist a build is left in pytest's
+shared temp directory for the other worker, so the two workers build different
+modules side by side and wait for each other only when they need the same one.
 """
 
 import fcntl
@@ -84,32 +86,57 @@ def negative_targets():
 
 NEGATIVE_SPEC = f"{THIS_MODULE}:negative_targets"
 NEGATIVE_SOURCE = resources.source_name(NEGATIVE_SPEC)
-SOURCES = resources.DEFAULT_SOURCES + [NEGATIVE_SPEC, MISSING_MODULE]
 
 
 # ---------------------------------------------------------------------------
-# One build per session, shared by xdist workers
+# One build per group of sources per session, shared by xdist workers
 # ---------------------------------------------------------------------------
 
-def _build():
+# Small kernels, one build each group: the kernels without a tile config; the kernels built
+# to fail and the missing module.
+PLAIN_SOURCES = tuple(resources.PLAIN_TARGETS)
+CHECKER_SOURCES = (NEGATIVE_SPEC, MISSING_MODULE)
+
+
+def _build(sources):
     # Each kernel module's largest config only: compiling every shipped config of eight kernel
     # modules for two targets takes longer than the whole suite may on 2 cores. The GPU run
     # (.ci/gpu-run resources) and `flashnumba resources` check every shipped config.
-    return resources.check_all(ccs=CCS, sources=SOURCES, sys_path=[HERE], configs="largest")
+    # One compiler process per build: a module's kernels share device functions compiled once,
+    # and under xdist each worker is one core's share.
+    return resources.check_all(ccs=CCS, sources=list(sources), sys_path=[HERE],
+                               configs="largest", jobs=1)
 
 
 @pytest.fixture(scope="session")
-def records(tmp_path_factory):
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return _build()
-    shared = tmp_path_factory.getbasetemp().parent / "flashnumba-resources.json"
-    with open(shared.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
-        if shared.exists():
-            return [resources.from_dict(r) for r in json.loads(shared.read_text())]
-        built = _build()
-        shared.write_text(json.dumps([resources.to_dict(r) for r in built]))
-        return built
+def built(tmp_path_factory):
+    """built(sources) -> the records of `sources` (a tuple), built once per session."""
+    cache = {}
+
+    def shared_build(sources):
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            return _build(sources)
+        name = "-".join(resources.source_name(s).replace(":", "_") for s in sources)
+        shared = tmp_path_factory.getbasetemp().parent / f"flashnumba-resources-{name}.json"
+        with open(shared.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
+            if shared.exists():
+                return [resources.from_dict(r) for r in json.loads(shared.read_text())]
+            records = _build(sources)
+            shared.write_text(json.dumps([resources.to_dict(r) for r in records]))
+            return records
+
+    def get(sources):
+        if sources not in cache:
+            cache[sources] = shared_build(sources)
+        return cache[sources]
+    return get
+
+
+@pytest.fixture
+def records(built):
+    """The checker's build: the kernels built to fail and the missing module."""
+    return built(CHECKER_SOURCES)
 
 
 def _of(records, source, cc):
@@ -122,11 +149,11 @@ def _of(records, source, cc):
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
 @pytest.mark.parametrize("module", resources.KERNEL_MODULES, ids=resources.source_name)
-def test_shipped_kernels_link_without_spills_and_fit_shared_memory(records, module, cc):
+def test_shipped_kernels_link_without_spills_and_fit_shared_memory(built, module, cc):
     """The largest shipped config of `module`, for `cc`: links; 0 B spilled; <= 255 registers;
     <= 48 KB of static shared memory; the config's largest kernel uses exactly the
     module's smem_bytes(config), as ptxas counts it. Every failure is listed."""
-    mine = _of(records, resources.source_name(module), cc)
+    mine = _of(built((module,)), resources.source_name(module), cc)
     problems = resources.find_problems(mine)
     assert not problems, f"{module}, sm_{cc[0]}{cc[1]}:\n" + "\n".join(problems)
 
@@ -152,11 +179,15 @@ def test_every_kernel_module_is_listed():
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
-def test_gqa_reduction_links_without_spills(records, cc):
-    (r,) = _of(records, resources.source_name(resources.PLAIN_TARGETS[0]), cc)
-    assert r.error is None, r.error
-    assert (r.spill_stores, r.spill_loads, r.stack_frame, r.smem) == (0, 0, 0, 0)
-    assert r.registers <= resources.MAX_REGISTERS
+@pytest.mark.parametrize("target", resources.PLAIN_TARGETS, ids=resources.source_name)
+def test_kernels_without_tile_config_link_without_spills(built, target, cc):
+    mine = _of(built(PLAIN_SOURCES), resources.source_name(target), cc)
+    assert mine, f"{target}: nothing built"
+    problems = resources.find_problems(mine)
+    assert not problems, f"{target}, sm_{cc[0]}{cc[1]}:\n" + "\n".join(problems)
+    if target == resources.PLAIN_TARGETS[0]:          # the GQA reduction: registers only
+        (r,) = mine
+        assert (r.spill_stores, r.spill_loads, r.stack_frame, r.smem) == (0, 0, 0, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -164,7 +195,9 @@ def test_gqa_reduction_links_without_spills(records, cc):
 # ---------------------------------------------------------------------------
 
 def _negative(records, label):
-    return [r for r in records if r.source == NEGATIVE_SOURCE and r.label == label]
+    mine = [r for r in records if r.source == NEGATIVE_SOURCE and r.label == label]
+    assert [r.cc for r in mine] == list(CCS), (label, mine)
+    return mine
 
 
 def test_oversized_shared_array_fails_to_link(records):
@@ -302,15 +335,17 @@ def test_parse_log_without_an_entry_is_an_error():
 # The tensor-core instruction count
 # ---------------------------------------------------------------------------
 
-def test_mma_count_is_reported_for_tensor_core_kernels_only(records):
+def test_mma_count_is_reported_for_tensor_core_kernels_only(built):
     """PTX mma.sync count, read from the shared build: the tensor-core forward's largest config
     has S = Q K^T and O += P V per K/V tile unrolled (m16n8k16: d_pad/16 x Bc/8 + Bc/16 x d_pad/8);
     the FMA forward has none."""
     from flashnumba import registry
+    records = []
     for name, expect_mma in ((registry.DEFAULT_HALF, True), (registry.DEFAULT, False)):
         module = registry.version(name).module(registry.FORWARD)
         config = resources.largest(module.shipped_configs())
         plain = module.compile_targets(config)[0][0]
+        records += built((module.__name__,))     # the same build as that module's test above
         for cc in CCS:
             (r,) = [r for r in _of(records, resources.source_name(module.__name__), cc) if r.label == plain]
             if expect_mma:

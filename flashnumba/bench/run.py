@@ -7,6 +7,7 @@ One command does everything, in this order::
     flashnumba bench --shapes 4x16x4096x64c,1x16x65536x64n --out figures/bench/
     flashnumba bench --tune          # also time every shipped config of the fast kernels
     flashnumba bench --sim           # no GPU: tiny correctness pass on the simulator, NOT a benchmark
+    flashnumba bench --sim --shapes 1x1x20x16c   # the same pass on these shapes instead
     python -m flashnumba.bench ...   # the same
 
 1. Ceilings: a float32 matrix product through torch.matmul with TF32 off (the
@@ -58,7 +59,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="flashnumba bench",
                                 description="flashnumba's kernels next to PyTorch's attention, on one CUDA GPU.")
     p.add_argument("--quick", action="store_true", help="a few shapes (d=64, N=1k, 4k, 16k), for a short lease")
-    p.add_argument("--shapes", help="comma-separated BxHxNxd, suffix c (causal only) or n (non-causal only)")
+    p.add_argument("--shapes", help="comma-separated BxHxNxd, suffix c (causal only) or n (non-causal only); "
+                                    "with --sim, these instead of its awkward shapes")
     p.add_argument("--impls", help="comma-separated substrings: only implementations whose name has one")
     p.add_argument("--fwd-only", action="store_true", help="forward only")
     p.add_argument("--out", default="figures/bench", help="output folder (default figures/bench/)")
@@ -313,8 +315,11 @@ def main(argv=None):
             print("flashnumba bench --sim: a CUDA GPU is present; the sanity pass runs on the "
                   "simulator only (set FLASHNUMBA_DEVICE=sim before starting)", file=sys.stderr)
             return 2
-        from flashnumba.bench.sim import run_sim
-        return 1 if run_sim(only=only) else 0
+        from flashnumba.bench.sim import SIM_SHAPES, run_sim
+        shapes = SIM_SHAPES
+        if args.shapes:         # BxHxNxd: Nq = Nk, one K/V head per query head
+            shapes = [(c.B, c.N, c.N, c.H, c.H, c.d, c.causal) for c in cases_mod.parse_shapes(args.shapes)]
+        return 1 if run_sim(only=only, shapes=shapes) else 0
     if flashnumba.on_simulator():
         print("flashnumba bench: no CUDA GPU found, nothing to benchmark. "
               "(--sim runs a tiny correctness pass on the CPU simulator; it is not a benchmark.)",

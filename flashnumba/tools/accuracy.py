@@ -2,6 +2,7 @@
 
     flashnumba accuracy                  # the table, on the GPU (or, small, on the simulator)
     flashnumba accuracy --json acc.json
+    flashnumba accuracy --cases 2        # only the second case (numbered as the table lists them)
 
 For each dtype, algorithm and case it runs ``flash_attn_func`` (with
 ``return_attn_probs``) and ``flash_attn_backward`` and reports, per output,
@@ -129,8 +130,16 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true", help="the simulator-sized cases, also on a GPU")
     parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
+    parser.add_argument("--cases", nargs="+", type=int, metavar="I",
+                        help="only these cases, numbered from 1 in the order the table lists them")
     args = parser.parse_args(argv)
     cases = SIM_CASES if args.small or flashnumba.on_simulator() else GPU_CASES
+    if args.cases:
+        wrong = [i for i in args.cases if not 1 <= i <= len(cases)]
+        if wrong:
+            parser.error(f"--cases {' '.join(map(str, wrong))}: there are {len(cases)} cases, "
+                         f"numbered 1 to {len(cases)}")
+        cases = [cases[i - 1] for i in args.cases]
     print(f"accuracy on {_device_name()}: fp32 ||x - ref|| / ||ref|| (<= 1e-5); fp16/bf16 "
           f"max|x - ref| / max|dense in dtype - ref| (<= 2 out, <= 3 gradients); lse relative (<= 1e-5)")
     rows, failures = table(cases, args.dtypes, args.algorithms)
