@@ -196,7 +196,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if num_splits == 0:
         num_splits = split_kv.num_splits_heuristic(B * H_kv, _sm_count(), num_key_blocks)
     num_splits = max(1, min(int(num_splits), split_kv.MAX_SPLITS,
-                            -(-max(1, int(seqlens_k.max())) // split_kv.BLOCK_KEYS)))
+                            -(-max(1, int(seqlens_k.max())) // split_kv.SPLIT_KEYS)))
 
     q_op = Operand("q", q_rotated)
     Q = q_op.device_f32()

@@ -20,8 +20,11 @@ Inside a block (NW warps of 32 lanes; lane owns head dims n = lane + 32 i, i < D
     for each group of R rows:
         Q_r -> registers (scaled into log2 units); m = -inf, l = 0, o = 0 per row
         warp w: for each batch of KB keys c = c0 .. c0 + KB - 1, c0 = lo + w KB, lo + (NW + w) KB, ...
-            K_c, V_c -> registers (each row load: 32 consecutive floats, coalesced)
-            S_rc = sum over lanes of sum_i Q_r[n] K_c[n]      shuffles (warp_sum); softcap, ALiBi
+            (KB per head-dim bucket and variant: LAYOUTS)
+            K_c -> registers (each row load: 32 consecutive floats, coalesced)
+            S_rc = sum_i Q_r[n] K_c[n]: this lane's share
+            V_c -> registers (in flight during the shuffles that follow)
+            S_rc = sum over the lanes of their shares         shuffles (warp_sum); softcap, ALiBi
             S_rc = -inf outside row r's band, past seqlens_k[b] or past the split
             m_new = max(m, max_c S_rc);  P_rc = exp2(S_rc - m_new)
             l = exp2(m - m_new) l + sum_c P_rc
@@ -48,6 +51,7 @@ import functools
 import math
 
 import numpy as np
+from numba import config as numba_config
 from numba import cuda, float32, int32
 
 from flashnumba.geometry import num_tiles
@@ -57,11 +61,17 @@ from flashnumba.kernels.hardware import FULL_MASK, WARP_SIZE
 NAME = __name__.rpartition(".")[2]
 SPLIT_HEAD_DIMS = (32, 64, 128, 256)
 NW = 4                                    # warps per block
-KB = 4                                    # keys per warp per batch
 R = 4                                     # query rows per group (rows held in registers at once)
-BLOCK_KEYS = NW * KB                      # keys the block's warps take in one step; splits are multiples
+# (KB keys per warp per batch, blocks per SM asked of the compiler) per (d_pad, softcap or ALiBi):
+# the most keys in flight per SM that compile without spills for sm_80 and sm_90 (`flashnumba
+# resources`); the launch bounds cap registers at 65536 / (NW * 32 * blocks) per thread
+LAYOUTS = {(32, False): (4, 4), (32, True): (4, 3),
+           (64, False): (4, 3), (64, True): (2, 3),
+           (128, False): (4, 3), (128, True): (4, 2),
+           (256, False): (1, 2), (256, True): (1, 2)}
+SPLIT_KEYS = 16                           # splits are multiples of every layout's NW * KB keys
 MAX_SPLITS = 128                          # flash-attn's cap on num_splits
-BLOCKS_PER_SM = 4                         # the heuristic's target: 4 blocks of NW warps per SM
+BLOCKS_PER_SM = 16                        # the heuristic's target (a guess to tune on a GPU): several waves
 MIN_KEY_BLOCKS_PER_SPLIT = 4              # and each split at least 4 of the caller's key blocks
 COMBINE_THREADS = 128
 
@@ -75,13 +85,23 @@ def head_dim_bucket(d):
 
 def num_splits_heuristic(blocks, num_sms, num_key_blocks, max_splits=MAX_SPLITS):
     """Ours, for this kernel (flash-attn's formula assumed its own): the smallest split count
-    that gives at least BLOCKS_PER_SM blocks per SM (BLOCKS_PER_SM * NW warps with loads in
-    flight on each), at most max_splits and at most one split per MIN_KEY_BLOCKS_PER_SPLIT
-    key blocks, so no split is too short to repay its share of the combine.
-    blocks: the grid's blocks per split (B * Hkv)."""
+    giving at least BLOCKS_PER_SM blocks per SM, at most max_splits and at most one split per
+    MIN_KEY_BLOCKS_PER_SPLIT key blocks. blocks: the grid's blocks per split (B * Hkv).
+
+    A memory-bound kernel wants every SM full of warps with loads in flight: 2 to 4 blocks
+    of NW warps fit on an SM at once (LAYOUTS), so BLOCKS_PER_SM blocks per SM are several
+    waves, and the last, partial one is a small part of the time. A split of fewer keys
+    would spend a larger share on its start, its merge and the combine."""
     wanted = -(-BLOCKS_PER_SM * num_sms // max(1, blocks))
     cap = max(1, min(max_splits, num_key_blocks // MIN_KEY_BLOCKS_PER_SPLIT))
     return max(1, min(wanted, cap))
+
+
+def _jit_options(d_pad, features):
+    """Launch bounds for the real compiler (the simulator takes none)."""
+    if numba_config.ENABLE_CUDASIM:
+        return {}
+    return {"launch_bounds": (NW * WARP_SIZE, LAYOUTS[d_pad, features][1])}
 
 
 @cuda.jit(device=True)
@@ -99,8 +119,10 @@ def build(d_pad, SOFTCAP=False, ALIBI=False):
     """The split-KV kernel for head-dim bucket d_pad (NW warps); softcap and ALiBi as variants."""
     DL = d_pad // WARP_SIZE                   # head dims per lane
     T = NW * WARP_SIZE
+    KB = LAYOUTS[d_pad, SOFTCAP or ALIBI][0]
+    STEP = NW * KB                            # keys the block's warps take in one round of batches
 
-    @cuda.jit
+    @cuda.jit(**_jit_options(d_pad, SOFTCAP or ALIBI))
     def split_kv_kernel(q, k_cache, v_cache, cache_rows, seqlens_k, O_part, L_part, q_scale, left, right,
                         cap2, slopes, keys_per_split):
         # --- sizes --- q (B, N_q, H_q, d); caches (B_cache, S, H_kv, d); O_part (splits, B, N_q, H_q, d);
@@ -178,23 +200,31 @@ def build(d_pad, SOFTCAP=False, ALIBI=False):
             # warp w: batches of KB keys, interleaved with the other warps'
             c0 = group_lo + w * KB
             while c0 < group_hi:
-                for j in range(KB):                 # K_c, V_c -> registers; keys past group_hi, dims past d: 0
+                for j in range(KB):                 # K_c -> registers; keys past group_hi, dims past d: 0
                     c = c0 + j
                     for i in range(DL):
                         n = lane + WARP_SIZE * i
-                        k_value = float32(0.0)
-                        v_value = float32(0.0)
+                        value = float32(0.0)
                         if c < group_hi and n < d:
-                            k_value = k_cache[row_c, c, h_kv, n]
-                            v_value = v_cache[row_c, c, h_kv, n]
-                        K[j, i] = k_value
-                        V[j, i] = v_value
-                for a in range(R):                  # S_rc = Q_r . K_c: the lane's dims, then the warp's
+                            value = k_cache[row_c, c, h_kv, n]
+                        K[j, i] = value
+                for a in range(R):                  # S_rc, this lane's share: sum_i Q_r[n] K_c[n]
                     for j in range(KB):
                         acc = float32(0.0)
                         for i in range(DL):
                             acc += Q[a, i] * K[j, i]
-                        S[a, j] = warp_sum(acc)
+                        S[a, j] = acc
+                for j in range(KB):                 # V_c -> registers (K_c is dead), in flight during the shuffles
+                    c = c0 + j
+                    for i in range(DL):
+                        n = lane + WARP_SIZE * i
+                        value = float32(0.0)
+                        if c < group_hi and n < d:
+                            value = v_cache[row_c, c, h_kv, n]
+                        V[j, i] = value
+                for a in range(R):                  # S_rc = Q_r . K_c: the warp's sum of the lanes' shares
+                    for j in range(KB):
+                        S[a, j] = warp_sum(S[a, j])
                 for a in range(R):                  # online softmax, row by row
                     m_tilde = float32(-math.inf)
                     for j in range(KB):
@@ -205,7 +235,7 @@ def build(d_pad, SOFTCAP=False, ALIBI=False):
                         if ALIBI:                   # S -= slope |r + Nk - Nq - c|
                             score -= slope[a] * float32(abs(centre[a] - c))
                         if c < c_lo[a] or c >= c_hi[a]:
-                            score = -math.inf       # outside the band, past N_k or past the split
+                            score = float32(-math.inf)  # outside the band, past N_k or past the split
                         S[a, j] = score
                         m_tilde = max(m_tilde, score)
                     m_new = max(m[a], m_tilde)      # m_new = max(m, rowmax(S_r))
@@ -225,7 +255,7 @@ def build(d_pad, SOFTCAP=False, ALIBI=False):
                         for j in range(KB):
                             acc += S[a, j] * V[j, i]
                         O[a, i] = acc
-                c0 += BLOCK_KEYS
+                c0 += STEP
 
             # merge the NW warps' (m, l, o) per row through shared memory
             if rr0 > 0:
@@ -328,8 +358,8 @@ def merged(O_part, L_part):
 
 
 def keys_per_split(max_seqlen_k, num_splits):
-    """Keys per split: the cache cut into num_splits runs, each a whole number of block steps."""
-    return num_tiles(num_tiles(max_seqlen_k, num_splits), BLOCK_KEYS) * BLOCK_KEYS
+    """Keys per split: the cache cut into num_splits runs, each a multiple of SPLIT_KEYS."""
+    return num_tiles(num_tiles(max_seqlen_k, num_splits), SPLIT_KEYS) * SPLIT_KEYS
 
 
 def targets():
