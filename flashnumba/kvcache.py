@@ -15,7 +15,8 @@ q (B, Nq, Hq, d); k_cache, v_cache (B_cache, S, Hkv, d). What happens, in order:
 3. q attends to the first cache_seqlens[b] + Nnew keys of its cache row, with causal,
    window_size, softcap and alibi_slopes as ``flash_attn_func`` (bottom-right).
    The keys are split across blocks (``kernels.split_kv``) and the partial results
-   merged by their log-sum-exps; ``num_splits`` = 0 lets flash-attn's heuristic choose.
+   merged by their log-sum-exps; ``num_splits`` = 0 lets ``split_kv.num_splits_heuristic``
+   choose (ours, for that kernel: enough blocks of B * Hkv per split to fill the GPU).
 
 cache_seqlens: an int or an int32 (B,) array (None: the whole cache, S keys);
 cache_batch_idx: int32 (B,) rows of the cache (None: row b for batch b).
@@ -33,7 +34,7 @@ from flashnumba import validate
 from flashnumba.interop import Operand, Results
 from flashnumba.kernels import split_kv
 
-KEYS_PER_BLOCK = 64          # the key-block size the num_splits heuristic counts in
+KEYS_PER_BLOCK = 64          # the key-block size the num_splits heuristic counts in (4 per split at least)
 
 
 def _host_int32(name, x, B):
@@ -193,8 +194,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         window = (window[0], 0)
     num_key_blocks = max(1, -(-int(seqlens_k.max()) // KEYS_PER_BLOCK))
     if num_splits == 0:
-        num_splits = split_kv.num_splits_heuristic(B * H_q, _sm_count(), num_key_blocks)
-    num_splits = max(1, min(int(num_splits), split_kv.MAX_SPLITS, -(-max(1, int(seqlens_k.max())) // split_kv.BC)))
+        num_splits = split_kv.num_splits_heuristic(B * H_kv, _sm_count(), num_key_blocks)
+    num_splits = max(1, min(int(num_splits), split_kv.MAX_SPLITS,
+                            -(-max(1, int(seqlens_k.max())) // split_kv.SPLIT_KEYS)))
 
     q_op = Operand("q", q_rotated)
     Q = q_op.device_f32()

@@ -123,11 +123,45 @@ def test_combine_kernel_is_merge(rng):
 
 
 def test_num_splits_heuristic():
-    assert split_kv.num_splits_heuristic(blocks=200, num_sms=132, num_key_blocks=512) == 1
-    # 8 blocks x 14 splits = 112 of 132 SMs: the first split count within 85% of the best wave
-    # efficiency (s = 33 would fill 2 waves exactly, but gives each split as many key blocks as 32)
-    assert split_kv.num_splits_heuristic(blocks=8, num_sms=132, num_key_blocks=512) == 14
+    # the smallest split count giving BLOCKS_PER_SM (16) blocks per SM: B * Hkv = 64 blocks on
+    # 132 SMs need ceil(2112 / 64) = 33 splits; 200 blocks need 11; 3000 already fill the GPU
+    assert split_kv.num_splits_heuristic(blocks=64, num_sms=132, num_key_blocks=512) == 33
+    assert split_kv.num_splits_heuristic(blocks=200, num_sms=132, num_key_blocks=512) == 11
+    assert split_kv.num_splits_heuristic(blocks=3000, num_sms=132, num_key_blocks=512) == 1
+    # capped by MAX_SPLITS (128), and by one split per 4 key blocks
+    assert split_kv.num_splits_heuristic(blocks=1, num_sms=132, num_key_blocks=10_000) == 128
+    assert split_kv.num_splits_heuristic(blocks=8, num_sms=132, num_key_blocks=12) == 3
     assert split_kv.num_splits_heuristic(blocks=8, num_sms=132, num_key_blocks=1) == 1
+
+
+def assert_lse_matches(lse, ref_lse):
+    """-inf exactly where the reference has it (rows that see no key), else within TOL."""
+    hidden = np.isneginf(ref_lse)
+    assert np.array_equal(np.isneginf(lse), hidden)
+    assert rel_err(lse[~hidden], ref_lse[~hidden]) <= TOL
+
+
+@pytest.mark.parametrize("Nq, d, options", [
+    (5, 20, {"window_size": (2, 1)}),                                # d_pad 32
+    (2, 40, {"causal": True, "softcap": 1.5,                         # d_pad 64, softcap and ALiBi
+             "alibi_slopes": np.array([0.5, 0.2, 0.1, 0.05], np.float32)}),
+    (1, 130, {"window_size": (20, -1)}),                             # d_pad 256
+])
+def test_gqa_row_groups_and_splits_match_reference(rng, Nq, d, options):
+    """One block serves G = 2 query heads x Nq queries (Nq = 5: 10 rows, in groups of R = 4);
+    3 splits of 16 keys; seqlens 0 (no key), 1 (rows whose band misses key 0) and 45. The three
+    head-dim buckets and variants take 4, 2 and 1 keys per warp batch (split_kv.LAYOUTS)."""
+    assert 5 > split_kv.R and 45 > 2 * split_kv.SPLIT_KEYS
+    q, k_cache, v_cache, _, _ = cache_problem(rng, B=3, Nq=Nq, Hq=4, Hkv=2, d=d, S=48)
+    seqlens = np.array([0, 1, 45], np.int32)
+    out, lse = flashnumba.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=3,
+                                                  return_softmax_lse=True, **options)
+    ref_out, ref_lse = expected(q, k_cache, v_cache, [0, 1, 2], seqlens, **options)
+    assert rel_err(out, ref_out) <= TOL
+    assert_lse_matches(lse, ref_lse)
+    assert np.isneginf(lse[0]).all() and np.isfinite(lse[2]).all()
+    if Nq > 1:
+        assert np.isneginf(lse[1]).any()
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

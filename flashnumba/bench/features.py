@@ -216,7 +216,7 @@ def decode_case(B, H, Hkv, d, cache_len, copy_tb_s):
     visible = torch.ones(1, cache_len, dtype=torch.bool, device="cuda")
     ref = _reference_rows(q[:1], k_cache[:1], v_cache[:1], torch.arange(1, device="cuda"), visible)
     passed = _rel(out[:1], ref) <= TOL
-    blocks = B * H
+    blocks = B * Hkv                          # the split-KV grid's blocks per split
     sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
     splits = split_kv.num_splits_heuristic(blocks, sms, -(-cache_len // 64))
     Q, K, V = (cuda.as_cuda_array(x) for x in (q, k_cache, v_cache))

@@ -1,40 +1,47 @@
 """Split-KV decoding ("flash-decoding"): a few queries against a long KV cache.
 
 With Nq = 1 a FlashAttention-2 grid (Tr, B * Hq) has B * Hq blocks, too few to
-fill a GPU, and each walks the whole cache alone. Here the keys are split too:
+keep the GPU's memory system busy, and each walks the whole cache alone. Here
+the keys are split too, and one block serves every query head of a KV head:
 
-    grid (num_splits, B * Hq); block (split s, batch b, head h) attends the
-    queries of (b, h) over keys [s * keys_per_split, (s + 1) * keys_per_split)
-    of its sequence, and writes a partial O_s (normalised) and L_s (its
-    log-sum-exp) to HBM;
+    grid (num_splits, B * Hkv); block (split s, batch b, KV head h_kv) attends the
+    queries of all G = Hq / Hkv query heads h = h_kv G + g of b, over keys
+    [s * keys_per_split, (s + 1) * keys_per_split) of its sequence, and writes
+    each row's partial O_s (normalised) and L_s (its log-sum-exp) to HBM;
     combine: O = sum_s exp(L_s - L) O_s, L = log sum_s exp(L_s)   (flashnumba.merge)
 
-Inside a block (T = d_pad threads, thread n owns output dim n):
+So K and V are read once per split, not once per query head. The rows of a
+block are (r, g) for r < Nq, g < G, numbered r * G + g; they go R at a time
+(a compile-time group size, keeping the per-row registers bounded), each
+group re-reading the split's keys.
 
-    for each query row r of (b, h):
-        Q_r -> shared (scaled into log2 units)
-        m = -inf, l = 0, o_n = 0                           registers (m, l the same in every thread)
-        for each chunk of BC keys of the split, inside the row's window:
-            K_chunk -> shared (coalesced along the head dim)
-            S_c = Q_r . K_c        threads n < BC, key c = c0 + n; softcap, ALiBi, masking
-            m_new = max(m, max_c S_c);  P_c = exp2(S_c - m_new)
-            l = exp2(m - m_new) l + sum_c P_c
-            o_n = exp2(m - m_new) o_n + sum_c P_c V[c, n]  (V read from HBM along n: coalesced)
-        O_s[r, n] = o_n / l,  L_s[r] = (m + log2 l) ln 2
+Inside a block (NW warps of 32 lanes; lane owns head dims n = lane + 32 i, i < DL = d_pad / 32):
 
-Every thread reads all BC scores of a chunk from shared memory (a broadcast): the
-row max and sum are computed redundantly by every thread instead of reduced, which
-costs what P V costs anyway (BC per thread per chunk) and no extra barriers.
+    for each group of R rows:
+        Q_r -> registers (scaled into log2 units); m = -inf, l = 0, o = 0 per row
+        warp w: for each batch of KB keys c = c0 .. c0 + KB - 1, c0 = lo + w KB, lo + (NW + w) KB, ...
+            (KB per head-dim bucket and variant: LAYOUTS)
+            K_c -> registers (each row load: 32 consecutive floats, coalesced)
+            S_rc = sum_i Q_r[n] K_c[n]: this lane's share
+            V_c -> registers (in flight during the shuffles that follow)
+            S_rc = sum over the lanes of their shares         shuffles (warp_sum); softcap, ALiBi
+            S_rc = -inf outside row r's band, past seqlens_k[b] or past the split
+            m_new = max(m, max_c S_rc);  P_rc = exp2(S_rc - m_new)
+            l = exp2(m - m_new) l + sum_c P_rc
+            o = exp2(m - m_new) o + sum_c P_rc V_c
+        the NW warps' (m, l, o) of each row -> shared; merged per row:
+        O_s = sum_w exp2(m_w - m) o_w / sum_w exp2(m_w - m) l_w,  L_s = (m + log2 l) ln 2
 
-The cache is read through ``cache_rows[b]`` (flash-attn's cache_batch_idx) and
-sequence b sees its first ``seqlens_k[b]`` keys; query r of Nq sees key c when
-r + Nk - Nq - left <= c <= r + Nk - Nq + right (-1 unbounded; causal: right = 0).
-Head dims: compiled for d_pad in SPLIT_HEAD_DIMS, up to 256 (shared memory: Ks is
-BC x (d_pad + 1) floats, 33 KB at d_pad = 256).
+The warps are independent in the key loop (no barrier in it); the only barriers
+guard the shared merge of (m, l, o). The cache is read through ``cache_rows[b]``
+(flash-attn's cache_batch_idx) and sequence b sees its first ``seqlens_k[b]``
+keys; query r of Nq sees key c when r + Nk - Nq - left <= c <= r + Nk - Nq + right
+(-1 unbounded; causal: right = 0). Head dims: compiled for d_pad in
+SPLIT_HEAD_DIMS, up to 256.
 
-What bounds it: reading K and V once from HBM; K's chunk is staged in shared
-memory, V is read straight from HBM. Not tuned on a GPU (bench/features.py
-times it against one read of the cache).
+What bounds it: reading K and V once from HBM, which needs many warps in flight
+(``num_splits_heuristic``); then the per-key shuffles (5 per key and row for the
+dot products' warp sums).
 
 The combine step is ``flashnumba.merge``'s formula on device arrays (merge.py
 works on NumPy and PyTorch; this kernel is its device form, tested against it).
@@ -44,15 +51,28 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32
+from numba import config as numba_config
+from numba import cuda, float32, int32
 
 from flashnumba.geometry import num_tiles
 from flashnumba.kernels.fast_math import LN_2, LOG2_E
+from flashnumba.kernels.hardware import FULL_MASK, WARP_SIZE
 
 NAME = __name__.rpartition(".")[2]
 SPLIT_HEAD_DIMS = (32, 64, 128, 256)
-BC = 32                                   # keys per chunk (one per thread of the first warp)
+NW = 4                                    # warps per block
+R = 4                                     # query rows per group (rows held in registers at once)
+# (KB keys per warp per batch, blocks per SM asked of the compiler) per (d_pad, softcap or ALiBi):
+# the most keys in flight per SM that compile without spills for sm_80 and sm_90 (`flashnumba
+# resources`); the launch bounds cap registers at 65536 / (NW * 32 * blocks) per thread
+LAYOUTS = {(32, False): (4, 4), (32, True): (4, 3),
+           (64, False): (4, 3), (64, True): (2, 3),
+           (128, False): (4, 3), (128, True): (4, 2),
+           (256, False): (1, 2), (256, True): (1, 2)}
+SPLIT_KEYS = 16                           # splits are multiples of every layout's NW * KB keys
 MAX_SPLITS = 128                          # flash-attn's cap on num_splits
+BLOCKS_PER_SM = 16                        # the heuristic's target (a guess to tune on a GPU): several waves
+MIN_KEY_BLOCKS_PER_SPLIT = 4              # and each split at least 4 of the caller's key blocks
 COMBINE_THREADS = 128
 
 
@@ -64,33 +84,45 @@ def head_dim_bucket(d):
 
 
 def num_splits_heuristic(blocks, num_sms, num_key_blocks, max_splits=MAX_SPLITS):
-    """flash-attn's choice of num_splits (flash_api.cpp): none when B * Hq * Tr blocks already
-    fill 80% of the SMs; else the smallest split count whose wave efficiency (blocks * s / SMs
-    over its ceiling) is within 85% of the best, counting only split counts that change how
-    many key blocks each split gets."""
-    if blocks >= 0.8 * num_sms:
-        return 1
-    max_splits = max(1, min(max_splits, num_sms, num_key_blocks))
+    """Ours, for this kernel (flash-attn's formula assumed its own): the smallest split count
+    giving at least BLOCKS_PER_SM blocks per SM, at most max_splits and at most one split per
+    MIN_KEY_BLOCKS_PER_SPLIT key blocks. blocks: the grid's blocks per split (B * Hkv).
 
-    def eligible(s):
-        return s == 1 or num_tiles(num_key_blocks, s) != num_tiles(num_key_blocks, s - 1)
-
-    efficiency = {}
-    for s in range(1, max_splits + 1):
-        if eligible(s):
-            waves = blocks * s / num_sms
-            efficiency[s] = waves / math.ceil(waves)
-    best = max(efficiency.values())
-    return next(s for s, e in efficiency.items() if e >= 0.85 * best)
+    A memory-bound kernel wants every SM full of warps with loads in flight: 2 to 4 blocks
+    of NW warps fit on an SM at once (LAYOUTS), so BLOCKS_PER_SM blocks per SM are several
+    waves, and the last, partial one is a small part of the time. A split of fewer keys
+    would spend a larger share on its start, its merge and the combine."""
+    wanted = -(-BLOCKS_PER_SM * num_sms // max(1, blocks))
+    cap = max(1, min(max_splits, num_key_blocks // MIN_KEY_BLOCKS_PER_SPLIT))
+    return max(1, min(wanted, cap))
 
 
-@functools.lru_cache(maxsize=None)
+def _jit_options(d_pad, features):
+    """Launch bounds for the real compiler (the simulator takes none)."""
+    if numba_config.ENABLE_CUDASIM:
+        return {}
+    return {"launch_bounds": (NW * WARP_SIZE, LAYOUTS[d_pad, features][1])}
+
+
+@cuda.jit(device=True)
+def warp_sum(x):
+    """sum over the 32 lanes of a warp; xor offsets 16, 8, 4, 2, 1: every lane ends with the sum."""
+    offset = WARP_SIZE // 2
+    while offset > 0:
+        x += cuda.shfl_xor_sync(FULL_MASK, x, offset)
+        offset //= 2
+    return x
+
+
+@functools.cache
 def build(d_pad, SOFTCAP=False, ALIBI=False):
-    """The split-KV kernel for head-dim bucket d_pad (d_pad threads); softcap and ALiBi as variants."""
-    T = d_pad
-    KS_ROW = d_pad + 1                        # padded row: threads n < BC read Ks[n, kk], no bank conflict
+    """The split-KV kernel for head-dim bucket d_pad (NW warps); softcap and ALiBi as variants."""
+    DL = d_pad // WARP_SIZE                   # head dims per lane
+    T = NW * WARP_SIZE
+    KB = LAYOUTS[d_pad, SOFTCAP or ALIBI][0]
+    STEP = NW * KB                            # keys the block's warps take in one round of batches
 
-    @cuda.jit
+    @cuda.jit(**_jit_options(d_pad, SOFTCAP or ALIBI))
     def split_kv_kernel(q, k_cache, v_cache, cache_rows, seqlens_k, O_part, L_part, q_scale, left, right,
                         cap2, slopes, keys_per_split):
         # --- sizes --- q (B, N_q, H_q, d); caches (B_cache, S, H_kv, d); O_part (splits, B, N_q, H_q, d);
@@ -98,82 +130,168 @@ def build(d_pad, SOFTCAP=False, ALIBI=False):
         # (-1 unbounded); cap2: softcap log2(e) (SOFTCAP); slopes (B, H_q) (ALIBI)
         _, N_q, H_q, d = q.shape
         H_kv = k_cache.shape[2]
+        G = H_q // H_kv
         s = cuda.blockIdx.x
-        bh = cuda.blockIdx.y
-        b = bh // H_q
-        h = bh % H_q
-        h_kv = h // (H_q // H_kv)
-        n = cuda.threadIdx.x
+        b = cuda.blockIdx.y // H_kv
+        h_kv = cuda.blockIdx.y % H_kv
+        tid = cuda.threadIdx.x
+        w = tid // WARP_SIZE
+        lane = tid % WARP_SIZE
         row_c = cache_rows[b]
         N_k = seqlens_k[b]
         key_start = s * keys_per_split
         key_stop = min(key_start + keys_per_split, N_k)
-        if ALIBI:
-            slope = slopes[b, h] * float32(LOG2_E)
+        rows = N_q * G                              # block rows (r, g) numbered r * G + g
 
-        Qs = cuda.shared.array(T, float32)
-        Ks = cuda.shared.array((BC, KS_ROW), float32)
-        Ss = cuda.shared.array(BC, float32)
+        Ms = cuda.shared.array((NW, R), float32)    # each warp's m of each row of the group
+        Ls = cuda.shared.array((NW, R), float32)    # each warp's l
+        Os = cuda.shared.array((NW, R, d_pad), float32)   # each warp's o
 
-        for r in range(N_q):
-            centre = r + N_k - N_q                  # the key aligned with query r (bottom-right)
-            c_lo = key_start
-            c_hi = key_stop
-            if left >= 0:
-                c_lo = max(c_lo, centre - left)
-            if right >= 0:
-                c_hi = min(c_hi, centre + right + 1)
-            cuda.syncthreads()  # every thread done reading the last row's Qs
-            Qs[n] = q[b, r, h, min(n, d - 1)] * q_scale if n < d else float32(0.0)
-            m = float32(-math.inf)
-            l = float32(0.0)
-            o = float32(0.0)
-            c0 = c_lo
-            while c0 < c_hi:
-                cuda.syncthreads()  # Ks, Ss of the last chunk consumed (and Qs written)
-                for kk in range(BC):                # K_chunk -> Ks, dims past d and keys past c_hi: 0
-                    c = c0 + kk
+        Q = cuda.local.array((R, DL), float32)      # Q_r of the group's rows, this lane's dims
+        O = cuda.local.array((R, DL), float32)      # o (unnormalised), this warp's keys only
+        m = cuda.local.array(R, float32)            # m (log2 units)
+        l = cuda.local.array(R, float32)
+        c_lo = cuda.local.array(R, int32)           # row's visible keys of the split: [c_lo, c_hi)
+        c_hi = cuda.local.array(R, int32)
+        centre = cuda.local.array(R, int32)         # the key aligned with the row's query (bottom-right)
+        slope = cuda.local.array(R, float32)        # ALiBi slope of the row's head, log2 units
+        K = cuda.local.array((KB, DL), float32)     # the batch's K_c, this lane's dims
+        V = cuda.local.array((KB, DL), float32)
+        S = cuda.local.array((R, KB), float32)      # S_rc, then P_rc
+
+        rr0 = 0
+        while rr0 < rows:
+            # the group's rows: Q_r, their bands, m = -inf, l = 0, o = 0
+            group_lo = N_k                          # union of the rows' bands: [group_lo, group_hi)
+            group_hi = 0
+            for a in range(R):
+                rr = rr0 + a
+                lo = 0
+                hi = 0
+                r = rr // G
+                h = h_kv * G + rr % G
+                ctr = r + N_k - N_q
+                slope[a] = float32(0.0)
+                if rr < rows:
+                    lo = key_start
+                    hi = key_stop
+                    if left >= 0:
+                        lo = max(lo, ctr - left)
+                    if right >= 0:
+                        hi = min(hi, ctr + right + 1)
+                    if ALIBI:
+                        slope[a] = slopes[b, h] * float32(LOG2_E)
+                if lo < hi:
+                    group_lo = min(group_lo, lo)
+                    group_hi = max(group_hi, hi)
+                c_lo[a] = lo
+                c_hi[a] = hi
+                centre[a] = ctr
+                for i in range(DL):
+                    n = lane + WARP_SIZE * i
                     value = float32(0.0)
-                    if c < c_hi and n < d:
-                        value = k_cache[row_c, c, h_kv, n]
-                    Ks[kk, n] = value
-                cuda.syncthreads()  # Ks written before the scores read it
-                if n < BC:                          # S_c = Q_r . K_c for key c = c0 + n
-                    c = c0 + n
-                    score = float32(-math.inf)
-                    if c < c_hi:
+                    if rr < rows and n < d:
+                        value = q[b, r, h, n] * q_scale
+                    Q[a, i] = value
+                    O[a, i] = float32(0.0)
+                m[a] = -math.inf
+                l[a] = float32(0.0)
+
+            # warp w: batches of KB keys, interleaved with the other warps'
+            c0 = group_lo + w * KB
+            while c0 < group_hi:
+                for j in range(KB):                 # K_c -> registers; keys past group_hi, dims past d: 0
+                    c = c0 + j
+                    for i in range(DL):
+                        n = lane + WARP_SIZE * i
+                        value = float32(0.0)
+                        if c < group_hi and n < d:
+                            value = k_cache[row_c, c, h_kv, n]
+                        K[j, i] = value
+                for a in range(R):                  # S_rc, this lane's share: sum_i Q_r[n] K_c[n]
+                    for j in range(KB):
                         acc = float32(0.0)
-                        for kk in range(d_pad):
-                            acc += Qs[kk] * Ks[n, kk]
-                        score = acc
+                        for i in range(DL):
+                            acc += Q[a, i] * K[j, i]
+                        S[a, j] = acc
+                for j in range(KB):                 # V_c -> registers (K_c is dead), in flight during the shuffles
+                    c = c0 + j
+                    for i in range(DL):
+                        n = lane + WARP_SIZE * i
+                        value = float32(0.0)
+                        if c < group_hi and n < d:
+                            value = v_cache[row_c, c, h_kv, n]
+                        V[j, i] = value
+                for a in range(R):                  # S_rc = Q_r . K_c: the warp's sum of the lanes' shares
+                    for j in range(KB):
+                        S[a, j] = warp_sum(S[a, j])
+                for a in range(R):                  # online softmax, row by row
+                    m_tilde = float32(-math.inf)
+                    for j in range(KB):
+                        c = c0 + j
+                        score = S[a, j]
                         if SOFTCAP:                 # S = c2 tanh(S / c2)
                             score = cap2 * math.tanh(score / cap2)
                         if ALIBI:                   # S -= slope |r + Nk - Nq - c|
-                            score -= slope * float32(abs(centre - c))
-                    Ss[n] = score
-                cuda.syncthreads()  # every score of the chunk written before any thread reads them
-                m_tilde = Ss[0]
-                for kk in range(1, BC):
-                    m_tilde = max(m_tilde, Ss[kk])
-                m_new = max(m, m_tilde)             # m_new = max(m, rowmax(S_chunk))
-                m_safe = m_new
-                if m_new == -math.inf:
-                    m_safe = float32(0.0)
-                alpha = math.exp2(m - m_safe)
-                l *= alpha
-                o *= alpha
-                for kk in range(BC):
-                    p = math.exp2(Ss[kk] - m_safe)  # P_c = exp2(S_c - m_new), 0 where masked
-                    l += p
-                    c = c0 + kk
-                    if c < c_hi and n < d:
-                        o += p * v_cache[row_c, c, h_kv, n]
-                m = m_new
-                c0 += BC
-            if n < d:
-                O_part[s, b, r, h, n] = o / l if l != 0.0 else float32(0.0)
-            if n == 0:
-                L_part[s, b, h, r] = (m + math.log2(l)) * LN_2 if l != 0.0 else -math.inf
+                            score -= slope[a] * float32(abs(centre[a] - c))
+                        if c < c_lo[a] or c >= c_hi[a]:
+                            score = float32(-math.inf)  # outside the band, past N_k or past the split
+                        S[a, j] = score
+                        m_tilde = max(m_tilde, score)
+                    m_new = max(m[a], m_tilde)      # m_new = max(m, rowmax(S_r))
+                    m_safe = m_new
+                    if m_new == -math.inf:
+                        m_safe = float32(0.0)       # no visible key yet: P = 0, no inf - inf
+                    alpha = math.exp2(m[a] - m_safe)
+                    l_tilde = float32(0.0)
+                    for j in range(KB):
+                        p = math.exp2(S[a, j] - m_safe)     # P_rc = exp2(S_rc - m_new)
+                        S[a, j] = p
+                        l_tilde += p
+                    l[a] = alpha * l[a] + l_tilde
+                    m[a] = m_new
+                    for i in range(DL):             # o = alpha o + sum_c P_rc V_c
+                        acc = O[a, i] * alpha
+                        for j in range(KB):
+                            acc += S[a, j] * V[j, i]
+                        O[a, i] = acc
+                c0 += STEP
+
+            # merge the NW warps' (m, l, o) per row through shared memory
+            if rr0 > 0:
+                cuda.syncthreads()  # every thread done reading the last group's Ms, Ls, Os
+            for a in range(R):
+                if lane == 0:
+                    Ms[w, a] = m[a]
+                    Ls[w, a] = l[a]
+                for i in range(DL):
+                    Os[w, a, lane + WARP_SIZE * i] = O[a, i]
+            cuda.syncthreads()  # every warp's (m, l, o) written before any thread merges them
+            e = tid                                 # element (row a, dim n) of the group's O_s
+            while e < R * d_pad:
+                a = e // d_pad
+                n = e % d_pad
+                rr = rr0 + a
+                if rr < rows and n < d:
+                    m_row = Ms[0, a]                # m = max_w m_w
+                    for u in range(1, NW):
+                        m_row = max(m_row, Ms[u, a])
+                    m_safe = m_row
+                    if m_row == -math.inf:
+                        m_safe = float32(0.0)       # no warp saw a key: every weight 0
+                    l_row = float32(0.0)
+                    o_row = float32(0.0)
+                    for u in range(NW):             # l = sum_w exp2(m_w - m) l_w, o likewise
+                        alpha = math.exp2(Ms[u, a] - m_safe)
+                        l_row += alpha * Ls[u, a]
+                        o_row += alpha * Os[u, a, n]
+                    r = rr // G
+                    h = h_kv * G + rr % G
+                    O_part[s, b, r, h, n] = o_row / l_row if l_row != 0.0 else float32(0.0)
+                    if n == 0:
+                        L_part[s, b, h, r] = (m_row + math.log2(l_row)) * LN_2 if l_row != 0.0 else -math.inf
+                e += T
+            rr0 += R
 
     return split_kv_kernel
 
@@ -193,7 +311,7 @@ def combine(O_part, L_part, out, L):
     m = L_part[0, b, h, r]
     for s in range(1, splits):
         L_s = L_part[s, b, h, r]
-        if L_s != L_s or L_s > m:                   # max that keeps a NaN
+        if L_s != L_s or L_s > m:  # noqa: PLR0124 (max that keeps a NaN)
             m = L_s
     m_safe = m
     if m == -math.inf:
@@ -217,12 +335,13 @@ def partials(Q, K_cache, V_cache, cache_rows, seqlens_k, num_splits, keys_per_sp
     normalised output and log-sum-exp. Q, caches float32 device arrays; cache_rows, seqlens_k
     int32 device arrays (B,); window_size (left, right) with causal already folded in (right = 0)."""
     B, N_q, H_q, d = Q.shape
+    H_kv = K_cache.shape[2]
     d_pad = head_dim_bucket(d)
     kernel = build(d_pad, softcap > 0.0, slopes is not None)
     O_part = cuda.device_array((num_splits, B, N_q, H_q, d), dtype=np.float32)
     L_part = cuda.device_array((num_splits, B, H_q, N_q), dtype=np.float32)
     slopes_d = slopes if slopes is not None else cuda.device_array((1, 1), dtype=np.float32)
-    kernel[(num_splits, B * H_q), d_pad](Q, K_cache, V_cache, cache_rows, seqlens_k, O_part, L_part,
+    kernel[(num_splits, B * H_kv), NW * WARP_SIZE](Q, K_cache, V_cache, cache_rows, seqlens_k, O_part, L_part,
                                      np.float32(scale * LOG2_E), np.int64(window_size[0]),
                                      np.int64(window_size[1]), np.float32(softcap * LOG2_E), slopes_d,
                                      np.int64(keys_per_split))
@@ -239,8 +358,8 @@ def merged(O_part, L_part):
 
 
 def keys_per_split(max_seqlen_k, num_splits):
-    """Keys per split: the cache cut into num_splits runs, each a whole number of chunks."""
-    return num_tiles(num_tiles(max_seqlen_k, num_splits), BC) * BC
+    """Keys per split: the cache cut into num_splits runs, each a multiple of SPLIT_KEYS."""
+    return num_tiles(num_tiles(max_seqlen_k, num_splits), SPLIT_KEYS) * SPLIT_KEYS
 
 
 def targets():
