@@ -203,7 +203,7 @@ def varlen_case(lengths, H, d):
             "ratio_name": "padded / varlen", "ratio": ms["padded"] / ms["varlen"]}
 
 
-def decode_case(B, H, Hkv, d, cache_len, copy_tb_s):
+def decode_case(B, H, Hkv, d, cache_len, copy_tb_s, other_splits=()):
     import torch
     from numba import cuda
 
@@ -222,15 +222,18 @@ def decode_case(B, H, Hkv, d, cache_len, copy_tb_s):
     Q, K, V = (cuda.as_cuda_array(x) for x in (q, k_cache, v_cache))
     rows_d = cuda.to_device(torch.arange(B, dtype=torch.int32).numpy())
     lens_d = cuda.as_cuda_array(seqlens)
-    per = split_kv.keys_per_split(cache_len, splits)
 
-    def kernels():
-        split_kv.merged(*split_kv.partials(Q, K, V, rows_d, lens_d, splits, per, 1 / math.sqrt(d), (-1, -1)))
+    def kernels(splits):
+        per = split_kv.keys_per_split(cache_len, splits)
+        return lambda: split_kv.merged(*split_kv.partials(Q, K, V, rows_d, lens_d, splits, per,
+                                                          1 / math.sqrt(d), (-1, -1)))
 
     ms = {"flash_attn_with_kvcache": _time(
               lambda: flashnumba.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens)),
-          f"split-KV kernels ({splits} splits)": _time(kernels),
+          f"split-KV kernels ({splits} splits)": _time(kernels(splits)),
           "read the cache once": read_once_ms(cache_bytes(B, Hkv, d, cache_len), copy_tb_s)}
+    for other in other_splits:                # what the heuristic's choice is worth
+        ms[f"split-KV kernels ({other} splits)"] = _time(kernels(other))
     return {"case": f"decode B={B} H={H} Hkv={Hkv} d={d} cache={cache_len}", "pass": passed, "ms": ms,
             "ratio_name": "kernels / read once",
             "ratio": ms[f"split-KV kernels ({splits} splits)"] / ms["read the cache once"]}
@@ -242,6 +245,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes only")
     parser.add_argument("--only", choices=("window", "softcap", "varlen", "decode"), action="append")
     parser.add_argument("--json", help="write the rows here too")
+    parser.add_argument("--splits", type=int, nargs="+", default=(),
+                        help="decode: also time the split-KV kernels at these num_splits")
     args = parser.parse_args(argv)
     import flashnumba
     if flashnumba.on_simulator():
@@ -259,7 +264,7 @@ def main(argv=None):
     for name in args.only or cases:
         run, default = cases[name]
         for case in (QUICK[name] if args.quick else default):
-            extra = (copy_tb_s,) if name == "decode" else ()
+            extra = (copy_tb_s, args.splits) if name == "decode" else ()
             rows.append(run(*case, *extra))
             print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(format_table(rows))
