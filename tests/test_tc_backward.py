@@ -20,10 +20,10 @@ SEED = 11
 # (B, Nq, Nk, Hq, Hkv, d, causal, alignment, dropout_p, Bc)
 CASES = [
     (1, 20, 37, 1, 1, 24, False, BOTTOM_RIGHT, 0.0, 16),     # Nq != Nk, edge tiles, d < d_pad
-    (1, 33, 17, 2, 1, 16, True, BOTTOM_RIGHT, 0.0, 16),      # GQA, fully masked rows, two stages across heads
+    (1, 33, 17, 2, 1, 16, True, BOTTOM_RIGHT, 0.0, 16),      # GQA, fully masked rows, three Q tiles per head
     (1, 40, 70, 1, 1, 32, True, TOP_LEFT, 0.0, None),        # default tiles: Br=32 < Bc=64, 4 warps
     (1, 21, 30, 1, 1, 17, True, BOTTOM_RIGHT, 0.2, 16),      # dropout, odd head dim
-    (1, 18, 20, 1, 1, 100, True, BOTTOM_RIGHT, 0.0, None),   # d_pad = 128 default: pairs of warps split the dims, one stage
+    (1, 18, 20, 1, 1, 100, True, BOTTOM_RIGHT, 0.0, None),   # d_pad = 128 default: 8 warps, pairs split the dims
 ]
 GPU_CASES = [
     (2, 1000, 1000, 4, 2, 64, False, BOTTOM_RIGHT, 0.0, None),

@@ -15,9 +15,7 @@ dQ_i's 16 x 16 pieces are dealt out to all warps. Four launches:
     dkdv         for each query head h of the group (GQA: dK_j, dV_j summed over it in registers)
                    for each Q tile i visible to K_j (q_tile_start <= i < q_tile_end under
                  causal or a window):
-                     Q_i, dO_i -> shared (cp.async); L_i, D_i -> shared; with two
-                                stages (where 48 KB allows) the next (head, tile)
-                                pair's are requested before this one is used
+                     Q_i, dO_i -> shared (cp.async); L_i, D_i -> shared
                      S_ij^T  = K_j Q_i^T                 mma, A = K_j (ldmatrix), B = Q_i
                      P_ij^T  = exp(scale S_ij^T - L_i)    (0 where masked); the SOFTCAP, ALIBI
                                variants: exp(softcap tanh(scale S_ij^T / softcap)
@@ -69,8 +67,8 @@ order), Q_i and dO_i re-read from L2 by every K/V block (also Nk / Bc times), K_
 and V_j re-read from shared memory by ldmatrix for every Q tile, three barriers
 per Q tile, the dropout variant's Philox call per element (3 of its 4 words
 unused), the duplicated S_ij^T and dP_ij^T products at d_pad >= 96, and the 48 KB
-of static shared memory, which caps Bc (K_j and V_j) times d_pad and leaves
-d_pad = 128 one stage of Q_i, dO_i.
+of static shared memory, which caps Bc (K_j and V_j) times d_pad. No double
+buffering of Q_i, dO_i.
 deterministic=True is served by FA2's readable backward (``registry``: its
 separate dQ pass, on the inputs widened to float32), not by this kernel.
 """
@@ -96,7 +94,6 @@ from flashnumba.kernels.common import (
 from flashnumba.kernels.fast_math import LOG2_E
 from flashnumba.kernels.geometry import num_tiles, q_tile_end, q_tile_start
 from flashnumba.kernels.half_io import as_dtype, bits_of, check_qkv16, padded_bits, resolve_kind
-from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
@@ -136,22 +133,10 @@ def shipped_configs():
     return configs
 
 
-def _smem_bytes(config, stages):
-    Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
-    return (((2 * stages * Br + 2 * Bc) * (d_pad + ROW_PAD) + Bc * (Br + ROW_PAD)) * HALF_BYTES
-            + 2 * stages * Br * FLOAT_BYTES)
-
-
-def stages(config):
-    """Q_i, dO_i, L_i, D_i buffers: 2 (the next pair's load while this one is used) when the
-    block's tiles still fit in 48 KB, else 1."""
-    return 2 if _smem_bytes(config, 2) <= STATIC_SMEM_LIMIT else 1
-
-
 def smem_bytes(config):
-    """K_j, V_j (Bc x (d_pad + 8) 16-bit each), dS_ij^T (Bc x (Br + 8)), and per stage Q_i, dO_i
-    (Br x (d_pad + 8) 16-bit each), L_i and D_i (fp32)."""
-    return _smem_bytes(config, stages(config))
+    """Q_i, dO_i, K_j, V_j (Br x (d_pad + 8) 16-bit each), dS_ij^T (Bc x (Br + 8)), L_i and D_i (fp32)."""
+    Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
+    return ((2 * Br + 2 * Bc) * (d_pad + ROW_PAD) + Bc * (Br + ROW_PAD)) * HALF_BYTES + 2 * Br * FLOAT_BYTES
 
 
 def check_config(config):
@@ -198,7 +183,6 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
     KK = Bc // 16                 # k-steps over keys (dQ_i)
     PIECES = (Br // 16) * (d_pad // 16)   # 16 x 16 pieces of dQ_i, dealt to the warps
     SPLIT = split_d(d_pad)
-    STAGES = stages(config)
     DH = d_pad // SPLIT               # head dims of dK_j, dV_j, dQ_i per warp
     NDH = DH // 8                 # their n-tiles
     CHUNKS = d_pad // 8           # 16-byte chunks per row
@@ -212,52 +196,36 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
             C[n, e] = d[e]
 
     @cuda.jit(device=True, inline="always")
-    def load_rows(dst, src, b, h, start, N, tid):
-        """K/V rows start .. start + Bc of src (clamped to N - 1) -> dst, by cp.async."""
-        for chunk in range(tid, Bc * CHUNKS, T):
+    def load_rows(dst, src, b, h, start, N, tid, ROWS):
+        """rows start .. start + ROWS of src (clamped to N - 1) -> dst, by cp.async."""
+        for chunk in range(tid, ROWS * CHUNKS, T):
             r = chunk // CHUNKS
             x = 8 * (chunk % CHUNKS)
             mma.cp_async_16(dst, (r, x), src, (b, min(start + r, N - 1), h, x))
 
     @cuda.jit(device=True, inline="always")
-    def load_q_tile(Qs, dOs, Ls, Ds, s, q, dout, L, D_rows, b, hq, row0, Nq, tid):
-        """Q_i, dO_i (rows row0 .. row0 + Br, clamped to Nq - 1) -> stage s by cp.async; L_i log2(e)
-        and D_i -> stage s by plain stores (0 past Nq)."""
-        for chunk in range(tid, Br * CHUNKS, T):
-            r = chunk // CHUNKS
-            x = 8 * (chunk % CHUNKS)
-            row = min(row0 + r, Nq - 1)
-            mma.cp_async_16(Qs, (s, r, x), q, (b, row, hq, x))
-            mma.cp_async_16(dOs, (s, r, x), dout, (b, row, hq, x))
-        for qr in range(tid, Br, T):
-            row = row0 + qr
-            Ls[s, qr] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
-            Ds[s, qr] = D_rows[b, hq, row] if row < Nq else float32(0.0)
-
-    @cuda.jit(device=True, inline="always")
-    def product_T(C, As, Bs, s, w, lane):
-        """C = A_w B^T, 16 x Br: A_w = rows 16w.. of As (ldmatrix), B = rows of stage s of Bs
-        (ldmatrix)."""
+    def product_T(C, As, Bs, w, lane):
+        """C = A_w B^T, 16 x Br: A_w = rows 16w.. of As (ldmatrix), B = rows of Bs (ldmatrix)."""
         for n in range(NC):
             for e in range(4):
                 C[n, e] = 0.0
         for kk in range(KD):
             a = mma.ldmatrix_x4(As, (16 * w + lane % 16, 16 * kk + 8 * (lane // 16)))
             for nn in range(NC // 2):
-                bf = mma.ldmatrix_x4(Bs, (s, 16 * nn + lane % 8 + 8 * (lane // 16),
+                bf = mma.ldmatrix_x4(Bs, (16 * nn + lane % 8 + 8 * (lane // 16),
                                           16 * kk + 8 * ((lane // 8) % 2)))
                 mma_into(C, 2 * nn, a, bf[0], bf[1])
                 mma_into(C, 2 * nn + 1, a, bf[2], bf[3])
 
     @cuda.jit(device=True, inline="always")
-    def accumulate_AtB(Acc, C, Bs, s, x0, lane):
-        """Acc += C B: C (16 x Br accumulators) packed into A fragments, B = Bs[s, :, x0 : x0 + DH]
+    def accumulate_AtB(Acc, C, Bs, x0, lane):
+        """Acc += C B: C (16 x Br accumulators) packed into A fragments, B = Bs[:, x0 : x0 + DH]
         by ldmatrix.trans."""
         for kc in range(KC):
             a = (PACK_K(C[2 * kc, 0], C[2 * kc, 1]), PACK_K(C[2 * kc, 2], C[2 * kc, 3]),
                  PACK_K(C[2 * kc + 1, 0], C[2 * kc + 1, 1]), PACK_K(C[2 * kc + 1, 2], C[2 * kc + 1, 3]))
             for nd in range(NDH // 2):
-                bf = mma.ldmatrix_x4_trans(Bs, (s, 16 * kc + lane % 16, x0 + 16 * nd + 8 * (lane // 16)))
+                bf = mma.ldmatrix_x4_trans(Bs, (16 * kc + lane % 16, x0 + 16 * nd + 8 * (lane // 16)))
                 mma_into(Acc, 2 * nd, a, bf[0], bf[1])
                 mma_into(Acc, 2 * nd + 1, a, bf[2], bf[3])
 
@@ -339,11 +307,11 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
         # --- shared memory (each array on its own line) ---
         Ks = cuda.shared.array((Bc, ROW_LEN), uint16, alignment=ALIGN)
         Vs = cuda.shared.array((Bc, ROW_LEN), uint16, alignment=ALIGN)
-        Qs = cuda.shared.array((STAGES, Br, ROW_LEN), uint16, alignment=ALIGN)
-        dOs = cuda.shared.array((STAGES, Br, ROW_LEN), uint16, alignment=ALIGN)
+        Qs = cuda.shared.array((Br, ROW_LEN), uint16, alignment=ALIGN)
+        dOs = cuda.shared.array((Br, ROW_LEN), uint16, alignment=ALIGN)
         dSs = cuda.shared.array((Bc, BP), uint16, alignment=ALIGN)    # dS_ij^T, 16-bit
-        Ls = cuda.shared.array((STAGES, Br), float32)                # L_i log2(e)
-        Ds = cuda.shared.array((STAGES, Br), float32)                # D_i
+        Ls = cuda.shared.array(Br, float32)                          # L_i log2(e)
+        Ds = cuda.shared.array(Br, float32)                          # D_i
 
         # --- registers ---
         S = cuda.local.array((NC, 4), float32)       # S_ij^T, then (P_ij o Z_ij)^T
@@ -353,8 +321,8 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
         dQ = cuda.local.array((2, 4), float32)       # a 16 x 16 piece of dS_ij K_j
 
         # Alg. 2 lines 6-7: load K_j, V_j; dK_j = 0, dV_j = 0
-        load_rows(Ks, k, b, h_kv, col0, Nk, tid)
-        load_rows(Vs, v, b, h_kv, col0, Nk, tid)
+        load_rows(Ks, k, b, h_kv, col0, Nk, tid, Bc)
+        load_rows(Vs, v, b, h_kv, col0, Nk, tid, Bc)
         mma.cp_async_commit()
         for n in range(NDH):
             for e in range(4):
@@ -368,127 +336,114 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
             i_stop = int64(max(i_start, q_tile_end(j, Br, Bc, Nq, Nk, lo)))   # below its left edge
         i_end = min(i_stop, i_start + limit)
 
-        n_i = i_end - i_start                                # Q tiles per query head
-        n_steps = G * max(n_i, 0)                            # (query head, Q tile) pairs, in order
-        if n_steps > 0:                                      # Alg. 2 line 9 for the first pair
-            load_q_tile(Qs, dOs, Ls, Ds, 0, q, dout, L, D_rows, b, h_kv * G, i_start * Br, Nq, tid)
-            mma.cp_async_commit()
-        for step in range(n_steps):          # GQA: the group's query heads, each over Alg. 2 line 8
-            hq = h_kv * G + step // n_i
-            i = i_start + step % n_i
-            row0 = i * Br
-            s = step % STAGES
+        for hq in range(h_kv * G, h_kv * G + G):             # GQA: the group's query heads
             if ALIBI:
                 slope = slopes[b, hq]                        # bias -slope |r + Nk - Nq - c|
-            # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i. With two stages the next pair's are
-            # requested now and arrive while this one is used; wait(1): all but the newest group
-            # (the next pair's) landed.
-            if STAGES == 2:
-                if step + 1 < n_steps:
-                    load_q_tile(Qs, dOs, Ls, Ds, 1 - s, q, dout, L, D_rows, b, h_kv * G + (step + 1) // n_i,
-                                (i_start + (step + 1) % n_i) * Br, Nq, tid)
-                mma.cp_async_commit()       # possibly empty, so that wait(1) always means this pair
-                mma.cp_async_wait(1)
-            else:
+            for i in range(i_start, i_end):                  # Alg. 2 line 8
+                row0 = i * Br
+                # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
+                load_rows(Qs, q, b, hq, row0, Nq, tid, Br)
+                load_rows(dOs, dout, b, hq, row0, Nq, tid, Br)
+                mma.cp_async_commit()
+                for qr in range(tid, Br, T):
+                    row = row0 + qr
+                    Ls[qr] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
+                    Ds[qr] = D_rows[b, hq, row] if row < Nq else float32(0.0)
                 mma.cp_async_wait(0)
-            cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them
+                cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them
 
-            if DROPOUT:
-                # keep bits of this lane's 4 NC entries of Z_ij^T (bit 4 n + e), made before
-                # S^T exists: in a loop of its own, which may stay rolled (it touches no
-                # register array). philox.keep(seed, b, hq, row, key, p): word key % 4.
-                keep_bits = 0
+                if DROPOUT:
+                    # keep bits of this lane's 4 NC entries of Z_ij^T (bit 4 n + e), made before
+                    # S^T exists: in a loop of its own, which may stay rolled (it touches no
+                    # register array). philox.keep(seed, b, hq, row, key, p): word key % 4.
+                    keep_bits = 0
+                    for n in range(NC):
+                        for e in range(4):
+                            key = col0 + 16 * w + g + 8 * (e // 2)
+                            row = row0 + 8 * n + 2 * t + e % 2
+                            words = philox4x32(np.uint64(key // 4), np.uint64(row), np.uint64(hq),
+                                               b_word, key0, key1)
+                            if kept(keep_word(words, key % 4), dropout_p):
+                                keep_bits |= 1 << (4 * n + e)
+
+                # Alg. 2 lines 10-11: S_ij^T = K_j Q_i^T, P_ij^T = exp(scale S_ij^T - L_i)
+                product_T(S, Ks, Qs, w, lane)
+                # Alg. 2 line 13: dP_ij^T = V_j dO_i^T
+                product_T(dP, Vs, dOs, w, lane)
+                masked = (col0 + Bc > Nk or row0 + Br > Nq
+                          or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)))
                 for n in range(NC):
                     for e in range(4):
                         key = col0 + 16 * w + g + 8 * (e // 2)
-                        row = row0 + 8 * n + 2 * t + e % 2
-                        words = philox4x32(np.uint64(key // 4), np.uint64(row), np.uint64(hq),
-                                           b_word, key0, key1)
-                        if kept(keep_word(words, key % 4), dropout_p):
-                            keep_bits |= 1 << (4 * n + e)
+                        qr = 8 * n + 2 * t + e % 2        # query, within Q_i
+                        row = row0 + qr
+                        visible = True
+                        if masked:
+                            visible = key < Nk and row < Nq and (not windowed or row + lo <= key <= row + hi)
+                        p = float32(0.0)
+                        if visible:
+                            if SOFTCAP or ALIBI:
+                                score = S[n, e] * scale
+                                if SOFTCAP:              # S_ij = cap tanh(S_ij / cap)
+                                    tanh_s = math.tanh(score / cap)
+                                    score = cap * tanh_s
+                                if ALIBI:                # S_ij -= slope |r + Nk - Nq - c|
+                                    score -= slope * float32(abs(row + Nk - Nq - key))
+                                p = math.exp2(score * float32(LOG2_E) - Ls[qr])
+                            else:
+                                p = math.exp2(S[n, e] * q_scale - Ls[qr])
+                        z = float32(1.0)
+                        if DROPOUT:
+                            z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
+                        # Alg. 2 line 14: dS_ij = P_ij o (dP_ij o Z_ij - D_i); exactly 0 where hidden
+                        ds = float32(0.0)
+                        if visible:
+                            ds = p * (dP[n, e] * z - Ds[qr])
+                            if SOFTCAP:                  # through the cap: dS_ij o (1 - tanh^2)
+                                ds *= float32(1.0) - tanh_s * tanh_s
+                        S[n, e] = p * z
+                        dP[n, e] = ds
 
-            # Alg. 2 lines 10-11: S_ij^T = K_j Q_i^T, P_ij^T = exp(scale S_ij^T - L_i)
-            product_T(S, Ks, Qs, s, w, lane)
-            # Alg. 2 line 13: dP_ij^T = V_j dO_i^T
-            product_T(dP, Vs, dOs, s, w, lane)
-            masked = (col0 + Bc > Nk or row0 + Br > Nq
-                      or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)))
-            for n in range(NC):
-                for e in range(4):
-                    key = col0 + 16 * w + g + 8 * (e // 2)
-                    qr = 8 * n + 2 * t + e % 2        # query, within Q_i
-                    row = row0 + qr
-                    visible = True
-                    if masked:
-                        visible = key < Nk and row < Nq and (not windowed or row + lo <= key <= row + hi)
-                    p = float32(0.0)
-                    if visible:
-                        if SOFTCAP or ALIBI:
-                            score = S[n, e] * scale
-                            if SOFTCAP:              # S_ij = cap tanh(S_ij / cap)
-                                tanh_s = math.tanh(score / cap)
-                                score = cap * tanh_s
-                            if ALIBI:                # S_ij -= slope |r + Nk - Nq - c|
-                                score -= slope * float32(abs(row + Nk - Nq - key))
-                            p = math.exp2(score * float32(LOG2_E) - Ls[s, qr])
-                        else:
-                            p = math.exp2(S[n, e] * q_scale - Ls[s, qr])
-                    z = float32(1.0)
-                    if DROPOUT:
-                        z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
-                    # Alg. 2 line 14: dS_ij = P_ij o (dP_ij o Z_ij - D_i); exactly 0 where hidden
-                    ds = float32(0.0)
-                    if visible:
-                        ds = p * (dP[n, e] * z - Ds[s, qr])
-                        if SOFTCAP:                  # through the cap: dS_ij o (1 - tanh^2)
-                            ds *= float32(1.0) - tanh_s * tanh_s
-                    S[n, e] = p * z
-                    dP[n, e] = ds
+                # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i
+                accumulate_AtB(dV, S, dOs, x0, lane)
+                # Alg. 2 line 16: dK_j += dS_ij^T Q_i  (times scale at the end)
+                accumulate_AtB(dK, dP, Qs, x0, lane)
 
-            # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i
-            accumulate_AtB(dV, S, dOs, s, x0, lane)
-            # Alg. 2 line 16: dK_j += dS_ij^T Q_i  (times scale at the end)
-            accumulate_AtB(dK, dP, Qs, s, x0, lane)
+                # dS_ij^T -> shared, rounded to 16 bits as the mma operand would be (by one
+                # warp of the SPLIT that computed the same keys)
+                if x0 == 0:
+                    for n in range(NC):
+                        for hh in range(2):
+                            pair = PACK_K(dP[n, 2 * hh], dP[n, 2 * hh + 1])
+                            key_l = 16 * w + g + 8 * hh
+                            dSs[key_l, 8 * n + 2 * t] = uint16(pair & uint32(0xFFFF))
+                            dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
+                cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
 
-            # dS_ij^T -> shared, rounded to 16 bits as the mma operand would be (by one
-            # warp of the SPLIT that computed the same keys)
-            if x0 == 0:
-                for n in range(NC):
+                # Alg. 2 line 15: dQ_i += dS_ij K_j, piece by piece: rows 16 rq.., dims 16 nq.. of
+                # dQ_i; A = dS_ij by ldmatrix.trans of dS_ij^T, B = K_j by ldmatrix.trans; fp32
+                # atomics into dQ
+                for piece in range(warp, PIECES, NW):
+                    rq = piece // (d_pad // 16)
+                    nq = piece % (d_pad // 16)
+                    for n in range(2):
+                        for e in range(4):
+                            dQ[n, e] = 0.0
+                    for kk in range(KK):
+                        a = mma.ldmatrix_x4_trans(dSs, (16 * kk + lane % 8 + 8 * (lane // 16),
+                                                        16 * rq + 8 * ((lane // 8) % 2)))
+                        bf = mma.ldmatrix_x4_trans(Ks, (16 * kk + lane % 16, 16 * nq + 8 * (lane // 16)))
+                        mma_into(dQ, 0, a, bf[0], bf[1])
+                        mma_into(dQ, 1, a, bf[2], bf[3])
                     for hh in range(2):
-                        pair = PACK_K(dP[n, 2 * hh], dP[n, 2 * hh + 1])
-                        key_l = 16 * w + g + 8 * hh
-                        dSs[key_l, 8 * n + 2 * t] = uint16(pair & uint32(0xFFFF))
-                        dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
-            cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
-
-            # Alg. 2 line 15: dQ_i += dS_ij K_j, piece by piece: rows 16 rq.., dims 16 nq.. of
-            # dQ_i; A = dS_ij by ldmatrix.trans of dS_ij^T, B = K_j by ldmatrix.trans; fp32
-            # atomics into dQ
-            for piece in range(warp, PIECES, NW):
-                rq = piece // (d_pad // 16)
-                nq = piece % (d_pad // 16)
-                for n in range(2):
-                    for e in range(4):
-                        dQ[n, e] = 0.0
-                for kk in range(KK):
-                    a = mma.ldmatrix_x4_trans(dSs, (16 * kk + lane % 8 + 8 * (lane // 16),
-                                                    16 * rq + 8 * ((lane // 8) % 2)))
-                    bf = mma.ldmatrix_x4_trans(Ks, (16 * kk + lane % 16, 16 * nq + 8 * (lane // 16)))
-                    mma_into(dQ, 0, a, bf[0], bf[1])
-                    mma_into(dQ, 1, a, bf[2], bf[3])
-                for hh in range(2):
-                    row = row0 + 16 * rq + g + 8 * hh
-                    if row < Nq:
-                        for n in range(2):
-                            for e2 in range(2):
-                                x = 16 * nq + 8 * n + 2 * t + e2
-                                if x < d:
-                                    cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
-            cuda.syncthreads()  # every warp done with stage s and dS_ij before either is refilled
-            if STAGES == 1 and step + 1 < n_steps:
-                load_q_tile(Qs, dOs, Ls, Ds, 0, q, dout, L, D_rows, b, h_kv * G + (step + 1) // n_i,
-                            (i_start + (step + 1) % n_i) * Br, Nq, tid)
-                mma.cp_async_commit()
+                        row = row0 + 16 * rq + g + 8 * hh
+                        if row < Nq:
+                            for n in range(2):
+                                for e2 in range(2):
+                                    x = 16 * nq + 8 * n + 2 * t + e2
+                                    if x < d:
+                                        cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
+                cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
 
         mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
 
