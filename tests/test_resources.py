@@ -7,11 +7,11 @@ Then the checker itself is checked: its log parser on captured real logs, and
 kernels built to fail (too much shared memory, spills, a run-time indexed local
 array) must be caught.
 
-Each kernel module is its own build (flashnumba.tools.resources starts the compiler
-workers), made by the first test that needs it and kept for the session; the kernels
-built to fail are one more build. Under pytest-xdist a build is left in pytest's
-shared temp directory for the other worker, so the two workers build different
-modules side by side and wait for each other only when they need the same one.
+The kernels are built in two halves (flashnumba.tools.resources starts one compiler
+process for each: its start-up, numba and NVVM loading, is paid twice, not once per
+module), each made by the first test that needs it and kept for the session. Under
+pytest-xdist a half is left in pytest's shared temp directory for the other worker;
+the tests alternate between the halves, so the two workers build them side by side.
 """
 
 import fcntl
@@ -92,10 +92,16 @@ NEGATIVE_SOURCE = resources.source_name(NEGATIVE_SPEC)
 # One build per group of sources per session, shared by xdist workers
 # ---------------------------------------------------------------------------
 
-# Small kernels, one build each group: the kernels without a tile config; the kernels built
-# to fail and the missing module.
-PLAIN_SOURCES = tuple(resources.PLAIN_TARGETS)
+# Two halves of about equal compile time: the forward kernel modules with the kernels without
+# a tile config; the backward ones with the kernels built to fail and the missing module.
 CHECKER_SOURCES = (NEGATIVE_SPEC, MISSING_MODULE)
+HALVES = (tuple(resources.KERNEL_MODULES[0::2]) + tuple(resources.PLAIN_TARGETS),
+          tuple(resources.KERNEL_MODULES[1::2]) + CHECKER_SOURCES)
+
+
+def half_of(source):
+    (half,) = [h for h in HALVES if source in h]
+    return half
 
 
 def _build(sources):
@@ -110,13 +116,13 @@ def _build(sources):
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
-    """built(sources) -> the records of `sources` (a tuple), built once per session."""
+    """built(source) -> the records of the half that holds `source`, built once per session."""
     cache = {}
 
     def shared_build(sources):
         if not os.environ.get("PYTEST_XDIST_WORKER"):
             return _build(sources)
-        name = "-".join(resources.source_name(s).replace(":", "_") for s in sources)
+        name = f"half{HALVES.index(sources)}"
         shared = tmp_path_factory.getbasetemp().parent / f"flashnumba-resources-{name}.json"
         with open(shared.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
@@ -126,17 +132,19 @@ def built(tmp_path_factory):
             shared.write_text(json.dumps([resources.to_dict(r) for r in records]))
             return records
 
-    def get(sources):
-        if sources not in cache:
-            cache[sources] = shared_build(sources)
-        return cache[sources]
+    def get(source):
+        half = half_of(source)
+        if half not in cache:
+            cache[half] = shared_build(half)
+        return cache[half]
     return get
 
 
 @pytest.fixture
 def records(built):
-    """The checker's build: the kernels built to fail and the missing module."""
-    return built(CHECKER_SOURCES)
+    """The checker's build: the kernels built to fail and the missing module (and the half's
+    kernel modules)."""
+    return built(NEGATIVE_SPEC)
 
 
 def _of(records, source, cc):
@@ -153,7 +161,7 @@ def test_shipped_kernels_link_without_spills_and_fit_shared_memory(built, module
     """The largest shipped config of `module`, for `cc`: links; 0 B spilled; <= 255 registers;
     <= 48 KB of static shared memory; the config's largest kernel uses exactly the
     module's smem_bytes(config), as ptxas counts it. Every failure is listed."""
-    mine = _of(built((module,)), resources.source_name(module), cc)
+    mine = _of(built(module), resources.source_name(module), cc)
     problems = resources.find_problems(mine)
     assert not problems, f"{module}, sm_{cc[0]}{cc[1]}:\n" + "\n".join(problems)
 
@@ -181,7 +189,7 @@ def test_every_kernel_module_is_listed():
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
 @pytest.mark.parametrize("target", resources.PLAIN_TARGETS, ids=resources.source_name)
 def test_kernels_without_tile_config_link_without_spills(built, target, cc):
-    mine = _of(built(PLAIN_SOURCES), resources.source_name(target), cc)
+    mine = _of(built(target), resources.source_name(target), cc)
     assert mine, f"{target}: nothing built"
     problems = resources.find_problems(mine)
     assert not problems, f"{target}, sm_{cc[0]}{cc[1]}:\n" + "\n".join(problems)
@@ -345,9 +353,11 @@ def test_mma_count_is_reported_for_tensor_core_kernels_only(built):
         module = registry.version(name).module(registry.FORWARD)
         config = resources.largest(module.shipped_configs())
         plain = module.compile_targets(config)[0][0]
-        records += built((module.__name__,))     # the same build as that module's test above
+        mine = [r for r in built(module.__name__)     # the same build as that module's test above
+                if r.source == resources.source_name(module.__name__)]
+        records += mine
         for cc in CCS:
-            (r,) = [r for r in _of(records, resources.source_name(module.__name__), cc) if r.label == plain]
+            (r,) = [r for r in _of(mine, resources.source_name(module.__name__), cc) if r.label == plain]
             if expect_mma:
                 assert r.mma == (config.d_pad // 16) * (config.Bc // 8) + \
                     (config.Bc // 16) * (config.d_pad // 8) > 0, r
