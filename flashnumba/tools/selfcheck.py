@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-import flashnumba  # noqa: F401  (selects gpu or sim before numba is imported)
+import flashnumba  # first: it selects gpu or sim before numba is imported
 from flashnumba import dtypes, reference
 
 TOL = 1e-5

@@ -14,7 +14,14 @@ import numpy as np
 from numba import cuda, float32
 
 from flashnumba import registry, stepping
-from flashnumba.course.grading import Mismatch, call, grade, kernel_steps, on_gpu, unconditional_raise
+from flashnumba.course.grading import (
+    Mismatch,
+    call,
+    grade,
+    kernel_steps,
+    on_gpu,
+    unconditional_raise,
+)
 
 ID = "dkdv_kernel"
 LESSON = 11
