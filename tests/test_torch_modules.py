@@ -131,6 +131,12 @@ def test_flash_attention_rejects_bad_options():
 # MultiheadSelfAttention: projections around either attention
 # ---------------------------------------------------------------------------
 
+# The module's own behaviour (dropout modes, seeding, an optimizer step) on FA1's kernels, the
+# cheapest on the simulator; the default kernels are the ones compared with the float64 reference
+# and with torch's attention above and below.
+CHEAP = "fa1"
+
+
 def make_mhsa(attention, num_kv_heads=None, causal=True, seed=0, **kwargs):
     torch.manual_seed(seed)
     return MultiheadSelfAttention(32, 2, num_kv_heads=num_kv_heads, causal=causal,
@@ -180,7 +186,7 @@ def test_mhsa_switches_agree_and_every_parameter_gets_a_gradient(num_kv_heads):
 
 
 def test_mhsa_dropout_train_changes_eval_does_not_and_seed_reproduces():
-    m = make_mhsa("flashnumba", dropout=0.5)
+    m = make_mhsa("flashnumba", dropout=0.5, algorithm=CHEAP)
     x = tokens(B=1, seed=11)
     with torch.no_grad():
         m.eval()
@@ -199,9 +205,9 @@ def test_mhsa_dropout_train_changes_eval_does_not_and_seed_reproduces():
 
 def test_mhsa_same_seed_same_weights_and_output():
     x = tokens(B=1, seed=12)
-    a, b = make_mhsa("flashnumba", seed=3), make_mhsa("flashnumba", seed=3)
+    a, b = make_mhsa("flashnumba", seed=3, algorithm=CHEAP), make_mhsa("flashnumba", seed=3, algorithm=CHEAP)
     assert torch.equal(a(x), b(x))
-    assert not torch.equal(make_mhsa("flashnumba", seed=4)(x), a(x))
+    assert not torch.equal(make_mhsa("flashnumba", seed=4, algorithm=CHEAP)(x), a(x))
 
 
 def test_mhsa_bfloat16_switches_agree():
@@ -219,7 +225,7 @@ def test_mhsa_bfloat16_switches_agree():
 
 def test_mhsa_trains_with_an_optimizer():
     """One AdamW step on a regression target through flashnumba's attention lowers the loss."""
-    m = make_mhsa("flashnumba")
+    m = make_mhsa("flashnumba", algorithm=CHEAP)
     x, target = tokens(B=1, seed=14), tokens(B=1, seed=15)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     losses = []
