@@ -38,20 +38,22 @@ def per_sequence_reference(dout, q, k, v, cu_q, cu_k, options, slopes=None):
     return out, lse, dq, dk, dv
 
 
+# The packing and unpacking are the same whatever the kernels: plain causal runs FA1's (the
+# simulator's cheapest), the window and softcap the default's, which have them.
 CASES = [
-    pytest.param([1, 12, 5], [3, 12, 20], {"causal": True}, id="lengths 1, 12, 5; Nq != Nk; causal"),
-    pytest.param([7, 1], [7, 9], {"window_size": (3, 2), "softcap": 3.0}, id="window + softcap"),
+    pytest.param([1, 12, 5], [3, 12, 20], {"causal": True}, "fa1", id="lengths 1, 12, 5; Nq != Nk; causal"),
+    pytest.param([7, 1], [7, 9], {"window_size": (3, 2), "softcap": 3.0}, None, id="window + softcap"),
 ]
 
 
-@pytest.mark.parametrize("lengths_q, lengths_k, options", CASES)
-def test_varlen_matches_reference_per_sequence(rng, lengths_q, lengths_k, options):
+@pytest.mark.parametrize("lengths_q, lengths_k, options, algorithm", CASES)
+def test_varlen_matches_reference_per_sequence(rng, lengths_q, lengths_k, options, algorithm):
     q, k, v, dout = packed(rng, lengths_q, lengths_k, 2, 1, 8)
     cu_q, cu_k = cu(lengths_q), cu(lengths_k)
     out, lse, _ = flashnumba.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k),
-                                                    return_attn_probs=True, **options)
+                                                    return_attn_probs=True, algorithm=algorithm, **options)
     grads = flashnumba.flash_attn_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max(lengths_q),
-                                                  max(lengths_k), **options)
+                                                  max(lengths_k), algorithm=algorithm, **options)
     expected = per_sequence_reference(dout, q, k, v, cu_q, cu_k, options)
     assert out.shape == q.shape and lse.shape == (2, q.shape[0])
     for got, want in zip((out, lse, *grads), expected):
@@ -76,8 +78,9 @@ def test_varlen_alibi_per_sequence_and_torch_autograd(rng):
 def test_kvpacked_is_the_same_call(rng):
     q, k, v, _ = packed(rng, [3, 2], [5, 1], 2, 1, 4)
     cu_q, cu_k = cu([3, 2]), cu([5, 1])
-    plain = flashnumba.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 5)
-    kv = flashnumba.flash_attn_varlen_kvpacked_func(q, np.stack([k, v], axis=1), cu_q, cu_k, 3, 5)
+    plain = flashnumba.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 5, algorithm="fa1")
+    kv = flashnumba.flash_attn_varlen_kvpacked_func(q, np.stack([k, v], axis=1), cu_q, cu_k, 3, 5,
+                                                    algorithm="fa1")
     assert np.array_equal(plain, kv)
 
 
