@@ -122,6 +122,19 @@ def build(d_pad, SOFTCAP=False, ALIBI=False):
     KB = LAYOUTS[d_pad, SOFTCAP or ALIBI][0]
     STEP = NW * KB                            # keys the block's warps take in one round of batches
 
+    @cuda.jit(device=True, inline="always")
+    def batch_to_registers(X, cache, row_c, c0, c_stop, h_kv, d, lane):
+        """Cache rows c0 .. c0 + KB, this lane's dims (lane + 32 i), -> X (KB, DL): one coalesced
+        128-byte read per row and i; rows at or past c_stop and dims past d read as 0."""
+        for j in range(KB):
+            c = c0 + j
+            for i in range(DL):
+                n = lane + WARP_SIZE * i
+                value = float32(0.0)
+                if c < c_stop and n < d:
+                    value = cache[row_c, c, h_kv, n]
+                X[j, i] = value
+
     @cuda.jit(**_jit_options(d_pad, SOFTCAP or ALIBI))
     def split_kv_kernel(q, k_cache, v_cache, cache_rows, seqlens_k, O_part, L_part, q_scale, left, right,
                         cap2, slopes, keys_per_split):
@@ -200,28 +213,15 @@ def build(d_pad, SOFTCAP=False, ALIBI=False):
             # warp w: batches of KB keys, interleaved with the other warps'
             c0 = group_lo + w * KB
             while c0 < group_hi:
-                for j in range(KB):                 # K_c -> registers; keys past group_hi, dims past d: 0
-                    c = c0 + j
-                    for i in range(DL):
-                        n = lane + WARP_SIZE * i
-                        value = float32(0.0)
-                        if c < group_hi and n < d:
-                            value = k_cache[row_c, c, h_kv, n]
-                        K[j, i] = value
+                batch_to_registers(K, k_cache, row_c, c0, group_hi, h_kv, d, lane)     # K_c
                 for a in range(R):                  # S_rc, this lane's share: sum_i Q_r[n] K_c[n]
                     for j in range(KB):
                         acc = float32(0.0)
                         for i in range(DL):
                             acc += Q[a, i] * K[j, i]
                         S[a, j] = acc
-                for j in range(KB):                 # V_c -> registers (K_c is dead), in flight during the shuffles
-                    c = c0 + j
-                    for i in range(DL):
-                        n = lane + WARP_SIZE * i
-                        value = float32(0.0)
-                        if c < group_hi and n < d:
-                            value = v_cache[row_c, c, h_kv, n]
-                        V[j, i] = value
+                # V_c (K_c is dead), in flight during the shuffles
+                batch_to_registers(V, v_cache, row_c, c0, group_hi, h_kv, d, lane)
                 for a in range(R):                  # S_rc = Q_r . K_c: the warp's sum of the lanes' shares
                     for j in range(KB):
                         S[a, j] = warp_sum(S[a, j])
