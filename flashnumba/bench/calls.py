@@ -20,7 +20,7 @@ Two times per call, medians over the runs after warm-up:
               share (Python, checks, dispatch, allocation), which small shapes expose
 
 ``--profile`` adds a cProfile of the torch fwd+bwd path of the first shape: the
-functions that take the host's time, by cumulative time.
+functions that take the host's time, by cumulative time and by their own.
 
 The table and ratios (``rows``, ``format_table``) are plain functions of the
 measured numbers, tested without a GPU.
@@ -169,16 +169,18 @@ def calls_for(case, torch):
     }
 
 
-def profile_call(call, calls=50, top=30):
-    """cProfile of `calls` calls: the top functions by cumulative time, as text."""
+def profile_call(call, calls=50, top=60):
+    """cProfile of `calls` calls: the top functions by cumulative time, then by own time, as text."""
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(calls):
         call()
     profiler.disable()
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
-    return f"cProfile of {calls} calls (host time, cumulative):\n{text.getvalue()}"
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    return f"cProfile of {calls} calls (host time, cumulative, then own):\n{text.getvalue()}"
 
 
 def run(cases, torch, json_path=None, profile=False, log=print):
