@@ -145,12 +145,13 @@ def assert_lse_matches(lse, ref_lse):
     (5, 20, {"window_size": (2, 1)}),                                # d_pad 32
     (2, 40, {"causal": True, "softcap": 1.5,                         # d_pad 64, softcap and ALiBi
              "alibi_slopes": np.array([0.5, 0.2, 0.1, 0.05], np.float32)}),
+    (3, 96, {"causal": True}),                                       # d_pad 128
     (1, 130, {"window_size": (20, -1)}),                             # d_pad 256
 ])
 def test_gqa_row_groups_and_splits_match_reference(rng, Nq, d, options):
     """One block serves G = 2 query heads x Nq queries (Nq = 5: 10 rows, in groups of R = 4);
-    3 splits of 16 keys; seqlens 0 (no key), 1 (rows whose band misses key 0) and 45. The three
-    head-dim buckets and variants take 4, 2 and 1 keys per warp batch (split_kv.LAYOUTS)."""
+    3 splits of 16 keys; seqlens 0 (no key), 1 (rows whose band misses key 0) and 45. The four
+    head-dim buckets take 8, 4, 1 and 1 keys per warp step (32 / (d_pad / split_kv.LAYOUTS[d_pad]))."""
     assert 5 > split_kv.R and 45 > 2 * split_kv.SPLIT_KEYS
     q, k_cache, v_cache, _, _ = cache_problem(rng, B=3, Nq=Nq, Hq=4, Hkv=2, d=d, S=48)
     seqlens = np.array([0, 1, 45], np.int32)

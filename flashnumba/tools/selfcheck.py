@@ -97,6 +97,8 @@ def _errors(dtype, results, q, k, v, dout, causal):
 DECODE = [
     (2, 1, 4, 2, 64, 300, (0, 237), 3, {"causal": True}),
     (2, 3, 4, 1, 40, 160, (150, 9), 0, {"window_size": (20, 0), "softcap": 5.0}),
+    (2, 2, 8, 2, 128, 200, (77, 130), 0, {}),
+    (1, 1, 2, 1, 256, 100, (60,), 2, {"causal": True}),
 ]
 
 
