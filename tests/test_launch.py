@@ -146,3 +146,160 @@ def test_the_packing_is_numba_cudas_for_the_fast_kernels_argument_types():
         assert result["types_match"], f"{name}: typeof gives other argument types than argtypes()"
         assert result["fast"] == result["numba"], name
         assert len(result["fast"]) > 50, name                # every array expanded, not skipped
+
+
+# ---------------------------------------------------------------------------
+# Without a GPU: the fast path hands its launch the launcher's kernel and arguments
+# ---------------------------------------------------------------------------
+
+def _compare_arguments(theirs, ours):
+    """The launcher's arguments (numba arrays, NumPy scalars) against the fast path's (torch
+    tensors, the same scalars): arrays by shape, scalars by type and value."""
+    assert len(theirs) == len(ours)
+    for n, (a, b) in enumerate(zip(theirs, ours)):
+        if hasattr(a, "shape") and np.ndim(a) > 0:
+            assert tuple(a.shape) == tuple(b.shape), f"argument {n}"
+        else:
+            assert type(a) is type(b) and a == b, f"argument {n}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(causal=False, dropout_p=0.2, seed=9),
+                                     dict(causal=True, softcap=3.0, window_size=(8, 0))],
+                         ids=["causal", "dropout", "softcap-window"])
+def test_the_fast_path_launches_the_launchers_kernel_with_its_arguments(monkeypatch, rng, options):
+    torch = pytest.importorskip("torch")
+    from flashnumba.kernels import fa2_fast_backward, fa2_fast_forward, smem_limit
+    B, Nq, Nk, Hq, Hkv, d = 1, 37, 45, 4, 2, 33
+    q, dout = (rng.standard_normal((B, Nq, Hq, d)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((B, Nk, Hkv, d)).astype(np.float32) for _ in range(2))
+    out, L = (rng.standard_normal(s).astype(np.float32) for s in ((B, Nq, Hq, d), (B, Hq, Nq)))
+    launched, prepared = [], []
+    monkeypatch.setattr(smem_limit, "raise_dynamic_limit",
+                        lambda kernel, args, nbytes: launched.append((kernel, nbytes, args)))
+
+    class Prepared:           # what launch.prepared would make, recording its call
+        def __init__(self, kernel, argtypes, grid, block, nbytes=0, device=0):
+            self.what = (kernel, nbytes, argtypes)
+            launch.packers(argtypes)
+
+        def __call__(self, *args):
+            prepared.append((*self.what[:2], args))
+            assert len(args) == len(self.what[2])
+    for module in (fa2_fast_forward, fa2_fast_backward):
+        monkeypatch.setattr(module, "prepared", Prepared)
+        monkeypatch.setattr(module, "_fast", {})
+    fa2_fast_forward.launcher(q, k, v, **options)
+    fa2_fast_backward.launcher(dout, q, k, v, out, L, **options)
+    t = [torch.from_numpy(x) for x in (dout, q, k, v, out, L)]
+    fa2_fast_forward.fast_forward(*t[1:4], **options)
+    fa2_fast_backward.fast_backward(*t, **options)
+    main_launches = [p for p in prepared if p[0] is not fa2_fast_backward.preprocess]
+    assert len(launched) == 2 and len(main_launches) == 2 + (Hq != Hkv) * 2
+    for (kernel, nbytes, theirs), (fast_kernel, fast_nbytes, ours) in zip(launched, main_launches):
+        assert fast_kernel is kernel and fast_nbytes == nbytes
+        _compare_arguments(theirs, ours)
+
+
+# ---------------------------------------------------------------------------
+# On a GPU: the public torch calls through the fast path against the dispatcher path
+# ---------------------------------------------------------------------------
+
+gpu_only = pytest.mark.skipif(flashnumba.on_simulator(),
+                              reason="torch CUDA tensors and compiled kernels need a GPU")
+
+# B, Nq, Nk, Hq, Hkv, d, causal: causal; GQA with N not a multiple of the tiles; Nq != Nk with
+# an odd head dim; one K/V tile (dQ from one block's atomics: bitwise reproducible)
+SHAPES = [(2, 128, 128, 4, 4, 64, True), (1, 77, 77, 4, 2, 64, True),
+          (2, 50, 90, 2, 1, 33, False), (1, 40, 40, 2, 2, 64, True)]
+
+
+def _calls(torch, B, Nq, Nk, Hq, Hkv, d, causal):
+    """() -> (out, lse, dq, dk, dv) of flash_attn_func and its autograd backward, on fixed inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(Nq * 1000 + d)
+    q = torch.randn((B, Nq, Hq, d), device="cuda", generator=gen)
+    k, v = (torch.randn((B, Nk, Hkv, d), device="cuda", generator=gen) for _ in range(2))
+    dout = torch.randn((B, Nq, Hq, d), device="cuda", generator=gen)
+
+    def run():
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        out, lse, _ = flashnumba.flash_attn_func(qg, kg, vg, causal=causal, return_attn_probs=True)
+        out.backward(dout)
+        return out.detach(), lse, qg.grad, kg.grad, vg.grad
+    return run
+
+
+def _bits(torch, x):
+    """x's float32 values as their int32 bit patterns: equal only when bitwise equal."""
+    return x.contiguous().view(torch.int32)
+
+
+@gpu_only
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Nq{}-Nk{}-H{}:{}-d{}-{}".format(
+    *s[:6], "causal" if s[6] else "full"))
+def test_the_fast_path_gives_the_dispatcher_paths_results_bitwise(monkeypatch, shape):
+    torch = pytest.importorskip("torch")
+    from flashnumba.kernels import fa2_fast_backward, fa2_fast_forward
+    run = _calls(torch, *shape)
+    monkeypatch.setattr(launch, "ENABLED", False)
+    slow = run()
+    kernels = (fa2_fast_forward.build(fa2_fast_forward.resolve_config(shape[5])),
+               fa2_fast_backward.build(fa2_fast_backward.resolve_config(shape[5])))
+    overloads = [set(kernel.overloads) for kernel in kernels]
+    monkeypatch.setattr(launch, "ENABLED", True)
+    launches = []
+    real_call = launch.Launch.__call__
+    monkeypatch.setattr(launch.Launch, "__call__",
+                        lambda self, *a: (launches.append(self), real_call(self, *a))[1])
+    fast = run()
+    torch.cuda.synchronize()
+    assert launches, "the fast path was not taken"
+    # the fast path's declared argument types are the ones the dispatcher typed: no new overload
+    assert [set(kernel.overloads) for kernel in kernels] == overloads
+    one_kv_tile = shape[2] <= fa2_fast_backward.resolve_config(shape[5]).Bc
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), slow, fast):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if name == "dq" and not one_kv_tile:
+            # dQ is added by atomics from several K/V tiles: their order, so the last bits, vary
+            # from run to run on either path
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+        else:
+            assert torch.equal(_bits(torch, a), _bits(torch, b)), f"{name} differs"
+
+
+@gpu_only
+def test_a_strided_input_is_copied_to_contiguous_and_gives_the_same_bits(monkeypatch):
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn((2, 3, 70, 64), device="cuda", generator=gen) for _ in range(3))
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(launch, "ENABLED", enabled)
+        results.append(flashnumba.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert torch.equal(_bits(torch, results[0]), _bits(torch, results[1]))
+
+
+@gpu_only
+def test_the_fast_path_makes_no_numba_allocation_view_or_dispatcher_launch(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from numba import cuda
+    from numba.cuda import dispatcher
+    from numba.cuda.cudadrv import driver
+    run = _calls(torch, 2, 96, 96, 4, 2, 64, True)
+    run()                                            # prepares the launches for this shape
+    counts = {"memalloc": 0, "as_cuda_array": 0, "dispatcher call": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(driver.Context, "memalloc", counting("memalloc", driver.Context.memalloc))
+    monkeypatch.setattr(cuda, "as_cuda_array", counting("as_cuda_array", cuda.as_cuda_array))
+    monkeypatch.setattr(dispatcher.CUDADispatcher, "call",
+                        counting("dispatcher call", dispatcher.CUDADispatcher.call))
+    run()
+    torch.cuda.synchronize()
+    assert counts == {"memalloc": 0, "as_cuda_array": 0, "dispatcher call": 0}
+    monkeypatch.setattr(launch, "ENABLED", False)  # the counters do see the dispatcher path's
+    run()
+    assert counts["memalloc"] > 0 and counts["as_cuda_array"] > 0 and counts["dispatcher call"] > 0
