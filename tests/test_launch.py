@@ -213,7 +213,7 @@ SHAPES = [(2, 128, 128, 4, 4, 64, True), (1, 77, 77, 4, 2, 64, True),
           (2, 50, 90, 2, 1, 33, False), (1, 40, 40, 2, 2, 64, True)]
 
 
-def _calls(torch, B, Nq, Nk, Hq, Hkv, d, causal):
+def _calls(torch, B, Nq, Nk, Hq, Hkv, d, causal, **options):
     """() -> (out, lse, dq, dk, dv) of flash_attn_func and its autograd backward, on fixed inputs."""
     gen = torch.Generator(device="cuda").manual_seed(Nq * 1000 + d)
     q = torch.randn((B, Nq, Hq, d), device="cuda", generator=gen)
@@ -222,7 +222,8 @@ def _calls(torch, B, Nq, Nk, Hq, Hkv, d, causal):
 
     def run():
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-        out, lse, _ = flashnumba.flash_attn_func(qg, kg, vg, causal=causal, return_attn_probs=True)
+        out, lse, _ = flashnumba.flash_attn_func(qg, kg, vg, causal=causal, return_attn_probs=True,
+                                                 **options)
         out.backward(dout)
         return out.detach(), lse, qg.grad, kg.grad, vg.grad
     return run
@@ -233,17 +234,29 @@ def _bits(torch, x):
     return x.contiguous().view(torch.int32)
 
 
+OPTIONS = {"plain": {}, "dropout": {"dropout_p": 0.1, "seed": 3},
+           "softcap-alibi-window": {"softcap": 5.0, "alibi_slopes": [0.5, 0.25, 0.125, 0.0625],
+                                    "window_size": (16, 0)}}
+
+
 @gpu_only
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Nq{}-Nk{}-H{}:{}-d{}-{}".format(
-    *s[:6], "causal" if s[6] else "full"))
-def test_the_fast_path_gives_the_dispatcher_paths_results_bitwise(monkeypatch, shape):
+@pytest.mark.parametrize("shape, options", [(s, "plain") for s in SHAPES]
+                         + [(SHAPES[1], "dropout"), (SHAPES[1], "softcap-alibi-window")],
+                         ids=lambda x: x if isinstance(x, str) else "B{}-Nq{}-Nk{}-H{}:{}-d{}-{}".format(
+                             *x[:6], "causal" if x[6] else "full"))
+def test_the_fast_path_gives_the_dispatcher_paths_results_bitwise(monkeypatch, shape, options):
     torch = pytest.importorskip("torch")
     from flashnumba.kernels import fa2_fast_backward, fa2_fast_forward
-    run = _calls(torch, *shape)
+    options = dict(OPTIONS[options])
+    if "alibi_slopes" in options:
+        options["alibi_slopes"] = torch.tensor(options["alibi_slopes"], device="cuda")
+    run = _calls(torch, *shape, **options)
     monkeypatch.setattr(launch, "ENABLED", False)
     slow = run()
-    kernels = (fa2_fast_forward.build(fa2_fast_forward.resolve_config(shape[5])),
-               fa2_fast_backward.build(fa2_fast_backward.resolve_config(shape[5])))
+    variant = dict(dropout="dropout_p" in options, softcap="softcap" in options,
+                   alibi="alibi_slopes" in options)
+    kernels = (fa2_fast_forward.build(fa2_fast_forward.resolve_config(shape[5]), **variant),
+               fa2_fast_backward.build(fa2_fast_backward.resolve_config(shape[5]), **variant))
     overloads = [set(kernel.overloads) for kernel in kernels]
     monkeypatch.setattr(launch, "ENABLED", True)
     launches = []

@@ -122,25 +122,31 @@ class Launch:
     device: compiled, its function looked up and its launch configured once."""
 
     def __init__(self, dispatcher, argtypes, grid, block, nbytes=0):
+        from numba.cuda import dispatcher as numba_dispatcher  # cuda.core's launch, LaunchConfig
         from numba.cuda._compat import CUDA_CORE_GE_1_0
         from numba.cuda.cudadrv import driver
-        from numba.cuda.dispatcher import LaunchConfig
         from numba.cuda.errors import normalize_kernel_dimensions
 
         self.argtypes = tuple(argtypes)
         self.packs = packers(self.argtypes)
         kernel = dispatcher.compile(self.argtypes)          # the overload a launch would find
+        if kernel.extensions:
+            raise NotImplementedError("a kernel with argument extensions needs numba's own launch")
+        # a debug build reports a device-side exception after its launch: numba's launch does that
+        self.debug = (kernel, grid, block, int(nbytes)) if kernel.debug else None
         smem_limit.raise_limit_for(dispatcher, self.argtypes, nbytes)
         self.function = kernel._codelibrary.get_cufunc().kernel   # numba-cuda's (private)
         cooperative = {"is_cooperative" if CUDA_CORE_GE_1_0 else "cooperative_launch": kernel.cooperative}
         grid, block = normalize_kernel_dimensions(grid, block)        # 3-tuples, as numba's
-        self.config = LaunchConfig(grid=grid, block=block, shmem_size=int(nbytes), **cooperative)
+        self.config = numba_dispatcher.LaunchConfig(grid=grid, block=block, shmem_size=int(nbytes), **cooperative)
         self.stream = driver._to_core_stream(0)              # the default stream, as numba's
-        # numba's dispatcher.py imports launch from cuda.core: the same function, found there
-        from numba.cuda import dispatcher as numba_dispatcher
-        self._launch = numba_dispatcher.launch
+        self._launch = numba_dispatcher.launch                # the function numba's launch calls
 
     def __call__(self, *values):
+        if self.debug:
+            kernel, grid, block, nbytes = self.debug
+            kernel.launch(values, grid, block, self.stream, nbytes)
+            return
         self._launch(self.stream, self.config, self.function, *pack_with(self.packs, values))
 
 
