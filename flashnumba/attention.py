@@ -9,7 +9,11 @@ bfloat16). A version whose kernels read the inputs' dtype (``Version.dtypes``:
 fa2_tc reads float16 and bfloat16) gets their bits as they are; otherwise they
 are widened to float32 on the device (``kernels.cast``). They run through the
 kernels of the version ``call.algorithm`` names (``flashnumba.registry``), and
-the results come back in the inputs' kind and dtype. Both ``flashnumba.api`` (the public calls) and
+the results come back in the inputs' kind and dtype. Float32 torch CUDA tensors take
+the version's fast launch path where it has one (``fast_kernels``: fa2_fast's
+``fast_forward`` and ``fast_backward``): the same kernels and arguments, launched
+through ``kernels.launch`` with torch's allocator, with none of numba's per-call
+work. Both ``flashnumba.api`` (the public calls) and
 ``flashnumba.torch.function`` (autograd) call these, so neither imports the
 other.
 """
@@ -17,12 +21,13 @@ other.
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import config as numba_config
 from numba import cuda
 
 from flashnumba import dtypes, registry
-from flashnumba.interop import Results
+from flashnumba.interop import Results, torch_f32
 from flashnumba.kernels import dropout_mask as dmask
-from flashnumba.kernels import quiet
+from flashnumba.kernels import launch, quiet
 from flashnumba.kernels.common import resolve_offset
 
 
@@ -93,6 +98,19 @@ def device_inputs(version, operands):
     return [op.device_f32() for op in operands], {}
 
 
+def fast_kernels(module, direction, operands):
+    """The module's fast launch path (``fast_forward`` / ``fast_backward``) when these operands
+    can take it, else None: float32 torch CUDA tensors on a GPU, and a module that has one.
+    It launches the same kernels with the same arguments (``flashnumba.kernels.launch``)
+    without numba's per-call typing, wrapping and allocation; everything else takes the
+    dispatcher path (FLASHNUMBA_FAST_LAUNCH=0: always)."""
+    if not launch.ENABLED or numba_config.ENABLE_CUDASIM:      # the simulator has no cufunc
+        return None
+    if any(op.kind != "torch" or op.dtype != dtypes.FLOAT32 for op in operands):
+        return None
+    return getattr(module, f"fast_{direction}", None)
+
+
 def forward_kernels(call, operands):
     """(O, L, native) on the device for q, k, v operands in flash layout: O float32, or in the
     inputs' dtype when `native` (the version read them as they are), L float32."""
@@ -106,13 +124,18 @@ def forward_kernels(call, operands):
 def backward_kernels(call, operands):
     """(dQ, dK, dV, native) on the device for operands dout, q, k, v, out, softmax_lse;
     deterministic=True runs the version's ``deterministic_backward``."""
-    version = registry.version(call.algorithm)
-    if call.deterministic:
-        version = registry.version(version.deterministic_backward)
+    version = _backward_version(call)
     inputs, dtype_option = device_inputs(version, operands)
     grads = _kernel_module(call, version, registry.BACKWARD).backward(
         *inputs, deterministic=call.deterministic, **dtype_option, **call.kernel_options())
     return (*grads, bool(dtype_option))
+
+
+def _backward_version(call):
+    version = registry.version(call.algorithm)
+    if call.deterministic:
+        version = registry.version(version.deterministic_backward)
+    return version
 
 
 def dropout_mask_kernel(call, Q, K, L):
@@ -131,6 +154,12 @@ def forward(operands, call, with_dmask):
     """(out, softmax_lse, S_dmask) in the inputs' kind; out and S_dmask in their dtype, lse float32.
     S_dmask is None without dropout or unless `with_dmask`."""
     q, k, _ = operands
+    if not (with_dmask and call.dropout_p > 0.0):     # S_dmask's kernel reads numba's arrays
+        module = _kernel_module(call, registry.version(call.algorithm), registry.FORWARD)
+        fast = fast_kernels(module, registry.FORWARD, operands)
+        if fast is not None:
+            out, L = fast(*torch_f32(operands), **call.kernel_options())
+            return out, L, None
     with quiet.launches():
         O, L, native = forward_kernels(call, operands)
         results = Results(q)
@@ -147,6 +176,10 @@ def forward(operands, call, with_dmask):
 
 def backward(operands, call):
     """(dq, dk, dv) in the inputs' kind and dtype; operands are dout, q, k, v, out, softmax_lse."""
+    module = _kernel_module(call, _backward_version(call), registry.BACKWARD)
+    fast = fast_kernels(module, registry.BACKWARD, operands)
+    if fast is not None:
+        return fast(*torch_f32(operands), **call.kernel_options())
     with quiet.launches():
         *grads, native = backward_kernels(call, operands)
         results = Results(operands[1])

@@ -201,6 +201,23 @@ class Operand:
         return dst
 
 
+def torch_f32(operands):
+    """The tensors of float32 torch CUDA operands as the fast launches read them: C-contiguous (a
+    copy where not, as ``device_f32`` makes one), each checked to be on the GPU Numba computes on
+    (one query of Numba's current device for all of them)."""
+    lead = operands[0].value
+    _check_torch_device(operands[0].name, lead)
+    tensors = []
+    for op in operands:
+        x = op.value
+        if x.device != lead.device:
+            _check_torch_device(op.name, x)               # raises: not numba's device
+        if not x.is_contiguous():                         # broadcast (stride 0) or strided
+            x = x.detach().contiguous()
+        tensors.append(x)
+    return tensors
+
+
 def _check_torch_device(name, t):
     """A CUDA tensor on the device Numba computes on (the current one)."""
     index = t.device.index if t.device.index is not None else 0

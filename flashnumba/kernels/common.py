@@ -194,11 +194,20 @@ def resolve_features(softcap, alibi_slopes, B, H_q, alignment):
 
     The kernels take a slopes array even without ALiBi (then a 1 x 1 placeholder, never read).
     ALiBi's distance |r + Nk - Nq - c| is flash-attn's, bottom-right only."""
+    cap, slopes = resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)
+    if slopes is None:
+        return cap, cuda.device_array((1, 1), dtype=np.float32)
+    return cap, cuda.to_device(slopes)
+
+
+def resolve_features_host(softcap, alibi_slopes, B, H_q, alignment):
+    """(softcap as a float, ALiBi slopes as a C-contiguous float32 (B, H_q) host array or None),
+    checked: what ``resolve_features`` copies to the device."""
     cap = float(softcap)
     if not math.isfinite(cap) or cap < 0.0:
         raise ValueError(f"softcap must be a finite number >= 0 (0 for none), got {softcap!r}")
     if alibi_slopes is None:
-        return cap, cuda.device_array((1, 1), dtype=np.float32)
+        return cap, None
     if alignment != geometry.BOTTOM_RIGHT:
         raise ValueError(f"alibi_slopes need alignment={geometry.BOTTOM_RIGHT!r} (flash-attn's), "
                          f"got {alignment!r}")
@@ -209,7 +218,7 @@ def resolve_features(softcap, alibi_slopes, B, H_q, alignment):
         slopes = np.broadcast_to(slopes, (B, H_q))
     if slopes.shape != (B, H_q):
         raise ValueError(f"alibi_slopes must have shape ({H_q},) or ({B}, {H_q}), got {slopes.shape}")
-    return cap, cuda.to_device(np.ascontiguousarray(slopes))
+    return cap, np.ascontiguousarray(slopes)
 
 
 def resolve_limit(limit):

@@ -166,6 +166,7 @@ kernel does not).
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numba import config as numba_config
@@ -178,6 +179,7 @@ from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, f
 from flashnumba.kernels.fast_math import LOG2_E, exp2_ftz, is_negative_zero
 from flashnumba.kernels.geometry import num_tiles, q_tile_end, q_tile_start
 from flashnumba.kernels.hardware import FLOAT_BYTES, REGISTERS_PER_SM, SM_SHARED_BYTES, WARP_SIZE
+from flashnumba.kernels.launch import prepared
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess, zero_fill
 
@@ -772,18 +774,22 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
     return fa2_fast_backward_kernel
 
 
-def compile_targets(config):
-    """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as the launcher uses them.
-    (The preprocess, zero-fill and GQA kernels are fa2_backward's and gqa's, checked there.)"""
+def argtypes():
+    """The kernel's argument types as the wrappers launch it (``launcher`` and ``fast_backward``)."""
     a4 = types.Array(types.float32, 4, "C")
     a3 = types.Array(types.float32, 3, "C")
     a1 = types.Array(types.float32, 1, "C")
     a2 = types.Array(types.float32, 2, "C")
-    argtypes = (a1, a4, a4, a1, a3, a3, a1, a4, a4, types.float32, types.boolean, types.int32,
-                types.int32, types.float64, types.uint64, types.int64, types.float32, a2)
-    return [(NAME, build(config), argtypes),
-            (f"{NAME}_dropout", build(config, dropout=True), argtypes),
-            (f"{NAME}_softcap_alibi", build(config, softcap=True, alibi=True), argtypes)]
+    return (a1, a4, a4, a1, a3, a3, a1, a4, a4, types.float32, types.boolean, types.int32,
+            types.int32, types.float64, types.uint64, types.int64, types.float32, a2)
+
+
+def compile_targets(config):
+    """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as the launcher uses them.
+    (The preprocess, zero-fill and GQA kernels are fa2_backward's and gqa's, checked there.)"""
+    return [(NAME, build(config), argtypes()),
+            (f"{NAME}_dropout", build(config, dropout=True), argtypes()),
+            (f"{NAME}_softcap_alibi", build(config, softcap=True, alibi=True), argtypes())]
 
 
 # ---------------------------------------------------------------------------
@@ -817,6 +823,41 @@ def _check_like(name, x, shape):
         raise TypeError(f"{name} must be float32, got {np.dtype(x.dtype)}")
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What a shape and the options fix for one backward: the main kernel, its grid, block and
+    dynamic shared memory, its scalar arguments (all but dropout's p and seed, which vary per
+    call), and the grids of the preprocess and the GQA head-group sums."""
+    kernel: object
+    grid: tuple
+    threads: int
+    nbytes: int
+    before: tuple             # scale, windowed, lo, hi: between dV and p
+    after: tuple              # steps, cap: between seed and the slopes
+    rowsum_grid: tuple        # preprocess: D = rowsum(dO o O)
+    group_sum_grid: int       # gqa.sum_head_groups over (B, Nk, Hkv, d)
+    dq_floats: int            # dQ's floats and the d_pad spare floats after them (see the kernel)
+
+
+def setup(B, Nq, Nk, H_q, H_kv, d, *, causal, alignment, softmax_scale, window_size, softcap,
+          alibi, dropout, limit, Br=None, Bc=None, num_warps=None, config=None):
+    """The Setup for q (B, Nq, H_q, d), k, v (B, Nk, H_kv, d) and these options, checked."""
+    scale = common.resolve_scale(softmax_scale, d)
+    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
+    windowed = is_windowed(causal, window_size)
+    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)): one register each, not two
+    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
+    steps = common.resolve_limit(limit)
+    config = resolve_config(d, Br, Bc, num_warps, config)
+    kernel = build(config, dropout=dropout, softcap=softcap > 0.0, alibi=alibi)
+    Tc = geometry.num_tiles(Nk, config.Bc)
+    n_kv = B * Nk * H_kv * d
+    return Setup(kernel, (Tc, B * H_q), config.threads, smem_bytes(config),
+                 (np.float32(scale), windowed, lo, hi), (steps, np.float32(softcap)),
+                 (geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q),
+                 geometry.num_tiles(n_kv, gqa.THREADS), B * Nq * H_q * d + config.d_pad)
+
+
 def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
              dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None,
              window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
@@ -831,22 +872,18 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     _check_like("dout", dout, q.shape)
     _check_like("out", out, q.shape)
     _check_like("L", L, (B, H_q, Nq))
-    scale = common.resolve_scale(softmax_scale, d)
-    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
-    windowed = is_windowed(causal, window_size)
-    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)): one register each, not two
-    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
     cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
-    steps = common.resolve_limit(limit)
-    config = resolve_config(d, Br, Bc, num_warps, config)
-    kernel = build(config, dropout=dropout_p > 0.0, softcap=cap > 0.0, alibi=alibi_slopes is not None)
+    plan = setup(B, Nq, Nk, H_q, H_kv, d, causal=causal, alignment=alignment,
+                 softmax_scale=softmax_scale, window_size=window_size, softcap=cap,
+                 alibi=alibi_slopes is not None, dropout=dropout_p > 0.0, limit=limit, Br=Br,
+                 Bc=Bc, num_warps=num_warps, config=config)
 
     arrays = common.Arrays(dout, q, k, v, out, L)
     dout_d, q_d, k_d, v_d, out_d, L_d = (arrays.to_device(x) for x in (dout, q, k, v, out, L))
     D_rows = cuda.device_array((B, H_q, Nq), dtype=np.float32)
     n_q = B * Nq * H_q * d
-    dq_spare = cuda.device_array(n_q + config.d_pad, dtype=np.float32)   # d_pad spare floats: see the kernel
+    dq_spare = cuda.device_array(plan.dq_floats, dtype=np.float32)   # d_pad spare floats: see the kernel
     dq_flat = dq_spare[:n_q]
     dq = dq_flat.reshape(B, Nq, H_q, d)
     dk = cuda.device_array((B, Nk, H_kv, d), dtype=np.float32)
@@ -858,17 +895,13 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     # zero all of it, the spare floats too: their atomics (adding 0) read them
     dq_spare_4d = dq_spare.reshape(1, 1, 1, dq_spare.size)
     zero_dq = zero_fill[geometry.num_tiles(dq_spare.size, PRE_THREADS), PRE_THREADS]
-    rowsum = preprocess[(geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q), PRE_THREADS]
-    Tc = geometry.num_tiles(Nk, config.Bc)
-    nbytes = smem_bytes(config)
-    main = kernel[(Tc, B * H_q), config.threads, 0, nbytes]
-    n_kv = B * Nk * H_kv * d
-    group_sum = gqa.sum_head_groups[geometry.num_tiles(n_kv, gqa.THREADS), gqa.THREADS]
-    scale32 = np.float32(scale)
+    rowsum = preprocess[plan.rowsum_grid, PRE_THREADS]
+    main = plan.kernel[plan.grid, plan.threads, 0, plan.nbytes]
+    group_sum = gqa.sum_head_groups[plan.group_sum_grid, gqa.THREADS]
     q_flat, dout_flat = _flat(q_d, "q"), _flat(dout_d, "dout")
-    args = (q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, scale32, windowed,
-            lo, hi, dropout_p, seed, steps, np.float32(cap), slopes)
-    smem_limit.raise_dynamic_limit(kernel, args, nbytes)   # above 48 KB the driver must allow it
+    args = (q_flat, k_d, v_d, dout_flat, L_d, D_rows, dq_spare, dk_heads, dv_heads, *plan.before,
+            dropout_p, seed, *plan.after, slopes)
+    smem_limit.raise_dynamic_limit(plan.kernel, args, plan.nbytes)   # above 48 KB the driver must allow it
 
     def launch():
         zero_dq(dq_spare_4d)
@@ -879,6 +912,60 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
             group_sum(dv_heads, dv)
 
     return launch, dq, dk, dv
+
+
+_fast = {}    # (shapes, device, options) -> (Setup, its three prepared launches, slopes placeholder)
+
+
+def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
+                  softmax_scale=None, dropout_p=0.0, seed=0, window_size=(-1, -1), softcap=0.0,
+                  alibi_slopes=None):
+    """(dq, dk, dv) as new torch CUDA tensors: ``fa2_fast_backward`` without numba's per-call work.
+
+    All six: torch CUDA tensors, float32, C-contiguous, on numba's current GPU, shapes checked
+    (``attention.backward`` checks all that first). The Setup and the prepared launches
+    (``launch.prepared``) are made once per shape and options. A call allocates with torch and
+    launches what ``launcher``'s ``launch()`` does, with the same arguments, but for one
+    launch: dQ (and its spare floats) is zeroed by torch's fill instead of ``zero_fill``. Bitwise
+    the same results.
+    """
+    B, Nq, H_q, d = q.shape
+    Nk, H_kv = k.shape[1], k.shape[2]
+    key = (q.shape, k.shape, q.device.index, causal, alignment, softmax_scale, dropout_p > 0.0,
+           tuple(window_size), softcap, alibi_slopes is None)
+    cached = _fast.get(key)
+    if cached is None:
+        fast_bucket(d)
+        plan = setup(B, Nq, Nk, H_q, H_kv, d, causal=causal, alignment=alignment,
+                     softmax_scale=softmax_scale, window_size=window_size,
+                     softcap=common.resolve_features_host(softcap, None, B, H_q, alignment)[0],
+                     alibi=alibi_slopes is not None, dropout=dropout_p > 0.0, limit=None)
+        device = q.device.index
+        a4 = types.Array(types.float32, 4, "C")
+        a3 = types.Array(types.float32, 3, "C")
+        rowsum = prepared(preprocess, (a4, a4, a3), plan.rowsum_grid, PRE_THREADS, device=device)
+        main = prepared(plan.kernel, argtypes(), plan.grid, plan.threads, plan.nbytes, device=device)
+        group_sum = (prepared(gqa.sum_head_groups, (a4, a4), plan.group_sum_grid, gqa.THREADS,
+                              device=device) if H_q != H_kv else None)
+        cached = _fast[key] = (plan, rowsum, main, group_sum, q.new_empty((1, 1)))   # placeholder slopes
+    plan, rowsum, main, group_sum, slopes = cached
+    p, seed = common.resolve_dropout(dropout_p, seed)
+    if alibi_slopes is not None:
+        slopes = q.new_tensor(common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
+    D_rows = q.new_empty((B, H_q, Nq))
+    # dQ = 0 (Alg. 2 l. 3), the spare floats too: their atomics (adding 0) read them
+    dq_spare = q.new_zeros(plan.dq_floats)
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
+    grouped = group_sum is not None
+    dk_heads = q.new_empty((B, Nk, H_q, d)) if grouped else dk
+    dv_heads = q.new_empty((B, Nk, H_q, d)) if grouped else dv
+    rowsum(dout, out, D_rows)
+    main(q.view(-1), k, v, dout.view(-1), L, D_rows, dq_spare, dk_heads, dv_heads, *plan.before,
+         p, seed, *plan.after, slopes)
+    if grouped:
+        group_sum(dk_heads, dk)
+        group_sum(dv_heads, dv)
+    return dq_spare[:B * Nq * H_q * d].view(B, Nq, H_q, d), dk, dv
 
 
 def fa2_fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,

@@ -135,6 +135,7 @@ latency instead, except at d_pad = 256).
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numba import config as numba_config
@@ -154,6 +155,7 @@ from flashnumba.kernels.hardware import (
     STATIC_SMEM_LIMIT,
     WARP_SIZE,
 )
+from flashnumba.kernels.launch import prepared
 from flashnumba.kernels.philox import (  # kept: philox.keep's test on a drawn word
     kept,
     philox4x32,
@@ -604,16 +606,20 @@ def _build(config, DROPOUT, SOFTCAP=False, ALIBI=False):
     return fa2_fast_forward_kernel
 
 
-def compile_targets(config):
-    """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as the wrapper launches them."""
+def argtypes():
+    """The kernel's argument types as the wrappers launch it (``launcher`` and ``fast_forward``)."""
     a4 = types.Array(types.float32, 4, "C")
     a3 = types.Array(types.float32, 3, "C")
     a2 = types.Array(types.float32, 2, "C")
-    argtypes = (a4, a4, a4, a4, a3, types.float32, types.boolean, types.int32, types.int32,
-                types.float64, types.uint64, types.int64, types.float32, a2)
-    return [(NAME, build(config), argtypes),
-            (f"{NAME}_dropout", build(config, dropout=True), argtypes),
-            (f"{NAME}_softcap_alibi", build(config, softcap=True, alibi=True), argtypes)]
+    return (a4, a4, a4, a4, a3, types.float32, types.boolean, types.int32, types.int32,
+            types.float64, types.uint64, types.int64, types.float32, a2)
+
+
+def compile_targets(config):
+    """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as the wrapper launches them."""
+    return [(NAME, build(config), argtypes()),
+            (f"{NAME}_dropout", build(config, dropout=True), argtypes()),
+            (f"{NAME}_softcap_alibi", build(config, softcap=True, alibi=True), argtypes())]
 
 
 # ---------------------------------------------------------------------------
@@ -631,6 +637,37 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     return config
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What a shape and the options fix for one launch: the kernel, its grid, block and dynamic
+    shared memory, and its scalar arguments (all but dropout's p and seed, which vary per call)."""
+    kernel: object
+    grid: tuple
+    threads: int
+    nbytes: int
+    before: tuple             # q_scale, windowed, lo, hi: between L and p
+    after: tuple              # steps, cap2: between seed and the slopes
+
+
+def setup(B, Nq, Nk, H_q, d, *, causal, alignment, softmax_scale, window_size, softcap, alibi,
+          dropout, limit, Br=None, Bc=None, num_warps=None, config=None):
+    """The Setup for q (B, Nq, H_q, d), k, v (B, Nk, ., d) and these options, checked."""
+    scale = common.resolve_scale(softmax_scale, d)
+    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
+    windowed = is_windowed(causal, window_size)
+    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)): one register each, not two
+    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
+    steps = common.resolve_limit(limit)
+    config = resolve_config(d, Br, Bc, num_warps, config)
+    kernel = build(config, dropout=dropout, softcap=softcap > 0.0, alibi=alibi)
+    Tr = geometry.num_tiles(Nq, config.Br)
+    nbytes = smem_bytes(config) if is_dynamic(config) else 0
+    q_scale = np.float32(scale * LOG2_E)
+    cap2 = np.float32(softcap * LOG2_E)
+    return Setup(kernel, (Tr, B * H_q), config.threads, nbytes, (q_scale, windowed, lo, hi),
+                 (steps, cap2))
+
+
 def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None, dropout_p=0.0,
              seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None, window_size=(-1, -1),
              softcap=0.0, alibi_slopes=None):
@@ -642,33 +679,62 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``).
     """
     B, Nq, Nk, H_q, H_kv, d = common.check_qkv(q, k, v, bucket=fast_bucket)
-    scale = common.resolve_scale(softmax_scale, d)
-    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
-    windowed = is_windowed(causal, window_size)
-    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)): one register each, not two
-    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
     cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
-    steps = common.resolve_limit(limit)
-    config = resolve_config(d, Br, Bc, num_warps, config)
-    kernel = build(config, dropout=dropout_p > 0.0, softcap=cap > 0.0, alibi=alibi_slopes is not None)
+    plan = setup(B, Nq, Nk, H_q, d, causal=causal, alignment=alignment, softmax_scale=softmax_scale,
+                 window_size=window_size, softcap=cap, alibi=alibi_slopes is not None,
+                 dropout=dropout_p > 0.0, limit=limit, Br=Br, Bc=Bc, num_warps=num_warps,
+                 config=config)
 
     arrays = common.Arrays(q, k, v)
     q_d, k_d, v_d = arrays.to_device(q), arrays.to_device(k), arrays.to_device(v)
     out = cuda.device_array((B, Nq, H_q, d), dtype=np.float32)
     L = cuda.device_array((B, H_q, Nq), dtype=np.float32)
-    Tr = geometry.num_tiles(Nq, config.Br)
-    nbytes = smem_bytes(config) if is_dynamic(config) else 0
-    launch_kernel = kernel[(Tr, B * H_q), config.threads, 0, nbytes]
-    q_scale = np.float32(scale * LOG2_E)
-    cap2 = np.float32(cap * LOG2_E)
-    args = (q_d, k_d, v_d, out, L, q_scale, windowed, lo, hi, dropout_p, seed, steps, cap2, slopes)
-    smem_limit.raise_dynamic_limit(kernel, args, nbytes)   # above 48 KB the driver must allow it
+    launch_kernel = plan.kernel[plan.grid, plan.threads, 0, plan.nbytes]
+    args = (q_d, k_d, v_d, out, L, *plan.before, dropout_p, seed, *plan.after, slopes)
+    smem_limit.raise_dynamic_limit(plan.kernel, args, plan.nbytes)   # above 48 KB the driver must allow it
 
     def launch():
         launch_kernel(*args)
 
     return launch, out, L
+
+
+_fast = {}    # (shapes, device, options) -> (Setup, its Launch, the slopes placeholder)
+
+
+def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
+                 dropout_p=0.0, seed=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """(O, L) as new torch CUDA tensors: ``fa2_fast_forward`` without numba's per-call work.
+
+    q, k, v: torch CUDA tensors, float32, C-contiguous, on numba's current GPU, shapes checked
+    (``attention.forward`` checks all that first). The Setup and the prepared launch
+    (``launch.prepared``) are made once per shape and options; a call allocates O and L with
+    torch and launches the same kernel with the same arguments as ``launcher`` (bitwise the same
+    results).
+    """
+    B, Nq, H_q, d = q.shape
+    Nk = k.shape[1]
+    key = (q.shape, k.shape, q.device.index, causal, alignment, softmax_scale, dropout_p > 0.0,
+           tuple(window_size), softcap, alibi_slopes is None)
+    cached = _fast.get(key)
+    if cached is None:
+        fast_bucket(d)
+        plan = setup(B, Nq, Nk, H_q, d, causal=causal, alignment=alignment,
+                     softmax_scale=softmax_scale, window_size=window_size,
+                     softcap=common.resolve_features_host(softcap, None, B, H_q, alignment)[0],
+                     alibi=alibi_slopes is not None, dropout=dropout_p > 0.0, limit=None)
+        run = prepared(plan.kernel, argtypes(), plan.grid, plan.threads, plan.nbytes,
+                              device=q.device.index)
+        cached = _fast[key] = (plan, run, q.new_empty((1, 1)))   # slopes placeholder, never read
+    plan, run, slopes = cached
+    p, seed = common.resolve_dropout(dropout_p, seed)
+    if alibi_slopes is not None:
+        slopes = q.new_tensor(common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
+    out = q.new_empty((B, Nq, H_q, d))
+    L = q.new_empty((B, H_q, Nq))
+    run(q, k, v, out, L, *plan.before, p, seed, *plan.after, slopes)
+    return out, L
 
 
 def fa2_fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,

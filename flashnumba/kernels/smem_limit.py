@@ -44,11 +44,17 @@ def raise_dynamic_limit(dispatcher, args, nbytes):
     shared memory per block. Call before the first launch; raises ValueError if this GPU
     gives a block less than that. Once per kernel, argument types, size and device: the
     attribute stays set, and a call that sets it again pays for a driver call."""
+    if numba_config.ENABLE_CUDASIM or int(nbytes) <= STATIC_LIMIT:   # every GPU gives a block 48 KB
+        return
+    raise_limit_for(dispatcher, tuple(dispatcher.typeof_pyval(a) for a in args), nbytes)
+
+
+def raise_limit_for(dispatcher, argtypes, nbytes):
+    """raise_dynamic_limit for the overload of argument types `argtypes` (a tuple of numba types)."""
     nbytes = int(nbytes)
-    if numba_config.ENABLE_CUDASIM or nbytes <= STATIC_LIMIT:   # every GPU gives a block 48 KB
+    if numba_config.ENABLE_CUDASIM or nbytes <= STATIC_LIMIT:
         return
     device = cuda.get_current_device()
-    argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
     key = (id(dispatcher), argtypes, nbytes, device.id)
     if key in _raised:
         return

@@ -1,0 +1,318 @@
+"""The fast launch path (flashnumba.kernels.launch): its argument packing against numba-cuda's,
+without a GPU; on a GPU, the public torch calls through it against the dispatcher path, bitwise.
+
+Packing is checked twice: against the layout written down in the module (which the tests
+spell out), and against numba-cuda's own ``_Kernel._prepare_args`` run on real
+DeviceNDArrays over made-up device pointers, in a process with numba's real CUDA target
+(no GPU is touched: nothing is allocated or launched). A numba-cuda upgrade that changes
+the layout fails the second.
+"""
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from numba import types
+
+import flashnumba
+from flashnumba.kernels import launch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+A4 = types.Array(types.float32, 4, "C")
+A1I = types.Array(types.int32, 1, "C")
+
+
+class Tensor:
+    """What the packing reads of a torch CUDA tensor: data_ptr() and shape."""
+
+    def __init__(self, pointer, shape):
+        self.pointer, self.shape = pointer, tuple(shape)
+
+    def data_ptr(self):
+        return self.pointer
+
+
+def plain(args):
+    """Packed arguments as comparable values: ints and bools as they are, ctypes as (type, value)."""
+    return [(type(a).__name__, a.value) if isinstance(a, ctypes._SimpleCData) else a for a in args]
+
+
+def test_an_array_packs_as_meminfo_parent_size_itemsize_pointer_shape_strides():
+    x = Tensor(0x7F00_0000_1000, (2, 3, 4, 5))
+    assert launch.pack((A4,), (x,)) == [0, 0, 120, 4, 0x7F00_0000_1000, 2, 3, 4, 5,
+                                        240, 80, 20, 4]
+    i = Tensor(0x2000, (7,))
+    assert launch.pack((A1I,), (i,)) == [0, 0, 7, 4, 0x2000, 7, 4]
+
+
+def test_scalars_pack_as_ctypes_of_their_type_and_booleans_as_they_are():
+    argtypes = (types.int32, types.int64, types.uint64, types.float32, types.float64,
+                types.boolean, types.float16)
+    values = (np.int32(-3), 1 << 30, np.uint64(2 ** 63 + 5), np.float32(0.25), np.float64(0.1),
+              True, 1.5)
+    c = ctypes
+    assert plain(launch.pack(argtypes, values)) == [
+        (c.c_int32.__name__, -3), (c.c_int64.__name__, 1 << 30), (c.c_uint64.__name__, 2 ** 63 + 5),
+        ("c_float", 0.25), ("c_double", 0.1), True,
+        (c.c_uint16.__name__, int(np.float16(1.5).view(np.uint16)))]
+
+
+def test_what_it_cannot_pack_is_refused_when_prepared_not_per_call():
+    with pytest.raises(NotImplementedError, match="C-contiguous"):
+        launch.packers((types.Array(types.float32, 2, "A"),))
+    with pytest.raises(NotImplementedError, match="complex64"):
+        launch.packers((types.complex64,))
+    with pytest.raises(ValueError, match="3-D"):
+        launch.pack((types.Array(types.float32, 3, "C"),), (Tensor(0x1000, (4, 4)),))
+    with pytest.raises(TypeError, match="takes 1 arguments, got 2"):
+        launch.pack((types.int32,), (1, 2))
+
+
+# Run with numba's real CUDA target (numba.cuda imported first, no simulator): the kernels'
+# argument types and values as the dispatcher path types them (typeof on DeviceNDArrays, the
+# wrappers' NumPy scalars), packed by numba-cuda's _prepare_args and by launch.pack.
+_AGAINST_NUMBA = r"""
+import ctypes, json, sys
+import numpy as np
+import numba.cuda
+from numba.cuda.api_util import prepare_shape_strides_dtype
+from numba.cuda.cudadrv.devicearray import DeviceNDArray
+from numba.cuda.dispatcher import _Kernel
+from numba.cuda.typing.typeof import Purpose, typeof
+import warnings
+warnings.simplefilter("ignore")
+from flashnumba.kernels import fa2_fast_backward, fa2_fast_forward, launch
+
+class Memory:            # a device allocation's pointer, never dereferenced
+    def __init__(self, pointer):
+        self.device_ctypes_pointer = ctypes.c_void_p(pointer)
+
+class Tensor:
+    def __init__(self, pointer, shape):
+        self.pointer, self.shape = pointer, shape
+    def data_ptr(self):
+        return self.pointer
+
+class Kernel:            # what _prepare_args reads of its _Kernel
+    extensions = []
+
+def arrays(shape, dtype, pointer):
+    shape, strides, dtype = prepare_shape_strides_dtype(shape, None, dtype, "C")
+    return DeviceNDArray(shape, strides, dtype, gpu_data=Memory(pointer)), Tensor(pointer, shape)
+
+def plain(args):
+    return [[type(a).__name__, a.value] if isinstance(a, ctypes._SimpleCData) else a for a in args]
+
+def case(argtypes, specs):
+    numba_values, fast_values = [], []
+    for n, spec in enumerate(specs):
+        if isinstance(spec, tuple):
+            devary, tensor = arrays(spec, np.float32, 0x7F0000000000 + 0x100000 * n)
+            numba_values.append(devary)
+            fast_values.append(tensor)
+        else:
+            numba_values.append(spec)
+            fast_values.append(spec)
+    typed = tuple(typeof(v, Purpose.argument) for v in numba_values)
+    theirs = []
+    for ty, value in zip(typed, numba_values):
+        _Kernel._prepare_args(Kernel(), ty, value, 0, [], theirs)
+    return {"types_match": typed == tuple(argtypes), "numba": plain(theirs),
+            "fast": plain(launch.pack(argtypes, fast_values))}
+
+B, Nq, Nk, H, d = 2, 19, 23, 3, 40
+scalars = (np.float32(0.2), True, np.int32(-7), np.int32(5), np.float64(0.1),
+           np.uint64(2 ** 64 - 1), 1 << 30, np.float32(0.0))
+fwd = ((B, Nq, H, d), (B, Nk, H, d), (B, Nk, H, d), (B, Nq, H, d), (B, H, Nq)) + scalars + ((1, 1),)
+bwd = ((B * Nq * H * d,), (B, Nk, H, d), (B, Nk, H, d), (B * Nq * H * d,), (B, H, Nq), (B, H, Nq),
+       (B * Nq * H * d + 64,), (B, Nk, H, d), (B, Nk, H, d)) + scalars + ((B, H),)
+print(json.dumps({"forward": case(fa2_fast_forward.argtypes(), fwd),
+                  "backward": case(fa2_fast_backward.argtypes(), bwd)}))
+"""
+
+
+def test_the_packing_is_numba_cudas_for_the_fast_kernels_argument_types():
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "FLASHNUMBA_DEVICE")}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    r = subprocess.run([sys.executable, "-c", _AGAINST_NUMBA], env=env, capture_output=True,
+                       text=True, check=False, timeout=300)
+    assert r.returncode == 0, r.stderr
+    cases = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, result in cases.items():
+        assert result["types_match"], f"{name}: typeof gives other argument types than argtypes()"
+        assert result["fast"] == result["numba"], name
+        assert len(result["fast"]) > 50, name                # every array expanded, not skipped
+
+
+# ---------------------------------------------------------------------------
+# Without a GPU: the fast path hands its launch the launcher's kernel and arguments
+# ---------------------------------------------------------------------------
+
+def _compare_arguments(theirs, ours):
+    """The launcher's arguments (numba arrays, NumPy scalars) against the fast path's (torch
+    tensors, the same scalars): arrays by shape, scalars by type and value."""
+    assert len(theirs) == len(ours)
+    for n, (a, b) in enumerate(zip(theirs, ours)):
+        if hasattr(a, "shape") and np.ndim(a) > 0:
+            assert tuple(a.shape) == tuple(b.shape), f"argument {n}"
+        else:
+            assert type(a) is type(b) and a == b, f"argument {n}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(causal=False, dropout_p=0.2, seed=9),
+                                     dict(causal=True, softcap=3.0, window_size=(8, 0))],
+                         ids=["causal", "dropout", "softcap-window"])
+def test_the_fast_path_launches_the_launchers_kernel_with_its_arguments(monkeypatch, rng, options):
+    torch = pytest.importorskip("torch")
+    from flashnumba.kernels import fa2_fast_backward, fa2_fast_forward, smem_limit
+    B, Nq, Nk, Hq, Hkv, d = 1, 37, 45, 4, 2, 33
+    q, dout = (rng.standard_normal((B, Nq, Hq, d)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((B, Nk, Hkv, d)).astype(np.float32) for _ in range(2))
+    out, L = (rng.standard_normal(s).astype(np.float32) for s in ((B, Nq, Hq, d), (B, Hq, Nq)))
+    launched, prepared = [], []
+    monkeypatch.setattr(smem_limit, "raise_dynamic_limit",
+                        lambda kernel, args, nbytes: launched.append((kernel, nbytes, args)))
+
+    class Prepared:           # what launch.prepared would make, recording its call
+        def __init__(self, kernel, argtypes, grid, block, nbytes=0, device=0):
+            self.what = (kernel, nbytes, argtypes)
+            launch.packers(argtypes)
+
+        def __call__(self, *args):
+            prepared.append((*self.what[:2], args))
+            assert len(args) == len(self.what[2])
+    for module in (fa2_fast_forward, fa2_fast_backward):
+        monkeypatch.setattr(module, "prepared", Prepared)
+        monkeypatch.setattr(module, "_fast", {})
+    fa2_fast_forward.launcher(q, k, v, **options)
+    fa2_fast_backward.launcher(dout, q, k, v, out, L, **options)
+    t = [torch.from_numpy(x) for x in (dout, q, k, v, out, L)]
+    fa2_fast_forward.fast_forward(*t[1:4], **options)
+    fa2_fast_backward.fast_backward(*t, **options)
+    main_launches = [p for p in prepared if p[0] is not fa2_fast_backward.preprocess]
+    assert len(launched) == 2 and len(main_launches) == 2 + (Hq != Hkv) * 2
+    for (kernel, nbytes, theirs), (fast_kernel, fast_nbytes, ours) in zip(launched, main_launches):
+        assert fast_kernel is kernel and fast_nbytes == nbytes
+        _compare_arguments(theirs, ours)
+
+
+# ---------------------------------------------------------------------------
+# On a GPU: the public torch calls through the fast path against the dispatcher path
+# ---------------------------------------------------------------------------
+
+gpu_only = pytest.mark.skipif(flashnumba.on_simulator(),
+                              reason="torch CUDA tensors and compiled kernels need a GPU")
+
+# B, Nq, Nk, Hq, Hkv, d, causal: causal; GQA with N not a multiple of the tiles; Nq != Nk with
+# an odd head dim; one K/V tile (dQ from one block's atomics: bitwise reproducible)
+SHAPES = [(2, 128, 128, 4, 4, 64, True), (1, 77, 77, 4, 2, 64, True),
+          (2, 50, 90, 2, 1, 33, False), (1, 40, 40, 2, 2, 64, True)]
+
+
+def _calls(torch, B, Nq, Nk, Hq, Hkv, d, causal, **options):
+    """() -> (out, lse, dq, dk, dv) of flash_attn_func and its autograd backward, on fixed inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(Nq * 1000 + d)
+    q = torch.randn((B, Nq, Hq, d), device="cuda", generator=gen)
+    k, v = (torch.randn((B, Nk, Hkv, d), device="cuda", generator=gen) for _ in range(2))
+    dout = torch.randn((B, Nq, Hq, d), device="cuda", generator=gen)
+
+    def run():
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        out, lse, _ = flashnumba.flash_attn_func(qg, kg, vg, causal=causal, return_attn_probs=True,
+                                                 **options)
+        out.backward(dout)
+        return out.detach(), lse, qg.grad, kg.grad, vg.grad
+    return run
+
+
+def _bits(torch, x):
+    """x's float32 values as their int32 bit patterns: equal only when bitwise equal."""
+    return x.contiguous().view(torch.int32)
+
+
+OPTIONS = {"plain": {}, "dropout": {"dropout_p": 0.1, "seed": 3},
+           "softcap-alibi-window": {"softcap": 5.0, "alibi_slopes": [0.5, 0.25, 0.125, 0.0625],
+                                    "window_size": (16, 0)}}
+
+
+@gpu_only
+@pytest.mark.parametrize("shape, options", [(s, "plain") for s in SHAPES]
+                         + [(SHAPES[1], "dropout"), (SHAPES[1], "softcap-alibi-window")],
+                         ids=lambda x: x if isinstance(x, str) else "B{}-Nq{}-Nk{}-H{}:{}-d{}-{}".format(
+                             *x[:6], "causal" if x[6] else "full"))
+def test_the_fast_path_gives_the_dispatcher_paths_results_bitwise(monkeypatch, shape, options):
+    torch = pytest.importorskip("torch")
+    from flashnumba.kernels import fa2_fast_backward, fa2_fast_forward
+    options = dict(OPTIONS[options])
+    if "alibi_slopes" in options:
+        options["alibi_slopes"] = torch.tensor(options["alibi_slopes"], device="cuda")
+    run = _calls(torch, *shape, **options)
+    monkeypatch.setattr(launch, "ENABLED", False)
+    slow = run()
+    variant = dict(dropout="dropout_p" in options, softcap="softcap" in options,
+                   alibi="alibi_slopes" in options)
+    kernels = (fa2_fast_forward.build(fa2_fast_forward.resolve_config(shape[5]), **variant),
+               fa2_fast_backward.build(fa2_fast_backward.resolve_config(shape[5]), **variant))
+    overloads = [set(kernel.overloads) for kernel in kernels]
+    monkeypatch.setattr(launch, "ENABLED", True)
+    launches = []
+    real_call = launch.Launch.__call__
+    monkeypatch.setattr(launch.Launch, "__call__",
+                        lambda self, *a: (launches.append(self), real_call(self, *a))[1])
+    fast = run()
+    torch.cuda.synchronize()
+    assert launches, "the fast path was not taken"
+    # the fast path's declared argument types are the ones the dispatcher typed: no new overload
+    assert [set(kernel.overloads) for kernel in kernels] == overloads
+    one_kv_tile = shape[2] <= fa2_fast_backward.resolve_config(shape[5]).Bc
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), slow, fast):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if name == "dq" and not one_kv_tile:
+            # dQ is added by atomics from several K/V tiles: their order, so the last bits, vary
+            # from run to run on either path
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+        else:
+            assert torch.equal(_bits(torch, a), _bits(torch, b)), f"{name} differs"
+
+
+@gpu_only
+def test_a_strided_input_is_copied_to_contiguous_and_gives_the_same_bits(monkeypatch):
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn((2, 3, 70, 64), device="cuda", generator=gen) for _ in range(3))
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(launch, "ENABLED", enabled)
+        results.append(flashnumba.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert torch.equal(_bits(torch, results[0]), _bits(torch, results[1]))
+
+
+@gpu_only
+def test_the_fast_path_makes_no_numba_allocation_view_or_dispatcher_launch(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from numba import cuda
+    from numba.cuda import dispatcher
+    from numba.cuda.cudadrv import driver
+    run = _calls(torch, 2, 96, 96, 4, 2, 64, True)
+    run()                                            # prepares the launches for this shape
+    counts = {"memalloc": 0, "as_cuda_array": 0, "dispatcher call": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(driver.Context, "memalloc", counting("memalloc", driver.Context.memalloc))
+    monkeypatch.setattr(cuda, "as_cuda_array", counting("as_cuda_array", cuda.as_cuda_array))
+    monkeypatch.setattr(dispatcher.CUDADispatcher, "call",
+                        counting("dispatcher call", dispatcher.CUDADispatcher.call))
+    run()
+    torch.cuda.synchronize()
+    assert counts == {"memalloc": 0, "as_cuda_array": 0, "dispatcher call": 0}
+    monkeypatch.setattr(launch, "ENABLED", False)  # the counters do see the dispatcher path's
+    run()
+    assert counts["memalloc"] > 0 and counts["as_cuda_array"] > 0 and counts["dispatcher call"] > 0
