@@ -90,3 +90,12 @@ def test_bad_options_are_refused(rng, options, error, match):
     q, k, v, _ = attention_inputs(rng, 1, 4, 4, 2, 1, 4)
     with pytest.raises(error, match=match):
         flashnumba.flash_attn_func(q, k, v, **options)
+
+
+def test_slopes_of_one_sequence_have_canonical_strides():
+    """(H,) slopes broadcast to B = 1 keep NumPy's stride 0 on the length-1 axis unless copied; a
+    device array with that stride is not C-contiguous to numba (a second compiled overload)."""
+    from flashnumba.geometry import BOTTOM_RIGHT
+    from flashnumba.kernels import common
+    _, slopes = common.resolve_features_host(0.0, [0.5, 0.25], 1, 2, BOTTOM_RIGHT)
+    assert slopes.strides == (8, 4) and slopes.flags.c_contiguous

@@ -218,7 +218,7 @@ def resolve_features_host(softcap, alibi_slopes, B, H_q, alignment):
         slopes = np.broadcast_to(slopes, (B, H_q))
     if slopes.shape != (B, H_q):
         raise ValueError(f"alibi_slopes must have shape ({H_q},) or ({B}, {H_q}), got {slopes.shape}")
-    return cap, np.ascontiguousarray(slopes)
+    return cap, np.array(slopes, order="C")      # a fresh array: canonical strides even where B = 1
 
 
 def resolve_limit(limit):
