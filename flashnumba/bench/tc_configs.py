@@ -1,25 +1,120 @@
-"""fa2_tc_backward's shipped tile configs beside PyTorch's FLASH backward, in one run.
+"""fa2_tc's tile configs beside PyTorch's FLASH, in one run: the backward's shipped configs, or
+(``--forward``) the forward's candidates.
 
-    python -m flashnumba.bench.tc_configs                      # B=4 H=16 N=4096, d=64 and 128
+    python -m flashnumba.bench.tc_configs                      # backward, B=4 H=16 N=4096, d=64 and 128
     python -m flashnumba.bench.tc_configs --shape 2x8x2048 --d 64
+    python -m flashnumba.bench.tc_configs --forward --d 128 --json fwd.json
 
-For each head dim and causal or not: FLASH's backward (torch autograd on
-scaled_dot_product_attention with the FLASH backend, bf16; the backward alone,
-timed by CUDA events, median of RUNS runs after WARMUP), then every config of
-``fa2_tc_backward.shipped_configs()`` for that head dim's bucket on the same
-inputs: milliseconds, TFLOP/s (2.5 x the forward's 4 B H N^2 d, half for causal),
-the ratio to FLASH, and the largest difference from FLASH's gradients. What a
-config change does to the speed is read here before a default moves.
+For each head dim and causal or not: FLASH (torch's scaled_dot_product_attention with the FLASH
+backend, bf16; the backward alone through autograd, or the forward), timed by CUDA events, median
+of RUNS runs after WARMUP, then each config of fa2_tc on the same inputs: milliseconds, TFLOP/s
+(the forward's 4 B H N^2 d, 2.5 x that for the backward, half for causal), the ratio to FLASH,
+and the largest difference from FLASH's output (the forward's O, the backward's gradients). What
+a config change does to the speed is read here before a default moves.
+
+Backward: every config of ``fa2_tc_backward.shipped_configs()`` for the head dim's bucket.
+Forward: ``forward_candidates(d_pad)``, the default first: Bc in {32, 64} x warps in {4, 8}
+(Br = 16 warps) x K/V stages in {1, 2}, less what 48 KB of static shared memory refuses and
+what ptxas spills on sm_90 (SPILLED_ON_SM90; the whole grid, for ptxas through nvJitLink without
+a GPU: ``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:forward_targets``).
 Nothing here runs on the simulator.
 """
 
 import argparse
 import functools
+import json
 import statistics
 
 WARMUP = 2
 RUNS = 10
+FORWARD_BC = (32, 64)
+FORWARD_WARPS = (4, 8)
+FORWARD_STAGES = (1, 2)
+# (Br, Bc, d_pad, warps, stages) of the forward grid that ptxas spills for sm_90, by the resources
+# command in the module docstring (none at present: PERF-NOTES.md, "fa2_tc_forward's candidates").
+SPILLED_ON_SM90 = frozenset()
 
+
+# ---------------------------------------------------------------------------
+# The pure parts: FLOPs, the forward's candidates, the table
+# ---------------------------------------------------------------------------
+
+def forward_flops(B, H, N, d, causal):
+    return 4 * B * H * N * N * d / (2 if causal else 1)
+
+
+def backward_flops(B, H, N, d, causal):
+    return 2.5 * forward_flops(B, H, N, d, causal)
+
+
+def forward_grid(d_pad):
+    """[(TileConfig, stages)] of fa2_tc_forward at d_pad over FORWARD_BC x FORWARD_WARPS x
+    FORWARD_STAGES that its check_config takes (shared memory, thread layout)."""
+    from flashnumba.kernels import fa2_tc_forward as tcf
+    from flashnumba.kernels.common import ConfigError, TileConfig
+
+    grid = []
+    for Bc in FORWARD_BC:
+        for warps in FORWARD_WARPS:
+            for n_stages in FORWARD_STAGES:
+                config = TileConfig(Br=16 * warps, Bc=Bc, d_pad=d_pad, num_warps=warps)
+                try:
+                    tcf.check_config(config, n_stages)
+                except ConfigError:
+                    continue
+                grid.append((config, n_stages))
+    return grid
+
+
+def forward_candidates(d_pad):
+    """What ``--forward`` times at d_pad: the shipped default (with its own stages) first, then
+    the rest of forward_grid(d_pad) less SPILLED_ON_SM90."""
+    from flashnumba.kernels import fa2_tc_forward as tcf
+
+    default = tcf.default_config(d_pad)
+    first = (default, tcf.stages(default))
+    rest = [c for c in forward_grid(d_pad) if c != first and describe(*c, key=True) not in SPILLED_ON_SM90]
+    return [first] + rest
+
+
+def describe(config, n_stages, key=False):
+    """"Br=64 Bc=32 warps=4 stages=2", or the tuple SPILLED_ON_SM90 holds (key=True)."""
+    if key:
+        return (config.Br, config.Bc, config.d_pad, config.num_warps, n_stages)
+    return f"Br={config.Br} Bc={config.Bc} warps={config.num_warps} stages={n_stages}"
+
+
+def forward_targets():
+    """[(label, dispatcher, argtypes)] of the bf16 forward over forward_grid(64) and (128), for
+    ``flashnumba resources --source flashnumba.bench.tc_configs:forward_targets``."""
+    from flashnumba.kernels import fa2_tc_forward as tcf
+
+    targets = []
+    for d_pad in (64, 128):
+        for config, n_stages in forward_grid(d_pad):
+            (label, _, argtypes), *_ = tcf.compile_targets(config)    # the first: plain bf16
+            targets.append((f"{label} d_pad={d_pad} {describe(config, n_stages)}",
+                            tcf.build(config, "bf16", stages=n_stages), argtypes))
+    return targets
+
+
+def format_table(rows):
+    """Rows (dicts of pass, d, causal, impl, ms, tflops, x_flash, max_diff) as an aligned text
+    table; FLASH's own row shows dashes for the ratio and the difference."""
+    header = ("pass", "d", "causal", "impl", "ms", "TFLOP/s", "x FLASH", "max |diff|")
+    lines = [header]
+    for r in rows:
+        flash = r["impl"] == "FLASH"
+        lines.append((r["pass"], str(r["d"]), "yes" if r["causal"] else "no", r["impl"], f"{r['ms']:.3f}",
+                      f"{r['tflops']:.1f}", "-" if flash else f"{r['x_flash']:.2f}",
+                      "-" if flash else f"{r['max_diff']:.3g}"))
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+# ---------------------------------------------------------------------------
+# Timing (GPU only)
+# ---------------------------------------------------------------------------
 
 def time_ms(fn, runs=RUNS):
     import torch
@@ -37,11 +132,57 @@ def time_ms(fn, runs=RUNS):
     return statistics.median(times)
 
 
-def backward_flops(B, H, N, d, causal):
-    return 2.5 * 4 * B * H * N * N * d / (2 if causal else 1)
+def _row(pass_, d, causal, impl, ms, flops, flash_ms, max_diff):
+    return {"pass": pass_, "d": d, "causal": causal, "impl": impl, "ms": ms, "tflops": flops / ms / 1e9,
+            "x_flash": flash_ms / ms, "max_diff": max_diff}
 
 
-def run(B, H, N, head_dims, log=print):
+def _inputs(B, H, N, d, count):
+    """count bf16 tensors (B, N, H, d), seeded, on the GPU (flashnumba's layout)."""
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(B, N, H, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(count)]
+
+
+def run_forward(B, H, N, head_dims, log=print):
+    """Rows: FLASH's forward, then each of forward_candidates(d_pad), per head dim x causal."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashnumba.bench.tc import numba_bits, torch_from_bits
+    from flashnumba.geometry import TOP_LEFT
+    from flashnumba.kernels import common
+    from flashnumba.kernels import fa2_tc_forward as tcf
+
+    rows = []
+    for d in head_dims:
+        candidates = forward_candidates(common.head_dim_bucket(d))
+        for causal in (False, True):
+            flops = forward_flops(B, H, N, d, causal)
+            q, k, v = _inputs(B, H, N, d, 3)
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, qt, kt, vt,
+                                         is_causal=causal)
+                flash_ms = time_ms(sdpa)
+                ref = sdpa().transpose(1, 2).float()
+            rows.append(_row("fwd", d, causal, "FLASH", flash_ms, flops, flash_ms, 0.0))
+            log(f"B={B} H={H} N={N} d={d} causal={causal}: FLASH fwd {flash_ms:.3f} ms "
+                f"{rows[-1]['tflops']:.1f} TFLOP/s")
+            for config, n_stages in candidates:
+                launch, out, _, _ = tcf.launcher(*(numba_bits(x) for x in (q, k, v)), causal=causal,
+                                                 alignment=TOP_LEFT, dtype="bfloat16", config=config,
+                                                 stages=n_stages)
+                ms = time_ms(launch)
+                diff = (torch_from_bits(out, torch.bfloat16).float() - ref).abs().max().item()
+                rows.append(_row("fwd", d, causal, describe(config, n_stages), ms, flops, flash_ms, diff))
+                log(f"  {rows[-1]['impl']}: {ms:.3f} ms {rows[-1]['tflops']:.1f} TFLOP/s "
+                    f"{rows[-1]['x_flash']:.2f}x FLASH, max |O - FLASH's| {diff:.3g}")
+    return rows
+
+
+def run_backward(B, H, N, head_dims, log=print):
+    """Rows: FLASH's backward, then each shipped fa2_tc_backward config, per head dim x causal."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -50,13 +191,12 @@ def run(B, H, N, head_dims, log=print):
     from flashnumba.kernels import fa2_tc_backward as tcb
     from flashnumba.kernels import fa2_tc_forward as tcf
 
+    rows = []
     for d in head_dims:
         d_pad = tcb.default_config(d).d_pad
         for causal in (False, True):
             flops = backward_flops(B, H, N, d, causal)
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q, k, v, dout = (torch.randn(B, N, H, d, device="cuda", dtype=torch.bfloat16, generator=g)
-                             for _ in range(4))
+            q, k, v, dout = _inputs(B, H, N, d, 4)
             qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
@@ -64,35 +204,45 @@ def run(B, H, N, head_dims, log=print):
                                           retain_graph=True)
                 flash_ms = time_ms(grads)
                 ref = [x.transpose(1, 2).float() for x in grads()]
+            rows.append(_row("bwd", d, causal, "FLASH", flash_ms, flops, flash_ms, 0.0))
             log(f"B={B} H={H} N={N} d={d} causal={causal}: FLASH bwd {flash_ms:.3f} ms "
-                f"{flops / flash_ms / 1e9:.1f} TFLOP/s")
+                f"{rows[-1]['tflops']:.1f} TFLOP/s")
             launch_forward, out, L, _ = tcf.launcher(*(numba_bits(x) for x in (q, k, v)), causal=causal,
                                                      alignment=TOP_LEFT, dtype="bfloat16")
             launch_forward()
             for config in (c for c in tcb.shipped_configs() if c.d_pad == d_pad):
-                name = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}"
                 launch, dq, dk, dv, _ = tcb.launcher(*(numba_bits(x) for x in (dout, q, k, v)), out, L,
                                                      causal=causal, alignment=TOP_LEFT, dtype="bfloat16",
                                                      config=config)
                 ms = time_ms(launch)
                 got = [torch_from_bits(x, torch.bfloat16).float() for x in (dq, dk, dv)]
                 diff = max((a - r).abs().max().item() for a, r in zip(got, ref))
-                log(f"  {name}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s {flash_ms / ms:.2f}x FLASH, "
-                    f"max |grad - FLASH's| {diff:.3g}")
+                name = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}"
+                rows.append(_row("bwd", d, causal, name, ms, flops, flash_ms, diff))
+                log(f"  {name}: {ms:.3f} ms {rows[-1]['tflops']:.1f} TFLOP/s "
+                    f"{rows[-1]['x_flash']:.2f}x FLASH, max |grad - FLASH's| {diff:.3g}")
+    return rows
 
 
-def main(argv=None):
+def main(argv=None, log=print):
     import flashnumba
     parser = argparse.ArgumentParser(prog="python -m flashnumba.bench.tc_configs",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--shape", default="4x16x4096", help="BxHxN")
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128], help="head dims")
+    parser.add_argument("--forward", action="store_true",
+                        help="time the forward's candidate configs instead of the backward's shipped ones")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows to PATH")
     args = parser.parse_args(argv)
     if flashnumba.on_simulator():
         parser.error("needs a CUDA GPU (the simulator has no speed to measure)")
     B, H, N = (int(x) for x in args.shape.split("x"))
-    run(B, H, N, args.d)
+    rows = (run_forward if args.forward else run_backward)(B, H, N, args.d, log=log)
+    log(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": {"B": B, "H": H, "N": N}, "dtype": "bfloat16", "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

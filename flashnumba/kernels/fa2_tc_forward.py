@@ -54,10 +54,11 @@ two words of one Philox4x32-10 call. m_i, l_i and L are the undropped softmax's.
 What bounds it: per K/V tile a warp issues d_pad/16 x Bc/8 mma for S_ij and Bc/16 x
 d_pad/8 for P_ij V_j, between which the softmax runs on the CUDA cores (exp2, max,
 shuffles) with no overlap across warps beyond what the scheduler finds; K_j and
-V_j are read from shared memory once per warp (ldmatrix); at d_pad = 128 only one
-stage fits in 48 KB of static shared memory, so the loads of tile j + 1 are not
-overlapped with tile j there. mma.sync is the Ampere instruction: on Hopper,
-wgmma is the faster path and this kernel does not use it.
+V_j are read from shared memory once per warp (ldmatrix); where two stages of K_j
+and V_j do not fit in 48 KB of static shared memory (Bc = 64 at d_pad = 128) only
+one is used, and the loads of tile j + 1 are not overlapped with tile j there.
+mma.sync is the Ampere instruction: on Hopper, wgmma is the faster path and this
+kernel does not use it.
 """
 
 import functools
@@ -93,7 +94,8 @@ MMA = {"bf16": mma.mma_bf16, "f16": mma.mma_f16}
 PACK = {"bf16": mma.pack_bf16x2, "f16": mma.pack_f16x2}
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps), Br = 16 num_warps.
-# d_pad >= 96 takes Bc = 32: with Bc = 64 the d = 128 kernel needed more than 255 registers and spilled.
+# d_pad >= 96 takes Bc = 32, where two K/V stages fit in 48 KB; Bc = 64 at d_pad = 128 has one stage
+# and nearly all 255 registers (PERF-NOTES.md; `python -m flashnumba.bench.tc_configs --forward` times both).
 _DEFAULTS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 32, 4), 128: (64, 32, 4)}
 _ALTERNATIVES = {64: [(128, 64, 8), (64, 32, 4)], 128: [(128, 32, 8)]}
 
@@ -102,15 +104,18 @@ _ALTERNATIVES = {64: [(128, 64, 8), (64, 32, 4)], 128: [(128, 32, 8)]}
 # Configuration
 # ---------------------------------------------------------------------------
 
-def stages(config):
-    """K/V buffers: 2 (tile j + 1 loads while tile j is used) when both fit in 48 KB, else 1."""
+def stages(config, requested=None):
+    """K/V buffers: `requested` (1 or 2) when given, else 2 (tile j + 1 loads while tile j is
+    used) when both fit in 48 KB, else 1."""
+    if requested is not None:
+        return requested
     one = 2 * config.Bc * (config.d_pad + ROW_PAD) * HALF_BYTES
     return 2 if 2 * one <= STATIC_SMEM_LIMIT else 1
 
 
-def smem_bytes(config):
+def smem_bytes(config, requested_stages=None):
     """Ks and Vs: STAGES x Bc x (d_pad + ROW_PAD) 16-bit elements each, all static."""
-    return stages(config) * 2 * config.Bc * (config.d_pad + ROW_PAD) * HALF_BYTES
+    return stages(config, requested_stages) * 2 * config.Bc * (config.d_pad + ROW_PAD) * HALF_BYTES
 
 
 def default_config(d):
@@ -126,9 +131,10 @@ def shipped_configs():
     return configs
 
 
-def check_config(config):
-    """Raise ConfigError unless the configuration can compile and launch."""
+def check_config(config, requested_stages=None):
+    """Raise ConfigError unless the configuration (and the stages asked for) can compile and launch."""
     who = NAME
+    require(requested_stages in (None, 1, 2), f"{who}: stages={requested_stages!r} must be 1 or 2")
     common.check_sizes(config, who)
     Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
     require(Br == 16 * num_warps, f"{who}: Br={Br} must be 16 x num_warps = {16 * num_warps} "
@@ -139,7 +145,7 @@ def check_config(config):
     require(chunks % config.threads == 0,
             f"{who}: Bc={Bc}, d_pad={d_pad}: {chunks} 16-byte chunks per tile must divide evenly among "
             f"{config.threads} threads")
-    common.check_smem(config, smem_bytes(config), who)
+    common.check_smem(config, smem_bytes(config, requested_stages), who)
 
 
 def _smem_alignment():
@@ -151,21 +157,21 @@ def _smem_alignment():
 # The kernel
 # ---------------------------------------------------------------------------
 
-def build(config, kind="bf16", dropout=False, softcap=False, alibi=False):
+def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, stages=None):
     """The kernel for `config` and 16-bit type `kind` ("bf16" or "f16"); dropout=True is the
     variant that drops P_ij, softcap, alibi the variants that cap and bias S_ij (each a
-    separate compile). Cached."""
+    separate compile); stages (1 or 2) overrides ``stages(config)``, for benchmarks. Cached."""
     if kind not in MMA:
         raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
-    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi))
+    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), stages)
 
 
 @functools.cache
-def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
-    check_config(config)
+def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=None):
+    check_config(config, REQUESTED_STAGES)
     Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     T = NW * WARP_SIZE
-    STAGES = stages(config)
+    STAGES = stages(config, REQUESTED_STAGES)
     ROW_LEN = d_pad + ROW_PAD              # shared row length, elements
     KD = d_pad // 16                  # k-steps of S_ij = Q_i K_j^T (A fragments of Q_i)
     NC = Bc // 8                  # n-tiles of S_ij (8 keys each)
@@ -437,10 +443,11 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
 
 def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None, dropout_p=0.0,
              seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None, dtype=None,
-             window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, stages=None):
     """Check and allocate once; returns (launch, out, L, kind): out holds uint16 bits on the device.
     ``launch()`` runs the kernel again into the same out and L (what a benchmark times).
-    softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``)."""
+    softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``); stages
+    (1 or 2) overrides ``stages(config)`` (``bench.tc_configs --forward``)."""
     B, Nq, Nk, H_q, _, d = check_qkv16(q, k, v)
     kind = resolve_kind(q, dtype)
     scale = common.resolve_scale(softmax_scale, d)
@@ -452,7 +459,8 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
-    kernel = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0, alibi=alibi_slopes is not None)
+    kernel = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0, alibi=alibi_slopes is not None,
+                   stages=stages)
 
     arrays = common.Arrays(q, k, v)
     q_d, k_d, v_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v))
