@@ -218,10 +218,21 @@ def torch_f32(operands):
     return tensors
 
 
+def current_device_id():
+    """The id of the GPU Numba computes on in this thread. Numba works in the CUDA context current
+    in the thread (a primary context) and makes device 0's when none is: the driver is asked
+    directly, and Numba's own query (its context bookkeeping on every call) runs only when no
+    context is current yet."""
+    from numba.cuda.cudadrv.driver import driver
+    if int(driver.cuCtxGetCurrent()) != 0:
+        return int(driver.cuCtxGetDevice())
+    return cuda.get_current_device().id
+
+
 def _check_torch_device(name, t):
     """A CUDA tensor on the device Numba computes on (the current one)."""
     index = t.device.index if t.device.index is not None else 0
-    current = cuda.get_current_device().id
+    current = current_device_id()
     if index != current:
         raise ValueError(f"{name} is on cuda:{index}, but flashnumba computes on cuda:{current}; "
                          f"move it there or select that device with numba.cuda.select_device")

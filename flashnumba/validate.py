@@ -149,12 +149,20 @@ def scale(softmax_scale, d, name="softmax_scale"):
     return value
 
 
+_CAPABILITY = {}   # device id -> (major, minor): asked of Numba once per GPU
+
+
 def compute_capability():
     """(major, minor) of the current GPU; None on the simulator (it runs every version)."""
     from numba import config, cuda
+
+    from flashnumba.interop import current_device_id
     if config.ENABLE_CUDASIM:
         return None
-    return tuple(cuda.get_current_device().compute_capability)
+    device_id = current_device_id()
+    if device_id not in _CAPABILITY:
+        _CAPABILITY[device_id] = tuple(cuda.gpus[device_id].compute_capability)
+    return _CAPABILITY[device_id]
 
 
 def algorithm_name(name):

@@ -65,3 +65,21 @@ def test_host_arrays_reach_the_device_with_fresh_strides():
     assert odd.flags.c_contiguous and odd.strides != (8, 4, 4)
     assert c_order(odd).strides == (8, 4, 4) and np.array_equal(c_order(odd), odd)
     assert c_order(a) is a
+
+
+@pytest.mark.skipif(flashnumba.on_simulator(), reason="asks the CUDA driver: a GPU only")
+def test_current_device_id_is_numbas_in_every_thread():
+    """interop.current_device_id asks the driver for the current context's device: the id Numba's
+    own query gives, on the main thread and on a fresh thread (where no context is current yet,
+    so Numba makes one)."""
+    import threading
+
+    from flashnumba.interop import current_device_id
+    from flashnumba.validate import compute_capability
+    assert current_device_id() == cuda.get_current_device().id
+    assert compute_capability() == tuple(cuda.get_current_device().compute_capability)
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append((current_device_id(), cuda.get_current_device().id)))
+    worker.start()
+    worker.join()
+    assert seen and seen[0][0] == seen[0][1]
