@@ -237,6 +237,16 @@ _COMPILE_CHECK = textwrap.dedent("""
         log = resources.link(library, cc)
         report[f"sm_{cc[0]}{cc[1]}"] = {
             "ptx": ptx, **resources.read_log(log)}
+
+    def vector_red(acc, a):                        # sm_90 and newer only: a kernel of its own
+        lane = cuda.threadIdx.x
+        mma.red_add_v2(acc, (lane % 4, 2 * (lane // 4)), a[lane], a[lane] + float32(1.0))
+
+    red_types = (types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C"))
+    library = resources.build(cuda.jit(vector_red), red_types, (9, 0))
+    with resources._building_for((9, 0)):
+        ptx = library.get_asm_str(cc=(9, 0))
+    report["red_sm_90"] = {"ptx": ptx, **resources.read_log(resources.link(library, (9, 0)))}
     print(json.dumps(report))
 """)
 
@@ -251,6 +261,35 @@ def compiled():
     assert done.returncode == 0, done.stderr[-4000:]
     import json
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_red_add_v2_compiles_to_one_vector_red_for_sm90(compiled):
+    report = compiled["red_sm_90"]
+    assert report["ptx"].count("red.global.add.v2.f32") == 1
+    assert report["spill_stores"] == 0 and report["stack_frame"] == 0
+
+
+def test_red_add_v2_adds_both_floats_and_refuses_an_odd_element_on_the_simulator():
+    """32 lanes add a pair each into 4 rows of 16 floats: the lane's a into the even element,
+    a + 1 into the odd one next to it; a pair starting at an odd column is not 8-byte aligned."""
+    if not numba_config.ENABLE_CUDASIM:
+        pytest.skip("the simulator's stand-in and alignment check; test_red_add_v2_compiles... for sm_90")
+
+    @cuda.jit
+    def pairs(acc, a, odd):
+        lane = cuda.threadIdx.x
+        mma.red_add_v2(acc, (lane % 4, 2 * (lane // 4) + odd), a[lane], a[lane] + float32(1.0))
+
+    a = np.arange(32, dtype=np.float32)
+    acc = np.zeros((4, 16), np.float32)
+    pairs[1, 32](acc, a, 0)
+    want = np.zeros((4, 16), np.float32)
+    for lane in range(32):
+        want[lane % 4, 2 * (lane // 4)] += a[lane]
+        want[lane % 4, 2 * (lane // 4) + 1] += a[lane] + 1
+    np.testing.assert_array_equal(acc, want)
+    with pytest.raises(Exception, match="8-byte aligned"):
+        pairs[1, 32](np.zeros((4, 17), np.float32), a, 1)
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])

@@ -109,3 +109,19 @@ def test_backward_compiles_for_sm80_with_mma_and_no_spills():
         assert r["stack_frame"] == 0, (name, r)
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r)
         assert r["smem"] == tcb.smem_bytes(config), (name, r)
+
+
+@pytest.mark.parametrize("d", [24, 17])
+def test_dq_added_two_floats_at_a_time_matches_one_at_a_time(rng, d):
+    """red_v2=True (dQ's atomics as 8-byte vector adds, mma.red_add_v2) gives the gradients of
+    the one-float atomics to rounding: d = 24 takes the vector adds, odd d = 17 keeps one float
+    an atomic (an odd row length would misalign every other row's pairs)."""
+    q, k, v, dout = inputs(rng, "bfloat16", 1, 20, 37, 2, 1, d)
+    out, L = tcf.fa2_tc_forward(q, k, v, causal=True)
+    one = tcb.fa2_tc_backward(dout, q, k, v, out, L, causal=True, Bc=16)
+    two = tcb.fa2_tc_backward(dout, q, k, v, out, L, causal=True, Bc=16, red_v2=True)
+    for name, a, b in zip(("dq", "dk", "dv"), one, two):
+        a, b = a.astype(np.float32), b.astype(np.float32)
+        assert np.allclose(a, b, rtol=1e-2, atol=1e-2), name
+    assert tcb.build(tcb.resolve_config(d, Bc=16), "bf16", red_v2=True) is not tcb.build(
+        tcb.resolve_config(d, Bc=16), "bf16")

@@ -98,6 +98,21 @@ def forward_targets():
     return targets
 
 
+def backward_red_v2_targets():
+    """[(label, dispatcher, argtypes)] of the bf16 backward's dkdv kernel with dQ's atomics two
+    floats at a time, at each bucket's default config: sm_90 and newer only, so for
+    ``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:backward_red_v2_targets``."""
+    from flashnumba.kernels import fa2_tc_backward as tcb
+
+    targets = []
+    for d in (64, 128):
+        config = tcb.default_config(d)
+        (label, _, argtypes), *_ = tcb.compile_targets(config)         # the first: plain bf16
+        targets.append((f"{label} d_pad={config.d_pad} red.v2", tcb.build(config, "bf16", red_v2=True).dkdv,
+                        argtypes))
+    return targets
+
+
 def format_table(rows):
     """Rows (dicts of pass, d, causal, impl, ms, tflops, x_flash, max_diff) as an aligned text
     table; FLASH's own row shows dashes for the ratio and the difference."""
@@ -210,14 +225,18 @@ def run_backward(B, H, N, head_dims, log=print):
             launch_forward, out, L, _ = tcf.launcher(*(numba_bits(x) for x in (q, k, v)), causal=causal,
                                                      alignment=TOP_LEFT, dtype="bfloat16")
             launch_forward()
-            for config in (c for c in tcb.shipped_configs() if c.d_pad == d_pad):
+            vector_red = torch.cuda.get_device_capability() >= (9, 0)
+            candidates = [(c, False) for c in tcb.shipped_configs() if c.d_pad == d_pad]
+            if vector_red:              # dQ's atomics two floats at a time: sm_90 and newer
+                candidates.append((tcb.default_config(d), True))
+            for config, red_v2 in candidates:
                 launch, dq, dk, dv, _ = tcb.launcher(*(numba_bits(x) for x in (dout, q, k, v)), out, L,
                                                      causal=causal, alignment=TOP_LEFT, dtype="bfloat16",
-                                                     config=config)
+                                                     config=config, red_v2=red_v2)
                 ms = time_ms(launch)
                 got = [torch_from_bits(x, torch.bfloat16).float() for x in (dq, dk, dv)]
                 diff = max((a - r).abs().max().item() for a, r in zip(got, ref))
-                name = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}"
+                name = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}{' red.v2' if red_v2 else ''}"
                 rows.append(_row("bwd", d, causal, name, ms, flops, flash_ms, diff))
                 log(f"  {name}: {ms:.3f} ms {rows[-1]['tflops']:.1f} TFLOP/s "
                     f"{rows[-1]['x_flash']:.2f}x FLASH, max |grad - FLASH's| {diff:.3g}")

@@ -161,17 +161,18 @@ def _smem_alignment():
 Fa2TcBackwardKernels = collections.namedtuple("Fa2TcBackwardKernels", "preprocess dkdv finish_dq")
 
 
-def build(config, kind="bf16", dropout=False, softcap=False, alibi=False):
+def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, red_v2=False):
     """(preprocess, dkdv, finish_dq) for `config` and `kind` ('bf16' | 'f16'); dropout, softcap,
     alibi: the dkdv variants that drop P_ij, cap S_ij (and carry tanh's derivative into dS_ij),
-    bias S_ij. Cached."""
+    bias S_ij; red_v2: dQ's atomics two floats at a time (``mma.red_add_v2``, sm_90 and newer,
+    even head dims). Cached."""
     if kind not in MMA:
         raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
-    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi))
+    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), bool(red_v2))
 
 
 @functools.cache
-def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
+def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
     check_config(config)
     Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     T = NW * WARP_SIZE
@@ -439,10 +440,16 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False):
                         row = row0 + 16 * rq + g + 8 * hh
                         if row < Nq:
                             for n in range(2):
-                                for e2 in range(2):
-                                    x = 16 * nq + 8 * n + 2 * t + e2
+                                if RED_V2:              # dims x, x + 1 in one 8-byte add (d even)
+                                    x = 16 * nq + 8 * n + 2 * t
                                     if x < d:
-                                        cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
+                                        mma.red_add_v2(dq_acc, (b, row, hq, x), dQ[n, 2 * hh],
+                                                       dQ[n, 2 * hh + 1])
+                                else:
+                                    for e2 in range(2):
+                                        x = 16 * nq + 8 * n + 2 * t + e2
+                                        if x < d:
+                                            cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
                 cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
 
         mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
@@ -522,9 +529,11 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
 
 def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
              dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None,
-             dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+             dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, red_v2=False):
     """Check and allocate once; returns (launch, dq, dk, dv, kind), results as device uint16 bits.
-    softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``)."""
+    softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``); red_v2:
+    dQ's atomics two floats at a time, on a GPU of compute capability 9.0 or newer (a
+    ValueError below it), for even head dims (odd ones keep one float an atomic)."""
     B, Nq, Nk, H_q, H_kv, d = check_qkv16(q, k, v)
     for name, x in (("dout", dout), ("out", out)):
         if tuple(x.shape) != tuple(q.shape):
@@ -544,8 +553,13 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
+    if red_v2 and not numba_config.ENABLE_CUDASIM:
+        cc = tuple(cuda.get_current_device().compute_capability)
+        if cc < (9, 0):
+            raise ValueError(f"red_v2=True needs a GPU of compute capability >= 9.0 (vector red), "
+                             f"this one is {cc[0]}.{cc[1]}")
     kernels = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0,
-                    alibi=alibi_slopes is not None)
+                    alibi=alibi_slopes is not None, red_v2=bool(red_v2) and d % 2 == 0)
 
     arrays = common.Arrays(q, k, v, dout, out)
     q_d, k_d, v_d, dout_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v, dout))
@@ -573,7 +587,8 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 
 def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT,
                     dropout_p=0.0, seed=0, limit=None, *, Br=None, Bc=None, num_warps=None,
-                    config=None, dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+                    config=None, dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                    red_v2=False):
     """FlashAttention-2 backward on tensor cores. Returns (dq, dk, dv) shaped like q, k, v, in
     the input dtype (float16 or bfloat16). dout, out (B, Nq, Hq, d) in that dtype and L (B, Hq, Nq)
     float32 come from the forward, run with the same causal, alignment, softmax_scale, dropout_p,
@@ -583,7 +598,7 @@ def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, ali
                                         softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
                                         Br=Br, Bc=Bc, num_warps=num_warps, limit=limit,
                                         config=config, dtype=dtype, window_size=window_size,
-                                        softcap=softcap, alibi_slopes=alibi_slopes)
+                                        softcap=softcap, alibi_slopes=alibi_slopes, red_v2=red_v2)
     launch()
     return as_dtype(dq, kind, q), as_dtype(dk, kind, q), as_dtype(dv, kind, q)
 

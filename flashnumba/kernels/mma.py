@@ -12,6 +12,8 @@ Fragments travel as scalars and tuples, so they stay in registers.
     cp_async_16(dst, dst_index, src, src_index)   16 bytes global -> shared, asynchronous
     cp_async_commit()             close the group of copies issued so far
     cp_async_wait(n)              wait until at most n committed groups are in flight (n a constant)
+    red_add_v2(array, index, a, b)   array[index] += a, the next element += b: one 8-byte
+                                  atomic add in global memory (sm_90+; index's element 8-byte aligned)
     pack_bf16x2(lo, hi) -> uint32    two float32, rounded to nearest even, in one register
     pack_f16x2(lo, hi) -> uint32       (lo in bits 0-15: the element with the smaller column)
     unpack_bf16x2(x) -> (lo, hi), unpack_f16x2(x) -> (lo, hi)   back to float32
@@ -228,6 +230,17 @@ def _cp_async_16_python(dst, dst_index, src, src_index):
     _pending(thread)["open"].append((dst, _index(dst_index), values))
 
 
+def _red_add_v2_python(array, index, a, b):
+    _this_lane("red.global.add.v2")
+    if array.dtype != np.float32:
+        raise TypeError(f"red.global.add.v2.f32: expected a float32 array, got {array.dtype}")
+    if _flat_offset(array, index) % 2:
+        raise ValueError(f"red.global.add.v2.f32: element {_index(index)} is not 8-byte aligned")
+    *lead, col = _index(index)
+    cuda.atomic.add(array, (*lead, col), a)
+    cuda.atomic.add(array, (*lead, col + 1), b)
+
+
 def _cp_async_commit_python():
     state = _pending(_this_lane("cp.async.commit_group"))
     state["groups"].append(state["open"])
@@ -276,15 +289,16 @@ if numba_config.ENABLE_CUDASIM:
     cp_async_16 = _cp_async_16_python
     cp_async_commit = _cp_async_commit_python
     cp_async_wait = _cp_async_wait_python
+    red_add_v2 = _red_add_v2_python
 
     # The kernels call these as device functions; on the simulator a device function is the
     # Python function itself, run by the calling simulated thread.
     (mma_bf16, mma_f16, ldmatrix_x4, ldmatrix_x2, ldmatrix_x4_trans, ldmatrix_x2_trans,
      pack_bf16x2, pack_f16x2, unpack_bf16x2, unpack_f16x2, cp_async_16, cp_async_commit,
-     cp_async_wait) = (cuda.jit(device=True)(f) for f in (
+     cp_async_wait, red_add_v2) = (cuda.jit(device=True)(f) for f in (
         mma_bf16, mma_f16, ldmatrix_x4, ldmatrix_x2, ldmatrix_x4_trans, ldmatrix_x2_trans,
         pack_bf16x2, pack_f16x2, unpack_bf16x2, unpack_f16x2, cp_async_16, cp_async_commit,
-        cp_async_wait))
+        cp_async_wait, red_add_v2))
 else:
     from llvmlite import ir
     from numba.cuda import cgutils
@@ -390,6 +404,22 @@ else:
             asm = ir.InlineAsm(fnty, "cp.async.cg.shared.global [$0], [$1], 16;", "r,l,~{memory}",
                                side_effect=True)
             builder.call(asm, [shared, global_])
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def red_add_v2(typingctx, array, index, a, b):
+        if not (isinstance(array, types.Array) and array.dtype == types.float32
+                and _is_index(index, array.ndim) and a == types.float32 and b == types.float32):
+            return None
+        sig = types.void(array, index, a, b)
+
+        def codegen(context, builder, sig, args):
+            address = _global_address(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64), _F32, _F32])
+            asm = ir.InlineAsm(fnty, "red.global.add.v2.f32 [$0], {$1, $2};", "l,f,f,~{memory}",
+                               side_effect=True)
+            builder.call(asm, [address, args[2], args[3]])
             return context.get_dummy_value()
         return sig, codegen
 
