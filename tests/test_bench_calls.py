@@ -1,4 +1,5 @@
-"""`flashnumba bench --calls`: the parts that need no GPU (shapes, ratios, the table)."""
+"""`flashnumba bench --calls` and `--calls --breakdown`: the parts that need no GPU (shapes, ratios,
+the tables, the timing helpers and wrappers, the flag)."""
 
 import pytest
 
