@@ -17,7 +17,8 @@ or after every call where the row says so:
     fwd+bwd, synchronize after each       the same, torch.cuda.synchronize() after each call
     synchronize alone                     torch.cuda.synchronize() on an idle device
     FlashAttnFunction.backward, main      our autograd backward called directly with the node
-                                          autograd made (the same ctx, saved tensors and call)
+                                          autograd made (the same ctx, saved tensors and call),
+                                          under no_grad as the engine runs it
     FlashAttnFunction.backward, thread    the same, the whole loop on a plain Python thread
     attention.backward                    validate.tensors (x5) + Operand(lse) + attention.backward
     fast_forward, fast_backward           the default version's fast launch paths, directly
@@ -268,6 +269,10 @@ def run(case, torch, json_path=None, log=print):
     call = node.call
     out, lse = fwd_module.fast_forward(q, k, v, **call.kernel_options())
 
+    def backward_direct():
+        with torch.no_grad():        # as autograd's engine runs a backward (no create_graph)
+            FlashAttnFunction.backward(node, dout, None, None)
+
     def checked_backward_operands():
         return validate.tensors(dout=dout, q=q, k=k, v=v, out=out) + [Operand("softmax_lse", lse)]
 
@@ -283,10 +288,8 @@ def run(case, torch, json_path=None, log=print):
         ("fwd+bwd through autograd", fwd_bwd, {}),
         ("fwd+bwd, synchronize after each", fwd_bwd, {"sync_each": True}),
         ("synchronize alone", lambda: None, {"sync_each": True}),
-        ("FlashAttnFunction.backward direct, main thread",
-         lambda: FlashAttnFunction.backward(node, dout, None, None), {}),
-        ("FlashAttnFunction.backward direct, plain thread",
-         lambda: FlashAttnFunction.backward(node, dout, None, None), {"thread": True}),
+        ("FlashAttnFunction.backward direct, main thread", backward_direct, {}),
+        ("FlashAttnFunction.backward direct, plain thread", backward_direct, {"thread": True}),
         ("attention.backward direct (+ validate.tensors)",
          lambda: attention.backward(checked_backward_operands(), call), {}),
         ("fast_forward direct", lambda: fwd_module.fast_forward(q, k, v, **call.kernel_options()), {}),
