@@ -32,7 +32,8 @@ or after every call where the row says so:
 Last, one loop of autograd forward+backward with temporary timing wrappers (``wrapped``) around
 our layers: FlashAttnFunction.forward and .backward, attention.forward and .backward, the fast
 forward and backward, validate.tensors, interop.torch_f32 (under the name attention calls it
-by) and launch.Launch.__call__. Per layer: median and mean microseconds per call, calls per
+by) and launch.Launch.__call__, beside the loop's own timing of flash_attn_func and of
+out.backward (the two "(the loop)" rows). Per layer: median and mean microseconds per call, calls per
 iteration, and the threads it ran on ("main", or the name Python gives another thread: autograd
 runs a CUDA backward on its own device thread). A layer's time includes the wrappers nested in
 it (two perf_counter calls and an append each). Every wrapped function is put back when the loop
