@@ -5,6 +5,8 @@
                baseline, PyTorch's SDPA backends
     cases      the shapes;  check  the verdicts against float64;  timing  CUDA events
     report     results.json, the plots and the closing table
+    calls      ``flashnumba bench --calls``: the public calls beside their kernels and SDPA
+    breakdown  ``flashnumba bench --calls --breakdown``: a small call's host time, layer by layer
     sim        ``flashnumba bench --sim``: a correctness pass on the simulator, not a benchmark
     profile    one launch of each fast kernel, for ncu
 """

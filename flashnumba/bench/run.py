@@ -6,6 +6,8 @@ One command does everything, in this order::
     flashnumba bench --quick         # d=64, N = 1k, 4k, 16k: a couple of minutes
     flashnumba bench --shapes 4x16x4096x64c,1x16x65536x64n --out figures/bench/
     flashnumba bench --tune          # also time every shipped config of the fast kernels
+    flashnumba bench --calls         # the public calls beside their kernels and SDPA (bench.calls)
+    flashnumba bench --calls --breakdown   # where a small call's host time goes (bench.breakdown)
     flashnumba bench --sim           # no GPU: tiny correctness pass on the simulator, NOT a benchmark
     flashnumba bench --sim --shapes 1x1x20x16c   # the same pass on these shapes instead
     python -m flashnumba.bench ...   # the same
@@ -77,10 +79,17 @@ def parse_args(argv):
                         "SDPA, gpu and host ms; --shapes defaults to issue 13's three")
     p.add_argument("--profile", action="store_true",
                    help="with --calls: cProfile the torch fwd+bwd call of the first shape")
+    p.add_argument("--breakdown", action="store_true",
+                   help="with --calls: instead of the table, the host time of the first shape's torch "
+                        "call and of each of its layers, called directly and inside autograd "
+                        "(flashnumba.bench.breakdown)")
     p.add_argument("--json", help="with --calls: also write the rows to this file")
     p.add_argument("--sim", action="store_true",
                    help="no GPU needed: tiny correctness pass on the CPU simulator (NOT a benchmark)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.breakdown and not args.calls:
+        p.error("--breakdown goes with --calls")
+    return args
 
 
 class Progress:
@@ -331,6 +340,11 @@ def main(argv=None):
 
         from flashnumba.bench import calls
         torch.backends.cuda.matmul.allow_tf32 = False
+        if args.breakdown:
+            from flashnumba.bench import breakdown
+            breakdown.run(cases_mod.parse_shapes(args.shapes or calls.ISSUE_SHAPES)[0], torch,
+                          json_path=args.json)
+            return 0
         calls.run(cases_mod.parse_shapes(args.shapes or calls.ISSUE_SHAPES), torch,
                   json_path=args.json, profile=args.profile)
         return 0
