@@ -221,6 +221,18 @@ def resolve_features_host(softcap, alibi_slopes, B, H_q, alignment):
     return cap, np.array(slopes, order="C")      # a fresh array: canonical strides even where B = 1
 
 
+def resolve_band(Nq, Nk, d, *, causal, alignment, softmax_scale, window_size, limit):
+    """(scale, windowed, lo, hi, steps) of a fast kernel's launch, checked: the softmax scale,
+    whether a band of keys applies (causal or a window), its int32 bounds
+    (``geometry.window_bounds``; |lo|, |hi| <= max(Nq, Nk): one register each, not two) and the
+    step limit (``resolve_limit``)."""
+    scale = resolve_scale(softmax_scale, d)
+    resolve_offset(causal, alignment, Nq, Nk)                 # checks alignment
+    windowed = geometry.is_windowed(causal, window_size)
+    lo, hi = (np.int32(x) for x in geometry.window_bounds(Nq, Nk, causal, window_size, alignment))
+    return scale, windowed, lo, hi, resolve_limit(limit)
+
+
 def resolve_limit(limit):
     """Step limit: stop each thread block after `limit` iterations of its loop (None: run all)."""
     if limit is None:

@@ -173,7 +173,7 @@ from numba import config as numba_config
 from numba import cuda, float32, int64, types
 
 from flashnumba import geometry
-from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, gqa, smem_limit
 from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
 from flashnumba.kernels.fast_math import LOG2_E, exp2_ftz, is_negative_zero
@@ -842,12 +842,9 @@ class Setup:
 def setup(B, Nq, Nk, H_q, H_kv, d, *, causal, alignment, softmax_scale, window_size, softcap,
           alibi, dropout, limit, Br=None, Bc=None, num_warps=None, config=None):
     """The Setup for q (B, Nq, H_q, d), k, v (B, Nk, H_kv, d) and these options, checked."""
-    scale = common.resolve_scale(softmax_scale, d)
-    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
-    windowed = is_windowed(causal, window_size)
-    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)): one register each, not two
-    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
-    steps = common.resolve_limit(limit)
+    scale, windowed, lo, hi, steps = common.resolve_band(
+        Nq, Nk, d, causal=causal, alignment=alignment, softmax_scale=softmax_scale,
+        window_size=window_size, limit=limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
     kernel = build(config, dropout=dropout, softcap=softcap > 0.0, alibi=alibi)
     Tc = geometry.num_tiles(Nk, config.Bc)
