@@ -9,7 +9,8 @@ Each kernel is launched three times: the first compiles it (and is what
 profiler it prints each launch's time from CUDA events, which is a smoke test
 and nothing more: ``flashnumba bench`` is the benchmark.
 
-``--version`` picks the registry version (default: the public calls' default);
+``--version`` picks the registry version (default: the public calls' default); a
+version that reads no float32 (the tensor-core ``fa2_tc``) gets bfloat16 inputs;
 ``--config Br,Bc,warps[,blocks_per_sm]`` a backward configuration other than
 the default (its module's ``shipped_configs()`` lists them).
 """
@@ -28,7 +29,7 @@ def parse_args(argv):
     p.add_argument("--causal", action="store_true")
     p.add_argument("--direction", choices=("fwd", "bwd", "both"), default="both")
     p.add_argument("--version", default=registry.DEFAULT,
-                   choices=[v.name for v in registry.VERSIONS if v.launcher and v.reads("float32")],
+                   choices=[v.name for v in registry.VERSIONS if v.launcher],
                    help="the kernel version (default: %(default)s)")
     p.add_argument("--config", help="backward config Br,Bc,warps[,blocks_per_sm]")
     return p.parse_args(argv)
@@ -70,15 +71,20 @@ def main(argv=None):
     B, H, N, d = parse_shape(args.shape)
     config = parse_config(args.config, d, version) if args.config else None
     rng = np.random.default_rng(0)
-    q, k, v, dout = (cuda.to_device(rng.standard_normal((B, N, H, d), dtype=np.float32))
-                     for _ in range(4))
-    out, L = forward.forward(q, k, v, causal=args.causal)
+    inputs = [rng.standard_normal((B, N, H, d), dtype=np.float32) for _ in range(4)]
+    options = {"causal": args.causal}
+    if not version.reads("float32"):        # bfloat16 bits on the device, as fa2_tc reads them
+        import ml_dtypes
+        inputs = [x.astype(ml_dtypes.bfloat16).view(np.uint16) for x in inputs]
+        options["dtype"] = "bfloat16"
+    q, k, v, dout = (cuda.to_device(x) for x in inputs)
+    launch_forward, out, L, *_ = forward.launcher(q, k, v, **options)
+    launch_forward()                        # out and L for the backward
     launches = []
     if args.direction in ("fwd", "both"):
-        launch, _, _ = forward.launcher(q, k, v, causal=args.causal)
-        launches.append((version.kernel(registry.FORWARD), launch))
+        launches.append((version.kernel(registry.FORWARD), launch_forward))
     if args.direction in ("bwd", "both"):
-        launch, _, _, _ = backward.launcher(dout, q, k, v, out, L, causal=args.causal, config=config)
+        launch, *_ = backward.launcher(dout, q, k, v, out, L, config=config, **options)
         launches.append((version.kernel(registry.BACKWARD), launch))
     for name, launch in launches:
         for n in range(LAUNCHES):
