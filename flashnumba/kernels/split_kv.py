@@ -164,7 +164,7 @@ def build(d_pad, SOFTCAP=False, ALIBI=False, FULL=True):
         Ls = cuda.shared.array((NW, R), float32)    # each warp's l
         Os = cuda.shared.array((NW, R, d_pad), float32)   # each warp's o
         # Q_r of the group's rows, lane-major: dim n = t + LG i at [a, t DPL + i], so that a lane's
-        # DPL dims are consecutive (two ld.shared.v4) and the KPW groups read the same words
+        # DPL dims are consecutive (ld.shared.v4, one per 4 dims) and the KPW groups read the same words
         Qs = cuda.shared.array((R, d_pad), float32, alignment=ALIGN)
 
         O = cuda.local.array((R, DPL), float32)     # o (unnormalised), this key group's keys only
