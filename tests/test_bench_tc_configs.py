@@ -22,17 +22,23 @@ def test_forward_candidates_start_with_the_default_and_all_fit(d_pad):
     candidates = tc_configs.forward_candidates(d_pad)
     default = tcf.default_config(d_pad)
     assert candidates[0] == (default, tcf.stages(default))
+    assert not tcf.is_dynamic(default, tcf.stages(default))
     assert len(set(candidates)) == len(candidates)
     for config, n_stages in candidates:
         assert config.d_pad == d_pad and config.Br == 16 * config.num_warps
         assert config.Bc in tc_configs.FORWARD_BC and n_stages in tc_configs.FORWARD_STAGES
         tcf.check_config(config, n_stages)
-    shapes = {(c.Bc, c.num_warps, s) for c, s in candidates}
-    if d_pad == 64:          # the whole grid fits: 2 stages of Bc=64 are 36 KB
-        assert len(candidates) == 8
-    else:                    # 2 stages of Bc=64 at d_pad=128 are 68 KB, over 48 KB
-        assert (64, 4, 2) not in shapes and (64, 8, 2) not in shapes
-        assert {(32, 4, 1), (32, 8, 2), (64, 4, 1), (64, 8, 1)} <= shapes
+    grid = tc_configs.forward_grid(d_pad)
+    assert len(grid) == 8    # the whole grid: static up to 48 KB, dynamic above
+    spilled = [c for c in grid if tc_configs.describe(*c, key=True) in tc_configs.SPILLED_ON_SM90]
+    assert len(candidates) == 8 - len(spilled)
+    dynamic = {(c.Bc, c.num_warps, s) for c, s in grid if tcf.is_dynamic(c, s)}
+    if d_pad == 64:          # 2 stages of Bc=64 are 36 KB: all static
+        assert dynamic == set()
+    else:                    # 2 stages of Bc=64 at d_pad=128 are 68 KB, over 48 KB: dynamic
+        assert dynamic == {(64, 4, 2), (64, 8, 2)}
+        assert all(tc_configs.describe(c, s).endswith("stages=2 dynamic") for c, s in grid
+                   if (c.Bc, c.num_warps, s) in dynamic)
 
 
 def test_forward_candidates_leave_out_what_spilled(monkeypatch):
@@ -46,8 +52,9 @@ def test_forward_stages_override_is_checked():
     config = TileConfig(Br=64, Bc=64, d_pad=128, num_warps=4)
     assert tcf.stages(config) == 1 and tcf.stages(config, 2) == 2
     assert tcf.smem_bytes(config, 1) == 64 * 136 * 2 * 2
-    with pytest.raises(ConfigError, match="bytes"):
-        tcf.check_config(config, 2)
+    tcf.check_config(config, 2)                                  # 69632 B, dynamic
+    with pytest.raises(ConfigError, match="69632 bytes of static"):
+        tcf.check_config(config, 2, dynamic=False)
     with pytest.raises(ConfigError, match="stages=3"):
         tcf.check_config(tcf.default_config(64), 3)
 

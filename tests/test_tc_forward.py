@@ -86,7 +86,7 @@ def test_forward_takes_uint16_bits_with_a_dtype(rng):
 
 @pytest.mark.parametrize("config", [TileConfig(Br=32, Bc=16, d_pad=32, num_warps=1),
                                     TileConfig(Br=16, Bc=24, d_pad=32, num_warps=1),
-                                    TileConfig(Br=64, Bc=256, d_pad=128, num_warps=4)])
+                                    TileConfig(Br=64, Bc=512, d_pad=128, num_warps=4)])
 def test_bad_configs_are_refused_naming_the_problem(config):
     with pytest.raises(ConfigError, match="Br=|Bc=|bytes"):
         tc.check_config(config)
@@ -97,6 +97,84 @@ def test_every_shipped_config_is_valid():
         tc.check_config(config)
     assert tc.stages(tc.default_config(64)) == 2 and tc.stages(tc.default_config(128)) == 2
     assert tc.stages(TileConfig(Br=64, Bc=64, d_pad=128, num_warps=4)) == 1     # 2 x 34 KB > 48 KB
+
+
+def test_static_configs_keep_their_static_arrays():
+    """Every shipped config, and every config and stage count of 48 KB or less, builds Ks and Vs
+    as static arrays and launches with no dynamic shared memory; only above 48 KB (or when asked)
+    is the kernel the dynamic one."""
+    static = [(c, None) for c in tc.shipped_configs()]
+    static += [(TileConfig(Br=16 * w, Bc=Bc, d_pad=d_pad, num_warps=w), n)
+               for d_pad in (64, 128) for Bc in (32, 64) for w in (4, 8) for n in (1, 2)
+               if not (d_pad == 128 and Bc == 64 and n == 2)]
+    for config, n in static:
+        assert tc.smem_bytes(config, n) <= 48 * 1024, (config, n)
+        assert not tc.is_dynamic(config, n), (config, n)
+        assert tc.static_smem_bytes(config, n) == tc.smem_bytes(config, n), (config, n)
+        assert tc.dynamic_smem_bytes(config, n) == 0, (config, n)
+    big = TileConfig(Br=64, Bc=64, d_pad=128, num_warps=4)
+    assert tc.is_dynamic(big, 2) and tc.static_smem_bytes(big, 2) == 0
+    assert tc.dynamic_smem_bytes(big, 2) == 2 * 2 * 64 * 136 * 2 == 69632
+    small = TileConfig(Br=16, Bc=16, d_pad=16, num_warps=1)
+    assert tc.dynamic_smem_bytes(small, 2, dynamic=True) == tc.smem_bytes(small, 2) > 0
+
+
+@pytest.mark.parametrize("n_stages", [1, 2])
+def test_dynamic_layout_puts_Vs_after_every_stage_of_Ks(n_stages):
+    """Ks and Vs end to end in the dynamic array, 16-byte aligned. (The simulator lands cp.async
+    copies as late as allowed, so a stage of Vs overlapping Ks's other stage would pass there.)"""
+    config = TileConfig(Br=64, Bc=64, d_pad=128, num_warps=4)
+    sm = tc.smem_offsets(config, n_stages)
+    assert sm["Ks"] == 0 and sm["Vs"] == n_stages * 64 * (128 + tc.ROW_PAD)
+    assert sm["Vs"] % 8 == 0 and 2 * sm["elements"] == tc.smem_bytes(config, n_stages)
+
+
+def test_dynamic_shared_memory_is_refused_over_the_gpus_limit():
+    """Above 48 KB: within the most any GPU here gives a block (227 KB), or a given compute
+    capability's opt-in limit; the refusal names the bytes."""
+    config = TileConfig(Br=64, Bc=128, d_pad=128, num_warps=4)        # 2 x 2 x 128 x 136 x 2 B
+    tc.check_config(config, 2)
+    tc.check_config(config, 2, cc=(9, 0))
+    tc.check_config(config, 2, cc=(8, 0))
+    with pytest.raises(ConfigError, match=r"139264 bytes of dynamic shared memory, over the 101376 bytes"):
+        tc.check_config(config, 2, cc=(8, 6))
+    with pytest.raises(ConfigError, match=r"278528 bytes of dynamic shared memory, over the 232448 bytes"):
+        tc.check_config(TileConfig(Br=64, Bc=512, d_pad=128, num_warps=4))
+
+
+def test_dynamic_shared_memory_gives_the_static_output_bit_for_bit(rng):
+    """Ks and Vs at hand-computed offsets of one dynamic array (forced at small tiles) give the
+    static arrays' bits, with one and two stages, over three K/V tiles with an edge tile and the
+    causal skip. A dynamic kernel launched without its bytes would index past an empty array."""
+    q, k, v, _ = inputs(rng, "bfloat16", 1, 20, 37, 1, 1, 16)
+    for n_stages in (1, 2):
+        results = {}
+        for dynamic in (False, True):
+            launch, out, L, _ = tc.launcher(q, k, v, causal=True, Br=16, Bc=16, stages=n_stages,
+                                            dynamic=dynamic)
+            launch()
+            results[dynamic] = (out.copy_to_host(), L.copy_to_host())
+        (O_s, L_s), (O_d, L_d) = results[False], results[True]
+        assert np.array_equal(O_s, O_d) and np.array_equal(L_s, L_d), n_stages
+    ref, _ = reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=True)
+    assert np.abs(O_d.view(q.dtype).astype(np.float64) - ref).max() < 0.05
+
+
+def test_two_stages_of_Bc64_at_d128_run_in_dynamic_shared_memory(rng):
+    """The config 48 KB of static shared memory refused (Br=64 Bc=64 4 warps, 2 stages at
+    d_pad=128: 69632 B) against the float64 reference by flash-attn's rule: three K/V tiles, the
+    last one an edge tile, causal (bottom-right), d = 120 < d_pad."""
+    config = TileConfig(Br=64, Bc=64, d_pad=128, num_warps=4)
+    assert tc.is_dynamic(config, 2)
+    q, k, v, _ = inputs(rng, "bfloat16", 1, 5, 130, 1, 1, 120)
+    launch, out, L, _ = tc.launcher(q, k, v, causal=True, config=config, stages=2)
+    launch()
+    O, L = out.copy_to_host().view(q.dtype), L.copy_to_host()
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    ref, lse = reference.attention(q64, k64, v64, causal=True)
+    low = emulation.attention_in_dtype(q64, k64, v64, "bfloat16", causal=True)
+    assert ratio(O, ref, low) <= 2.0
+    assert lse_rel(L, lse) <= 1e-5
 
 
 def test_one_stage_gives_the_two_stage_output_bit_for_bit(rng):
@@ -130,25 +208,35 @@ def test_stepping_matches_the_fa2_mirror_tile_by_tile(rng, causal):
 
 def test_forward_compiles_for_sm80_with_mma_and_no_spills():
     """The default d = 64 bf16 kernel for sm_80: PTX has the expected number of mma.sync per
-    K/V tile (loops unrolled), ptxas reports 0 spills and the promised shared memory. (The
-    largest config for sm_90: tests/test_resources.py; every shipped config and variant for
-    both: ``flashnumba resources``.)"""
+    K/V tile (loops unrolled), ptxas reports 0 spills and the promised static shared memory; the
+    same at small tiles on the dynamic path: no static shared memory, one extern (dynamic) array.
+    (The largest config for sm_90: tests/test_resources.py; every shipped config and variant for
+    both: ``flashnumba resources``; the forward's candidates, dynamic ones included:
+    ``flashnumba resources --source flashnumba.bench.tc_configs:forward_targets``.)"""
     report = compile_report("""
         from flashnumba.kernels import fa2_tc_forward as tc
+        from flashnumba.kernels.common import TileConfig
         out = {}
-        for d in (64,):
-            label, dispatcher, argtypes = tc.compile_targets(tc.default_config(d))[0]
-            for cc in ((8, 0),):
-                r = build_and_link(dispatcher, argtypes, cc)
-                r["mma"] = r.pop("ptx").count("mma.sync.aligned.m16n8k16")
-                out[f"{label} d={d} sm_{cc[0]}{cc[1]}"] = r
+        small = TileConfig(Br=16, Bc=16, d_pad=16, num_warps=1)
+        (label, _, argtypes), *_ = tc.compile_targets(small)
+        for name, config, dispatcher in (("static d=64", tc.default_config(64), tc.build(tc.default_config(64))),
+                                         ("dynamic d=16", small, tc.build(small, dynamic=True))):
+            r = build_and_link(dispatcher, argtypes, (8, 0))
+            ptx = r.pop("ptx")
+            r["mma"] = ptx.count("mma.sync.aligned.m16n8k16")
+            r["extern_shared"] = ptx.count(".extern .shared")
+            out[name] = r
         print(json.dumps(out))
     """)
-    assert len(report) == 1, report
+    assert len(report) == 2, report
     for name, r in report.items():
-        d_pad = 64
-        Bc = tc.default_config(d_pad).Bc
+        config = tc.default_config(64) if name.startswith("static") else TileConfig(Br=16, Bc=16, d_pad=16,
+                                                                                     num_warps=1)
+        d_pad, Bc = config.d_pad, config.Bc
+        dynamic = name.startswith("dynamic")
         assert r["mma"] == (d_pad // 16) * (Bc // 8) + (Bc // 16) * (d_pad // 8), (name, r)
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r)
-        assert r["smem"] == tc.smem_bytes(tc.default_config(d_pad)), (name, r)
+        assert r["smem"] == tc.static_smem_bytes(config, dynamic=dynamic), (name, r)
+        assert r["smem"] == (0 if dynamic else tc.smem_bytes(config)), (name, r)
+        assert r["extern_shared"] == (1 if dynamic else 0), (name, r)
         assert r["registers"] <= 255

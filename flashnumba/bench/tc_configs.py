@@ -14,9 +14,11 @@ a config change does to the speed is read here before a default moves.
 
 Backward: every config of ``fa2_tc_backward.shipped_configs()`` for the head dim's bucket.
 Forward: ``forward_candidates(d_pad)``, the default first: Bc in {32, 64} x warps in {4, 8}
-(Br = 16 warps) x K/V stages in {1, 2}, less what 48 KB of static shared memory refuses and
-what ptxas spills on sm_90 (SPILLED_ON_SM90; the whole grid, for ptxas through nvJitLink without
-a GPU: ``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:forward_targets``).
+(Br = 16 warps) x K/V stages in {1, 2}, less what check_config refuses and what ptxas spills on
+sm_90 (SPILLED_ON_SM90; the whole grid, for ptxas through nvJitLink without a GPU:
+``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:forward_targets``). A
+candidate whose K/V tiles exceed 48 KB (2 stages of Bc=64 at d_pad=128: 69632 B) runs with them
+in dynamic shared memory (``fa2_tc_forward.is_dynamic``); its name says "dynamic".
 Nothing here runs on the simulator.
 """
 
@@ -31,7 +33,7 @@ FORWARD_BC = (32, 64)
 FORWARD_WARPS = (4, 8)
 FORWARD_STAGES = (1, 2)
 # (Br, Bc, d_pad, warps, stages) of the forward grid that ptxas spills for sm_90, by the resources
-# command in the module docstring (none at present: PERF-NOTES.md, "fa2_tc_forward's candidates").
+# command in the module docstring (PERF-NOTES.md, "fa2_tc_forward's candidates").
 SPILLED_ON_SM90 = frozenset()
 
 
@@ -49,7 +51,8 @@ def backward_flops(B, H, N, d, causal):
 
 def forward_grid(d_pad):
     """[(TileConfig, stages)] of fa2_tc_forward at d_pad over FORWARD_BC x FORWARD_WARPS x
-    FORWARD_STAGES that its check_config takes (shared memory, thread layout)."""
+    FORWARD_STAGES that its check_config takes (shared memory, static up to 48 KB and dynamic
+    above, within any GPU's opt-in limit; thread layout)."""
     from flashnumba.kernels import fa2_tc_forward as tcf
     from flashnumba.kernels.common import ConfigError, TileConfig
 
@@ -78,10 +81,14 @@ def forward_candidates(d_pad):
 
 
 def describe(config, n_stages, key=False):
-    """"Br=64 Bc=32 warps=4 stages=2", or the tuple SPILLED_ON_SM90 holds (key=True)."""
+    """"Br=64 Bc=32 warps=4 stages=2" (with " dynamic" where K/V live in dynamic shared memory),
+    or the tuple SPILLED_ON_SM90 holds (key=True)."""
+    from flashnumba.kernels import fa2_tc_forward as tcf
+
     if key:
         return (config.Br, config.Bc, config.d_pad, config.num_warps, n_stages)
-    return f"Br={config.Br} Bc={config.Bc} warps={config.num_warps} stages={n_stages}"
+    dynamic = " dynamic" if tcf.is_dynamic(config, n_stages) else ""
+    return f"Br={config.Br} Bc={config.Bc} warps={config.num_warps} stages={n_stages}{dynamic}"
 
 
 def forward_targets():

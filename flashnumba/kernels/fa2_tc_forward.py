@@ -13,7 +13,8 @@ Names, against the paper's Algorithm 1 (line numbers in the comments below):
     Q_i     Br x d, Br = 16 num_warps: warp w holds rows 16w .. 16w+15 as A fragments
             (registers ``Qf``), read once from global memory (line 4)
     K_j, V_j  Bc x d_pad tiles in shared memory (``Ks``, ``Vs``), filled by cp.async,
-            double-buffered (STAGES = 2) where 48 KB allows (line 7)
+            double-buffered (STAGES = 2) where 48 KB allows (line 7); above 48 KB (e.g.
+            ``stages=2`` at Bc = 64, d_pad = 128) both live in one dynamic array (``is_dynamic``)
     S_ij    Q_i K_j^T on mma: per warp 16 x Bc fp32 accumulators (``S``), in log2 units
     m_i, l_i  two rows per lane (rows g and g + 8 of the warp's 16); the row max and
             row sum run over the 4 lanes of a quad (shfl_xor 1, 2); l_i is kept per
@@ -56,9 +57,15 @@ d_pad/8 for P_ij V_j, between which the softmax runs on the CUDA cores (exp2, ma
 shuffles) with no overlap across warps beyond what the scheduler finds; K_j and
 V_j are read from shared memory once per warp (ldmatrix); where two stages of K_j
 and V_j do not fit in 48 KB of static shared memory (Bc = 64 at d_pad = 128) only
-one is used, and the loads of tile j + 1 are not overlapped with tile j there.
+one is used by default, and the loads of tile j + 1 are not overlapped with tile j there.
 mma.sync is the Ampere instruction: on Hopper, wgmma is the faster path and this
 kernel does not use it.
+
+Shared memory: Ks and Vs are two static arrays (STAGES, Bc, d_pad + ROW_PAD) where they fit
+in 48 KB; a config over that (``stages=2`` at Bc = 64, d_pad = 128: 69632 B) holds them in one
+dynamic uint16 array, Ks at element 0 and Vs at STAGES Bc (d_pad + ROW_PAD), indexed by hand
+(``tile_at``; a reshaped view of the dynamic array costs a stack frame, PERF-NOTES.md "v5"),
+launched with smem_bytes bytes and the kernel's limit raised (``smem_limit``).
 """
 
 import functools
@@ -70,7 +77,7 @@ from numba import cuda, float32, int64, types, uint16, uint32
 
 from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
-from flashnumba.kernels import common, mma
+from flashnumba.kernels import common, mma, smem_limit
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
     STATIC_SMEM_LIMIT,
@@ -114,8 +121,36 @@ def stages(config, requested=None):
 
 
 def smem_bytes(config, requested_stages=None):
-    """Ks and Vs: STAGES x Bc x (d_pad + ROW_PAD) 16-bit elements each, all static."""
+    """Ks and Vs: STAGES x Bc x (d_pad + ROW_PAD) 16-bit elements each, static or dynamic
+    (``is_dynamic``)."""
     return stages(config, requested_stages) * 2 * config.Bc * (config.d_pad + ROW_PAD) * HALF_BYTES
+
+
+def smem_offsets(config, requested_stages=None):
+    """Where Ks and Vs (STAGES x Bc x (d_pad + ROW_PAD) elements each) start in the dynamic array,
+    in 16-bit elements, and its length: end to end, so each starts on a 16-byte boundary (rows
+    are multiples of 8 elements) and no stage of one overlaps the other."""
+    one = stages(config, requested_stages) * config.Bc * (config.d_pad + ROW_PAD)
+    return {"Ks": 0, "Vs": one, "elements": 2 * one}
+
+
+def is_dynamic(config, requested_stages=None, dynamic=None):
+    """Ks and Vs in one dynamic shared array: when they need more than the 48 KB of static shared
+    memory a block may have (no shipped config at its default stages: those fit), or when
+    `dynamic` says so (True: small tiles on the dynamic path, for tests; False: refuse above 48 KB)."""
+    if dynamic is not None:
+        return bool(dynamic)
+    return smem_bytes(config, requested_stages) > STATIC_SMEM_LIMIT
+
+
+def static_smem_bytes(config, requested_stages=None, dynamic=None):
+    """Static shared memory per block, as ptxas counts it: smem_bytes, or 0 when dynamic."""
+    return 0 if is_dynamic(config, requested_stages, dynamic) else smem_bytes(config, requested_stages)
+
+
+def dynamic_smem_bytes(config, requested_stages=None, dynamic=None):
+    """The launch's dynamic shared memory (its 4th configuration value): smem_bytes, or 0 when static."""
+    return smem_bytes(config, requested_stages) if is_dynamic(config, requested_stages, dynamic) else 0
 
 
 def default_config(d):
@@ -131,8 +166,11 @@ def shipped_configs():
     return configs
 
 
-def check_config(config, requested_stages=None):
-    """Raise ConfigError unless the configuration (and the stages asked for) can compile and launch."""
+def check_config(config, requested_stages=None, dynamic=None, cc=None):
+    """Raise ConfigError unless the configuration (and the stages asked for, static or dynamic
+    shared memory: ``is_dynamic``) can compile and launch: static up to 48 KB, dynamic up to what
+    a GPU of compute capability `cc` lets a block opt in to (without cc: the most of any GPU here,
+    ``smem_limit.MAX_BLOCK_BYTES``)."""
     who = NAME
     require(requested_stages in (None, 1, 2), f"{who}: stages={requested_stages!r} must be 1 or 2")
     common.check_sizes(config, who)
@@ -145,7 +183,15 @@ def check_config(config, requested_stages=None):
     require(chunks % config.threads == 0,
             f"{who}: Bc={Bc}, d_pad={d_pad}: {chunks} 16-byte chunks per tile must divide evenly among "
             f"{config.threads} threads")
-    common.check_smem(config, smem_bytes(config, requested_stages), who)
+    smem = smem_bytes(config, requested_stages)
+    if not is_dynamic(config, requested_stages, dynamic):
+        common.check_smem(config, smem, who)
+        return
+    limit = smem_limit.MAX_BLOCK_BYTES if cc is None else smem_limit.opt_in_limit(cc)
+    gpu = "any GPU here" if cc is None else f"a GPU of compute capability {tuple(cc)}"
+    require(smem <= limit, f"{who}: Br={Br}, Bc={Bc}, d_pad={d_pad}, num_warps={num_warps}, "
+                           f"stages={stages(config, requested_stages)} needs {smem} bytes of dynamic "
+                           f"shared memory, over the {limit} bytes {gpu} gives a block; use smaller tiles")
 
 
 def _smem_alignment():
@@ -157,18 +203,22 @@ def _smem_alignment():
 # The kernel
 # ---------------------------------------------------------------------------
 
-def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, stages=None):
+def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, stages=None, dynamic=None):
     """The kernel for `config` and 16-bit type `kind` ("bf16" or "f16"); dropout=True is the
     variant that drops P_ij, softcap, alibi the variants that cap and bias S_ij (each a
-    separate compile); stages (1 or 2) overrides ``stages(config)``, for benchmarks. Cached."""
+    separate compile); stages (1 or 2) overrides ``stages(config)``, for benchmarks; dynamic
+    overrides ``is_dynamic`` (True: the dynamic-shared-memory kernel at any size, for tests).
+    A dynamic kernel is launched with dynamic_smem_bytes(config, stages, dynamic). Cached."""
     if kind not in MMA:
         raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
-    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), stages)
+    if dynamic is None:           # the default: one cache entry with what the old calls built
+        return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), stages)
+    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), stages, bool(dynamic))
 
 
 @functools.cache
-def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=None):
-    check_config(config, REQUESTED_STAGES)
+def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=None, REQUESTED_DYNAMIC=None):
+    check_config(config, REQUESTED_STAGES, REQUESTED_DYNAMIC)
     Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     T = NW * WARP_SIZE
     STAGES = stages(config, REQUESTED_STAGES)
@@ -181,6 +231,20 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
     LOADS = Bc * CHUNKS // T      # chunks per thread per tile (each of K_j and V_j)
     MMA_K, PACK_K = MMA[KIND], PACK[KIND]
     ALIGN = _smem_alignment()
+    DYNAMIC = is_dynamic(config, REQUESTED_STAGES, REQUESTED_DYNAMIC)   # Ks, Vs in one dynamic array
+    SM = smem_offsets(config, REQUESTED_STAGES)
+    KS, VS = SM["Ks"], SM["Vs"]   # first elements of Ks and Vs in the dynamic array
+
+    # Element [s, row, col] of the tile at offset OFF (Ks or Vs): the static 3-D array's index
+    # (OFF unused), or, for the dynamic array, OFF + (s Bc + row) ROW_LEN + col, indexed by hand
+    if DYNAMIC:
+        @cuda.jit(device=True, inline="always")
+        def tile_at(OFF, s, row, col):
+            return OFF + (s * Bc + row) * ROW_LEN + col
+    else:
+        @cuda.jit(device=True, inline="always")
+        def tile_at(OFF, s, row, col):
+            return (s, row, col)
 
     @cuda.jit(device=True, inline="always")
     def load_tile(Ks, Vs, s, k, v, b, h_kv, col0, Nk, tid):
@@ -190,8 +254,8 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
             c = chunk // CHUNKS
             x = 8 * (chunk % CHUNKS)
             col = min(col0 + c, Nk - 1)              # past Nk: a valid row, masked in S_ij
-            mma.cp_async_16(Ks, (s, c, x), k, (b, col, h_kv, x))
-            mma.cp_async_16(Vs, (s, c, x), v, (b, col, h_kv, x))
+            mma.cp_async_16(Ks, tile_at(KS, s, c, x), k, (b, col, h_kv, x))
+            mma.cp_async_16(Vs, tile_at(VS, s, c, x), v, (b, col, h_kv, x))
 
     @cuda.jit(device=True, inline="always")
     def mma_into(C, n, a, b0, b1):
@@ -235,9 +299,14 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
             b_word = np.uint64(b)
             Z_kept = float32(1.0 / (1.0 - dropout_p))
 
-        # --- shared memory: K_j and V_j, STAGES buffers each (each array on its own line) ---
-        Ks = cuda.shared.array((STAGES, Bc, ROW_LEN), uint16, alignment=ALIGN)
-        Vs = cuda.shared.array((STAGES, Bc, ROW_LEN), uint16, alignment=ALIGN)
+        # --- shared memory: K_j and V_j, STAGES buffers each (each array on its own line; above
+        # 48 KB both are the one dynamic array, smem_bytes long, Ks at KS and Vs at VS) ---
+        if DYNAMIC:
+            Ks = cuda.shared.array(0, uint16, alignment=ALIGN)
+            Vs = Ks
+        else:
+            Ks = cuda.shared.array((STAGES, Bc, ROW_LEN), uint16, alignment=ALIGN)
+            Vs = cuda.shared.array((STAGES, Bc, ROW_LEN), uint16, alignment=ALIGN)
 
         # --- registers ---
         Qf = cuda.local.array((KD, 4), uint32)      # Q_i's A fragments, two 16-bit values each
@@ -296,8 +365,8 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
                     S[n, e] = 0.0
             for kk in range(KD):
                 for nn in range(NC // 2):
-                    kf = mma.ldmatrix_x4(Ks, (s, 16 * nn + lane % 8 + 8 * (lane // 16),
-                                              16 * kk + 8 * ((lane // 8) % 2)))
+                    kf = mma.ldmatrix_x4(Ks, tile_at(KS, s, 16 * nn + lane % 8 + 8 * (lane // 16),
+                                                     16 * kk + 8 * ((lane // 8) % 2)))
                     a = (Qf[kk, 0], Qf[kk, 1], Qf[kk, 2], Qf[kk, 3])
                     mma_into(S, 2 * nn, a, kf[0], kf[1])
                     mma_into(S, 2 * nn + 1, a, kf[2], kf[3])
@@ -371,7 +440,8 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
                      PACK_K(S[2 * kc + 1, 0], S[2 * kc + 1, 1]),
                      PACK_K(S[2 * kc + 1, 2], S[2 * kc + 1, 3]))
                 for nd in range(ND // 2):
-                    vf = mma.ldmatrix_x4_trans(Vs, (s, 16 * kc + lane % 16, 16 * nd + 8 * (lane // 16)))
+                    vf = mma.ldmatrix_x4_trans(Vs, tile_at(VS, s, 16 * kc + lane % 16,
+                                                           16 * nd + 8 * (lane // 16)))
                     mma_into(O, 2 * nd, a, vf[0], vf[1])
                     mma_into(O, 2 * nd + 1, a, vf[2], vf[3])
             cuda.syncthreads()  # every warp done reading stage s before it is refilled
@@ -443,11 +513,13 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
 
 def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None, dropout_p=0.0,
              seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None, dtype=None,
-             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, stages=None):
+             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, stages=None, dynamic=None):
     """Check and allocate once; returns (launch, out, L, kind): out holds uint16 bits on the device.
     ``launch()`` runs the kernel again into the same out and L (what a benchmark times).
     softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``); stages
-    (1 or 2) overrides ``stages(config)`` (``bench.tc_configs --forward``)."""
+    (1 or 2) overrides ``stages(config)`` (``bench.tc_configs --forward``); dynamic overrides
+    ``is_dynamic`` (tests). Above 48 KB the kernel gets dynamic shared memory, within the GPU's
+    opt-in limit (``smem_limit``)."""
     B, Nq, Nk, H_q, _, d = check_qkv16(q, k, v)
     kind = resolve_kind(q, dtype)
     scale = common.resolve_scale(softmax_scale, d)
@@ -460,17 +532,21 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
     kernel = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0, alibi=alibi_slopes is not None,
-                   stages=stages)
+                   stages=stages, dynamic=dynamic)
+    nbytes = dynamic_smem_bytes(config, stages, dynamic)     # 0: Ks and Vs are static
+    if nbytes and not numba_config.ENABLE_CUDASIM:             # this GPU's opt-in limit
+        check_config(config, stages, dynamic, cc=cuda.get_current_device().compute_capability)
 
     arrays = common.Arrays(q, k, v)
     q_d, k_d, v_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v))
     out = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
     L = cuda.device_array((B, H_q, Nq), dtype=np.float32)
     Tr = geometry.num_tiles(Nq, config.Br)
-    launch_kernel = kernel[(Tr, B * H_q), config.threads]
+    launch_kernel = kernel[(Tr, B * H_q), config.threads, 0, nbytes]
     q_scale = np.float32(scale * LOG2_E)
     cap2 = np.float32(cap * LOG2_E)
     args = (q_d, k_d, v_d, out, L, q_scale, windowed, lo, hi, dropout_p, seed, steps, cap2, slopes)
+    smem_limit.raise_dynamic_limit(kernel, args, nbytes)      # above 48 KB the driver must allow it
 
     def launch():
         launch_kernel(*args)
