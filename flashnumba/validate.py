@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 
 from flashnumba import dtypes, registry
-from flashnumba.interop import Operand
+from flashnumba.interop import Operand, current_device_id
 
 
 def tensors(**named):
@@ -155,8 +155,6 @@ _CAPABILITY = {}   # device id -> (major, minor): asked of Numba once per GPU
 def compute_capability():
     """(major, minor) of the current GPU; None on the simulator (it runs every version)."""
     from numba import config, cuda
-
-    from flashnumba.interop import current_device_id
     if config.ENABLE_CUDASIM:
         return None
     device_id = current_device_id()

@@ -722,7 +722,7 @@ def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale
                      softcap=common.resolve_features_host(softcap, None, B, H_q, alignment)[0],
                      alibi=alibi_slopes is not None, dropout=dropout_p > 0.0, limit=None)
         run = prepared(plan.kernel, argtypes(), plan.grid, plan.threads, plan.nbytes,
-                              device=q.device.index)
+                       device=q.device.index)
         cached = _fast[key] = (plan, run, q.new_empty((1, 1)))   # slopes placeholder, never read
     plan, run, slopes = cached
     p, seed = common.resolve_dropout(dropout_p, seed)

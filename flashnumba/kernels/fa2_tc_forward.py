@@ -76,7 +76,7 @@ from numba import config as numba_config
 from numba import cuda, float32, int64, types, uint16, uint32
 
 from flashnumba import geometry
-from flashnumba.geometry import BOTTOM_RIGHT, is_windowed, window_bounds
+from flashnumba.geometry import BOTTOM_RIGHT
 from flashnumba.kernels import common, mma, smem_limit
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
@@ -522,14 +522,11 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     opt-in limit (``smem_limit``)."""
     B, Nq, Nk, H_q, _, d = check_qkv16(q, k, v)
     kind = resolve_kind(q, dtype)
-    scale = common.resolve_scale(softmax_scale, d)
-    common.resolve_offset(causal, alignment, Nq, Nk)          # checks alignment
-    windowed = is_windowed(causal, window_size)
-    # int32 band bounds (|lo|, |hi| <= max(Nq, Nk)), as fa2_fast_forward takes them
-    lo, hi = (np.int32(x) for x in window_bounds(Nq, Nk, causal, window_size, alignment))
+    scale, windowed, lo, hi, steps = common.resolve_band(
+        Nq, Nk, d, causal=causal, alignment=alignment, softmax_scale=softmax_scale,
+        window_size=window_size, limit=limit)
     cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
-    steps = common.resolve_limit(limit)
     config = resolve_config(d, Br, Bc, num_warps, config)
     kernel = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0, alibi=alibi_slopes is not None,
                    stages=stages, dynamic=dynamic)
