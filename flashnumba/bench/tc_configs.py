@@ -12,7 +12,8 @@ of RUNS runs after WARMUP, then each config of fa2_tc on the same inputs: millis
 and the largest difference from FLASH's output (the forward's O, the backward's gradients). What
 a config change does to the speed is read here before a default moves.
 
-Backward: every config of ``fa2_tc_backward.shipped_configs()`` for the head dim's bucket.
+Backward: every config of ``fa2_tc_backward.shipped_configs()`` for the head dim's bucket
+(``--default-only``: the default alone), then the default's variants (``backward_candidates``).
 Forward: ``forward_candidates(d_pad)``, the default first: Bc in {32, 64} x warps in {4, 8}
 (Br = 16 warps) x K/V stages in {1, 2}, less what check_config refuses and what ptxas spills on
 sm_90 (SPILLED_ON_SM90; the whole grid, for ptxas through nvJitLink without a GPU:
@@ -105,18 +106,22 @@ def forward_targets():
     return targets
 
 
-def backward_red_v2_targets():
-    """[(label, dispatcher, argtypes)] of the bf16 backward's dkdv kernel with dQ's atomics two
-    floats at a time, at each bucket's default config: sm_90 and newer only, so for
-    ``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:backward_red_v2_targets``."""
+def backward_variant_targets():
+    """[(label, dispatcher, argtypes)] of the bf16 backward's dkdv kernel at each bucket's default
+    config with each variant of backward_candidates (prefetch, red.v2, both); red.v2 builds for
+    sm_90 and newer only, so: ``flashnumba resources --cc 90 --source
+    flashnumba.bench.tc_configs:backward_variant_targets``."""
     from flashnumba.kernels import fa2_tc_backward as tcb
 
     targets = []
     for d in (64, 128):
-        config = tcb.default_config(d)
-        (label, _, argtypes), *_ = tcb.compile_targets(config)         # the first: plain bf16
-        targets.append((f"{label} d_pad={config.d_pad} red.v2", tcb.build(config, "bf16", red_v2=True).dkdv,
-                        argtypes))
+        for config, variant in backward_candidates(d, default_only=True):
+            if not variant:
+                continue
+            (label, _, argtypes), *_ = tcb.compile_targets(config)         # the first: plain bf16
+            name = " ".join(BACKWARD_VARIANTS[option] for option, on in variant.items() if on)
+            targets.append((f"{label} d_pad={config.d_pad} {name}", tcb.build(config, "bf16", **variant).dkdv,
+                            argtypes))
     return targets
 
 
@@ -203,8 +208,27 @@ def run_forward(B, H, N, head_dims, log=print):
     return rows
 
 
-def run_backward(B, H, N, head_dims, log=print):
-    """Rows: FLASH's backward, then each shipped fa2_tc_backward config, per head dim x causal."""
+# the backward's build options a candidate may turn on, and how its row names them
+BACKWARD_VARIANTS = {"prefetch": "prefetch", "red_v2": "red.v2"}
+
+
+def backward_candidates(d, default_only=False, capability=(9, 0)):
+    """[(config, launcher options)] the backward times at head dim d: every shipped config as it
+    is (only the default with `default_only`), then the default with prefetch (the next Q tile
+    loaded during dQ_i's pieces) and, on compute capability >= 9.0, with dQ's atomics two floats
+    at a time (red.v2), alone and with prefetch."""
+    from flashnumba.kernels import fa2_tc_backward as tcb
+
+    default = tcb.default_config(d)
+    configs = [default] if default_only else [c for c in tcb.shipped_configs() if c.d_pad == default.d_pad]
+    candidates = [(c, {}) for c in configs] + [(default, {"prefetch": True})]
+    if tuple(capability) >= (9, 0):              # red.global.add.v2.f32: sm_90 and newer
+        candidates += [(default, {"red_v2": True}), (default, {"prefetch": True, "red_v2": True})]
+    return candidates
+
+
+def run_backward(B, H, N, head_dims, log=print, default_only=False):
+    """Rows: FLASH's backward, then each candidate of backward_candidates, per head dim x causal."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -232,18 +256,16 @@ def run_backward(B, H, N, head_dims, log=print):
             launch_forward, out, L, _ = tcf.launcher(*(numba_bits(x) for x in (q, k, v)), causal=causal,
                                                      alignment=TOP_LEFT, dtype="bfloat16")
             launch_forward()
-            vector_red = torch.cuda.get_device_capability() >= (9, 0)
-            candidates = [(c, False) for c in tcb.shipped_configs() if c.d_pad == d_pad]
-            if vector_red:              # dQ's atomics two floats at a time: sm_90 and newer
-                candidates.append((tcb.default_config(d), True))
-            for config, red_v2 in candidates:
+            for config, variant in backward_candidates(d, default_only,
+                                                       torch.cuda.get_device_capability()):
                 launch, dq, dk, dv, _ = tcb.launcher(*(numba_bits(x) for x in (dout, q, k, v)), out, L,
                                                      causal=causal, alignment=TOP_LEFT, dtype="bfloat16",
-                                                     config=config, red_v2=red_v2)
+                                                     config=config, **variant)
                 ms = time_ms(launch)
                 got = [torch_from_bits(x, torch.bfloat16).float() for x in (dq, dk, dv)]
                 diff = max((a - r).abs().max().item() for a, r in zip(got, ref))
-                name = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}{' red.v2' if red_v2 else ''}"
+                name = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}" + "".join(
+                    f" {BACKWARD_VARIANTS[option]}" for option, on in variant.items() if on)
                 rows.append(_row("bwd", d, causal, name, ms, flops, flash_ms, diff))
                 log(f"  {name}: {ms:.3f} ms {rows[-1]['tflops']:.1f} TFLOP/s "
                     f"{rows[-1]['x_flash']:.2f}x FLASH, max |grad - FLASH's| {diff:.3g}")
@@ -259,12 +281,17 @@ def main(argv=None, log=print):
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128], help="head dims")
     parser.add_argument("--forward", action="store_true",
                         help="time the forward's candidate configs instead of the backward's shipped ones")
+    parser.add_argument("--default-only", action="store_true",
+                        help="backward: only the default config and its variants (prefetch, red.v2)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to PATH")
     args = parser.parse_args(argv)
     if flashnumba.on_simulator():
         parser.error("needs a CUDA GPU (the simulator has no speed to measure)")
     B, H, N = (int(x) for x in args.shape.split("x"))
-    rows = (run_forward if args.forward else run_backward)(B, H, N, args.d, log=log)
+    if args.forward:
+        rows = run_forward(B, H, N, args.d, log=log)
+    else:
+        rows = run_backward(B, H, N, args.d, log=log, default_only=args.default_only)
     log(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
