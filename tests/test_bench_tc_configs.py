@@ -102,14 +102,12 @@ def test_main_writes_the_rows_as_json(monkeypatch, tmp_path):
     assert "FLASH" in logged[-1]
 
 
-def test_backward_candidates_are_the_shipped_configs_then_the_defaults_variants():
+def test_backward_candidates_are_the_shipped_configs_then_one_float_atomics_on_sm90():
     from flashnumba.kernels import fa2_tc_backward as tcb
     default = tcb.default_config(64)
     shipped = [c for c in tcb.shipped_configs() if c.d_pad == 64]
-    on_sm90 = tc_configs.backward_candidates(64, capability=(9, 0))
-    assert [c for c, v in on_sm90 if not v] == shipped
-    assert [v for c, v in on_sm90 if v] == [{"prefetch": True}, {"red_v2": True},
-                                            {"prefetch": True, "red_v2": True}]
-    assert all(c == default for c, v in on_sm90 if v)
-    on_sm80 = tc_configs.backward_candidates(64, default_only=True, capability=(8, 0))
-    assert on_sm80 == [(default, {}), (default, {"prefetch": True})]      # no vector red below sm_90
+    assert tc_configs.backward_candidates(64, capability=(9, 0)) == [(c, {}) for c in shipped] + [
+        (default, {"red_v2": False})]
+    assert tc_configs.backward_candidates(64, default_only=True, capability=(8, 0)) == [(default, {})]
+    assert all(key in tc_configs.BACKWARD_VARIANTS for _, variant in
+               tc_configs.backward_candidates(128, capability=(9, 0)) for key in variant.items())

@@ -16,9 +16,9 @@ or after every call where the row says so:
     fwd+bwd through autograd              flash_attn_func(...).backward(dout)
     fwd+bwd, synchronize after each       the same, torch.cuda.synchronize() after each call
     synchronize alone                     torch.cuda.synchronize() on an idle device
-    FlashAttnFunction.backward, main      our autograd backward called directly with the node
-                                          autograd made (the same ctx, saved tensors and call),
-                                          under no_grad as the engine runs it
+    FlashAttnFunction.backward, main      our autograd backward called directly with a ctx
+                                          holding what it reads (saved tensors, the call
+                                          autograd saved), under no_grad as the engine runs it
     FlashAttnFunction.backward, thread    the same, the whole loop on a plain Python thread
     attention.backward                    validate.tensors (x5) + Operand(lse) + attention.backward
     fast_forward, fast_backward           the default version's fast launch paths, directly
@@ -52,6 +52,7 @@ import statistics
 import sys
 import threading
 import time
+import types
 
 from flashnumba import registry
 from flashnumba.bench.calls import runs_for
@@ -266,13 +267,15 @@ def run(case, torch, json_path=None, log=print):
     t0 = time.perf_counter()
     fwd_bwd()                        # compiles the forward and backward kernels
     sync()
-    node = flashnumba.flash_attn_func(qg, kg, vg, causal=causal).grad_fn   # the ctx autograd made
-    call = node.call
+    call = flashnumba.flash_attn_func(qg, kg, vg, causal=causal).grad_fn.call   # the call autograd saved
     out, lse = fwd_module.fast_forward(q, k, v, **call.kernel_options())
+    # what FlashAttnFunction.backward reads of its ctx; autograd's own node frees its saved
+    # tensors once the graph's output is gone (torch 2.11 on the lent GPU)
+    ctx = types.SimpleNamespace(saved_tensors=(q, k, v, out, lse), call=call)
 
     def backward_direct():
         with torch.no_grad():        # as autograd's engine runs a backward (no create_graph)
-            FlashAttnFunction.backward(node, dout, None, None)
+            FlashAttnFunction.backward(ctx, dout, None, None)
 
     def checked_backward_operands():
         return validate.tensors(dout=dout, q=q, k=k, v=v, out=out) + [Operand("softmax_lse", lse)]

@@ -13,7 +13,8 @@ and the largest difference from FLASH's output (the forward's O, the backward's 
 a config change does to the speed is read here before a default moves.
 
 Backward: every config of ``fa2_tc_backward.shipped_configs()`` for the head dim's bucket
-(``--default-only``: the default alone), then the default's variants (``backward_candidates``).
+(``--default-only``: the default alone), then the default with one float an atomic on sm_90
+and newer (``backward_candidates``).
 Forward: ``forward_candidates(d_pad)``, the default first: Bc in {32, 64} x warps in {4, 8}
 (Br = 16 warps) x K/V stages in {1, 2}, less what check_config refuses and what ptxas spills on
 sm_90 (SPILLED_ON_SM90; the whole grid, for ptxas through nvJitLink without a GPU:
@@ -106,22 +107,22 @@ def forward_targets():
     return targets
 
 
-def backward_variant_targets():
-    """[(label, dispatcher, argtypes)] of the bf16 backward's dkdv kernel at each bucket's default
-    config with each variant of backward_candidates (prefetch, red.v2, both); red.v2 builds for
-    sm_90 and newer only, so: ``flashnumba resources --cc 90 --source
-    flashnumba.bench.tc_configs:backward_variant_targets``."""
+def backward_red_v2_targets():
+    """[(label, dispatcher, argtypes)] of every shipped config's dkdv kernels (each dtype, plain,
+    dropout, softcap + ALiBi) with dQ's atomics two floats at a time, as they run on sm_90 and
+    newer (``fa2_tc_backward.vector_red``); ptxas takes them for sm_90 only:
+    ``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:backward_red_v2_targets``."""
     from flashnumba.kernels import fa2_tc_backward as tcb
 
     targets = []
-    for d in (64, 128):
-        for config, variant in backward_candidates(d, default_only=True):
-            if not variant:
-                continue
-            (label, _, argtypes), *_ = tcb.compile_targets(config)         # the first: plain bf16
-            name = " ".join(BACKWARD_VARIANTS[option] for option, on in variant.items() if on)
-            targets.append((f"{label} d_pad={config.d_pad} {name}", tcb.build(config, "bf16", **variant).dkdv,
-                            argtypes))
+    for config in tcb.shipped_configs():
+        for kind in ("bf16", "f16"):
+            for suffix, options in (("", {}), ("_dropout", {"dropout": True}),
+                                    ("_softcap_alibi", {"softcap": True, "alibi": True})):
+                (_, _, argtypes), *_ = tcb.compile_targets(config)
+                targets.append((f"fa2_tc_backward_{kind}{suffix} Br={config.Br} Bc={config.Bc} "
+                                f"d_pad={config.d_pad} red.v2",
+                                tcb.build(config, kind, red_v2=True, **options).dkdv, argtypes))
     return targets
 
 
@@ -208,22 +209,22 @@ def run_forward(B, H, N, head_dims, log=print):
     return rows
 
 
-# the backward's build options a candidate may turn on, and how its row names them
-BACKWARD_VARIANTS = {"prefetch": "prefetch", "red_v2": "red.v2"}
+# the backward's launcher options a candidate sets, and how its row names each setting
+BACKWARD_VARIANTS = {("red_v2", False): "one-float atomics"}
 
 
 def backward_candidates(d, default_only=False, capability=(9, 0)):
     """[(config, launcher options)] the backward times at head dim d: every shipped config as it
-    is (only the default with `default_only`), then the default with prefetch (the next Q tile
-    loaded during dQ_i's pieces) and, on compute capability >= 9.0, with dQ's atomics two floats
-    at a time (red.v2), alone and with prefetch."""
+    ships (only the default with `default_only`), then, on compute capability >= 9.0, where dQ's
+    atomics are two floats at a time by default (``fa2_tc_backward.vector_red``), the default
+    config with one float an atomic."""
     from flashnumba.kernels import fa2_tc_backward as tcb
 
     default = tcb.default_config(d)
     configs = [default] if default_only else [c for c in tcb.shipped_configs() if c.d_pad == default.d_pad]
-    candidates = [(c, {}) for c in configs] + [(default, {"prefetch": True})]
-    if tuple(capability) >= (9, 0):              # red.global.add.v2.f32: sm_90 and newer
-        candidates += [(default, {"red_v2": True}), (default, {"prefetch": True, "red_v2": True})]
+    candidates = [(c, {}) for c in configs]
+    if tuple(capability) >= (9, 0):
+        candidates.append((default, {"red_v2": False}))
     return candidates
 
 
@@ -265,7 +266,7 @@ def run_backward(B, H, N, head_dims, log=print, default_only=False):
                 got = [torch_from_bits(x, torch.bfloat16).float() for x in (dq, dk, dv)]
                 diff = max((a - r).abs().max().item() for a, r in zip(got, ref))
                 name = f"Br={config.Br} Bc={config.Bc} warps={config.num_warps}" + "".join(
-                    f" {BACKWARD_VARIANTS[option]}" for option, on in variant.items() if on)
+                    f" {BACKWARD_VARIANTS[setting]}" for setting in variant.items())
                 rows.append(_row("bwd", d, causal, name, ms, flops, flash_ms, diff))
                 log(f"  {name}: {ms:.3f} ms {rows[-1]['tflops']:.1f} TFLOP/s "
                     f"{rows[-1]['x_flash']:.2f}x FLASH, max |grad - FLASH's| {diff:.3g}")
@@ -282,7 +283,7 @@ def main(argv=None, log=print):
     parser.add_argument("--forward", action="store_true",
                         help="time the forward's candidate configs instead of the backward's shipped ones")
     parser.add_argument("--default-only", action="store_true",
-                        help="backward: only the default config and its variants (prefetch, red.v2)")
+                        help="backward: only the default config (and its one-float-atomics variant)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to PATH")
     args = parser.parse_args(argv)
     if flashnumba.on_simulator():

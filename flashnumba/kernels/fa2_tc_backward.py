@@ -61,14 +61,19 @@ Dropout (compile-time variant): Z_ij from ``philox.keep`` per element, the same
 mask as every other kernel. m_i, l_i are not needed: L_i = m_i + log l_i from
 the forward gives P_ij directly.
 
-What bounds it: dQ by atomics (B * Hq * Nq * d fp32 adds per column of K/V
-blocks, so Nk / Bc of them per element of dQ; not deterministic in its summation
-order), Q_i and dO_i re-read from L2 by every K/V block (also Nk / Bc times), K_j
-and V_j re-read from shared memory by ldmatrix for every Q tile, three barriers
-per Q tile, the dropout variant's Philox call per element (3 of its 4 words
-unused), the duplicated S_ij^T and dP_ij^T products at d_pad >= 96, and the 48 KB
-of static shared memory, which caps Bc (K_j and V_j) times d_pad. No double
-buffering of Q_i, dO_i.
+What bounds it: instruction issue with few warps. A lane's registers (S_ij^T, dP_ij^T,
+dK_j, dV_j and the fragments) leave room for two blocks of 4 warps per SM at d_pad = 64
+and one of 8 at 128, too few to hide the latency of each mma's operands, and each mma
+comes with many other instructions: the 64-bit index arithmetic of the cp.async copies,
+the masks and exponentials of P_ij and dS_ij, and dQ's atomics (B * Hq * Nq * d fp32 adds
+per column of K/V blocks, so Nk / Bc of them per element of dQ, two floats an atomic where
+the GPU has ``red.global.add.v2.f32``: ``vector_red``; not deterministic in their summation
+order). Also: Q_i and dO_i re-read from L2 by every K/V block, K_j and V_j re-read from
+shared memory by ldmatrix for every Q tile, three barriers per Q tile, the dropout
+variant's Philox call per element (3 of its 4 words unused), the duplicated S_ij^T and
+dP_ij^T products at d_pad >= 96, and the 48 KB of static shared memory, which caps Bc (K_j
+and V_j) times d_pad. Loading the next Q tile during dQ_i's pieces (one barrier fewer) was
+slower (PERF-NOTES.md).
 deterministic=True is served by FA2's readable backward (``registry``: its
 separate dQ pass, on the inputs widened to float32), not by this kernel.
 """
@@ -149,8 +154,6 @@ def check_config(config):
             f"(each warp owns 16 keys of K_j and 1/{SPLIT} of the head dims)")
     require(Br % 16 == 0, f"{who}: Br={Br} must be a multiple of 16 (the mma's k-steps over queries)")
     require(d_pad % (16 * SPLIT) == 0, f"{who}: d_pad={d_pad} must be a multiple of {16 * SPLIT}")
-    require(Br <= 32 * num_warps, f"{who}: Br={Br} must be at most the block's {32 * num_warps} "
-                                  f"threads (one thread loads each query row's L_i, D_i)")
     require(Br // 2 <= 63, f"{who}: Br={Br}: the dropout kernel keeps a lane's Br / 2 keep bits "
                            f"in one 64-bit integer")
     common.check_smem(config, smem_bytes(config), who)
@@ -163,19 +166,18 @@ def _smem_alignment():
 Fa2TcBackwardKernels = collections.namedtuple("Fa2TcBackwardKernels", "preprocess dkdv finish_dq")
 
 
-def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, red_v2=False, prefetch=False):
+def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, red_v2=False):
     """(preprocess, dkdv, finish_dq) for `config` and `kind` ('bf16' | 'f16'); dropout, softcap,
     alibi: the dkdv variants that drop P_ij, cap S_ij (and carry tanh's derivative into dS_ij),
     bias S_ij; red_v2: dQ's atomics two floats at a time (``mma.red_add_v2``, sm_90 and newer,
-    even head dims); prefetch: the next step's Q_i, dO_i, L_i, D_i loaded while dQ_i's pieces
-    are computed (one barrier a step fewer). Cached."""
+    even head dims). Cached."""
     if kind not in MMA:
         raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
-    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), bool(red_v2), bool(prefetch))
+    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), bool(red_v2))
 
 
 @functools.cache
-def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, PREFETCH=False):
+def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
     check_config(config)
     Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     T = NW * WARP_SIZE
@@ -206,13 +208,6 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, PREF
             r = chunk // CHUNKS
             x = 8 * (chunk % CHUNKS)
             mma.cp_async_16(dst, (r, x), src, (b, min(start + r, N - 1), h, x))
-
-    @cuda.jit(device=True, inline="always")
-    def load_stats(L, D_rows, b, hq, row, Nq):
-        """(log2(e) L_i, D_i) of query `row` (0, 0 past Nq)."""
-        if row < Nq:
-            return float32(L[b, hq, row] * LOG2_E), D_rows[b, hq, row]
-        return float32(0.0), float32(0.0)
 
     @cuda.jit(device=True, inline="always")
     def product_T(C, As, Bs, w, lane):
@@ -347,34 +342,21 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, PREF
             i_stop = int64(max(i_start, q_tile_end(j, Br, Bc, Nq, Nk, lo)))   # below its left edge
         i_end = min(i_stop, i_start + limit)
 
-        hq_end = h_kv * G + G
-        has_next = False                                     # PREFETCH: the next step's loads are in flight
-        L_next = float32(0.0)
-        D_next = float32(0.0)
-        if PREFETCH and i_start < i_end:                     # the first Q tile, with K_j and V_j
-            load_rows(Qs, q, b, h_kv * G, i_start * Br, Nq, tid, Br)
-            load_rows(dOs, dout, b, h_kv * G, i_start * Br, Nq, tid, Br)
-            mma.cp_async_commit()
-            if tid < Br:
-                L_next, D_next = load_stats(L, D_rows, b, h_kv * G, i_start * Br + tid, Nq)
-                Ls[tid] = L_next
-                Ds[tid] = D_next
-
-        for hq in range(h_kv * G, hq_end):                   # GQA: the group's query heads
+        for hq in range(h_kv * G, h_kv * G + G):             # GQA: the group's query heads
             if ALIBI:
                 slope = slopes[b, hq]                        # bias -slope |r + Nk - Nq - c|
             for i in range(i_start, i_end):                  # Alg. 2 line 8
                 row0 = i * Br
-                if not PREFETCH:
-                    # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
-                    load_rows(Qs, q, b, hq, row0, Nq, tid, Br)
-                    load_rows(dOs, dout, b, hq, row0, Nq, tid, Br)
-                    mma.cp_async_commit()
-                    if tid < Br:
-                        Ls[tid], Ds[tid] = load_stats(L, D_rows, b, hq, row0 + tid, Nq)
+                # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
+                load_rows(Qs, q, b, hq, row0, Nq, tid, Br)
+                load_rows(dOs, dout, b, hq, row0, Nq, tid, Br)
+                mma.cp_async_commit()
+                for qr in range(tid, Br, T):
+                    row = row0 + qr
+                    Ls[qr] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
+                    Ds[qr] = D_rows[b, hq, row] if row < Nq else float32(0.0)
                 mma.cp_async_wait(0)
-                cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads
-                # them; every warp is past its last read of dS_{i-1}^T (the dQ pieces of the step before)
+                cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them
 
                 if DROPOUT:
                     # keep bits of this lane's 4 NC entries of Z_ij^T (bit 4 n + e), made before
@@ -442,24 +424,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, PREF
                             key_l = 16 * w + g + 8 * hh
                             dSs[key_l, 8 * n + 2 * t] = uint16(pair & uint32(0xFFFF))
                             dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
-                cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij;
-                # every warp is past its last read of Q_i, dO_i, L_i, D_i
-
-                if PREFETCH:
-                    # Alg. 2 line 9 for the next step (the next Q tile, or the next query head's
-                    # first): Q, dO by cp.async and L, D into registers, in flight during dQ_i's pieces
-                    hq_next = hq
-                    i_next = i + 1
-                    if i_next == i_end:
-                        hq_next = hq + 1
-                        i_next = i_start
-                    has_next = hq_next < hq_end
-                    if has_next:
-                        load_rows(Qs, q, b, hq_next, i_next * Br, Nq, tid, Br)
-                        load_rows(dOs, dout, b, hq_next, i_next * Br, Nq, tid, Br)
-                        mma.cp_async_commit()
-                        if tid < Br:
-                            L_next, D_next = load_stats(L, D_rows, b, hq_next, i_next * Br + tid, Nq)
+                cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
 
                 # Alg. 2 line 15: dQ_i += dS_ij K_j, piece by piece: rows 16 rq.., dims 16 nq.. of
                 # dQ_i; A = dS_ij by ldmatrix.trans of dS_ij^T, B = K_j by ldmatrix.trans; fp32
@@ -490,12 +455,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, PREF
                                         x = 16 * nq + 8 * n + 2 * t + e2
                                         if x < d:
                                             cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
-                if PREFETCH:
-                    if has_next and tid < Br:            # no warp reads L_i, D_i until the next barrier
-                        Ls[tid] = L_next
-                        Ds[tid] = D_next
-                else:
-                    cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
+                cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
 
         mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
 
@@ -572,14 +532,23 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     return config
 
 
+def vector_red():
+    """True on a GPU of compute capability 9.0 or newer, whose ``red.global.add.v2.f32`` adds two
+    floats in one atomic (``mma.red_add_v2``); False on the simulator (its stand-in is for
+    tests that ask for red_v2=True)."""
+    if numba_config.ENABLE_CUDASIM:
+        return False
+    return tuple(cuda.get_current_device().compute_capability) >= (9, 0)
+
+
 def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
              dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None,
-             dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, red_v2=False,
-             prefetch=False):
+             dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, red_v2=None):
     """Check and allocate once; returns (launch, dq, dk, dv, kind), results as device uint16 bits.
     softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``); red_v2:
     dQ's atomics two floats at a time, on a GPU of compute capability 9.0 or newer (a
-    ValueError below it), for even head dims (odd ones keep one float an atomic)."""
+    ValueError below it), for even head dims (odd ones keep one float an atomic); None (the
+    default): where the GPU has them (``vector_red``), one float an atomic on the simulator."""
     B, Nq, Nk, H_q, H_kv, d = check_qkv16(q, k, v)
     for name, x in (("dout", dout), ("out", out)):
         if tuple(x.shape) != tuple(q.shape):
@@ -596,14 +565,14 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     config = resolve_config(d, Br, Bc, num_warps, config)
-    if red_v2 and not numba_config.ENABLE_CUDASIM:
+    if red_v2 is None:
+        red_v2 = vector_red()
+    elif red_v2 and not numba_config.ENABLE_CUDASIM and not vector_red():
         cc = tuple(cuda.get_current_device().compute_capability)
-        if cc < (9, 0):
-            raise ValueError(f"red_v2=True needs a GPU of compute capability >= 9.0 (vector red), "
-                             f"this one is {cc[0]}.{cc[1]}")
+        raise ValueError(f"red_v2=True needs a GPU of compute capability >= 9.0 (vector red), "
+                         f"this one is {cc[0]}.{cc[1]}")
     kernels = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0,
-                    alibi=alibi_slopes is not None, red_v2=bool(red_v2) and d % 2 == 0,
-                    prefetch=prefetch)
+                    alibi=alibi_slopes is not None, red_v2=bool(red_v2) and d % 2 == 0)
 
     arrays = common.Arrays(q, k, v, dout, out)
     q_d, k_d, v_d, dout_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v, dout))
@@ -632,7 +601,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT,
                     dropout_p=0.0, seed=0, limit=None, *, Br=None, Bc=None, num_warps=None,
                     config=None, dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    red_v2=False, prefetch=False):
+                    red_v2=None):
     """FlashAttention-2 backward on tensor cores. Returns (dq, dk, dv) shaped like q, k, v, in
     the input dtype (float16 or bfloat16). dout, out (B, Nq, Hq, d) in that dtype and L (B, Hq, Nq)
     float32 come from the forward, run with the same causal, alignment, softmax_scale, dropout_p,
@@ -642,8 +611,7 @@ def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, ali
                                         softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
                                         Br=Br, Bc=Bc, num_warps=num_warps, limit=limit,
                                         config=config, dtype=dtype, window_size=window_size,
-                                        softcap=softcap, alibi_slopes=alibi_slopes, red_v2=red_v2,
-                                        prefetch=prefetch)
+                                        softcap=softcap, alibi_slopes=alibi_slopes, red_v2=red_v2)
     launch()
     return as_dtype(dq, kind, q), as_dtype(dk, kind, q), as_dtype(dv, kind, q)
 
