@@ -2,6 +2,7 @@
 the tensor-core one included, and backward configs in its own head-dim bucket."""
 
 import pytest
+from numba import config as numba_config
 
 from flashnumba import registry
 from flashnumba.bench import profile
@@ -21,5 +22,6 @@ def test_a_backward_config_takes_its_versions_bucket():
         profile.parse_config("16,64", 128, registry.version("fa2_tc"))
 
 
+@pytest.mark.skipif(not numba_config.ENABLE_CUDASIM, reason="a GPU is present: it profiles for real")
 def test_it_refuses_the_simulator():
     assert profile.main(["--version", "fa2_tc"]) == 2

@@ -45,10 +45,11 @@ def _make_dry_run(target, tmp_path, gpu):
     """`make -n` of a target from scratch, with or without an nvidia-smi that finds a GPU."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    if gpu:
-        fake = bin_dir / "nvidia-smi"
-        fake.write_text("#!/bin/sh\necho 'GPU 0: fake'\n")
-        fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    # an nvidia-smi that finds a GPU or not, first on PATH, so a real one (on a GPU machine, in
+    # make's own directory) is never asked
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: fake'\n" if gpu else "#!/bin/sh\nexit 9\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.path.dirname(shutil.which('make'))}"}
     done = subprocess.run(["make", "-n", "-B", "-C", str(ROOT), target], env=env,
                           capture_output=True, text=True, check=True, timeout=60)
