@@ -84,7 +84,7 @@ def _attention(q, k, v, call_args, return_attn_probs, alignment):
     return_attn_probs = validate.flag("return_attn_probs", return_attn_probs)
     if _needs_autograd(operands):
         from flashnumba.torch.function import FlashAttnFunction
-        return FlashAttnFunction.run(q, k, v, call, return_attn_probs)
+        return FlashAttnFunction.run(operands, call, return_attn_probs)
     out, lse, S_dmask = forward(operands, call, return_attn_probs)
     return (out, lse, S_dmask) if return_attn_probs else out
 
@@ -197,7 +197,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     inner = validate.tensors(query=q, key=k, value=v)
     if _needs_autograd(inner):
         from flashnumba.torch.function import FlashAttnFunction
-        out = FlashAttnFunction.run(q, k, v, call, False)
+        out = FlashAttnFunction.run(inner, call, False)
     else:
         out = forward(inner, call, False)[0]
     return swap_seq_heads(Operand("out", out))                   # back to (B, H, N, d)

@@ -72,6 +72,42 @@ def test_what_it_cannot_pack_is_refused_when_prepared_not_per_call():
         launch.pack((types.int32,), (1, 2))
 
 
+def _as_plain(values):
+    """Packed values as Python numbers (ctypes unwrapped), the layout Params must write."""
+    return [a.value if isinstance(a, ctypes._SimpleCData) else a for a in values]
+
+
+def test_the_parameter_memory_holds_what_pack_packs_and_follows_a_new_shape():
+    argtypes = (A4, types.int32, types.uint64, types.float32, types.float64, types.boolean,
+                types.float16, A1I)
+    params = launch.Params(argtypes)
+    first = (Tensor(0x7F00_0000_1000, (2, 3, 4, 5)), np.int32(-3), np.uint64(2 ** 63 + 5),
+             np.float32(0.25), 0.1, True, 1.5, Tensor(0x2000, (7,)))
+    params.set(first)
+    assert params.values() == _as_plain(launch.pack(argtypes, first))
+    # the next call: new pointers, another shape for the first array, other scalars
+    second = (Tensor(0x7F00_0000_9000, (1, 8, 2, 3)), 7, np.uint64(1), 2.0, -1.0, False, -0.5,
+              Tensor(0x3000, (7,)))
+    params.set(second)
+    assert params.values() == _as_plain(launch.pack(argtypes, second))
+    # one kernel parameter per packed value, of the size the kernel takes: 8 bytes an array field
+    sizes = [ctypes.sizeof(p) for p in params.objects]
+    assert sizes == [8] * 13 + [4, 8, 4, 8, 1, 2] + [8] * 7
+    assert [params.pointers[i] for i in range(len(sizes))] == [ctypes.addressof(p) for p in params.objects]
+
+
+def test_the_parameter_memory_refuses_what_pack_refuses():
+    with pytest.raises(NotImplementedError, match="C-contiguous"):
+        launch.Params((types.Array(types.float32, 2, "A"),))
+    with pytest.raises(NotImplementedError, match="complex64"):
+        launch.Params((types.complex64,))
+    params = launch.Params((types.Array(types.float32, 3, "C"),))
+    with pytest.raises(ValueError, match="3-D"):
+        params.set((Tensor(0x1000, (4, 4)),))
+    with pytest.raises(TypeError, match="takes 1 arguments, got 2"):
+        launch.Params((types.int32,)).set((1, 2))
+
+
 # Run with numba's real CUDA target (numba.cuda imported first, no simulator): the kernels'
 # argument types and values as the dispatcher path types them (typeof on DeviceNDArrays, the
 # wrappers' NumPy scalars), packed by numba-cuda's _prepare_args and by launch.pack.

@@ -1,6 +1,7 @@
 """flashnumba's attention as a torch.autograd.Function: loss.backward() runs flashnumba's backward kernels.
 
     out, softmax_lse, S_dmask = FlashAttnFunction.apply(q, k, v, call, return_attn_probs)
+    out = FlashAttnFunction.run(operands, call, return_attn_probs)   # operands already checked
 
 forward runs ``attention.forward`` on the (detached) tensors and saves q, k, v,
 out and softmax_lse; backward runs ``attention.backward`` with the same options, so
@@ -21,8 +22,9 @@ class FlashAttnFunction(torch.autograd.Function):
     """Attention in flash layout (B, N, H, d); `call` is an ``attention.Call`` (scale, dropout, causal, ...)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, call, return_attn_probs):
-        operands = validate.tensors(q=q, k=k, v=v)
+    def forward(ctx, q, k, v, call, return_attn_probs, operands=None):
+        if operands is None:             # not through run(): check them here
+            operands = validate.tensors(q=q, k=k, v=v)
         out, lse, S_dmask = attention.forward(operands, call, return_attn_probs)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
@@ -36,10 +38,12 @@ class FlashAttnFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         operands = validate.tensors(dout=dout, q=q, k=k, v=v, out=out) + [Operand("softmax_lse", lse)]
         dq, dk, dv = attention.backward(operands, ctx.call)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
     @classmethod
-    def run(cls, q, k, v, call, return_attn_probs):
-        """out, or (out, softmax_lse, S_dmask) as flash_attn_func returns them."""
-        out, lse, S_dmask = cls.apply(q, k, v, call, return_attn_probs)
+    def run(cls, operands, call, return_attn_probs):
+        """out, or (out, softmax_lse, S_dmask) as flash_attn_func returns them, for the q, k, v
+        operands the public call checked (``validate.tensors``)."""
+        q, k, v = (op.value for op in operands)
+        out, lse, S_dmask = cls.apply(q, k, v, call, return_attn_probs, operands)
         return (out, lse, S_dmask) if return_attn_probs else out
