@@ -130,12 +130,25 @@ def c_order(x):
     return x if x.strides == tuple(reversed(strides)) or x.size == 0 else x.copy()
 
 
+_TORCH_DTYPE_NAMES = {}      # torch dtype -> dtypes.name_of's name for it, on first sight
+
+
 class Operand:
     """One input tensor, read but not moved: its name, kind, shape and storage dtype."""
 
     def __init__(self, name, x):
         self.name = name
         self.value = x
+        torch = sys.modules.get("torch")
+        if torch is not None and type(x) is torch.Tensor:     # the common case, read directly
+            self.kind = "torch" if x.is_cuda else "torch-cpu"
+            self.shape = tuple(x.shape)
+            self.dtype = _TORCH_DTYPE_NAMES.get(x.dtype)
+            if self.dtype is None:
+                self.dtype = _TORCH_DTYPE_NAMES[x.dtype] = dtypes.name_of(x)
+            if self.kind == "torch":
+                torch_allocator.install()      # as below
+            return
         self.kind = kind_of(name, x)
         self.shape = tuple(int(n) for n in x.shape) if hasattr(x, "shape") else \
             tuple(x.__cuda_array_interface__["shape"])
