@@ -102,12 +102,13 @@ def test_main_writes_the_rows_as_json(monkeypatch, tmp_path):
     assert "FLASH" in logged[-1]
 
 
-def test_backward_candidates_are_the_shipped_configs_then_one_float_atomics_on_sm90():
+def test_backward_candidates_are_the_shipped_configs_then_the_defaults_variants():
     from flashnumba.kernels import fa2_tc_backward as tcb
     default = tcb.default_config(64)
     shipped = [c for c in tcb.shipped_configs() if c.d_pad == 64]
     assert tc_configs.backward_candidates(64, capability=(9, 0)) == [(c, {}) for c in shipped] + [
-        (default, {"red_v2": False})]
-    assert tc_configs.backward_candidates(64, default_only=True, capability=(8, 0)) == [(default, {})]
+        (default, {"red_v2": False}), (default, {"flat": True})]
+    assert tc_configs.backward_candidates(64, default_only=True, capability=(8, 0)) == [
+        (default, {}), (default, {"flat": True})]
     assert all(key in tc_configs.BACKWARD_VARIANTS for _, variant in
                tc_configs.backward_candidates(128, capability=(9, 0)) for key in variant.items())

@@ -125,3 +125,24 @@ def test_dq_added_two_floats_at_a_time_matches_one_at_a_time(rng, d):
         assert np.allclose(a, b, rtol=1e-2, atol=1e-2), name
     assert tcb.build(tcb.resolve_config(d, Bc=16), "bf16", red_v2=True) is not tcb.build(
         tcb.resolve_config(d, Bc=16), "bf16")
+
+
+@pytest.mark.parametrize("red_v2", [False, True], ids=["one-float", "red-v2"])
+def test_flat_views_give_the_same_gradients(rng, red_v2):
+    """flat=True (q, k, v, dout and dQ's accumulator read and added through flat views by unsigned
+    offsets) against the 4-D indexing: dK, dV bitwise (one block's registers, the same products
+    in the same order), dQ to the order of its atomics; GQA, causal, N not a multiple of the
+    tiles, several Q tiles a head, a head dim below its bucket."""
+    q, k, v, dout = inputs(rng, "bfloat16", 2, 33, 40, 4, 2, 24)
+    kw = {"causal": True, "Bc": 16, "red_v2": red_v2}
+    out, L = tcf.fa2_tc_forward(q, k, v, causal=True)
+    indexed = tcb.fa2_tc_backward(dout, q, k, v, out, L, **kw)
+    flat = tcb.fa2_tc_backward(dout, q, k, v, out, L, flat=True, **kw)
+    for name, a, b in zip(("dq", "dk", "dv"), indexed, flat):
+        a, b = a.astype(np.float32), b.astype(np.float32)
+        if name == "dq":
+            assert np.allclose(a, b, rtol=1e-2, atol=1e-2), name
+        else:
+            assert np.array_equal(a, b), name
+    assert tcb.build(tcb.resolve_config(24, Bc=16), "bf16", flat=True) is not tcb.build(
+        tcb.resolve_config(24, Bc=16), "bf16")

@@ -126,6 +126,23 @@ def backward_red_v2_targets():
     return targets
 
 
+def backward_flat_targets():
+    """[(label, dispatcher, argtypes)] of the bf16 dkdv kernel at each bucket's default config with
+    flat views (``fa2_tc_backward.build(..., flat=True)``), with dQ's atomics as on sm_90 (red.v2):
+    ``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:backward_flat_targets``."""
+    from flashnumba.kernels import fa2_tc_backward as tcb
+
+    targets = []
+    for d in (16, 32, 64, 96, 128):
+        config = tcb.default_config(d)
+        for suffix, options in (("", {}), ("_dropout", {"dropout": True}),
+                                ("_softcap_alibi", {"softcap": True, "alibi": True})):
+            targets.append((f"fa2_tc_backward_bf16{suffix} d_pad={config.d_pad} flat red.v2",
+                            tcb.build(config, "bf16", red_v2=True, flat=True, **options).dkdv,
+                            tcb.dkdv_argtypes(flat=True)))
+    return targets
+
+
 def format_table(rows):
     """Rows (dicts of pass, d, causal, impl, ms, tflops, x_flash, max_diff) as an aligned text
     table; FLASH's own row shows dashes for the ratio and the difference."""
@@ -210,14 +227,15 @@ def run_forward(B, H, N, head_dims, log=print):
 
 
 # the backward's launcher options a candidate sets, and how its row names each setting
-BACKWARD_VARIANTS = {("red_v2", False): "one-float atomics"}
+BACKWARD_VARIANTS = {("red_v2", False): "one-float atomics", ("flat", True): "flat"}
 
 
 def backward_candidates(d, default_only=False, capability=(9, 0)):
     """[(config, launcher options)] the backward times at head dim d: every shipped config as it
     ships (only the default with `default_only`), then, on compute capability >= 9.0, where dQ's
     atomics are two floats at a time by default (``fa2_tc_backward.vector_red``), the default
-    config with one float an atomic."""
+    config with one float an atomic; then the default config reading and adding through flat
+    views (``flat``, not yet the default)."""
     from flashnumba.kernels import fa2_tc_backward as tcb
 
     default = tcb.default_config(d)
@@ -225,6 +243,7 @@ def backward_candidates(d, default_only=False, capability=(9, 0)):
     candidates = [(c, {}) for c in configs]
     if tuple(capability) >= (9, 0):
         candidates.append((default, {"red_v2": False}))
+    candidates.append((default, {"flat": True}))
     return candidates
 
 

@@ -84,7 +84,7 @@ import math
 
 import numpy as np
 from numba import config as numba_config
-from numba import cuda, float32, int64, types, uint16, uint32
+from numba import cuda, float32, int64, types, uint16, uint32, uint64
 
 from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
@@ -166,18 +166,20 @@ def _smem_alignment():
 Fa2TcBackwardKernels = collections.namedtuple("Fa2TcBackwardKernels", "preprocess dkdv finish_dq")
 
 
-def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, red_v2=False):
+def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, red_v2=False, flat=False):
     """(preprocess, dkdv, finish_dq) for `config` and `kind` ('bf16' | 'f16'); dropout, softcap,
     alibi: the dkdv variants that drop P_ij, cap S_ij (and carry tanh's derivative into dS_ij),
     bias S_ij; red_v2: dQ's atomics two floats at a time (``mma.red_add_v2``, sm_90 and newer,
-    even head dims). Cached."""
+    even head dims); flat: q, k, v, dout and dQ's accumulator passed as flat (1-D) views and
+    indexed by unsigned 64-bit offsets, one per row copied or added, with no wraparound tests
+    (``flat_views``). Cached."""
     if kind not in MMA:
         raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
-    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), bool(red_v2))
+    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), bool(red_v2), bool(flat))
 
 
 @functools.cache
-def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
+def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, FLAT=False):
     check_config(config)
     Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     T = NW * WARP_SIZE
@@ -203,11 +205,22 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
 
     @cuda.jit(device=True, inline="always")
     def load_rows(dst, src, b, h, start, N, tid, ROWS):
-        """rows start .. start + ROWS of src (clamped to N - 1) -> dst, by cp.async."""
+        """rows start .. start + ROWS of src (B, N, H, d_pad) (clamped to N - 1) -> dst, by cp.async."""
         for chunk in range(tid, ROWS * CHUNKS, T):
             r = chunk // CHUNKS
             x = 8 * (chunk % CHUNKS)
             mma.cp_async_16(dst, (r, x), src, (b, min(start + r, N - 1), h, x))
+
+    @cuda.jit(device=True, inline="always")
+    def load_rows_flat(dst, src, head_at, row_stride, start, N, tid, ROWS):
+        """load_rows from src's flat view: row r of the head at head_at + r row_stride (unsigned)."""
+        for m in range((ROWS * CHUNKS + T - 1) // T):
+            chunk = uint64(tid) + uint64(m * T)
+            if chunk < uint64(ROWS * CHUNKS):
+                r = chunk // uint64(CHUNKS)
+                x = uint64(8) * (chunk % uint64(CHUNKS))
+                row = uint64(min(start + int64(r), N - 1))
+                mma.cp_async_16(dst, (r, x), src, head_at + row * row_stride + x)
 
     @cuda.jit(device=True, inline="always")
     def product_T(C, As, Bs, w, lane):
@@ -282,12 +295,16 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
              dropout_p, seed, limit, cap, slopes):
         # --- sizes --- q, dout (B, Nq, H_q, d_pad), k, v (B, Nk, H_kv, d_pad): uint16 bits padded to d_pad;
         # L, D_rows (B, H_q, Nq) fp32; dq_acc (B, Nq, H_q, d) fp32; dk, dv (B, Nk, H_kv, d) bits.
+        # FLAT: q, k, v, dout and dq_acc are those arrays' flat views (C order).
         # q_scale: scale log2(e), scale: float32; windowed: bool (causal or a window); lo, hi:
         # int32, key c is visible to query r iff r + lo <= c <= r + hi; dropout_p, seed (DROPOUT
         # only); limit: i steps to run (int64); cap: float32 softcap (SOFTCAP only); slopes:
         # float32 (B, H_q) ALiBi slopes (ALIBI only).
-        Nq, H_q = q.shape[1], q.shape[2]
-        Nk, H_kv = k.shape[1], k.shape[2]
+        if FLAT:                           # q, k, v, dout, dq_acc are flat views: sizes from L and dk
+            H_q, Nq = L.shape[1], L.shape[2]
+        else:
+            Nq, H_q = q.shape[1], q.shape[2]
+        Nk, H_kv = dk.shape[1], dk.shape[2]
         d = dk.shape[3]
         Tr = num_tiles(Nq, Br)
         G = H_q // H_kv                      # query heads per K/V head
@@ -327,8 +344,13 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         dQ = cuda.local.array((2, 4), float32)       # a 16 x 16 piece of dS_ij K_j
 
         # Alg. 2 lines 6-7: load K_j, V_j; dK_j = 0, dV_j = 0
-        load_rows(Ks, k, b, h_kv, col0, Nk, tid, Bc)
-        load_rows(Vs, v, b, h_kv, col0, Nk, tid, Bc)
+        if FLAT:                 # unsigned offsets: a head's row 0, and one row's stride
+            kv_at = (uint64(b) * uint64(Nk) * uint64(H_kv) + uint64(h_kv)) * uint64(d_pad)
+            load_rows_flat(Ks, k, kv_at, uint64(H_kv * d_pad), col0, Nk, tid, Bc)
+            load_rows_flat(Vs, v, kv_at, uint64(H_kv * d_pad), col0, Nk, tid, Bc)
+        else:
+            load_rows(Ks, k, b, h_kv, col0, Nk, tid, Bc)
+            load_rows(Vs, v, b, h_kv, col0, Nk, tid, Bc)
         mma.cp_async_commit()
         for n in range(NDH):
             for e in range(4):
@@ -345,11 +367,18 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         for hq in range(h_kv * G, h_kv * G + G):             # GQA: the group's query heads
             if ALIBI:
                 slope = slopes[b, hq]                        # bias -slope |r + Nk - Nq - c|
+            if FLAT:
+                q_at = (uint64(b) * uint64(Nq) * uint64(H_q) + uint64(hq)) * uint64(d_pad)
+                dq_at = (uint64(b) * uint64(Nq) * uint64(H_q) + uint64(hq)) * uint64(d)
             for i in range(i_start, i_end):                  # Alg. 2 line 8
                 row0 = i * Br
                 # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
-                load_rows(Qs, q, b, hq, row0, Nq, tid, Br)
-                load_rows(dOs, dout, b, hq, row0, Nq, tid, Br)
+                if FLAT:
+                    load_rows_flat(Qs, q, q_at, uint64(H_q * d_pad), row0, Nq, tid, Br)
+                    load_rows_flat(dOs, dout, q_at, uint64(H_q * d_pad), row0, Nq, tid, Br)
+                else:
+                    load_rows(Qs, q, b, hq, row0, Nq, tid, Br)
+                    load_rows(dOs, dout, b, hq, row0, Nq, tid, Br)
                 mma.cp_async_commit()
                 for qr in range(tid, Br, T):
                     row = row0 + qr
@@ -444,17 +473,26 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                     for hh in range(2):
                         row = row0 + 16 * rq + g + 8 * hh
                         if row < Nq:
+                            if FLAT:                    # dQ[b, row, hq, 0] as an unsigned offset
+                                row_at = dq_at + uint64(row) * uint64(H_q * d)
                             for n in range(2):
                                 if RED_V2:              # dims x, x + 1 in one 8-byte add (d even)
                                     x = 16 * nq + 8 * n + 2 * t
                                     if x < d:
-                                        mma.red_add_v2(dq_acc, (b, row, hq, x), dQ[n, 2 * hh],
-                                                       dQ[n, 2 * hh + 1])
+                                        if FLAT:
+                                            mma.red_add_v2(dq_acc, row_at + uint64(x), dQ[n, 2 * hh],
+                                                           dQ[n, 2 * hh + 1])
+                                        else:
+                                            mma.red_add_v2(dq_acc, (b, row, hq, x), dQ[n, 2 * hh],
+                                                           dQ[n, 2 * hh + 1])
                                 else:
                                     for e2 in range(2):
                                         x = 16 * nq + 8 * n + 2 * t + e2
                                         if x < d:
-                                            cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
+                                            if FLAT:
+                                                cuda.atomic.add(dq_acc, row_at + uint64(x), dQ[n, 2 * hh + e2])
+                                            else:
+                                                cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
                 cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
 
         mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
@@ -486,13 +524,22 @@ def zero_fill(x):
         x[idx // (N * H * d), (idx // (H * d)) % N, (idx // d) % H, idx % d] = 0.0
 
 
+def dkdv_argtypes(flat=False):
+    """dkdv's argument types as the launcher passes them (flat: q, k, v, dout, dq_acc 1-D)."""
+    bits = types.Array(types.uint16, 1 if flat else 4, "C")
+    f3 = types.Array(types.float32, 3, "C")
+    acc = types.Array(types.float32, 1 if flat else 4, "C")
+    u4 = types.Array(types.uint16, 4, "C")
+    f2 = types.Array(types.float32, 2, "C")
+    return (bits, bits, bits, bits, f3, f3, acc, u4, u4, types.float32, types.float32, types.boolean,
+            types.int32, types.int32, types.float64, types.uint64, types.int64, types.float32, f2)
+
+
 def compile_targets(config):
     u4 = types.Array(types.uint16, 4, "C")
     f3 = types.Array(types.float32, 3, "C")
     f4 = types.Array(types.float32, 4, "C")
-    f2 = types.Array(types.float32, 2, "C")
-    argtypes = (u4, u4, u4, u4, f3, f3, f4, u4, u4, types.float32, types.float32, types.boolean,
-                types.int32, types.int32, types.float64, types.uint64, types.int64, types.float32, f2)
+    argtypes = dkdv_argtypes()
     targets = []
     for kind in ("bf16", "f16"):
         plain = build(config, kind)
@@ -532,6 +579,11 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     return config
 
 
+def flat_views(*arrays):
+    """Each C-contiguous device array as its flat (1-D) view, no copy."""
+    return tuple(x.reshape(x.size) for x in arrays)
+
+
 def vector_red():
     """True on a GPU of compute capability 9.0 or newer, whose ``red.global.add.v2.f32`` adds two
     floats in one atomic (``mma.red_add_v2``); False on the simulator (its stand-in is for
@@ -543,12 +595,14 @@ def vector_red():
 
 def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
              dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None,
-             dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, red_v2=None):
+             dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, red_v2=None,
+             flat=False):
     """Check and allocate once; returns (launch, dq, dk, dv, kind), results as device uint16 bits.
     softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``); red_v2:
     dQ's atomics two floats at a time, on a GPU of compute capability 9.0 or newer (a
     ValueError below it), for even head dims (odd ones keep one float an atomic); None (the
-    default): where the GPU has them (``vector_red``), one float an atomic on the simulator."""
+    default): where the GPU has them (``vector_red``), one float an atomic on the simulator;
+    flat: the kernel that reads q, k, v, dout and adds into dQ through flat views (``build``)."""
     B, Nq, Nk, H_q, H_kv, d = check_qkv16(q, k, v)
     for name, x in (("dout", dout), ("out", out)):
         if tuple(x.shape) != tuple(q.shape):
@@ -572,7 +626,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
         raise ValueError(f"red_v2=True needs a GPU of compute capability >= 9.0 (vector red), "
                          f"this one is {cc[0]}.{cc[1]}")
     kernels = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0,
-                    alibi=alibi_slopes is not None, red_v2=bool(red_v2) and d % 2 == 0)
+                    alibi=alibi_slopes is not None, red_v2=bool(red_v2) and d % 2 == 0, flat=flat)
 
     arrays = common.Arrays(q, k, v, dout, out)
     q_d, k_d, v_d, dout_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v, dout))
@@ -580,6 +634,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     L_d = arrays.to_device(np.ascontiguousarray(L, np.float32) if isinstance(L, np.ndarray) else L)
     D_rows = cuda.device_array((B, H_q, Nq), dtype=np.float32)
     dq_acc = cuda.device_array((B, Nq, H_q, d), dtype=np.float32)
+    read = flat_views if flat else (lambda *xs: xs)   # what dkdv takes of q, k, v, dout, dq_acc
     dq = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
     dk = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
     dv = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
@@ -591,7 +646,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
         kernels.preprocess[geometry.num_tiles(n_rows, PRE_THREADS), PRE_THREADS](dout_d, out_d, D_rows)
         zero_fill[geometry.num_tiles(n_dq, 256), 256](dq_acc)     # dQ is accumulated by atomics
         kernels.dkdv[(Tc, B * H_kv), config.threads](
-            q_d, k_d, v_d, dout_d, L_d, D_rows, dq_acc, dk, dv, np.float32(scale * LOG2_E),
+            *read(q_d, k_d, v_d, dout_d), L_d, D_rows, *read(dq_acc), dk, dv, np.float32(scale * LOG2_E),
             np.float32(scale), windowed, lo, hi, dropout_p, seed, steps, np.float32(cap), slopes)
         kernels.finish_dq[geometry.num_tiles(n_dq, 256), 256](dq_acc, np.float32(scale), dq)
 
@@ -601,7 +656,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT,
                     dropout_p=0.0, seed=0, limit=None, *, Br=None, Bc=None, num_warps=None,
                     config=None, dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    red_v2=None):
+                    red_v2=None, flat=False):
     """FlashAttention-2 backward on tensor cores. Returns (dq, dk, dv) shaped like q, k, v, in
     the input dtype (float16 or bfloat16). dout, out (B, Nq, Hq, d) in that dtype and L (B, Hq, Nq)
     float32 come from the forward, run with the same causal, alignment, softmax_scale, dropout_p,
@@ -611,7 +666,8 @@ def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, ali
                                         softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
                                         Br=Br, Bc=Bc, num_warps=num_warps, limit=limit,
                                         config=config, dtype=dtype, window_size=window_size,
-                                        softcap=softcap, alibi_slopes=alibi_slopes, red_v2=red_v2)
+                                        softcap=softcap, alibi_slopes=alibi_slopes, red_v2=red_v2,
+                                        flat=flat)
     launch()
     return as_dtype(dq, kind, q), as_dtype(dk, kind, q), as_dtype(dv, kind, q)
 
