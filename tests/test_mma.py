@@ -210,6 +210,8 @@ _COMPILE_CHECK = textwrap.dedent("""
         tile = cuda.shared.array((16, 24), uint16, alignment=16)
         mma.cp_async_16(tile, (lane // 2, 8 * (lane % 2)), src, (lane // 2, 8 * (lane % 2)))
         mma.cp_async_commit()
+        mma.cp_async_16_at(tile, (lane // 2, 8 * (lane % 2)), src, 8 * lane)
+        mma.cp_async_commit()
         mma.cp_async_wait(1)
         mma.cp_async_wait(0)
         cuda.syncthreads()
@@ -298,6 +300,7 @@ def test_every_intrinsic_compiles_to_ptx_and_links_without_spills(compiled, arch
     ptx = report["ptx"]
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 1
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 1
+    assert ptx.count("cp.async.cg.shared.global") == 2           # by index and by offset
     for instruction in ("ldmatrix.sync.aligned.m8n8.x4.shared.b16",
                         "ldmatrix.sync.aligned.m8n8.x2.shared.b16",
                         "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
@@ -309,3 +312,30 @@ def test_every_intrinsic_compiles_to_ptx_and_links_without_spills(compiled, arch
     assert ".local" not in ptx                          # fragments stayed in registers
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0
     assert report["stack_frame"] == 0
+
+
+def test_cp_async_from_an_element_offset_copies_what_the_index_copies():
+    """cp_async_16_at(dst, i, src, offset) reads the 8 elements at src's C-order element offset:
+    each lane copies a row of a (2, 4, 3, 16) array both ways into two tiles, which agree."""
+    if not numba_config.ENABLE_CUDASIM:
+        pytest.skip("the simulator's stand-in; the GPU's is compiled in test_every_intrinsic...")
+
+    @cuda.jit
+    def both(src, by_index, by_offset):
+        lane = cuda.threadIdx.x
+        a = cuda.shared.array((32, 8), uint16)
+        o = cuda.shared.array((32, 8), uint16)
+        b, n, h, x = lane // 16, (lane // 4) % 4, lane % 3, 8 * (lane % 2)
+        mma.cp_async_16(a, (lane, 0), src, (b, n, h, x))
+        mma.cp_async_16_at(o, (lane, 0), src, ((b * 4 + n) * 3 + h) * 16 + x)
+        mma.cp_async_commit()
+        mma.cp_async_wait(0)
+        for e in range(8):
+            by_index[lane, e] = a[lane, e]
+            by_offset[lane, e] = o[lane, e]
+
+    src = np.arange(2 * 4 * 3 * 16, dtype=np.uint16).reshape(2, 4, 3, 16)
+    by_index, by_offset = np.zeros((32, 8), np.uint16), np.zeros((32, 8), np.uint16)
+    both[1, 32](src, by_index, by_offset)
+    np.testing.assert_array_equal(by_index, by_offset)
+    assert by_index[5, 0] == src[0, 1, 2, 8]

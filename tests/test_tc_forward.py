@@ -240,3 +240,18 @@ def test_forward_compiles_for_sm80_with_mma_and_no_spills():
         assert r["smem"] == (0 if dynamic else tc.smem_bytes(config)), (name, r)
         assert r["extern_shared"] == (1 if dynamic else 0), (name, r)
         assert r["registers"] <= 255
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_flat_offsets_give_the_same_output_bitwise(rng, dynamic):
+    """flat=True (K_j, V_j copied from unsigned element offsets, ``mma.cp_async_16_at``) against
+    the indexed copies: the same bits in shared memory, so O and L bitwise equal; GQA, causal, N
+    not a multiple of the tiles, K/V rows past Nk clamped, in static and dynamic shared memory."""
+    q, k, v, _ = inputs(rng, "bfloat16", 1, 37, 45, 4, 2, 24)
+    kw = {"causal": True, "Br": 16, "Bc": 16, "dynamic": dynamic}
+    indexed = tc.launcher(q, k, v, **kw)
+    flat = tc.launcher(q, k, v, flat=True, **kw)
+    for launch, *_ in (indexed, flat):
+        launch()
+    for name, a, b in zip(("out", "L"), indexed[1:3], flat[1:3]):
+        assert np.array_equal(a.copy_to_host(), b.copy_to_host()), name

@@ -14,7 +14,8 @@ a config change does to the speed is read here before a default moves.
 
 Backward: every config of ``fa2_tc_backward.shipped_configs()`` for the head dim's bucket
 (``--default-only``: the default alone), then the default with one float an atomic on sm_90
-and newer (``backward_candidates``).
+and newer and with flat views (``backward_candidates``); the forward's last row is its default
+with K_j, V_j copied from element offsets ("flat").
 Forward: ``forward_candidates(d_pad)``, the default first: Bc in {32, 64} x warps in {4, 8}
 (Br = 16 warps) x K/V stages in {1, 2}, less what check_config refuses and what ptxas spills on
 sm_90 (SPILLED_ON_SM90; the whole grid, for ptxas through nvJitLink without a GPU:
@@ -104,6 +105,24 @@ def forward_targets():
             (label, _, argtypes), *_ = tcf.compile_targets(config)    # the first: plain bf16
             targets.append((f"{label} d_pad={d_pad} {describe(config, n_stages)}",
                             tcf.build(config, "bf16", stages=n_stages), argtypes))
+    return targets
+
+
+def forward_flat_targets():
+    """[(label, dispatcher, argtypes)] of the forward's kernels at each bucket's default config
+    with K_j, V_j copied from element offsets (``fa2_tc_forward.build(..., flat=True)``), bf16,
+    plain, dropout and softcap + ALiBi: ``flashnumba resources --cc 90 --source
+    flashnumba.bench.tc_configs:forward_flat_targets``."""
+    from flashnumba.kernels import fa2_tc_forward as tcf
+
+    targets = []
+    for d in (16, 32, 64, 96, 128):
+        config = tcf.default_config(d)
+        (_, _, argtypes), *_ = tcf.compile_targets(config)
+        for suffix, options in (("", {}), ("_dropout", {"dropout": True}),
+                                ("_softcap_alibi", {"softcap": True, "alibi": True})):
+            targets.append((f"fa2_tc_forward_bf16{suffix} d_pad={config.d_pad} flat",
+                            tcf.build(config, "bf16", flat=True, **options), argtypes))
     return targets
 
 
@@ -214,13 +233,15 @@ def run_forward(B, H, N, head_dims, log=print):
             rows.append(_row("fwd", d, causal, "FLASH", flash_ms, flops, flash_ms, 0.0))
             log(f"B={B} H={H} N={N} d={d} causal={causal}: FLASH fwd {flash_ms:.3f} ms "
                 f"{rows[-1]['tflops']:.1f} TFLOP/s")
-            for config, n_stages in candidates:
+            # then the default with K_j, V_j copied from element offsets (not yet the default)
+            for (config, n_stages), flat in [(c, False) for c in candidates] + [(candidates[0], True)]:
                 launch, out, _, _ = tcf.launcher(*(numba_bits(x) for x in (q, k, v)), causal=causal,
                                                  alignment=TOP_LEFT, dtype="bfloat16", config=config,
-                                                 stages=n_stages)
+                                                 stages=n_stages, flat=flat)
                 ms = time_ms(launch)
                 diff = (torch_from_bits(out, torch.bfloat16).float() - ref).abs().max().item()
-                rows.append(_row("fwd", d, causal, describe(config, n_stages), ms, flops, flash_ms, diff))
+                name = describe(config, n_stages) + (" flat" if flat else "")
+                rows.append(_row("fwd", d, causal, name, ms, flops, flash_ms, diff))
                 log(f"  {rows[-1]['impl']}: {ms:.3f} ms {rows[-1]['tflops']:.1f} TFLOP/s "
                     f"{rows[-1]['x_flash']:.2f}x FLASH, max |O - FLASH's| {diff:.3g}")
     return rows

@@ -10,6 +10,7 @@ Fragments travel as scalars and tuples, so they stay in registers.
     ldmatrix_x2(tile, index)      two of them -> 2 x uint32
     ldmatrix_x4_trans, ldmatrix_x2_trans   the same, each matrix transposed
     cp_async_16(dst, dst_index, src, src_index)   16 bytes global -> shared, asynchronous
+    cp_async_16_at(dst, dst_index, src, offset)   the same from src's element `offset` (C order)
     cp_async_commit()             close the group of copies issued so far
     cp_async_wait(n)              wait until at most n committed groups are in flight (n a constant)
     red_add_v2(array, index, a, b)   array[index] += a, the next element += b: one 8-byte
@@ -230,6 +231,11 @@ def _cp_async_16_python(dst, dst_index, src, src_index):
     _pending(thread)["open"].append((dst, _index(dst_index), values))
 
 
+def _cp_async_16_at_python(dst, dst_index, src, offset):
+    index = np.unravel_index(int(offset), src.shape)     # the C-order element at that offset
+    _cp_async_16_python(dst, dst_index, src, tuple(int(i) for i in index))
+
+
 def _red_add_v2_python(array, index, a, b):
     _this_lane("red.global.add.v2")
     if array.dtype != np.float32:
@@ -287,6 +293,7 @@ if numba_config.ENABLE_CUDASIM:
         return _unpack_python(x, "f16")
 
     cp_async_16 = _cp_async_16_python
+    cp_async_16_at = _cp_async_16_at_python
     cp_async_commit = _cp_async_commit_python
     cp_async_wait = _cp_async_wait_python
     red_add_v2 = _red_add_v2_python
@@ -294,11 +301,11 @@ if numba_config.ENABLE_CUDASIM:
     # The kernels call these as device functions; on the simulator a device function is the
     # Python function itself, run by the calling simulated thread.
     (mma_bf16, mma_f16, ldmatrix_x4, ldmatrix_x2, ldmatrix_x4_trans, ldmatrix_x2_trans,
-     pack_bf16x2, pack_f16x2, unpack_bf16x2, unpack_f16x2, cp_async_16, cp_async_commit,
-     cp_async_wait, red_add_v2) = (cuda.jit(device=True)(f) for f in (
+     pack_bf16x2, pack_f16x2, unpack_bf16x2, unpack_f16x2, cp_async_16, cp_async_16_at,
+     cp_async_commit, cp_async_wait, red_add_v2) = (cuda.jit(device=True)(f) for f in (
         mma_bf16, mma_f16, ldmatrix_x4, ldmatrix_x2, ldmatrix_x4_trans, ldmatrix_x2_trans,
-        pack_bf16x2, pack_f16x2, unpack_bf16x2, unpack_f16x2, cp_async_16, cp_async_commit,
-        cp_async_wait, red_add_v2))
+        pack_bf16x2, pack_f16x2, unpack_bf16x2, unpack_f16x2, cp_async_16, cp_async_16_at,
+        cp_async_commit, cp_async_wait, red_add_v2))
 else:
     from llvmlite import ir
     from numba.cuda import cgutils
@@ -400,6 +407,31 @@ else:
         def codegen(context, builder, sig, args):
             shared = _shared_address(context, builder, sig.args[0], args[0], sig.args[1], args[1])
             global_ = _global_address(context, builder, sig.args[2], args[2], sig.args[3], args[3])
+            fnty = ir.FunctionType(ir.VoidType(), [_I32, ir.IntType(64)])
+            asm = ir.InlineAsm(fnty, "cp.async.cg.shared.global [$0], [$1], 16;", "r,l,~{memory}",
+                               side_effect=True)
+            builder.call(asm, [shared, global_])
+            return context.get_dummy_value()
+        return sig, codegen
+
+    def _global_address_at(context, builder, array_type, array, offset_type, offset):
+        """The global address of the element `offset` elements past the array's first (C order)."""
+        struct = context.make_array(array_type)(context, builder, value=array)
+        offset = context.cast(builder, offset, offset_type, types.intp)
+        pointer = builder.gep(struct.data, [offset])
+        global_ = builder.addrspacecast(pointer, pointer.type.pointee.as_pointer(1))
+        return builder.ptrtoint(global_, ir.IntType(64))
+
+    @intrinsic
+    def cp_async_16_at(typingctx, dst, dst_index, src, offset):
+        if not (_is_b16_array(dst) and _is_index(dst_index, dst.ndim) and _is_b16_array(src)
+                and src.layout == "C" and isinstance(offset, types.Integer)):
+            return None
+        sig = types.void(dst, dst_index, src, offset)
+
+        def codegen(context, builder, sig, args):
+            shared = _shared_address(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            global_ = _global_address_at(context, builder, sig.args[2], args[2], sig.args[3], args[3])
             fnty = ir.FunctionType(ir.VoidType(), [_I32, ir.IntType(64)])
             asm = ir.InlineAsm(fnty, "cp.async.cg.shared.global [$0], [$1], 16;", "r,l,~{memory}",
                                side_effect=True)
