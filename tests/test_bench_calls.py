@@ -188,3 +188,43 @@ def test_without_a_gpu_the_breakdown_says_so(capsys):
         pytest.skip("a GPU is present: the command runs for real")
     assert main(["--calls", "--breakdown"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+class _Range:
+    def __init__(self, us):
+        self.us = us
+
+    def elapsed_us(self):
+        return self.us
+
+
+class _Event:
+    """What device_us reads of a torch.profiler event: its device type and time range."""
+
+    def __init__(self, device, us):
+        self.device_type = type("DeviceType", (), {"name": device})()
+        self.time_range = _Range(us)
+
+
+def test_busy_time_sums_the_gpu_activities_only():
+    events = [_Event("CUDA", 12.5), _Event("CPU", 400.0), _Event("CUDA", 7.5), object()]
+    assert calls.device_us(events) == pytest.approx(20.0)
+    assert calls.device_us([]) == 0.0
+
+
+def test_the_table_shows_busy_time_when_measured():
+    results = {("A", p): _result(1.0) for p in calls.PATHS}
+    assert "busy ms" not in calls.format_table(calls.rows(results))
+    results[("A", "torch fwd")]["busy_ms"] = 0.25
+    lines = calls.format_table(calls.rows(results)).splitlines()
+    assert "busy ms" in lines[0]
+    torch_fwd = next(line for line in lines if "torch fwd " in line)
+    assert "0.250" in torch_fwd
+    assert next(line for line in lines if "SDPA fwd " in line).split()[4] == "-"   # not measured
+
+
+def test_busy_is_a_flag_of_calls():
+    from flashnumba.bench.run import parse_args
+    assert parse_args(["--calls", "--busy"]).busy
+    with pytest.raises(SystemExit):
+        parse_args(["--busy"])

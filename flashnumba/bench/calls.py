@@ -19,6 +19,14 @@ Two times per call, medians over the runs after warm-up:
     host ms   wall time of the call itself, before any synchronisation: the host's
               share (Python, checks, dispatch, allocation), which small shapes expose
 
+and with ``--busy`` a third:
+
+    busy ms   the GPU's own time for the call: the summed durations of the kernels, memsets
+              and copies it ran, as CUPTI records them (torch.profiler, CUDA activity),
+              every kernel of the process included (numba's cuLaunchKernel as torch's); what
+              the call would take if the host cost nothing. gpu ms - busy ms is the GPU idle
+              inside the call, waiting for the host
+
 ``--profile`` adds a cProfile of the torch fwd+bwd path of the first shape: the
 functions that take the host's time, by cumulative time and by their own.
 
@@ -58,6 +66,16 @@ def median_times(gpu_ms, host_ms):
             "runs": len(gpu_ms)}
 
 
+def device_us(events):
+    """Summed durations (us) of the GPU activities among torch.profiler's events: those whose
+    device_type is CUDA (kernels, memsets, copies; the host-side ops are CPU)."""
+    total = 0.0
+    for event in events:
+        if getattr(getattr(event, "device_type", None), "name", None) == "CUDA":
+            total += event.time_range.elapsed_us()
+    return total
+
+
 def rows(results):
     """results: {(shape label, path): {"gpu_ms", "host_ms", "runs"}} -> table rows (dicts) with
     the ratios to SDPA and to the kernel alone, in PATHS order per shape."""
@@ -80,12 +98,15 @@ def format_table(table):
     """The rows as aligned text: one line per (shape, path)."""
     def ratio(x):
         return f"{x:7.2f}x" if x is not None else f"{'':>8}"
-    lines = [f"{'shape':<26}{'path':<16}{'gpu ms':>10}{'host ms':>10}{'/ SDPA':>8}{'/ kernel':>9}"]
+    busy = any("busy_ms" in row for row in table)
+    lines = [f"{'shape':<26}{'path':<16}{'gpu ms':>10}{'host ms':>10}" + (f"{'busy ms':>10}" if busy else "")
+             + f"{'/ SDPA':>8}{'/ kernel':>9}"]
     previous = None
     for row in table:
         shape = row["shape"] if row["shape"] != previous else ""
         previous = row["shape"]
-        lines.append(f"{shape:<26}{row['path']:<16}{row['gpu_ms']:>10.3f}{row['host_ms']:>10.3f}"
+        busy_ms = (f"{row['busy_ms']:>10.3f}" if "busy_ms" in row else f"{'-':>10}") if busy else ""
+        lines.append(f"{shape:<26}{row['path']:<16}{row['gpu_ms']:>10.3f}{row['host_ms']:>10.3f}{busy_ms}"
                      f"{ratio(row['x_sdpa'])}{ratio(row['x_kernel']):>9}")
     return "\n".join(lines)
 
@@ -169,6 +190,20 @@ def calls_for(case, torch):
     }
 
 
+def busy_ms(call, torch, calls=20):
+    """The GPU's own milliseconds a call (the module docstring's busy ms): `calls` calls under
+    torch.profiler with CUDA activity, after WARMUP untimed ones."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(WARMUP):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    return device_us(prof.events()) / calls / 1e3
+
+
 def profile_call(call, calls=50, top=60):
     """cProfile of `calls` calls: the top functions by cumulative time, then by own time, as text."""
     profiler = cProfile.Profile()
@@ -183,8 +218,8 @@ def profile_call(call, calls=50, top=60):
     return f"cProfile of {calls} calls (host time, cumulative, then own):\n{text.getvalue()}"
 
 
-def run(cases, torch, json_path=None, profile=False, log=print):
-    """Time every path of every case; print the table; return the rows."""
+def run(cases, torch, json_path=None, profile=False, busy=False, log=print):
+    """Time every path of every case (busy: and its GPU-busy time); print the table; return the rows."""
     log(f"flashnumba bench --calls on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"algorithm {registry.DEFAULT}; gpu ms: CUDA events around each call, host ms: the call's "
         f"wall time before any synchronisation; medians")
@@ -201,6 +236,8 @@ def run(cases, torch, json_path=None, profile=False, log=print):
             torch.cuda.synchronize()
             gpu, host = time_call(call, torch, runs_for((time.perf_counter() - t0) * 1e3))
             results[(case.label, path)] = median_times(gpu, host)
+            if busy:
+                results[(case.label, path)]["busy_ms"] = busy_ms(call, torch)
             print(f"  {case.label:<26}{path:<16}{results[(case.label, path)]['gpu_ms']:9.3f} ms",
                   file=sys.stderr, flush=True)
         if profile and case is cases[0]:

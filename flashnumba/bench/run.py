@@ -79,6 +79,9 @@ def parse_args(argv):
                         "SDPA, gpu and host ms; --shapes defaults to issue 13's three")
     p.add_argument("--profile", action="store_true",
                    help="with --calls: cProfile the torch fwd+bwd call of the first shape")
+    p.add_argument("--busy", action="store_true",
+                   help="with --calls: also each call's GPU-busy time (its kernels' durations, by "
+                        "torch.profiler), beside the time the caller waits")
     p.add_argument("--breakdown", action="store_true",
                    help="with --calls: instead of the table, the host time of the first shape's torch "
                         "call and of each of its layers, called directly and inside autograd "
@@ -89,6 +92,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.breakdown and not args.calls:
         p.error("--breakdown goes with --calls")
+    if args.busy and not args.calls:
+        p.error("--busy goes with --calls")
     return args
 
 
@@ -346,7 +351,7 @@ def main(argv=None):
                           json_path=args.json)
             return 0
         calls.run(cases_mod.parse_shapes(args.shapes or calls.ISSUE_SHAPES), torch,
-                  json_path=args.json, profile=args.profile)
+                  json_path=args.json, profile=args.profile, busy=args.busy)
         return 0
 
     start = time.perf_counter()
