@@ -397,6 +397,14 @@ else:
     ldmatrix_x4_trans = _ldmatrix(4, True)
     ldmatrix_x2_trans = _ldmatrix(2, True)
 
+    def _emit_cp_async_16(context, builder, shared, global_):
+        """cp.async of 16 bytes from a global address (64-bit) to a shared one (32-bit)."""
+        fnty = ir.FunctionType(ir.VoidType(), [_I32, ir.IntType(64)])
+        asm = ir.InlineAsm(fnty, "cp.async.cg.shared.global [$0], [$1], 16;", "r,l,~{memory}",
+                           side_effect=True)
+        builder.call(asm, [shared, global_])
+        return context.get_dummy_value()
+
     @intrinsic
     def cp_async_16(typingctx, dst, dst_index, src, src_index):
         if not (_is_b16_array(dst) and _is_index(dst_index, dst.ndim)
@@ -407,11 +415,7 @@ else:
         def codegen(context, builder, sig, args):
             shared = _shared_address(context, builder, sig.args[0], args[0], sig.args[1], args[1])
             global_ = _global_address(context, builder, sig.args[2], args[2], sig.args[3], args[3])
-            fnty = ir.FunctionType(ir.VoidType(), [_I32, ir.IntType(64)])
-            asm = ir.InlineAsm(fnty, "cp.async.cg.shared.global [$0], [$1], 16;", "r,l,~{memory}",
-                               side_effect=True)
-            builder.call(asm, [shared, global_])
-            return context.get_dummy_value()
+            return _emit_cp_async_16(context, builder, shared, global_)
         return sig, codegen
 
     def _global_address_at(context, builder, array_type, array, offset_type, offset):
@@ -432,11 +436,7 @@ else:
         def codegen(context, builder, sig, args):
             shared = _shared_address(context, builder, sig.args[0], args[0], sig.args[1], args[1])
             global_ = _global_address_at(context, builder, sig.args[2], args[2], sig.args[3], args[3])
-            fnty = ir.FunctionType(ir.VoidType(), [_I32, ir.IntType(64)])
-            asm = ir.InlineAsm(fnty, "cp.async.cg.shared.global [$0], [$1], 16;", "r,l,~{memory}",
-                               side_effect=True)
-            builder.call(asm, [shared, global_])
-            return context.get_dummy_value()
+            return _emit_cp_async_16(context, builder, shared, global_)
         return sig, codegen
 
     @intrinsic
