@@ -368,14 +368,13 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, FLAT
             if ALIBI:
                 slope = slopes[b, hq]                        # bias -slope |r + Nk - Nq - c|
             if FLAT:
-                q_at = (uint64(b) * uint64(Nq) * uint64(H_q) + uint64(hq)) * uint64(d_pad)
-                dq_at = (uint64(b) * uint64(Nq) * uint64(H_q) + uint64(hq)) * uint64(d)
+                head_at = uint64(b) * uint64(Nq) * uint64(H_q) + uint64(hq)   # (b, 0, hq) in rows of d
             for i in range(i_start, i_end):                  # Alg. 2 line 8
                 row0 = i * Br
                 # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
                 if FLAT:
-                    load_rows_flat(Qs, q, q_at, uint64(H_q * d_pad), row0, Nq, tid, Br)
-                    load_rows_flat(dOs, dout, q_at, uint64(H_q * d_pad), row0, Nq, tid, Br)
+                    load_rows_flat(Qs, q, head_at * uint64(d_pad), uint64(H_q * d_pad), row0, Nq, tid, Br)
+                    load_rows_flat(dOs, dout, head_at * uint64(d_pad), uint64(H_q * d_pad), row0, Nq, tid, Br)
                 else:
                     load_rows(Qs, q, b, hq, row0, Nq, tid, Br)
                     load_rows(dOs, dout, b, hq, row0, Nq, tid, Br)
@@ -474,7 +473,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, FLAT
                         row = row0 + 16 * rq + g + 8 * hh
                         if row < Nq:
                             if FLAT:                    # dQ[b, row, hq, 0] as an unsigned offset
-                                row_at = dq_at + uint64(row) * uint64(H_q * d)
+                                row_at = (head_at + uint64(row) * uint64(H_q)) * uint64(d)
                             for n in range(2):
                                 if RED_V2:              # dims x, x + 1 in one 8-byte add (d even)
                                     x = 16 * nq + 8 * n + 2 * t
