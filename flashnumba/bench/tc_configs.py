@@ -12,16 +12,17 @@ of RUNS runs after WARMUP, then each config of fa2_tc on the same inputs: millis
 and the largest difference from FLASH's output (the forward's O, the backward's gradients). What
 a config change does to the speed is read here before a default moves.
 
-Backward: every config of ``fa2_tc_backward.shipped_configs()`` for the head dim's bucket
-(``--default-only``: the default alone), then the default with one float an atomic on sm_90
-and newer and with flat views (``backward_candidates``); the forward's last row is its default
-with K_j, V_j copied from element offsets ("flat").
+Backward: every config of ``fa2_tc_backward.shipped_configs()`` for the head dim's bucket, then
+the default with one float an atomic on sm_90 and newer and with flat views
+(``backward_candidates``).
 Forward: ``forward_candidates(d_pad)``, the default first: Bc in {32, 64} x warps in {4, 8}
 (Br = 16 warps) x K/V stages in {1, 2}, less what check_config refuses and what ptxas spills on
 sm_90 (SPILLED_ON_SM90; the whole grid, for ptxas through nvJitLink without a GPU:
 ``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:forward_targets``). A
 candidate whose K/V tiles exceed 48 KB (2 stages of Bc=64 at d_pad=128: 69632 B) runs with them
-in dynamic shared memory (``fa2_tc_forward.is_dynamic``); its name says "dynamic".
+in dynamic shared memory (``fa2_tc_forward.is_dynamic``); its name says "dynamic". Last, the
+default with K_j, V_j copied from element offsets ("flat").
+``--default-only``: only the defaults and their variants, in either direction.
 Nothing here runs on the simulator.
 """
 
@@ -208,8 +209,9 @@ def _inputs(B, H, N, d, count):
     return [torch.randn(B, N, H, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(count)]
 
 
-def run_forward(B, H, N, head_dims, log=print):
-    """Rows: FLASH's forward, then each of forward_candidates(d_pad), per head dim x causal."""
+def run_forward(B, H, N, head_dims, log=print, default_only=False):
+    """Rows: FLASH's forward, then each of forward_candidates(d_pad) (only the default with
+    `default_only`) and the default with flat copies, per head dim x causal."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -221,6 +223,8 @@ def run_forward(B, H, N, head_dims, log=print):
     rows = []
     for d in head_dims:
         candidates = forward_candidates(common.head_dim_bucket(d))
+        if default_only:
+            candidates = candidates[:1]
         for causal in (False, True):
             flops = forward_flops(B, H, N, d, causal)
             q, k, v = _inputs(B, H, N, d, 3)
@@ -323,14 +327,14 @@ def main(argv=None, log=print):
     parser.add_argument("--forward", action="store_true",
                         help="time the forward's candidate configs instead of the backward's shipped ones")
     parser.add_argument("--default-only", action="store_true",
-                        help="backward: only the default config (and its one-float-atomics variant)")
+                        help="only the default config and its variants (one-float atomics, flat)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to PATH")
     args = parser.parse_args(argv)
     if flashnumba.on_simulator():
         parser.error("needs a CUDA GPU (the simulator has no speed to measure)")
     B, H, N = (int(x) for x in args.shape.split("x"))
     if args.forward:
-        rows = run_forward(B, H, N, args.d, log=log)
+        rows = run_forward(B, H, N, args.d, log=log, default_only=args.default_only)
     else:
         rows = run_backward(B, H, N, args.d, log=log, default_only=args.default_only)
     log(format_table(rows))
