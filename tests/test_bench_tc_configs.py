@@ -89,15 +89,16 @@ def test_main_writes_the_rows_as_json(monkeypatch, tmp_path):
            "x_flash": 1.0, "max_diff": 0.0}
     calls = []
 
-    def run_forward(B, H, N, head_dims, log):
-        calls.append((B, H, N, head_dims))
+    def run_forward(B, H, N, head_dims, log, default_only=False):
+        calls.append((B, H, N, head_dims, default_only))
         return [row]
 
     monkeypatch.setattr(tc_configs, "run_forward", run_forward)
     logged = []
     tc_configs.main(["--forward", "--shape", "2x3x256", "--d", "64", "--json", str(tmp_path / "r.json")],
                     log=logged.append)
-    assert calls == [(2, 3, 256, [64])]
+    tc_configs.main(["--forward", "--default-only", "--d", "128"], log=logged.append)
+    assert calls == [(2, 3, 256, [64], False), (4, 16, 4096, [128], True)]
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == [row]
     assert "FLASH" in logged[-1]
 
