@@ -352,3 +352,47 @@ def test_the_fast_path_makes_no_numba_allocation_view_or_dispatcher_launch(monke
     monkeypatch.setattr(launch, "ENABLED", False)  # the counters do see the dispatcher path's
     run()
     assert counts["memalloc"] > 0 and counts["as_cuda_array"] > 0 and counts["dispatcher call"] > 0
+
+
+def test_threads_sharing_a_launch_each_launch_with_their_own_arguments(monkeypatch):
+    """Two threads call one Launch with their own tensors (both arguments the same pointer in a
+    call): every launch must see a matching pair, never one thread's pointer beside the other's.
+    The driver is a fake that records the parameter memory at launch time; reading a pointer
+    yields the GIL and thread switches are forced often, so without the Launch's lock the pairs
+    mix."""
+    import threading
+    import time
+
+    run = launch.Launch.__new__(launch.Launch)          # what __init__ makes, without a GPU
+    run.params, run.debug, run.handle, run.dims = launch.Params((A1I, A1I)), None, 1, (1,) * 7
+    run.lock = threading.Lock()
+    seen = []
+
+    class Driver:
+        def cuLaunchKernel(self, handle, *rest):
+            values = run.params.values()
+            time.sleep(0)                                 # let the other thread in
+            seen.append((values[4], values[11]))          # the two data pointers
+            return 0
+    monkeypatch.setattr(run, "_library", Driver(), raising=False)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        class Yielding(Tensor):               # hands the GIL over while its pointer is read
+            def data_ptr(self):
+                time.sleep(0)
+                return self.pointer
+
+        def hammer(pointer):
+            x = Yielding(pointer, (7,))
+            for _ in range(2000):
+                run(x, x)
+        threads = [threading.Thread(target=hammer, args=(p,)) for p in (0x1000, 0x2000)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert len(seen) == 4000
+    assert all(a == b for a, b in seen), [pair for pair in seen if pair[0] != pair[1]][:3]

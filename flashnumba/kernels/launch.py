@@ -54,6 +54,7 @@ import ctypes
 import math
 import os
 import sys
+import threading
 
 import numpy as np
 from numba import types
@@ -219,6 +220,9 @@ class Launch:
 
         self.argtypes = tuple(argtypes)
         self.params = Params(self.argtypes)
+        # one call's writes and its launch at a time: threads sharing this Launch (autograd's, a
+        # user's) would otherwise launch with each other's pointers
+        self.lock = threading.Lock()
         kernel = dispatcher.compile(self.argtypes)          # the overload a launch would find
         if kernel.extensions:
             raise NotImplementedError("a kernel with argument extensions needs numba's own launch")
@@ -240,8 +244,9 @@ class Launch:
             kernel, grid, block, nbytes = self.debug
             kernel.launch(values, grid, block, 0, nbytes)
             return
-        self.params.set(values)
-        result = self._library.cuLaunchKernel(self.handle, *self.dims, None, self.params.pointers, None)
+        with self.lock:                  # cuLaunchKernel copies the parameters before it returns
+            self.params.set(values)
+            result = self._library.cuLaunchKernel(self.handle, *self.dims, None, self.params.pointers, None)
         if result != 0:
             name = ctypes.c_char_p()
             self._library.cuGetErrorName(result, ctypes.byref(name))
