@@ -36,67 +36,44 @@ class Tensor:
         return self.pointer
 
 
-def plain(args):
-    """Packed arguments as comparable values: ints and bools as they are, ctypes as (type, value)."""
-    return [(type(a).__name__, a.value) if isinstance(a, ctypes._SimpleCData) else a for a in args]
+def written(argtypes, values):
+    """What Params writes for one call of `values`: the parameters as Python numbers."""
+    params = launch.Params(argtypes)
+    params.set(values)
+    return params.values()
 
 
-def test_an_array_packs_as_meminfo_parent_size_itemsize_pointer_shape_strides():
+def test_an_array_is_meminfo_parent_size_itemsize_pointer_shape_strides():
     x = Tensor(0x7F00_0000_1000, (2, 3, 4, 5))
-    assert launch.pack((A4,), (x,)) == [0, 0, 120, 4, 0x7F00_0000_1000, 2, 3, 4, 5,
-                                        240, 80, 20, 4]
+    assert written((A4,), (x,)) == [0, 0, 120, 4, 0x7F00_0000_1000, 2, 3, 4, 5, 240, 80, 20, 4]
     i = Tensor(0x2000, (7,))
-    assert launch.pack((A1I,), (i,)) == [0, 0, 7, 4, 0x2000, 7, 4]
+    assert written((A1I,), (i,)) == [0, 0, 7, 4, 0x2000, 7, 4]
 
 
-def test_scalars_pack_as_ctypes_of_their_type_and_booleans_as_they_are():
+def test_scalars_take_their_types_size_and_booleans_one_byte():
     argtypes = (types.int32, types.int64, types.uint64, types.float32, types.float64,
                 types.boolean, types.float16)
     values = (np.int32(-3), 1 << 30, np.uint64(2 ** 63 + 5), np.float32(0.25), np.float64(0.1),
               True, 1.5)
-    c = ctypes
-    assert plain(launch.pack(argtypes, values)) == [
-        (c.c_int32.__name__, -3), (c.c_int64.__name__, 1 << 30), (c.c_uint64.__name__, 2 ** 63 + 5),
-        ("c_float", 0.25), ("c_double", 0.1), True,
-        (c.c_uint16.__name__, int(np.float16(1.5).view(np.uint16)))]
-
-
-def test_what_it_cannot_pack_is_refused_when_prepared_not_per_call():
-    with pytest.raises(NotImplementedError, match="C-contiguous"):
-        launch.packers((types.Array(types.float32, 2, "A"),))
-    with pytest.raises(NotImplementedError, match="complex64"):
-        launch.packers((types.complex64,))
-    with pytest.raises(ValueError, match="3-D"):
-        launch.pack((types.Array(types.float32, 3, "C"),), (Tensor(0x1000, (4, 4)),))
-    with pytest.raises(TypeError, match="takes 1 arguments, got 2"):
-        launch.pack((types.int32,), (1, 2))
-
-
-def _as_plain(values):
-    """Packed values as Python numbers (ctypes unwrapped), the layout Params must write."""
-    return [a.value if isinstance(a, ctypes._SimpleCData) else a for a in values]
-
-
-def test_the_parameter_memory_holds_what_pack_packs_and_follows_a_new_shape():
-    argtypes = (A4, types.int32, types.uint64, types.float32, types.float64, types.boolean,
-                types.float16, A1I)
     params = launch.Params(argtypes)
-    first = (Tensor(0x7F00_0000_1000, (2, 3, 4, 5)), np.int32(-3), np.uint64(2 ** 63 + 5),
-             np.float32(0.25), 0.1, True, 1.5, Tensor(0x2000, (7,)))
-    params.set(first)
-    assert params.values() == _as_plain(launch.pack(argtypes, first))
-    # the next call: new pointers, another shape for the first array, other scalars
-    second = (Tensor(0x7F00_0000_9000, (1, 8, 2, 3)), 7, np.uint64(1), 2.0, -1.0, False, -0.5,
-              Tensor(0x3000, (7,)))
-    params.set(second)
-    assert params.values() == _as_plain(launch.pack(argtypes, second))
-    # one kernel parameter per packed value, of the size the kernel takes: 8 bytes an array field
-    sizes = [ctypes.sizeof(p) for p in params.objects]
-    assert sizes == [8] * 13 + [4, 8, 4, 8, 1, 2] + [8] * 7
-    assert [params.pointers[i] for i in range(len(sizes))] == [ctypes.addressof(p) for p in params.objects]
+    params.set(values)
+    assert params.sized() == [(4, -3), (8, 1 << 30), (8, 2 ** 63 + 5), (4, 0.25), (8, 0.1), (1, True),
+                              (2, int(np.float16(1.5).view(np.uint16)))]
 
 
-def test_the_parameter_memory_refuses_what_pack_refuses():
+def test_the_parameter_memory_follows_a_new_shape_and_holds_the_pointers_it_hands_over():
+    argtypes = (A4, types.int32, A1I)
+    params = launch.Params(argtypes)
+    params.set((Tensor(0x7F00_0000_1000, (2, 3, 4, 5)), np.int32(-3), Tensor(0x2000, (7,))))
+    # the next call: new pointers, another shape for the first array, another scalar
+    params.set((Tensor(0x7F00_0000_9000, (1, 8, 2, 3)), 7, Tensor(0x3000, (7,))))
+    assert params.values() == [0, 0, 48, 4, 0x7F00_0000_9000, 1, 8, 2, 3, 192, 24, 12, 4, 7,
+                               0, 0, 7, 4, 0x3000, 7, 4]
+    assert [params.pointers[i] for i in range(len(params.objects))] == [
+        ctypes.addressof(p) for p in params.objects]
+
+
+def test_the_parameter_memory_refuses_what_it_cannot_lay_out():
     with pytest.raises(NotImplementedError, match="C-contiguous"):
         launch.Params((types.Array(types.float32, 2, "A"),))
     with pytest.raises(NotImplementedError, match="complex64"):
@@ -110,7 +87,8 @@ def test_the_parameter_memory_refuses_what_pack_refuses():
 
 # Run with numba's real CUDA target (numba.cuda imported first, no simulator): the kernels'
 # argument types and values as the dispatcher path types them (typeof on DeviceNDArrays, the
-# wrappers' NumPy scalars), packed by numba-cuda's _prepare_args and by launch.pack.
+# wrappers' NumPy scalars), packed by numba-cuda's _prepare_args and written by launch.Params,
+# each compared as (bytes, value): what the kernel receives.
 _AGAINST_NUMBA = r"""
 import ctypes, json, sys
 import numpy as np
@@ -140,8 +118,14 @@ def arrays(shape, dtype, pointer):
     shape, strides, dtype = prepare_shape_strides_dtype(shape, None, dtype, "C")
     return DeviceNDArray(shape, strides, dtype, gpu_data=Memory(pointer)), Tensor(pointer, shape)
 
-def plain(args):
-    return [[type(a).__name__, a.value] if isinstance(a, ctypes._SimpleCData) else a for a in args]
+def sized(args):        # numba's list: ctypes scalars, Python ints (8 bytes) and bools (1 byte)
+    out = []
+    for a in args:
+        if isinstance(a, ctypes._SimpleCData):
+            out.append([ctypes.sizeof(a), a.value])
+        else:
+            out.append([1 if isinstance(a, bool) else 8, a])
+    return out
 
 def case(argtypes, specs):
     numba_values, fast_values = [], []
@@ -157,8 +141,10 @@ def case(argtypes, specs):
     theirs = []
     for ty, value in zip(typed, numba_values):
         _Kernel._prepare_args(Kernel(), ty, value, 0, [], theirs)
-    return {"types_match": typed == tuple(argtypes), "numba": plain(theirs),
-            "fast": plain(launch.pack(argtypes, fast_values))}
+    params = launch.Params(argtypes)
+    params.set(fast_values)
+    return {"types_match": typed == tuple(argtypes), "numba": sized(theirs),
+            "fast": [list(x) for x in params.sized()]}
 
 B, Nq, Nk, H, d = 2, 19, 23, 3, 40
 scalars = (np.float32(0.2), True, np.int32(-7), np.int32(5), np.float64(0.1),
@@ -216,7 +202,7 @@ def test_the_fast_path_launches_the_launchers_kernel_with_its_arguments(monkeypa
     class Prepared:           # what launch.prepared would make, recording its call
         def __init__(self, kernel, argtypes, grid, block, nbytes=0, device=0):
             self.what = (kernel, nbytes, argtypes)
-            launch.packers(argtypes)
+            launch.Params(argtypes)           # every argument type can be laid out
 
         def __call__(self, *args):
             prepared.append((*self.what[:2], args))

@@ -16,8 +16,8 @@ array's data pointer; its shape and strides only when they changed; the scalars)
 and calls the driver's ``cuLaunchKernel`` once (``Params``).
 
 Arguments are laid out as numba-cuda 0.30's ``_prepare_args`` packs them
-(``pack``; ``tests/test_launch.py`` checks the two against each other), one
-kernel parameter each:
+(``Params``; ``tests/test_launch.py`` checks the two against each other, value
+and size), one kernel parameter each:
 
     Array(dtype, ndim, 'C')   meminfo 0, parent 0, size, itemsize, data pointer,
                               *shape, *strides in bytes (C order, from the shape),
@@ -76,60 +76,9 @@ def c_strides(shape, itemsize):
     return tuple(reversed(strides))
 
 
-def _array_packer(ty):
-    if ty.layout != "C":
-        raise NotImplementedError(f"launch packs only C-contiguous arrays, got {ty}")
-    itemsize = np.dtype(str(ty.dtype)).itemsize
-    ndim = ty.ndim
-
-    def pack_array(x, out):
-        shape = tuple(x.shape)
-        if len(shape) != ndim:
-            raise ValueError(f"expected a {ndim}-D array for {ty}, got shape {shape}")
-        out += (0, 0, math.prod(shape), itemsize, x.data_ptr(), *shape, *c_strides(shape, itemsize))
-    return pack_array
-
-
-def _packer(ty):
-    """A function (value, flat list) -> None that appends `ty`'s kernel arguments for a value."""
-    if isinstance(ty, types.Array):
-        return _array_packer(ty)
-    if isinstance(ty, types.Boolean):
-        return lambda x, out: out.append(x)
-    if isinstance(ty, types.Integer):
-        c_type = getattr(ctypes, f"c_{ty}")
-        return lambda x, out: out.append(c_type(x))
-    if ty == types.float16:
-        return lambda x, out: out.append(ctypes.c_uint16(np.float16(x).view(np.uint16)))
-    if ty in _SCALARS:
-        c_type = _SCALARS[ty]
-        return lambda x, out: out.append(c_type(x))
-    raise NotImplementedError(f"launch does not pack arguments of type {ty}")
-
-
-def packers(argtypes):
-    """One packer per argument type: resolved once, used per call."""
-    return tuple(_packer(ty) for ty in argtypes)
-
-
-def pack(argtypes, values):
-    """The flat kernel-argument list numba-cuda's ``_prepare_args`` makes for `values` of
-    `argtypes` (the module docstring's layout)."""
-    return pack_with(packers(argtypes), values)
-
-
-def pack_with(packs, values):
-    if len(values) != len(packs):
-        raise TypeError(f"the kernel takes {len(packs)} arguments, got {len(values)}")
-    out = []
-    for pack_one, value in zip(packs, values):
-        pack_one(value, out)
-    return out
-
-
 class Params:
-    """A kernel's parameters in ctypes memory, in ``pack``'s order (one object per parameter),
-    and ``pointers``, the array of their addresses that ``cuLaunchKernel`` reads. ``set(values)``
+    """A kernel's parameters in ctypes memory, in the module docstring's layout (one object per
+    parameter), and ``pointers``, the array of their addresses that ``cuLaunchKernel`` reads. ``set(values)``
     writes one call's arguments: each array's data pointer, its size, shape and strides only when
     its shape changed since the last call, and every scalar."""
 
@@ -195,6 +144,10 @@ class Params:
     def values(self):
         """The parameters as written: Python ints, floats and bools (for tests)."""
         return [p.value for p in self.objects]
+
+    def sized(self):
+        """(bytes, value) of each parameter, as the kernel receives them (for tests)."""
+        return [(ctypes.sizeof(p), p.value) for p in self.objects]
 
 
 def _driver_library():
