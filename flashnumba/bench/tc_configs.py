@@ -31,11 +31,16 @@ import functools
 import json
 import statistics
 
+from flashnumba.kernels.common import HEAD_DIM_BUCKETS
+
 WARMUP = 2
 RUNS = 10
 FORWARD_BC = (32, 64)
 FORWARD_WARPS = (4, 8)
 FORWARD_STAGES = (1, 2)
+# the compiled variants the resource targets build: (name suffix, build options)
+KERNEL_VARIANTS = (("", {}), ("_dropout", {"dropout": True}),
+                   ("_softcap_alibi", {"softcap": True, "alibi": True}))
 # (Br, Bc, d_pad, warps, stages) of the forward grid that ptxas spills for sm_90, by the resources
 # command in the module docstring (PERF-NOTES.md, "fa2_tc_forward's candidates").
 SPILLED_ON_SM90 = frozenset()
@@ -117,11 +122,10 @@ def forward_flat_targets():
     from flashnumba.kernels import fa2_tc_forward as tcf
 
     targets = []
-    for d in (16, 32, 64, 96, 128):
+    for d in HEAD_DIM_BUCKETS:
         config = tcf.default_config(d)
         (_, _, argtypes), *_ = tcf.compile_targets(config)
-        for suffix, options in (("", {}), ("_dropout", {"dropout": True}),
-                                ("_softcap_alibi", {"softcap": True, "alibi": True})):
+        for suffix, options in KERNEL_VARIANTS:
             targets.append((f"fa2_tc_forward_bf16{suffix} d_pad={config.d_pad} flat",
                             tcf.build(config, "bf16", flat=True, **options), argtypes))
     return targets
@@ -135,11 +139,10 @@ def backward_red_v2_targets():
     from flashnumba.kernels import fa2_tc_backward as tcb
 
     targets = []
+    argtypes = tcb.dkdv_argtypes()
     for config in tcb.shipped_configs():
         for kind in ("bf16", "f16"):
-            for suffix, options in (("", {}), ("_dropout", {"dropout": True}),
-                                    ("_softcap_alibi", {"softcap": True, "alibi": True})):
-                (_, _, argtypes), *_ = tcb.compile_targets(config)
+            for suffix, options in KERNEL_VARIANTS:
                 targets.append((f"fa2_tc_backward_{kind}{suffix} Br={config.Br} Bc={config.Bc} "
                                 f"d_pad={config.d_pad} red.v2",
                                 tcb.build(config, kind, red_v2=True, **options).dkdv, argtypes))
@@ -153,10 +156,9 @@ def backward_flat_targets():
     from flashnumba.kernels import fa2_tc_backward as tcb
 
     targets = []
-    for d in (16, 32, 64, 96, 128):
+    for d in HEAD_DIM_BUCKETS:
         config = tcb.default_config(d)
-        for suffix, options in (("", {}), ("_dropout", {"dropout": True}),
-                                ("_softcap_alibi", {"softcap": True, "alibi": True})):
+        for suffix, options in KERNEL_VARIANTS:
             targets.append((f"fa2_tc_backward_bf16{suffix} d_pad={config.d_pad} flat red.v2",
                             tcb.build(config, "bf16", red_v2=True, flat=True, **options).dkdv,
                             tcb.dkdv_argtypes(flat=True)))
