@@ -146,13 +146,11 @@ class Operand:
             self.dtype = _TORCH_DTYPE_NAMES.get(x.dtype)
             if self.dtype is None:
                 self.dtype = _TORCH_DTYPE_NAMES[x.dtype] = dtypes.name_of(x)
-            if self.kind == "torch":
-                torch_allocator.install()      # as below
-            return
-        self.kind = kind_of(name, x)
-        self.shape = tuple(int(n) for n in x.shape) if hasattr(x, "shape") else \
-            tuple(x.__cuda_array_interface__["shape"])
-        self.dtype = dtypes.name_of(x)
+        else:
+            self.kind = kind_of(name, x)
+            self.shape = tuple(int(n) for n in x.shape) if hasattr(x, "shape") else \
+                tuple(x.__cuda_array_interface__["shape"])
+            self.dtype = dtypes.name_of(x)
         if self.kind == "torch":
             # before anything asks numba for the device (validate.algorithm does), which makes
             # numba's context and fixes its memory manager: see torch_allocator

@@ -110,3 +110,17 @@ def test_any_cuda_array_interface_and_bfloat16_interface(rng):
     got = torch.as_tensor(out.owner.view(np.int16), device="cuda").view(torch.bfloat16)
     expected = flashnumba.flash_attn_func(*tensors)
     assert torch.equal(got, expected)
+
+
+def test_a_torch_tensor_reads_as_the_general_path_reads_it():
+    """Operand reads a plain torch.Tensor directly; its kind, shape and dtype are what kind_of and
+    dtypes.name_of give (a subclass, here nn.Parameter, takes the general path)."""
+    torch = pytest.importorskip("torch")
+    from flashnumba import dtypes
+    from flashnumba.interop import kind_of
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int64):
+        for x in (torch.zeros((2, 3, 1, 4), dtype=dtype), torch.nn.Parameter(torch.zeros(5, dtype=dtype),
+                                                                            requires_grad=False)):
+            op = Operand("q", x)
+            assert (op.kind, op.shape, op.dtype) == (kind_of("q", x), tuple(int(n) for n in x.shape),
+                                                     dtypes.name_of(x)), (dtype, type(x))
