@@ -45,6 +45,7 @@ same seed gives the same result. Kept values are scaled by 1 / (1 - p).
 """
 
 import dataclasses
+import functools
 import sys
 
 from flashnumba import registry, validate
@@ -54,9 +55,39 @@ from flashnumba.interop import Operand, swap_seq_heads, take
 from flashnumba.kernels.common import resolve_dropout
 
 
+_CALLS = {}     # the Call of each argument tuple already checked (none with alibi_slopes: an array)
+_CALLS_KEPT = 256
+
+
 def _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, alignment,
           scale_name="softmax_scale", causal_name="causal", dtype="float32", window_size=(-1, -1),
           softcap=0.0, alibi_slopes=None, B=1, Hq=1):
+    """The checked Call of one public call's options; the same options again (of the same types:
+    1, 1.0 and True are equal keys, and only some of them pass) return it without checking."""
+    if alibi_slopes is not None:
+        return _checked_call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed,
+                             alignment, scale_name, causal_name, dtype, window_size, softcap,
+                             alibi_slopes, B, Hq)
+    key = (d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, alignment, scale_name,
+           causal_name, dtype, window_size, softcap, validate.compute_capability())
+    try:
+        key += (*map(type, key), *map(type, window_size))
+        call = _CALLS.get(key)
+    except TypeError:            # window_size unhashable or not a pair: check it every time
+        key, call = None, None
+    if call is None:
+        call = _checked_call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed,
+                             alignment, scale_name, causal_name, dtype, window_size, softcap,
+                             None, B, Hq)
+        if key is not None:
+            if len(_CALLS) >= _CALLS_KEPT:      # a new seed each call (dropout) must not grow it
+                _CALLS.clear()
+            _CALLS[key] = call
+    return call
+
+
+def _checked_call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, alignment,
+                  scale_name, causal_name, dtype, window_size, softcap, alibi_slopes, B, Hq):
     p, seed = resolve_dropout(dropout_p, seed)           # p in [0, 1), seed in [0, 2^64)
     name = validate.algorithm(algorithm, dtype, d)
     call = Call(scale=validate.scale(softmax_scale, d, scale_name), dropout_p=float(p), seed=int(seed),
@@ -68,6 +99,13 @@ def _call(d, dropout_p, softmax_scale, causal, deterministic, algorithm, seed, a
         # a default whose kernels lack these options: the fp32 kernels take them, widened
         call = dataclasses.replace(call, algorithm=registry.DEFAULT)
     return call
+
+
+@functools.cache
+def _autograd_function():
+    """flashnumba.torch.function's FlashAttnFunction (imported when first needed: torch is optional)."""
+    from flashnumba.torch.function import FlashAttnFunction
+    return FlashAttnFunction
 
 
 def _needs_autograd(operands):
@@ -83,8 +121,7 @@ def _attention(q, k, v, call_args, return_attn_probs, alignment):
     call = _call(d, alignment=alignment, dtype=operands[0].dtype, B=B, Hq=Hq, **call_args)
     return_attn_probs = validate.flag("return_attn_probs", return_attn_probs)
     if _needs_autograd(operands):
-        from flashnumba.torch.function import FlashAttnFunction
-        return FlashAttnFunction.run(operands, call, return_attn_probs)
+        return _autograd_function().run(operands, call, return_attn_probs)
     out, lse, S_dmask = forward(operands, call, return_attn_probs)
     return (out, lse, S_dmask) if return_attn_probs else out
 
@@ -196,8 +233,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = (swap_seq_heads(op) for op in operands)            # to (B, N, H, d), no copy
     inner = validate.tensors(query=q, key=k, value=v)
     if _needs_autograd(inner):
-        from flashnumba.torch.function import FlashAttnFunction
-        out = FlashAttnFunction.run(inner, call, False)
+        out = _autograd_function().run(inner, call, False)
     else:
         out = forward(inner, call, False)[0]
     return swap_seq_heads(Operand("out", out))                   # back to (B, H, N, d)

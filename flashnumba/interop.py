@@ -218,10 +218,11 @@ def torch_f32(operands):
     (one query of Numba's current device for all of them)."""
     lead = operands[0].value
     _check_torch_device(operands[0].name, lead)
+    device = lead.get_device()                            # an int: no torch.device made
     tensors = []
     for op in operands:
         x = op.value
-        if x.device != lead.device:
+        if x.get_device() != device:
             _check_torch_device(op.name, x)               # raises: not numba's device
         if not x.is_contiguous():                         # broadcast (stride 0) or strided
             x = x.detach().contiguous()

@@ -116,7 +116,11 @@ class Version:
 
     def module(self, direction):
         """The kernel module of one direction (imported on first use: it compiles kernels)."""
-        return importlib.import_module(f"flashnumba.kernels.{self.kernel(direction)}")
+        module = _MODULES.get((self.name, direction))
+        if module is None:
+            module = _MODULES[self.name, direction] = importlib.import_module(
+                f"flashnumba.kernels.{self.kernel(direction)}")
+        return module
 
     def state(self, direction):
         return self.forward_state if direction == FORWARD else self.backward_state
@@ -165,6 +169,7 @@ VERSIONS = (
             min_compute_capability=(8, 0),   # mma.sync with bf16 operands is sm_80's instruction
             max_head_dim=128),
 )
+_MODULES = {}                 # (version name, direction) -> its kernel module, once imported
 
 # Head dims: fa1, fa2 and fa2_tc compile d_pad in kernels.common.HEAD_DIM_BUCKETS (up to 128),
 # fa2_fast in FAST_HEAD_DIMS (up to 256, flash-attn's largest); tests/test_head_dims.py checks.

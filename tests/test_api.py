@@ -168,3 +168,23 @@ def test_S_dmask_holds_the_probabilities(rng):
     assert rel_err(np.abs(S_dmask[0, 0]), P) <= TOL
     assert (S_dmask < 0).any() and (S_dmask > 0).any()
     assert np.array_equal(mask_of(S_dmask), philox.keep_mask(3, 0.5, 1, 1, 19, 23))
+
+
+def test_options_seen_before_are_checked_again_when_their_types_differ(rng):
+    """The public call keeps the checked options of each call (``api._call``): the same options
+    again reuse them, but values equal to an accepted one in another type (1 == True, 1.0 ==
+    1) are still refused, and new seeds (dropout) do not grow the store past its bound."""
+    from flashnumba import api
+    q, k, v = make(rng, 1, 8, 8, 1, 1, 16)
+    first = flashnumba.flash_attn_func(q, k, v, causal=True)
+    assert np.array_equal(flashnumba.flash_attn_func(q, k, v, causal=True), first)
+    assert api._call(16, 0.0, None, True, False, None, 0, "bottom-right") is \
+        api._call(16, 0.0, None, True, False, None, 0, "bottom-right")
+    with pytest.raises(TypeError, match="causal must be True or False, got 1"):
+        flashnumba.flash_attn_func(q, k, v, causal=1)
+    flashnumba.flash_attn_func(q, k, v, window_size=(2, 0))
+    with pytest.raises(TypeError, match="window_size left must be an integer"):
+        flashnumba.flash_attn_func(q, k, v, window_size=(2.0, 0))
+    for seed in range(api._CALLS_KEPT + 5):
+        api._call(16, 0.1, None, False, False, None, seed, "bottom-right")
+    assert 0 < len(api._CALLS) <= api._CALLS_KEPT

@@ -17,7 +17,7 @@ matrix-product kernels lay it out:
 
 Names here -> the paper's (Dao 2023, Algorithm 2; "l." = its line numbers):
 
-    D_rows         D = rowsum(dO o O) (l. 4), written by the preprocess launch
+    D_rows         D = rowsum(dO o O) (l. 4), written by the preprocess launch (which zeroes dQ)
     Kt, Vt         K_j^T, V_j^T in shared memory (l. 6)
     Qs, dOs        Q_i, dO_i in shared memory (l. 9)
     stat           group 0: log2(e) L_i;  group 1: scale D_i   (l. 9)
@@ -51,7 +51,7 @@ Without dropout Z_ij = 1 and those lines vanish: dropout is a compile-time
 variant, ``build(config, dropout=True)``, launched when p > 0, so the p = 0
 kernel contains no Philox code at all.
 
-D_i = rowsum(dO_i * O_i) comes from ``fa2_backward.preprocess`` (run first);
+D_i = rowsum(dO_i * O_i) comes from ``preprocess.preprocess_zero_dq`` (run first, zeroing dQ);
 L_i is the forward's natural-log logsumexp (``fa2_fast_forward`` and
 ``fa2_forward`` both write L = m + log l in natural log), so
 exp(scale S - L) = exp2(scale log2(e) S - log2(e) L): one multiply-add and one
@@ -181,7 +181,7 @@ from flashnumba.kernels.geometry import num_tiles, q_tile_end, q_tile_start
 from flashnumba.kernels.hardware import FLOAT_BYTES, REGISTERS_PER_SM, SM_SHARED_BYTES, WARP_SIZE
 from flashnumba.kernels.launch import prepared
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
-from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess, zero_fill
+from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess_zero_dq
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 FEATURES = ("window_size", "softcap", "alibi_slopes")   # flash-attn's options beyond plain attention
@@ -786,10 +786,14 @@ def argtypes():
 
 def compile_targets(config):
     """[(label, dispatcher, argtypes)] for cuda.compile_ptx, argument types as the launcher uses them.
-    (The preprocess, zero-fill and GQA kernels are fa2_backward's and gqa's, checked there.)"""
+    (The GQA kernel is gqa's, checked with fa2_backward's.)"""
+    a4 = types.Array(types.float32, 4, "C")
+    a3 = types.Array(types.float32, 3, "C")
+    a1 = types.Array(types.float32, 1, "C")
     return [(NAME, build(config), argtypes()),
             (f"{NAME}_dropout", build(config, dropout=True), argtypes()),
-            (f"{NAME}_softcap_alibi", build(config, softcap=True, alibi=True), argtypes())]
+            (f"{NAME}_softcap_alibi", build(config, softcap=True, alibi=True), argtypes()),
+            (f"{NAME}_preprocess_zero_dq", preprocess_zero_dq, (a4, a4, a3, a1))]
 
 
 # ---------------------------------------------------------------------------
@@ -834,7 +838,7 @@ class Setup:
     nbytes: int
     before: tuple             # scale, windowed, lo, hi: between dV and p
     after: tuple              # steps, cap: between seed and the slopes
-    rowsum_grid: tuple        # preprocess: D = rowsum(dO o O)
+    rowsum_grid: tuple        # preprocess_zero_dq: D = rowsum(dO o O), dQ = 0
     group_sum_grid: int       # gqa.sum_head_groups over (B, Nk, Hkv, d)
     dq_floats: int            # dQ's floats and the d_pad spare floats after them (see the kernel)
 
@@ -860,8 +864,8 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
              window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """Check and allocate once; returns (launch, dq, dk, dv) with device arrays dq, dk, dv.
 
-    ``launch()`` runs everything again into the same arrays, allocating nothing: zero dQ,
-    D = rowsum(dO * O), the main kernel, and (GQA) the head-group sums of dK, dV. What the
+    ``launch()`` runs everything again into the same arrays, allocating nothing:
+    D = rowsum(dO * O) and dQ = 0 (one launch), the main kernel, and (GQA) the head-group sums of dK, dV. What the
     benchmark times. The inputs must stay alive. dropout_p > 0 launches the dropout variant
     of the main kernel (out must then be the dropped forward's output); p = 0 the plain one.
     """
@@ -889,10 +893,8 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     dk_heads = cuda.device_array((B, Nk, H_q, d), dtype=np.float32) if grouped else dk
     dv_heads = cuda.device_array((B, Nk, H_q, d), dtype=np.float32) if grouped else dv
 
-    # zero all of it, the spare floats too: their atomics (adding 0) read them
-    dq_spare_4d = dq_spare.reshape(1, 1, 1, dq_spare.size)
-    zero_dq = zero_fill[geometry.num_tiles(dq_spare.size, PRE_THREADS), PRE_THREADS]
-    rowsum = preprocess[plan.rowsum_grid, PRE_THREADS]
+    # D = rowsum(dO o O) and dQ = 0, the spare floats too: their atomics (adding 0) read them
+    rowsum = preprocess_zero_dq[plan.rowsum_grid, PRE_THREADS]
     main = plan.kernel[plan.grid, plan.threads, 0, plan.nbytes]
     group_sum = gqa.sum_head_groups[plan.group_sum_grid, gqa.THREADS]
     q_flat, dout_flat = _flat(q_d, "q"), _flat(dout_d, "dout")
@@ -901,8 +903,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     smem_limit.raise_dynamic_limit(plan.kernel, args, plan.nbytes)   # above 48 KB the driver must allow it
 
     def launch():
-        zero_dq(dq_spare_4d)
-        rowsum(dout_d, out_d, D_rows)
+        rowsum(dout_d, out_d, D_rows, dq_spare)
         main(*args)
         if grouped:
             group_sum(dk_heads, dk)
@@ -922,13 +923,13 @@ def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT
     All six: torch CUDA tensors, float32, C-contiguous, on numba's current GPU, shapes checked
     (``attention.backward`` checks all that first). The Setup and the prepared launches
     (``launch.prepared``) are made once per shape and options. A call allocates with torch and
-    launches what ``launcher``'s ``launch()`` does, with the same arguments, but for one
-    launch: dQ (and its spare floats) is zeroed by torch's fill instead of ``zero_fill``. Bitwise
-    the same results.
+    launches what ``launcher``'s ``launch()`` does, with the same arguments: bitwise the same
+    results. dropout_p and seed as ``common.resolve_dropout`` takes them, already checked (the
+    public call's ``Call``).
     """
     B, Nq, H_q, d = q.shape
     Nk, H_kv = k.shape[1], k.shape[2]
-    key = (q.shape, k.shape, q.device.index, causal, alignment, softmax_scale, dropout_p > 0.0,
+    key = (q.shape, k.shape, q.get_device(), causal, alignment, softmax_scale, dropout_p > 0.0,
            tuple(window_size), softcap, alibi_slopes is None)
     cached = _fast.get(key)
     if cached is None:
@@ -940,25 +941,26 @@ def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT
         device = q.device.index
         a4 = types.Array(types.float32, 4, "C")
         a3 = types.Array(types.float32, 3, "C")
-        rowsum = prepared(preprocess, (a4, a4, a3), plan.rowsum_grid, PRE_THREADS, device=device)
+        a1 = types.Array(types.float32, 1, "C")
+        rowsum = prepared(preprocess_zero_dq, (a4, a4, a3, a1), plan.rowsum_grid, PRE_THREADS,
+                          device=device)
         main = prepared(plan.kernel, argtypes(), plan.grid, plan.threads, plan.nbytes, device=device)
         group_sum = (prepared(gqa.sum_head_groups, (a4, a4), plan.group_sum_grid, gqa.THREADS,
                               device=device) if H_q != H_kv else None)
         cached = _fast[key] = (plan, rowsum, main, group_sum, q.new_empty((1, 1)))   # placeholder slopes
     plan, rowsum, main, group_sum, slopes = cached
-    p, seed = common.resolve_dropout(dropout_p, seed)
     if alibi_slopes is not None:
         slopes = q.new_tensor(common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
     D_rows = q.new_empty((B, H_q, Nq))
-    # dQ = 0 (Alg. 2 l. 3), the spare floats too: their atomics (adding 0) read them
-    dq_spare = q.new_zeros(plan.dq_floats)
+    # dQ and its spare floats: zeroed by preprocess_zero_dq (their atomics, adding 0, read them)
+    dq_spare = q.new_empty(plan.dq_floats)
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
     grouped = group_sum is not None
     dk_heads = q.new_empty((B, Nk, H_q, d)) if grouped else dk
     dv_heads = q.new_empty((B, Nk, H_q, d)) if grouped else dv
-    rowsum(dout, out, D_rows)
+    rowsum(dout, out, D_rows, dq_spare)
     main(q.view(-1), k, v, dout.view(-1), L, D_rows, dq_spare, dk_heads, dv_heads, *plan.before,
-         p, seed, *plan.after, slopes)
+         dropout_p, seed, *plan.after, slopes)
     if grouped:
         group_sum(dk_heads, dk)
         group_sum(dv_heads, dv)

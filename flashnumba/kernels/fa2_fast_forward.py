@@ -708,11 +708,12 @@ def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale
     (``attention.forward`` checks all that first). The Setup and the prepared launch
     (``launch.prepared``) are made once per shape and options; a call allocates O and L with
     torch and launches the same kernel with the same arguments as ``launcher`` (bitwise the same
-    results).
+    results). dropout_p and seed as ``common.resolve_dropout`` takes them, already checked (the
+    public call's ``Call``).
     """
     B, Nq, H_q, d = q.shape
     Nk = k.shape[1]
-    key = (q.shape, k.shape, q.device.index, causal, alignment, softmax_scale, dropout_p > 0.0,
+    key = (q.shape, k.shape, q.get_device(), causal, alignment, softmax_scale, dropout_p > 0.0,
            tuple(window_size), softcap, alibi_slopes is None)
     cached = _fast.get(key)
     if cached is None:
@@ -725,12 +726,11 @@ def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale
                        device=q.device.index)
         cached = _fast[key] = (plan, run, q.new_empty((1, 1)))   # slopes placeholder, never read
     plan, run, slopes = cached
-    p, seed = common.resolve_dropout(dropout_p, seed)
     if alibi_slopes is not None:
         slopes = q.new_tensor(common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
     out = q.new_empty((B, Nq, H_q, d))
     L = q.new_empty((B, H_q, Nq))
-    run(q, k, v, out, L, *plan.before, p, seed, *plan.after, slopes)
+    run(q, k, v, out, L, *plan.before, dropout_p, seed, *plan.after, slopes)
     return out, L
 
 

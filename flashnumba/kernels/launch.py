@@ -80,7 +80,8 @@ class Params:
     """A kernel's parameters in ctypes memory, in the module docstring's layout (one object per
     parameter), and ``pointers``, the array of their addresses that ``cuLaunchKernel`` reads. ``set(values)``
     writes one call's arguments: each array's data pointer, its size, shape and strides only when
-    its shape changed since the last call, and every scalar."""
+    its shape changed since the last call, and each scalar that is not the object written last
+    time (a cached launch passes the same constants every call)."""
 
     def __init__(self, argtypes):
         self.objects = []
@@ -105,9 +106,12 @@ class Params:
         else:
             raise NotImplementedError(f"launch does not pack arguments of type {ty}")
         (value,) = self._add(c_type())
+        last = [None]                      # the object the field holds (kept alive here)
 
         def set_scalar(x):
-            value.value = convert(x)
+            if x is not last[0]:
+                value.value = convert(x)
+                last[0] = x
         return set_scalar
 
     def _array_setter(self, ty):

@@ -1,5 +1,8 @@
 """Before an FA2 backward: D_i = rowsum(dO_i * O_i) (FA2 Alg. 2 l. 4) and dQ = 0 (l. 3).
 
+    preprocess           D_i                     (the readable kernels; zero_fill zeroes dQ)
+    preprocess_zero_dq   D_i and dQ = 0          one launch (fa2_fast_backward)
+
 Shared by every FA2 backward kernel version, so no version imports another's
 module. D_i is the rowsum of dO_i o O_i, which equals rowsum(P_ij o dP_ij) over
 all j: the softmax's backward needs it for every tile of row i, so it is
@@ -23,9 +26,10 @@ PRE_ROWS_PER_BLOCK = PRE_WARPS * ROWS_PER_PRE_WARP
 # Kernel 1: D_i = rowsum(dO_i * O_i) (Alg. 2 l. 4), with a sub-warp shuffle butterfly
 # ---------------------------------------------------------------------------
 
-@cuda.jit
-def preprocess(dout, out, D_rows):
-    """D_rows[b, h, r] = sum_x dout[b, r, h, x] * out[b, r, h, x]: D = rowsum(dO o O), Alg. 2 l. 4."""
+@cuda.jit(device=True)
+def rowsum(dout, out, D_rows):
+    """This thread's part of D = rowsum(dO o O) for the block (blockIdx.x: PRE_ROWS_PER_BLOCK rows,
+    blockIdx.y: b, h)."""
     _, Nq, H_q, d = out.shape
     b = cuda.blockIdx.y // H_q
     h = cuda.blockIdx.y % H_q
@@ -47,6 +51,23 @@ def preprocess(dout, out, D_rows):
         offset //= 2
     if sub == 0 and row < Nq:
         D_rows[b, h, row] = partial
+
+
+@cuda.jit
+def preprocess(dout, out, D_rows):
+    """D_rows[b, h, r] = sum_x dout[b, r, h, x] * out[b, r, h, x]: D = rowsum(dO o O), Alg. 2 l. 4."""
+    rowsum(dout, out, D_rows)
+
+
+@cuda.jit
+def preprocess_zero_dq(dout, out, D_rows, dq_flat):
+    """``preprocess`` and dQ = 0 (Alg. 2 l. 3) in one launch: dq_flat (1-D, dQ's floats and any
+    spare ones after them) zeroed by a grid-stride loop over the whole grid."""
+    rowsum(dout, out, D_rows)
+    threads = cuda.gridDim.x * cuda.gridDim.y * cuda.blockDim.x
+    idx = (cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    for i in range(idx, dq_flat.size, threads):
+        dq_flat[i] = 0.0
 
 
 @cuda.jit

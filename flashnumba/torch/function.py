@@ -18,6 +18,9 @@ from flashnumba import attention, validate
 from flashnumba.interop import Operand
 
 
+BACKWARD_OPERANDS = ("dout", "q", "k", "v", "out", "softmax_lse")
+
+
 class FlashAttnFunction(torch.autograd.Function):
     """Attention in flash layout (B, N, H, d); `call` is an ``attention.Call`` (scale, dropout, causal, ...)."""
 
@@ -26,6 +29,7 @@ class FlashAttnFunction(torch.autograd.Function):
         if operands is None:             # not through run(): check them here
             operands = validate.tensors(q=q, k=k, v=v)
         out, lse, S_dmask = attention.forward(operands, call, return_attn_probs)
+        ctx.set_materialize_grads(False)     # no zeros made for lse's and S_dmask's absent gradients
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
         ctx.mark_non_differentiable(lse)
@@ -35,8 +39,11 @@ class FlashAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse, _dS_dmask):
-        q, k, v, out, lse = ctx.saved_tensors
-        operands = validate.tensors(dout=dout, q=q, k=k, v=v, out=out) + [Operand("softmax_lse", lse)]
+        if dout is None:                     # the loss does not depend on out
+            return None, None, None, None, None, None
+        # q, k, v were checked by the forward, out and lse made by it; autograd hands dout over
+        # with out's shape, dtype and device
+        operands = [Operand(name, x) for name, x in zip(BACKWARD_OPERANDS, (dout, *ctx.saved_tensors))]
         dq, dk, dv = attention.backward(operands, ctx.call)
         return dq, dk, dv, None, None, None
 
