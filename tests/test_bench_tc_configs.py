@@ -108,8 +108,7 @@ def test_backward_candidates_are_the_shipped_configs_then_the_defaults_variants(
     default = tcb.default_config(64)
     shipped = [c for c in tcb.shipped_configs() if c.d_pad == 64]
     assert tc_configs.backward_candidates(64, capability=(9, 0)) == [(c, {}) for c in shipped] + [
-        (default, {"red_v2": False}), (default, {"flat": True})]
-    assert tc_configs.backward_candidates(64, default_only=True, capability=(8, 0)) == [
-        (default, {}), (default, {"flat": True})]
+        (default, {"red_v2": False})]
+    assert tc_configs.backward_candidates(64, default_only=True, capability=(8, 0)) == [(default, {})]
     assert all(key in tc_configs.BACKWARD_VARIANTS for _, variant in
                tc_configs.backward_candidates(128, capability=(9, 0)) for key in variant.items())

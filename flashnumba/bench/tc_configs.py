@@ -13,15 +13,13 @@ and the largest difference from FLASH's output (the forward's O, the backward's 
 a config change does to the speed is read here before a default moves.
 
 Backward: every config of ``fa2_tc_backward.shipped_configs()`` for the head dim's bucket, then
-the default with one float an atomic on sm_90 and newer and with flat views
-(``backward_candidates``).
+the default with one float an atomic on sm_90 and newer (``backward_candidates``).
 Forward: ``forward_candidates(d_pad)``, the default first: Bc in {32, 64} x warps in {4, 8}
 (Br = 16 warps) x K/V stages in {1, 2}, less what check_config refuses and what ptxas spills on
 sm_90 (SPILLED_ON_SM90; the whole grid, for ptxas through nvJitLink without a GPU:
 ``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:forward_targets``). A
 candidate whose K/V tiles exceed 48 KB (2 stages of Bc=64 at d_pad=128: 69632 B) runs with them
-in dynamic shared memory (``fa2_tc_forward.is_dynamic``); its name says "dynamic". Last, the
-default with K_j, V_j copied from element offsets ("flat").
+in dynamic shared memory (``fa2_tc_forward.is_dynamic``); its name says "dynamic".
 ``--default-only``: only the defaults and their variants, in either direction.
 Nothing here runs on the simulator.
 """
@@ -30,8 +28,6 @@ import argparse
 import functools
 import json
 import statistics
-
-from flashnumba.kernels.common import HEAD_DIM_BUCKETS
 
 WARMUP = 2
 RUNS = 10
@@ -114,23 +110,6 @@ def forward_targets():
     return targets
 
 
-def forward_flat_targets():
-    """[(label, dispatcher, argtypes)] of the forward's kernels at each bucket's default config
-    with K_j, V_j copied from element offsets (``fa2_tc_forward.build(..., flat=True)``), bf16,
-    plain, dropout and softcap + ALiBi: ``flashnumba resources --cc 90 --source
-    flashnumba.bench.tc_configs:forward_flat_targets``."""
-    from flashnumba.kernels import fa2_tc_forward as tcf
-
-    targets = []
-    for d in HEAD_DIM_BUCKETS:
-        config = tcf.default_config(d)
-        (_, _, argtypes), *_ = tcf.compile_targets(config)
-        for suffix, options in KERNEL_VARIANTS:
-            targets.append((f"fa2_tc_forward_bf16{suffix} d_pad={config.d_pad} flat",
-                            tcf.build(config, "bf16", flat=True, **options), argtypes))
-    return targets
-
-
 def backward_red_v2_targets():
     """[(label, dispatcher, argtypes)] of every shipped config's dkdv kernels (each dtype, plain,
     dropout, softcap + ALiBi) with dQ's atomics two floats at a time, as they run on sm_90 and
@@ -146,22 +125,6 @@ def backward_red_v2_targets():
                 targets.append((f"fa2_tc_backward_{kind}{suffix} Br={config.Br} Bc={config.Bc} "
                                 f"d_pad={config.d_pad} red.v2",
                                 tcb.build(config, kind, red_v2=True, **options).dkdv, argtypes))
-    return targets
-
-
-def backward_flat_targets():
-    """[(label, dispatcher, argtypes)] of the bf16 dkdv kernel at each bucket's default config with
-    flat views (``fa2_tc_backward.build(..., flat=True)``), with dQ's atomics as on sm_90 (red.v2):
-    ``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:backward_flat_targets``."""
-    from flashnumba.kernels import fa2_tc_backward as tcb
-
-    targets = []
-    for d in HEAD_DIM_BUCKETS:
-        config = tcb.default_config(d)
-        for suffix, options in KERNEL_VARIANTS:
-            targets.append((f"fa2_tc_backward_bf16{suffix} d_pad={config.d_pad} flat red.v2",
-                            tcb.build(config, "bf16", red_v2=True, flat=True, **options).dkdv,
-                            tcb.dkdv_argtypes(flat=True)))
     return targets
 
 
@@ -213,7 +176,7 @@ def _inputs(B, H, N, d, count):
 
 def run_forward(B, H, N, head_dims, log=print, default_only=False):
     """Rows: FLASH's forward, then each of forward_candidates(d_pad) (only the default with
-    `default_only`) and the default with flat copies, per head dim x causal."""
+    `default_only`), per head dim x causal."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -239,14 +202,13 @@ def run_forward(B, H, N, head_dims, log=print, default_only=False):
             rows.append(_row("fwd", d, causal, "FLASH", flash_ms, flops, flash_ms, 0.0))
             log(f"B={B} H={H} N={N} d={d} causal={causal}: FLASH fwd {flash_ms:.3f} ms "
                 f"{rows[-1]['tflops']:.1f} TFLOP/s")
-            # then the default with K_j, V_j copied from element offsets (not yet the default)
-            for (config, n_stages), flat in [(c, False) for c in candidates] + [(candidates[0], True)]:
+            for config, n_stages in candidates:
                 launch, out, _, _ = tcf.launcher(*(numba_bits(x) for x in (q, k, v)), causal=causal,
                                                  alignment=TOP_LEFT, dtype="bfloat16", config=config,
-                                                 stages=n_stages, flat=flat)
+                                                 stages=n_stages)
                 ms = time_ms(launch)
                 diff = (torch_from_bits(out, torch.bfloat16).float() - ref).abs().max().item()
-                name = describe(config, n_stages) + (" flat" if flat else "")
+                name = describe(config, n_stages)
                 rows.append(_row("fwd", d, causal, name, ms, flops, flash_ms, diff))
                 log(f"  {rows[-1]['impl']}: {ms:.3f} ms {rows[-1]['tflops']:.1f} TFLOP/s "
                     f"{rows[-1]['x_flash']:.2f}x FLASH, max |O - FLASH's| {diff:.3g}")
@@ -254,15 +216,14 @@ def run_forward(B, H, N, head_dims, log=print, default_only=False):
 
 
 # the backward's launcher options a candidate sets, and how its row names each setting
-BACKWARD_VARIANTS = {("red_v2", False): "one-float atomics", ("flat", True): "flat"}
+BACKWARD_VARIANTS = {("red_v2", False): "one-float atomics"}
 
 
 def backward_candidates(d, default_only=False, capability=(9, 0)):
     """[(config, launcher options)] the backward times at head dim d: every shipped config as it
     ships (only the default with `default_only`), then, on compute capability >= 9.0, where dQ's
     atomics are two floats at a time by default (``fa2_tc_backward.vector_red``), the default
-    config with one float an atomic; then the default config reading and adding through flat
-    views (``flat``, not yet the default)."""
+    config with one float an atomic."""
     from flashnumba.kernels import fa2_tc_backward as tcb
 
     default = tcb.default_config(d)
@@ -270,7 +231,6 @@ def backward_candidates(d, default_only=False, capability=(9, 0)):
     candidates = [(c, {}) for c in configs]
     if tuple(capability) >= (9, 0):
         candidates.append((default, {"red_v2": False}))
-    candidates.append((default, {"flat": True}))
     return candidates
 
 
@@ -329,7 +289,7 @@ def main(argv=None, log=print):
     parser.add_argument("--forward", action="store_true",
                         help="time the forward's candidate configs instead of the backward's shipped ones")
     parser.add_argument("--default-only", action="store_true",
-                        help="only the default config and its variants (one-float atomics, flat)")
+                        help="only the default config and its variant (one-float atomics)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to PATH")
     args = parser.parse_args(argv)
     if flashnumba.on_simulator():

@@ -61,10 +61,15 @@ Dropout (compile-time variant): Z_ij from ``philox.keep`` per element, the same
 mask as every other kernel. m_i, l_i are not needed: L_i = m_i + log l_i from
 the forward gives P_ij directly.
 
+Global memory: q, k, v, dout and dQ's fp32 accumulator are passed as flat (1-D) views
+(``flat_views``; the sizes come from L and dk), a head's first row computed once as an
+unsigned 64-bit element offset, then one multiply-add per 16-byte copy (``load_rows``) and
+per row of dQ added (no per-axis index arithmetic, no wraparound tests).
+
 What bounds it: instruction issue with few warps. A lane's registers (S_ij^T, dP_ij^T,
-dK_j, dV_j and the fragments) leave room for two blocks of 4 warps per SM at d_pad = 64
-and one of 8 at 128, too few to hide the latency of each mma's operands, and each mma
-comes with many other instructions: the 64-bit index arithmetic of the cp.async copies,
+dK_j, dV_j and the fragments) leave room for two blocks per SM, of 4 warps at d_pad = 64
+and of 8 at 128, too few to hide the latency of each mma's operands, and each mma
+comes with many other instructions: the copies' and atomics' address arithmetic,
 the masks and exponentials of P_ij and dS_ij, and dQ's atomics (B * Hq * Nq * d fp32 adds
 per column of K/V blocks, so Nk / Bc of them per element of dQ, two floats an atomic where
 the GPU has ``red.global.add.v2.f32``: ``vector_red``; not deterministic in their summation
@@ -166,20 +171,19 @@ def _smem_alignment():
 Fa2TcBackwardKernels = collections.namedtuple("Fa2TcBackwardKernels", "preprocess dkdv finish_dq")
 
 
-def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, red_v2=False, flat=False):
+def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, red_v2=False):
     """(preprocess, dkdv, finish_dq) for `config` and `kind` ('bf16' | 'f16'); dropout, softcap,
     alibi: the dkdv variants that drop P_ij, cap S_ij (and carry tanh's derivative into dS_ij),
     bias S_ij; red_v2: dQ's atomics two floats at a time (``mma.red_add_v2``, sm_90 and newer,
-    even head dims); flat: q, k, v, dout and dQ's accumulator passed as flat (1-D) views and
-    indexed by unsigned 64-bit offsets, one per row copied or added, with no wraparound tests
-    (``flat_views``). Cached."""
+    even head dims). dkdv takes q, k, v, dout and dQ's accumulator as flat (1-D) views
+    (``flat_views``), indexed by unsigned 64-bit offsets. Cached."""
     if kind not in MMA:
         raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
-    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), bool(red_v2), bool(flat))
+    return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), bool(red_v2))
 
 
 @functools.cache
-def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, FLAT=False):
+def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
     check_config(config)
     Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     T = NW * WARP_SIZE
@@ -204,23 +208,17 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, FLAT
             C[n, e] = d[e]
 
     @cuda.jit(device=True, inline="always")
-    def load_rows(dst, src, b, h, start, N, tid, ROWS):
-        """rows start .. start + ROWS of src (B, N, H, d_pad) (clamped to N - 1) -> dst, by cp.async."""
-        for chunk in range(tid, ROWS * CHUNKS, T):
-            r = chunk // CHUNKS
-            x = 8 * (chunk % CHUNKS)
-            mma.cp_async_16(dst, (r, x), src, (b, min(start + r, N - 1), h, x))
-
-    @cuda.jit(device=True, inline="always")
-    def load_rows_flat(dst, src, head_at, row_stride, start, N, tid, ROWS):
-        """load_rows from src's flat view: row r of the head at head_at + r row_stride (unsigned)."""
+    def load_rows(dst, src, base, row_stride, start, N, tid, ROWS):
+        """rows start .. start + ROWS (clamped to N - 1) of one head of src -> dst, by cp.async:
+        src is the flat view of a (B, N, H, d_pad) array, the head's row r at the unsigned element
+        offset base + r row_stride."""
         for m in range((ROWS * CHUNKS + T - 1) // T):
             chunk = uint64(tid) + uint64(m * T)
             if chunk < uint64(ROWS * CHUNKS):
                 r = chunk // uint64(CHUNKS)
                 x = uint64(8) * (chunk % uint64(CHUNKS))
                 row = uint64(min(start + int64(r), N - 1))
-                mma.cp_async_16(dst, (r, x), src, head_at + row * row_stride + x)
+                mma.cp_async_16(dst, (r, x), src, base + row * row_stride + x)
 
     @cuda.jit(device=True, inline="always")
     def product_T(C, As, Bs, w, lane):
@@ -293,17 +291,14 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, FLAT
     @cuda.jit
     def dkdv(q, k, v, dout, L, D_rows, dq_acc, dk, dv, q_scale, scale, windowed, lo, hi,
              dropout_p, seed, limit, cap, slopes):
-        # --- sizes --- q, dout (B, Nq, H_q, d_pad), k, v (B, Nk, H_kv, d_pad): uint16 bits padded to d_pad;
-        # L, D_rows (B, H_q, Nq) fp32; dq_acc (B, Nq, H_q, d) fp32; dk, dv (B, Nk, H_kv, d) bits.
-        # FLAT: q, k, v, dout and dq_acc are those arrays' flat views (C order).
+        # --- sizes --- q, dout (B, Nq, H_q, d_pad), k, v (B, Nk, H_kv, d_pad): uint16 bits padded
+        # to d_pad; dq_acc (B, Nq, H_q, d) fp32: these five as flat views (C order), so the sizes
+        # come from L, D_rows (B, H_q, Nq) fp32 and dk, dv (B, Nk, H_kv, d) bits.
         # q_scale: scale log2(e), scale: float32; windowed: bool (causal or a window); lo, hi:
         # int32, key c is visible to query r iff r + lo <= c <= r + hi; dropout_p, seed (DROPOUT
         # only); limit: i steps to run (int64); cap: float32 softcap (SOFTCAP only); slopes:
         # float32 (B, H_q) ALiBi slopes (ALIBI only).
-        if FLAT:                           # q, k, v, dout, dq_acc are flat views: sizes from L and dk
-            H_q, Nq = L.shape[1], L.shape[2]
-        else:
-            Nq, H_q = q.shape[1], q.shape[2]
+        H_q, Nq = L.shape[1], L.shape[2]
         Nk, H_kv = dk.shape[1], dk.shape[2]
         d = dk.shape[3]
         Tr = num_tiles(Nq, Br)
@@ -344,13 +339,11 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, FLAT
         dQ = cuda.local.array((2, 4), float32)       # a 16 x 16 piece of dS_ij K_j
 
         # Alg. 2 lines 6-7: load K_j, V_j; dK_j = 0, dV_j = 0
-        if FLAT:                 # unsigned offsets: a head's row 0, and one row's stride
-            kv_at = (uint64(b) * uint64(Nk) * uint64(H_kv) + uint64(h_kv)) * uint64(d_pad)
-            load_rows_flat(Ks, k, kv_at, uint64(H_kv * d_pad), col0, Nk, tid, Bc)
-            load_rows_flat(Vs, v, kv_at, uint64(H_kv * d_pad), col0, Nk, tid, Bc)
-        else:
-            load_rows(Ks, k, b, h_kv, col0, Nk, tid, Bc)
-            load_rows(Vs, v, b, h_kv, col0, Nk, tid, Bc)
+        # unsigned element offsets: k[b, 0, h_kv, 0], and from one key's row to the next
+        kv_at = (uint64(b) * uint64(Nk) * uint64(H_kv) + uint64(h_kv)) * uint64(d_pad)
+        kv_row = uint64(H_kv * d_pad)
+        load_rows(Ks, k, kv_at, kv_row, col0, Nk, tid, Bc)
+        load_rows(Vs, v, kv_at, kv_row, col0, Nk, tid, Bc)
         mma.cp_async_commit()
         for n in range(NDH):
             for e in range(4):
@@ -363,21 +356,19 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, FLAT
             i_start = int64(q_tile_start(j, Br, Bc, Nq, hi))            # above the band's right edge
             i_stop = int64(max(i_start, q_tile_end(j, Br, Bc, Nq, Nk, lo)))   # below its left edge
         i_end = min(i_stop, i_start + limit)
+        q_row = uint64(H_q * d_pad)                          # from one query's row to the next
 
         for hq in range(h_kv * G, h_kv * G + G):             # GQA: the group's query heads
             if ALIBI:
                 slope = slopes[b, hq]                        # bias -slope |r + Nk - Nq - c|
-            if FLAT:
-                head_at = uint64(b) * uint64(Nq) * uint64(H_q) + uint64(hq)   # (b, 0, hq) in rows of d
+            # row (b, 0, hq) among the B Nq H_q rows of q (d_pad elements each) and of dQ (d each)
+            head_at = uint64(b) * uint64(Nq) * uint64(H_q) + uint64(hq)
+            q_at = head_at * uint64(d_pad)                               # q[b, 0, hq, 0]
             for i in range(i_start, i_end):                  # Alg. 2 line 8
                 row0 = i * Br
                 # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
-                if FLAT:
-                    load_rows_flat(Qs, q, head_at * uint64(d_pad), uint64(H_q * d_pad), row0, Nq, tid, Br)
-                    load_rows_flat(dOs, dout, head_at * uint64(d_pad), uint64(H_q * d_pad), row0, Nq, tid, Br)
-                else:
-                    load_rows(Qs, q, b, hq, row0, Nq, tid, Br)
-                    load_rows(dOs, dout, b, hq, row0, Nq, tid, Br)
+                load_rows(Qs, q, q_at, q_row, row0, Nq, tid, Br)
+                load_rows(dOs, dout, q_at, q_row, row0, Nq, tid, Br)
                 mma.cp_async_commit()
                 for qr in range(tid, Br, T):
                     row = row0 + qr
@@ -472,26 +463,20 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False, FLAT
                     for hh in range(2):
                         row = row0 + 16 * rq + g + 8 * hh
                         if row < Nq:
-                            if FLAT:                    # dQ[b, row, hq, 0] as an unsigned offset
-                                row_at = (head_at + uint64(row) * uint64(H_q)) * uint64(d)
+                            # dQ[b, row, hq, 0]: dq_acc's rows are d long (not padded)
+                            row_at = (head_at + uint64(row) * uint64(H_q)) * uint64(d)
                             for n in range(2):
                                 if RED_V2:              # dims x, x + 1 in one 8-byte add (d even)
                                     x = 16 * nq + 8 * n + 2 * t
                                     if x < d:
-                                        if FLAT:
-                                            mma.red_add_v2(dq_acc, row_at + uint64(x), dQ[n, 2 * hh],
-                                                           dQ[n, 2 * hh + 1])
-                                        else:
-                                            mma.red_add_v2(dq_acc, (b, row, hq, x), dQ[n, 2 * hh],
-                                                           dQ[n, 2 * hh + 1])
+                                        mma.red_add_v2(dq_acc, row_at + uint64(x), dQ[n, 2 * hh],
+                                                       dQ[n, 2 * hh + 1])
                                 else:
                                     for e2 in range(2):
                                         x = 16 * nq + 8 * n + 2 * t + e2
                                         if x < d:
-                                            if FLAT:
-                                                cuda.atomic.add(dq_acc, row_at + uint64(x), dQ[n, 2 * hh + e2])
-                                            else:
-                                                cuda.atomic.add(dq_acc, (b, row, hq, x), dQ[n, 2 * hh + e2])
+                                            cuda.atomic.add(dq_acc, row_at + uint64(x),
+                                                            dQ[n, 2 * hh + e2])
                 cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
 
         mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
@@ -523,11 +508,11 @@ def zero_fill(x):
         x[idx // (N * H * d), (idx // (H * d)) % N, (idx // d) % H, idx % d] = 0.0
 
 
-def dkdv_argtypes(flat=False):
-    """dkdv's argument types as the launcher passes them (flat: q, k, v, dout, dq_acc 1-D)."""
-    bits = types.Array(types.uint16, 1 if flat else 4, "C")
+def dkdv_argtypes():
+    """dkdv's argument types as the launcher passes them (q, k, v, dout, dq_acc: flat views)."""
+    bits = types.Array(types.uint16, 1, "C")
     f3 = types.Array(types.float32, 3, "C")
-    acc = types.Array(types.float32, 1 if flat else 4, "C")
+    acc = types.Array(types.float32, 1, "C")
     u4 = types.Array(types.uint16, 4, "C")
     f2 = types.Array(types.float32, 2, "C")
     return (bits, bits, bits, bits, f3, f3, acc, u4, u4, types.float32, types.float32, types.boolean,
@@ -594,14 +579,12 @@ def vector_red():
 
 def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
              dropout_p=0.0, seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None,
-             dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, red_v2=None,
-             flat=False):
+             dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, red_v2=None):
     """Check and allocate once; returns (launch, dq, dk, dv, kind), results as device uint16 bits.
     softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``); red_v2:
     dQ's atomics two floats at a time, on a GPU of compute capability 9.0 or newer (a
     ValueError below it), for even head dims (odd ones keep one float an atomic); None (the
-    default): where the GPU has them (``vector_red``), one float an atomic on the simulator;
-    flat: the kernel that reads q, k, v, dout and adds into dQ through flat views (``build``)."""
+    default): where the GPU has them (``vector_red``), one float an atomic on the simulator."""
     B, Nq, Nk, H_q, H_kv, d = check_qkv16(q, k, v)
     for name, x in (("dout", dout), ("out", out)):
         if tuple(x.shape) != tuple(q.shape):
@@ -625,7 +608,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
         raise ValueError(f"red_v2=True needs a GPU of compute capability >= 9.0 (vector red), "
                          f"this one is {cc[0]}.{cc[1]}")
     kernels = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0,
-                    alibi=alibi_slopes is not None, red_v2=bool(red_v2) and d % 2 == 0, flat=flat)
+                    alibi=alibi_slopes is not None, red_v2=bool(red_v2) and d % 2 == 0)
 
     arrays = common.Arrays(q, k, v, dout, out)
     q_d, k_d, v_d, dout_d = (padded_bits(x, config.d_pad, arrays) for x in (q, k, v, dout))
@@ -633,7 +616,8 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     L_d = arrays.to_device(np.ascontiguousarray(L, np.float32) if isinstance(L, np.ndarray) else L)
     D_rows = cuda.device_array((B, H_q, Nq), dtype=np.float32)
     dq_acc = cuda.device_array((B, Nq, H_q, d), dtype=np.float32)
-    read = flat_views if flat else (lambda *xs: xs)   # what dkdv takes of q, k, v, dout, dq_acc
+    # what dkdv reads and adds into: flat views, no copies
+    q_flat, k_flat, v_flat, dout_flat, dq_acc_flat = flat_views(q_d, k_d, v_d, dout_d, dq_acc)
     dq = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
     dk = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
     dv = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
@@ -645,8 +629,9 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
         kernels.preprocess[geometry.num_tiles(n_rows, PRE_THREADS), PRE_THREADS](dout_d, out_d, D_rows)
         zero_fill[geometry.num_tiles(n_dq, 256), 256](dq_acc)     # dQ is accumulated by atomics
         kernels.dkdv[(Tc, B * H_kv), config.threads](
-            *read(q_d, k_d, v_d, dout_d), L_d, D_rows, *read(dq_acc), dk, dv, np.float32(scale * LOG2_E),
-            np.float32(scale), windowed, lo, hi, dropout_p, seed, steps, np.float32(cap), slopes)
+            q_flat, k_flat, v_flat, dout_flat, L_d, D_rows, dq_acc_flat, dk, dv,
+            np.float32(scale * LOG2_E), np.float32(scale), windowed, lo, hi, dropout_p, seed, steps,
+            np.float32(cap), slopes)
         kernels.finish_dq[geometry.num_tiles(n_dq, 256), 256](dq_acc, np.float32(scale), dq)
 
     return launch, dq, dk, dv, kind
@@ -655,7 +640,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT,
                     dropout_p=0.0, seed=0, limit=None, *, Br=None, Bc=None, num_warps=None,
                     config=None, dtype=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    red_v2=None, flat=False):
+                    red_v2=None):
     """FlashAttention-2 backward on tensor cores. Returns (dq, dk, dv) shaped like q, k, v, in
     the input dtype (float16 or bfloat16). dout, out (B, Nq, Hq, d) in that dtype and L (B, Hq, Nq)
     float32 come from the forward, run with the same causal, alignment, softmax_scale, dropout_p,
@@ -665,8 +650,7 @@ def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, ali
                                         softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
                                         Br=Br, Bc=Bc, num_warps=num_warps, limit=limit,
                                         config=config, dtype=dtype, window_size=window_size,
-                                        softcap=softcap, alibi_slopes=alibi_slopes, red_v2=red_v2,
-                                        flat=flat)
+                                        softcap=softcap, alibi_slopes=alibi_slopes, red_v2=red_v2)
     launch()
     return as_dtype(dq, kind, q), as_dtype(dk, kind, q), as_dtype(dv, kind, q)
 

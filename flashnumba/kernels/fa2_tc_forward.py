@@ -12,9 +12,11 @@ Names, against the paper's Algorithm 1 (line numbers in the comments below):
 
     Q_i     Br x d, Br = 16 num_warps: warp w holds rows 16w .. 16w+15 as A fragments
             (registers ``Qf``), read once from global memory (line 4)
-    K_j, V_j  Bc x d_pad tiles in shared memory (``Ks``, ``Vs``), filled by cp.async,
-            double-buffered (STAGES = 2) where 48 KB allows (line 7); above 48 KB (e.g.
-            ``stages=2`` at Bc = 64, d_pad = 128) both live in one dynamic array (``is_dynamic``)
+    K_j, V_j  Bc x d_pad tiles in shared memory (``Ks``, ``Vs``), filled by cp.async from
+            unsigned element offsets (``mma.cp_async_16_at``: the K/V head's row 0 once a
+            block, then one multiply-add a 16-byte copy), double-buffered (STAGES = 2)
+            where 48 KB allows (line 7); above 48 KB (e.g. ``stages=2`` at Bc = 64,
+            d_pad = 128) both live in one dynamic array (``is_dynamic``)
     S_ij    Q_i K_j^T on mma: per warp 16 x Bc fp32 accumulators (``S``), in log2 units
     m_i, l_i  two rows per lane (rows g and g + 8 of the warp's 16); the row max and
             row sum run over the 4 lanes of a quad (shfl_xor 1, 2); l_i is kept per
@@ -203,27 +205,23 @@ def _smem_alignment():
 # The kernel
 # ---------------------------------------------------------------------------
 
-def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, stages=None, dynamic=None,
-          flat=False):
+def build(config, kind="bf16", dropout=False, softcap=False, alibi=False, stages=None,
+          dynamic=None):
     """The kernel for `config` and 16-bit type `kind` ("bf16" or "f16"); dropout=True is the
     variant that drops P_ij, softcap, alibi the variants that cap and bias S_ij (each a
     separate compile); stages (1 or 2) overrides ``stages(config)``, for benchmarks; dynamic
-    overrides ``is_dynamic`` (True: the dynamic-shared-memory kernel at any size, for tests);
-    flat: K_j, V_j copied from unsigned element offsets (``mma.cp_async_16_at``: one multiply-add
-    a copy, no index arithmetic per axis), not yet the default. A dynamic kernel is launched with
-    dynamic_smem_bytes(config, stages, dynamic). Cached."""
+    overrides ``is_dynamic`` (True: the dynamic-shared-memory kernel at any size, for tests).
+    A dynamic kernel is launched with dynamic_smem_bytes(config, stages, dynamic). Cached."""
     if kind not in MMA:
         raise ValueError(f"kind={kind!r}: expected 'bf16' or 'f16'")
-    if flat:
-        return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), stages, dynamic, True)
     if dynamic is None:           # the default: one cache entry with what the old calls built
         return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), stages)
     return _build(config, kind, bool(dropout), bool(softcap), bool(alibi), stages, bool(dynamic))
 
 
 @functools.cache
-def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=None, REQUESTED_DYNAMIC=None,
-           FLAT=False):
+def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=None,
+           REQUESTED_DYNAMIC=None):
     check_config(config, REQUESTED_STAGES, REQUESTED_DYNAMIC)
     Br, Bc, d_pad, NW = int(config.Br), int(config.Bc), int(config.d_pad), int(config.num_warps)
     T = NW * WARP_SIZE
@@ -253,24 +251,17 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
             return (s, row, col)
 
     @cuda.jit(device=True, inline="always")
-    def load_tile(Ks, Vs, s, k, v, b, h_kv, col0, Nk, tid, kv_at, kv_row):
-        """K_j, V_j (rows col0 .. col0 + Bc) -> stage s, by cp.async, 16 bytes per copy; FLAT: row
-        c of the head at the unsigned element offset kv_at + c kv_row."""
+    def load_tile(Ks, Vs, s, k, v, col0, Nk, tid, kv_at, kv_row):
+        """K_j, V_j (rows col0 .. col0 + Bc, clamped to Nk - 1) -> stage s, by cp.async, 16 bytes
+        per copy: key c of the head at the unsigned element offset kv_at + c kv_row."""
         for u in range(LOADS):
-            if FLAT:
-                chunk = uint64(tid) + uint64(T * u)
-                c = int64(chunk // uint64(CHUNKS))
-                x = int64(uint64(8) * (chunk % uint64(CHUNKS)))
-                at = kv_at + uint64(min(col0 + c, Nk - 1)) * kv_row + uint64(x)
-                mma.cp_async_16_at(Ks, tile_at(KS, s, c, x), k, at)
-                mma.cp_async_16_at(Vs, tile_at(VS, s, c, x), v, at)
-            else:
-                chunk = tid + T * u
-                c = chunk // CHUNKS
-                x = 8 * (chunk % CHUNKS)
-                col = min(col0 + c, Nk - 1)              # past Nk: a valid row, masked in S_ij
-                mma.cp_async_16(Ks, tile_at(KS, s, c, x), k, (b, col, h_kv, x))
-                mma.cp_async_16(Vs, tile_at(VS, s, c, x), v, (b, col, h_kv, x))
+            chunk = uint64(tid) + uint64(T * u)
+            c = int64(chunk // uint64(CHUNKS))
+            x = int64(uint64(8) * (chunk % uint64(CHUNKS)))
+            # past Nk: a valid row, masked in S_ij
+            at = kv_at + uint64(min(col0 + c, Nk - 1)) * kv_row + uint64(x)
+            mma.cp_async_16_at(Ks, tile_at(KS, s, c, x), k, at)
+            mma.cp_async_16_at(Vs, tile_at(VS, s, c, x), v, at)
 
     @cuda.jit(device=True, inline="always")
     def mma_into(C, n, a, b0, b1):
@@ -306,8 +297,9 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
         b = bh // H_q
         h = bh % H_q
         h_kv = h // (H_q // H_kv)           # grouped-query attention: this head's K/V head
-        kv_at = (uint64(b) * uint64(Nk) * uint64(H_kv) + uint64(h_kv)) * uint64(d_pad)  # FLAT: its row 0
-        kv_row = uint64(H_kv * d_pad)       # FLAT: elements from one key's row to the next
+        # unsigned element offsets: k[b, 0, h_kv, 0], and from one key's row to the next
+        kv_at = (uint64(b) * uint64(Nk) * uint64(H_kv) + uint64(h_kv)) * uint64(d_pad)
+        kv_row = uint64(H_kv * d_pad)
         row0 = i * Br
         wrow = row0 + 16 * w                # first row of this warp
         if DROPOUT:
@@ -358,7 +350,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
             alibi_offset = Nk - Nq                     # bias -slope |r + Nk - Nq - c|
 
         if j < n_tiles:                     # Alg. 1 line 7 for the first visited tile
-            load_tile(Ks, Vs, j % STAGES, k, v, b, h_kv, j * Bc, Nk, tid, kv_at, kv_row)
+            load_tile(Ks, Vs, j % STAGES, k, v, j * Bc, Nk, tid, kv_at, kv_row)
             mma.cp_async_commit()
 
         while j < n_tiles:                  # Alg. 1 line 6: for 1 <= j <= Tc (inside the band)
@@ -368,7 +360,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
             # arrives while tile j is used; wait(1): all but the newest group (tile j) landed.
             if STAGES == 2:
                 if j + 1 < n_tiles:
-                    load_tile(Ks, Vs, 1 - s, k, v, b, h_kv, col0 + Bc, Nk, tid, kv_at, kv_row)
+                    load_tile(Ks, Vs, 1 - s, k, v, col0 + Bc, Nk, tid, kv_at, kv_row)
                 mma.cp_async_commit()       # possibly empty, so that wait(1) always means tile j
                 mma.cp_async_wait(1)
             else:
@@ -464,7 +456,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
             cuda.syncthreads()  # every warp done reading stage s before it is refilled
 
             if STAGES == 1 and j + 1 < n_tiles:
-                load_tile(Ks, Vs, 0, k, v, b, h_kv, col0 + Bc, Nk, tid, kv_at, kv_row)
+                load_tile(Ks, Vs, 0, k, v, col0 + Bc, Nk, tid, kv_at, kv_row)
                 mma.cp_async_commit()
             j += 1
 
@@ -530,13 +522,12 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
 
 def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None, dropout_p=0.0,
              seed=0, Br=None, Bc=None, num_warps=None, limit=None, config=None, dtype=None,
-             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, stages=None, dynamic=None,
-             flat=False):
+             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, stages=None, dynamic=None):
     """Check and allocate once; returns (launch, out, L, kind): out holds uint16 bits on the device.
     ``launch()`` runs the kernel again into the same out and L (what a benchmark times).
     softcap > 0 and alibi_slopes launch their variants (``common.resolve_features``); stages
     (1 or 2) overrides ``stages(config)`` (``bench.tc_configs --forward``); dynamic overrides
-    ``is_dynamic`` (tests); flat: the kernel that copies K_j, V_j from element offsets (``build``).
+    ``is_dynamic`` (tests).
     Above 48 KB the kernel gets dynamic shared memory, within the GPU's opt-in limit
     (``smem_limit``)."""
     B, Nq, Nk, H_q, _, d = check_qkv16(q, k, v)
@@ -548,7 +539,7 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     config = resolve_config(d, Br, Bc, num_warps, config)
     kernel = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0, alibi=alibi_slopes is not None,
-                   stages=stages, dynamic=dynamic, flat=flat)
+                   stages=stages, dynamic=dynamic)
     nbytes = dynamic_smem_bytes(config, stages, dynamic)     # 0: Ks and Vs are static
     if nbytes and not numba_config.ENABLE_CUDASIM:             # this GPU's opt-in limit
         check_config(config, stages, dynamic, cc=cuda.get_current_device().compute_capability)
