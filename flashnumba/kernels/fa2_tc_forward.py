@@ -104,9 +104,10 @@ PACK = {"bf16": mma.pack_bf16x2, "f16": mma.pack_f16x2}
 
 # Default tiles per head-dim bucket: (Br, Bc, num_warps), Br = 16 num_warps.
 # d_pad >= 96 takes Bc = 32, where two K/V stages fit in 48 KB; Bc = 64 at d_pad = 128 has one stage
-# and nearly all 255 registers (PERF-NOTES.md; `python -m flashnumba.bench.tc_configs --forward` times both).
-_DEFAULTS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 32, 4), 128: (64, 32, 4)}
-_ALTERNATIVES = {64: [(128, 64, 8), (64, 32, 4)], 128: [(128, 32, 8)]}
+# and nearly all 255 registers. d_pad = 64 takes Bc = 32 too: half of S_ij's accumulators, and
+# tiles half as long (PERF-NOTES.md; `python -m flashnumba.bench.tc_configs --forward` times them).
+_DEFAULTS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 32, 4), 96: (64, 32, 4), 128: (64, 32, 4)}
+_ALTERNATIVES = {64: [(128, 64, 8), (64, 64, 4)], 128: [(128, 32, 8)]}
 
 
 # ---------------------------------------------------------------------------
