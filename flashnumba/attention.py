@@ -18,6 +18,7 @@ work. Both ``flashnumba.api`` (the public calls) and
 other.
 """
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +46,7 @@ class Call:
     softcap: float = 0.0              # 0: none
     alibi_slopes: object = field(default=None, compare=False)   # host float32 (B, Hq) or None
 
-    @property
+    @functools.cached_property          # a Call is kept and reused (api._call): made once
     def features(self):
         """The options beyond plain attention this call uses, by flash-attn's names."""
         return tuple(name for name, used in (("window_size", self.window_size != (-1, -1)),
@@ -53,6 +54,11 @@ class Call:
                                              ("alibi_slopes", self.alibi_slopes is not None)) if used)
 
     def kernel_options(self):
+        """The kernels' keyword options (read only: one dict for the Call's life)."""
+        return self._kernel_options
+
+    @functools.cached_property
+    def _kernel_options(self):
         options = dict(causal=self.causal, alignment=self.alignment, softmax_scale=self.scale,
                        dropout_p=self.dropout_p, seed=self.seed)
         if self.features:         # only kernels that declare FEATURES take these

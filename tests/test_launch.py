@@ -10,6 +10,7 @@ the layout fails the second.
 
 import ctypes
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,6 +49,17 @@ def test_an_array_is_meminfo_parent_size_itemsize_pointer_shape_strides():
     assert written((A4,), (x,)) == [0, 0, 120, 4, 0x7F00_0000_1000, 2, 3, 4, 5, 240, 80, 20, 4]
     i = Tensor(0x2000, (7,))
     assert written((A1I,), (i,)) == [0, 0, 7, 4, 0x2000, 7, 4]
+
+
+def test_a_1d_parameter_takes_any_shape_as_its_flat_view():
+    """What x.view(-1) would be, written without making the view; the shape is re-read when it
+    changes (and a 1-D array of the same size writes the same)."""
+    params = launch.Params((A1I,))
+    params.set((Tensor(0x4000, (2, 3, 4)),))
+    assert params.values() == [0, 0, 24, 4, 0x4000, 24, 4]
+    params.set((Tensor(0x5000, (5, 2)),))
+    assert params.values() == [0, 0, 10, 4, 0x5000, 10, 4]
+    assert written((A1I,), (Tensor(0x5000, (10,)),)) == params.values()
 
 
 def test_scalars_take_their_types_size_and_booleans_one_byte():
@@ -174,14 +186,16 @@ def test_the_packing_is_numba_cudas_for_the_fast_kernels_argument_types():
 # Without a GPU: the fast path hands its launch the launcher's kernel and arguments
 # ---------------------------------------------------------------------------
 
-def _compare_arguments(theirs, ours):
+def _compare_arguments(theirs, ours, argtypes):
     """The launcher's arguments (numba arrays, NumPy scalars) against the fast path's (torch
-    tensors, scalars): arrays by shape, scalars by value (the fast launch writes each as the
-    kernel's argument type says: ``launch.Params``), a float32 scale as the same float32."""
-    assert len(theirs) == len(ours)
-    for n, (a, b) in enumerate(zip(theirs, ours)):
+    tensors, scalars): arrays by shape (a 1-D parameter by the shape of the flat view the launch
+    writes), scalars by value (the fast launch writes each as the kernel's argument type says:
+    ``launch.Params``), a float32 scale as the same float32."""
+    assert len(theirs) == len(ours) == len(argtypes)
+    for n, (a, b, ty) in enumerate(zip(theirs, ours, argtypes)):
         if hasattr(a, "shape") and np.ndim(a) > 0:
-            assert tuple(a.shape) == tuple(b.shape), f"argument {n}"
+            shape = (math.prod(b.shape),) if ty.ndim == 1 else tuple(b.shape)
+            assert tuple(a.shape) == shape, f"argument {n}"
         else:
             assert not hasattr(b, "shape") or np.ndim(b) == 0, f"argument {n}: {b!r} is an array"
             assert a == b, f"argument {n}: {a!r} != {b!r}"
@@ -209,7 +223,7 @@ def test_the_fast_path_launches_the_launchers_kernel_with_its_arguments(monkeypa
             launch.Params(argtypes)           # every argument type can be laid out
 
         def __call__(self, *args):
-            prepared.append((*self.what[:2], args))
+            prepared.append((*self.what, args))
             assert len(args) == len(self.what[2])
     for module in (fa2_fast_forward, fa2_fast_backward):
         monkeypatch.setattr(module, "prepared", Prepared)
@@ -221,9 +235,9 @@ def test_the_fast_path_launches_the_launchers_kernel_with_its_arguments(monkeypa
     fa2_fast_backward.fast_backward(*t, **options)
     main_launches = [p for p in prepared if p[0] is not fa2_fast_backward.preprocess_zero_dq]
     assert len(launched) == 2 and len(main_launches) == 2 + (Hq != Hkv) * 2
-    for (kernel, nbytes, theirs), (fast_kernel, fast_nbytes, ours) in zip(launched, main_launches):
+    for (kernel, nbytes, theirs), (fast_kernel, fast_nbytes, argtypes, ours) in zip(launched, main_launches):
         assert fast_kernel is kernel and fast_nbytes == nbytes
-        _compare_arguments(theirs, ours)
+        _compare_arguments(theirs, ours, argtypes)
 
 
 # ---------------------------------------------------------------------------

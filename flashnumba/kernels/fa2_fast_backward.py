@@ -959,12 +959,13 @@ def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT
     dk_heads = q.new_empty((B, Nk, H_q, d)) if grouped else dk
     dv_heads = q.new_empty((B, Nk, H_q, d)) if grouped else dv
     rowsum(dout, out, D_rows, dq_spare)
-    main(q.view(-1), k, v, dout.view(-1), L, D_rows, dq_spare, dk_heads, dv_heads, *plan.before,
-         dropout_p, seed, *plan.after, slopes)
+    # q and dout to the kernel's 1-D parameters as they are: a launch reads them as flat views
+    main(q, k, v, dout, L, D_rows, dq_spare, dk_heads, dv_heads, *plan.before, dropout_p, seed,
+         *plan.after, slopes)
     if grouped:
         group_sum(dk_heads, dk)
         group_sum(dv_heads, dv)
-    return dq_spare[:B * Nq * H_q * d].view(B, Nq, H_q, d), dk, dv
+    return dq_spare.as_strided((B, Nq, H_q, d), (Nq * H_q * d, H_q * d, d, 1)), dk, dv
 
 
 def fa2_fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,

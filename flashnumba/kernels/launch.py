@@ -29,7 +29,8 @@ and size), one kernel parameter each:
 
 An array argument is anything with ``data_ptr()`` and ``shape`` (a torch CUDA
 tensor), C-contiguous with the declared dtype: the caller makes sure of that
-(the argument types are declared, not read from the values). Only 'C' arrays
+(the argument types are declared, not read from the values). A 1-D parameter takes an array
+of any shape as its flat view (as ``x.view(-1)`` would give, without making one). Only 'C' arrays
 and the scalar types above are taken; anything else is a NotImplementedError
 when the launch is prepared, not per call. On a GPU whose driver reports a
 kernel's parameters (``cuKernelGetParamInfo``), their count and sizes are
@@ -128,12 +129,13 @@ class Params:
             shape = x.shape
             if shape != last[0]:
                 shape = tuple(shape)
-                if len(shape) != ndim:
+                dims = (math.prod(shape),) if ndim == 1 else shape   # 1-D: the flat view of any shape
+                if len(dims) != ndim:
                     raise ValueError(f"expected a {ndim}-D array for {ty}, got shape {shape}")
-                size.value = math.prod(shape)
-                for field, n in zip(shapes, shape):
+                size.value = math.prod(dims)
+                for field, n in zip(shapes, dims):
                     field.value = n
-                for field, n in zip(strides, c_strides(shape, itemsize)):
+                for field, n in zip(strides, c_strides(dims, itemsize)):
                     field.value = n
                 last[0] = shape
             data.value = x.data_ptr()
