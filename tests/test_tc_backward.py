@@ -25,6 +25,7 @@ CASES = [
     (1, 21, 30, 1, 1, 17, True, BOTTOM_RIGHT, 0.2, 16),      # dropout, odd head dim
     (1, 18, 20, 1, 1, 100, True, BOTTOM_RIGHT, 0.0, None),   # d_pad = 128 default: 8 warps, pairs split the dims
     (2, 33, 40, 4, 2, 24, True, BOTTOM_RIGHT, 0.0, 16),      # batches and K/V heads: offsets past the first head
+    (1, 40, 45, 1, 1, 72, False, BOTTOM_RIGHT, 0.0, 32),     # d_pad = 96, 4 warps: dQ in groups of 3 pieces
 ]
 GPU_CASES = [
     (2, 1000, 1000, 4, 2, 64, False, BOTTOM_RIGHT, 0.0, None),
@@ -110,6 +111,23 @@ def test_backward_compiles_for_sm80_with_mma_and_no_spills():
         assert r["stack_frame"] == 0, (name, r)
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r)
         assert r["smem"] == tcb.smem_bytes(config), (name, r)
+
+
+def test_dq_groups_deal_each_piece_once():
+    """The warps' groups of dQ_i pieces (dq_group side by side, groups dealt round-robin) cover
+    each 16 x 16 piece of dQ_i exactly once, at every shipped config and a few others."""
+    configs = tcb.shipped_configs() + [TileConfig(Br=Br, Bc=16 * w // tcb.split_d(d_pad), d_pad=d_pad,
+                                                  num_warps=w)
+                                       for Br in (16, 32, 64) for d_pad in (32, 64, 96, 128)
+                                       for w in (2, 4, 8)]
+    for c in configs:
+        PW, NQ16 = tcb.dq_group(c.Br, c.d_pad, c.num_warps), c.d_pad // 16
+        assert NQ16 % PW == 0, c
+        pieces = [(grp // (NQ16 // PW), PW * (grp % (NQ16 // PW)) + u)
+                  for warp in range(c.num_warps)
+                  for grp in range(warp, (c.Br // 16) * NQ16 // PW, c.num_warps) for u in range(PW)]
+        assert sorted(pieces) == [(rq, nq) for rq in range(c.Br // 16) for nq in range(NQ16)], c
+    assert tcb.dq_group(32, 64, 4) == 2 and tcb.dq_group(32, 96, 4) == 3 and tcb.dq_group(16, 128, 8) == 1
 
 
 @pytest.mark.parametrize("d", [24, 17])

@@ -8,10 +8,10 @@ and dP_ij^T for their keys, which keeps dK_j + dV_j at 64 fp32 registers per
 lane; ``split_d``). Q tiles have Br rows, any multiple of 16 (Br <= Bc keeps
 S_ij^T and dP_ij^T small): a warp's registers grow with Br, the block's K/V
 tile with Bc, and every Q tile's loads and dQ_i atomics are shared by Bc keys.
-dQ_i's 16 x 16 pieces are dealt out to all warps. Four launches:
+dQ_i's 16 x 16 pieces are dealt out to all warps. Three launches:
 
-    preprocess   D_i = rowsum(dO_i o O_i), fp32, one thread per row (Alg. 2 line 4)
-    zero_fill    dQ = 0 (fp32, accumulated by atomics)
+    preprocess   D_i = rowsum(dO_i o O_i), fp32, 8 lanes a row (Alg. 2 line 4);
+                 dQ = 0 (fp32, accumulated by atomics; line 3)
     dkdv         for each query head h of the group (GQA: dK_j, dV_j summed over it in registers)
                    for each Q tile i visible to K_j (q_tile_start <= i < q_tile_end under
                  causal or a window):
@@ -45,8 +45,8 @@ Names here -> the paper's (Dao 2023, Algorithm 2; "l." = its line numbers):
     S              S_ij^T (l. 10), then (P_ij o Z_ij)^T (l. 11)
     dP             dP_ij^T (l. 13), then dS_ij^T (l. 14)
     dV, dK         dV_j (l. 12), dK_j (l. 16, unscaled until it is written, l. 18)
-    dSs, dQ        dS_ij^T in shared memory; dQ: one 16 x 16 piece of dS_ij K_j, added
-                   to HBM by atomics (l. 15)
+    dSs, dQ        dS_ij^T in shared memory; dQ: dq_group() 16 x 16 pieces of dS_ij K_j
+                   side by side, added to HBM by atomics (l. 15)
     d_pad          the compiled head dim (d <= d_pad)
 
 Names follow the paper; the lane layout is kernels/mma.py's: accumulator e of
@@ -101,9 +101,10 @@ from flashnumba.kernels.common import (
     TileConfig,
     require,
 )
-from flashnumba.kernels.fast_math import LOG2_E
+from flashnumba.kernels.fast_math import LOG2_E, exp2_ftz
 from flashnumba.kernels.geometry import num_tiles, q_tile_end, q_tile_start
 from flashnumba.kernels.half_io import as_dtype, bits_of, check_qkv16, padded_bits, resolve_kind
+from flashnumba.kernels.hardware import FULL_MASK
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
@@ -114,7 +115,10 @@ ROW_PAD = 8
 MMA = {"bf16": mma.mma_bf16, "f16": mma.mma_f16}
 PACK = {"bf16": mma.pack_bf16x2, "f16": mma.pack_f16x2}
 UNPACK = {"bf16": mma.unpack_bf16x2, "f16": mma.unpack_f16x2}
+# preprocess: LANES_PER_ROW lanes a row of dO o O, PRE_ROWS_PER_BLOCK rows a block of PRE_THREADS
+LANES_PER_ROW = 8
 PRE_THREADS = 128
+PRE_ROWS_PER_BLOCK = PRE_THREADS // LANES_PER_ROW
 
 # (Br, Bc, num_warps) per head-dim bucket: Q_i, dO_i, K_j, V_j, dS_ij^T must fit in 48 KB.
 # A warp's registers grow with Br (S^T, dP^T: Br / 2 fp32 each per lane): Br = Bc = 64 at
@@ -128,6 +132,14 @@ _ALTERNATIVES = {64: [(32, 32, 2), (16, 128, 8), (16, 16, 1)], 128: [(32, 32, 4)
 def split_d(d_pad):
     """Warps that share 16 keys, each owning d_pad / split_d(d_pad) head dims of dK_j, dV_j, dQ_i."""
     return 2 if d_pad >= 96 else 1
+
+
+def dq_group(Br, d_pad, num_warps):
+    """dQ_i's 16 x 16 pieces a warp computes side by side: the largest divisor of d_pad / 16 no
+    larger than the pieces per warp (rounded up), so a group shares its rows (one dS_ij fragment
+    a k-step) and its mmas are independent."""
+    per_warp = -(-(Br // 16) * (d_pad // 16) // num_warps)
+    return max(p for p in range(1, d_pad // 16 + 1) if (d_pad // 16) % p == 0 and p <= per_warp)
 
 
 def default_config(d):
@@ -193,7 +205,10 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
     NC = Br // 8                  # n-tiles of S^T (8 queries each)
     KC = Br // 16                 # k-steps over queries (dV_j, dK_j)
     KK = Bc // 16                 # k-steps over keys (dQ_i)
-    PIECES = (Br // 16) * (d_pad // 16)   # 16 x 16 pieces of dQ_i, dealt to the warps
+    NQ16 = d_pad // 16            # 16-dim columns of dQ_i
+    PIECES = (Br // 16) * NQ16    # 16 x 16 pieces of dQ_i, dealt to the warps in groups
+    PW = dq_group(Br, d_pad, NW)  # of PW side by side (one dS_ij fragment a k-step)
+    NQ = 2 * PW                   # their n-tiles (8 dims each)
     SPLIT = split_d(d_pad)
     DH = d_pad // SPLIT               # head dims of dK_j, dV_j, dQ_i per warp
     NDH = DH // 8                 # their n-tiles
@@ -260,33 +275,45 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         return x
 
     @cuda.jit
-    def preprocess(dout, out, D_rows):
-        """D_rows[b, h, r] = sum_x dO[b, r, h, x] O[b, r, h, x] in fp32 (16-bit inputs)."""
-        idx = cuda.grid(1)
-        B, Nq, H_q, d = out.shape
-        if idx < B * H_q * Nq:
-            r = idx % Nq
-            h = (idx // Nq) % H_q
-            b = idx // (Nq * H_q)
-            acc = float32(0.0)
-            for x in range(d):
-                o, _ = UNPACK_K(uint32(out[b, r, h, x]))
-                g, _ = UNPACK_K(uint32(dout[b, r, h, x]))
-                acc += o * g
-            D_rows[b, h, r] = acc
+    def preprocess(dout, out, D_rows, dq_acc):
+        """D_rows[b, h, r] = sum_x dO[b, r, h, x] O[b, r, h, x] in fp32 (16-bit inputs; Alg. 2
+        line 4) and dQ = 0 (line 3), in one launch. Grid (row blocks of PRE_ROWS_PER_BLOCK, B H_q):
+        LANES_PER_ROW lanes a row, their partial sums added by a shuffle butterfly; dq_acc (flat)
+        zeroed by a grid-stride loop over the whole grid."""
+        _, Nq, H_q, d = out.shape
+        b = cuda.blockIdx.y // H_q
+        h = cuda.blockIdx.y % H_q
+        tid = cuda.threadIdx.x
+        lane = tid % WARP_SIZE
+        row = cuda.blockIdx.x * PRE_ROWS_PER_BLOCK + tid // LANES_PER_ROW
+        sub = lane % LANES_PER_ROW                 # this lane's place among its row's lanes
+        partial = float32(0.0)
+        if row < Nq:
+            for x in range(sub, d, LANES_PER_ROW):
+                o, _ = UNPACK_K(uint32(out[b, row, h, x]))
+                g, _ = UNPACK_K(uint32(dout[b, row, h, x]))
+                partial += o * g
+        # every lane takes part (also those past Nq), so the full mask is right; xor offsets
+        # below LANES_PER_ROW stay within a row's lanes
+        offset = LANES_PER_ROW // 2
+        while offset > 0:
+            partial += cuda.shfl_xor_sync(FULL_MASK, partial, offset)
+            offset //= 2
+        if sub == 0 and row < Nq:
+            D_rows[b, h, row] = partial
+        threads = cuda.gridDim.x * cuda.gridDim.y * cuda.blockDim.x
+        idx = (cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x) * cuda.blockDim.x + tid
+        for e in range(idx, dq_acc.size, threads):
+            dq_acc[e] = 0.0
 
     @cuda.jit
     def finish_dq(dq_acc, scale, dq):
-        """dq = scale dq_acc, rounded to the input dtype (bits)."""
-        idx = cuda.grid(1)
-        B, Nq, H_q, d = dq.shape
-        if idx < B * Nq * H_q * d:
-            x = idx % d
-            h = (idx // d) % H_q
-            r = (idx // (d * H_q)) % Nq
-            b = idx // (d * H_q * Nq)
-            pair = PACK_K(dq_acc[b, r, h, x] * scale, float32(0.0))
-            dq[b, r, h, x] = uint16(pair & uint32(0xFFFF))
+        """dq = scale dq_acc, rounded to the input dtype (bits); both flat views of (B, Nq, H_q, d)
+        arrays, so one index serves both."""
+        e = cuda.grid(1)
+        if e < dq.size:
+            pair = PACK_K(dq_acc[e] * scale, float32(0.0))
+            dq[e] = uint16(pair & uint32(0xFFFF))
 
     @cuda.jit
     def dkdv(q, k, v, dout, L, D_rows, dq_acc, dk, dv, q_scale, scale, windowed, lo, hi,
@@ -336,7 +363,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         dP = cuda.local.array((NC, 4), float32)      # dP_ij^T, then dS_ij^T
         dK = cuda.local.array((NDH, 4), float32)     # dK_j (unscaled), rows 16w + g, + 8
         dV = cuda.local.array((NDH, 4), float32)     # dV_j
-        dQ = cuda.local.array((2, 4), float32)       # a 16 x 16 piece of dS_ij K_j
+        dQ = cuda.local.array((NQ, 4), float32)     # PW 16 x 16 pieces of dS_ij K_j, side by side
 
         # Alg. 2 lines 6-7: load K_j, V_j; dK_j = 0, dV_j = 0
         # unsigned element offsets: k[b, 0, h_kv, 0], and from one key's row to the next
@@ -414,9 +441,9 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                                     score = cap * tanh_s
                                 if ALIBI:                # S_ij -= slope |r + Nk - Nq - c|
                                     score -= slope * float32(abs(row + Nk - Nq - key))
-                                p = math.exp2(score * float32(LOG2_E) - Ls[qr])
+                                p = exp2_ftz(score * float32(LOG2_E) - Ls[qr])
                             else:
-                                p = math.exp2(S[n, e] * q_scale - Ls[qr])
+                                p = exp2_ftz(S[n, e] * q_scale - Ls[qr])
                         z = float32(1.0)
                         if DROPOUT:
                             z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
@@ -445,35 +472,37 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                             dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
                 cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
 
-                # Alg. 2 line 15: dQ_i += dS_ij K_j, piece by piece: rows 16 rq.., dims 16 nq.. of
-                # dQ_i; A = dS_ij by ldmatrix.trans of dS_ij^T, B = K_j by ldmatrix.trans; fp32
-                # atomics into dQ
-                for piece in range(warp, PIECES, NW):
-                    rq = piece // (d_pad // 16)
-                    nq = piece % (d_pad // 16)
-                    for n in range(2):
+                # Alg. 2 line 15: dQ_i += dS_ij K_j, in groups of PW 16 x 16 pieces side by side:
+                # rows 16 rq.., dims 16 nq0.. of dQ_i; A = dS_ij by ldmatrix.trans of dS_ij^T (one
+                # fragment a k-step for the group), B = K_j by ldmatrix.trans; fp32 atomics into dQ
+                for grp in range(warp, PIECES // PW, NW):
+                    rq = grp // (NQ16 // PW)                 # rows 16 rq .. of dQ_i
+                    nq0 = PW * (grp % (NQ16 // PW))          # dims 16 nq0 .. 16 (nq0 + PW) - 1
+                    for n in range(NQ):
                         for e in range(4):
                             dQ[n, e] = 0.0
                     for kk in range(KK):
                         a = mma.ldmatrix_x4_trans(dSs, (16 * kk + lane % 8 + 8 * (lane // 16),
                                                         16 * rq + 8 * ((lane // 8) % 2)))
-                        bf = mma.ldmatrix_x4_trans(Ks, (16 * kk + lane % 16, 16 * nq + 8 * (lane // 16)))
-                        mma_into(dQ, 0, a, bf[0], bf[1])
-                        mma_into(dQ, 1, a, bf[2], bf[3])
+                        for u in range(PW):
+                            bf = mma.ldmatrix_x4_trans(Ks, (16 * kk + lane % 16,
+                                                            16 * (nq0 + u) + 8 * (lane // 16)))
+                            mma_into(dQ, 2 * u, a, bf[0], bf[1])
+                            mma_into(dQ, 2 * u + 1, a, bf[2], bf[3])
                     for hh in range(2):
                         row = row0 + 16 * rq + g + 8 * hh
                         if row < Nq:
                             # dQ[b, row, hq, 0]: dq_acc's rows are d long (not padded)
                             row_at = (head_at + uint64(row) * uint64(H_q)) * uint64(d)
-                            for n in range(2):
+                            for n in range(NQ):
                                 if RED_V2:              # dims x, x + 1 in one 8-byte add (d even)
-                                    x = 16 * nq + 8 * n + 2 * t
+                                    x = 16 * nq0 + 8 * n + 2 * t
                                     if x < d:
                                         mma.red_add_v2(dq_acc, row_at + uint64(x), dQ[n, 2 * hh],
                                                        dQ[n, 2 * hh + 1])
                                 else:
                                     for e2 in range(2):
-                                        x = 16 * nq + 8 * n + 2 * t + e2
+                                        x = 16 * nq0 + 8 * n + 2 * t + e2
                                         if x < d:
                                             cuda.atomic.add(dq_acc, row_at + uint64(x),
                                                             dQ[n, 2 * hh + e2])
@@ -499,15 +528,6 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
     return Fa2TcBackwardKernels(preprocess=preprocess, dkdv=dkdv, finish_dq=finish_dq)
 
 
-@cuda.jit
-def zero_fill(x):
-    """x = 0 (a 4-D fp32 array), one thread per element."""
-    idx = cuda.grid(1)
-    B, N, H, d = x.shape
-    if idx < B * N * H * d:
-        x[idx // (N * H * d), (idx // (H * d)) % N, (idx // d) % H, idx % d] = 0.0
-
-
 def dkdv_argtypes():
     """dkdv's argument types as the launcher passes them (q, k, v, dout, dq_acc: flat views)."""
     bits = types.Array(types.uint16, 1, "C")
@@ -522,7 +542,8 @@ def dkdv_argtypes():
 def compile_targets(config):
     u4 = types.Array(types.uint16, 4, "C")
     f3 = types.Array(types.float32, 3, "C")
-    f4 = types.Array(types.float32, 4, "C")
+    bits = types.Array(types.uint16, 1, "C")
+    acc = types.Array(types.float32, 1, "C")
     argtypes = dkdv_argtypes()
     targets = []
     for kind in ("bf16", "f16"):
@@ -531,8 +552,8 @@ def compile_targets(config):
                     (f"fa2_tc_backward_{kind}_dropout", build(config, kind, True).dkdv, argtypes),
                     (f"fa2_tc_backward_{kind}_softcap_alibi",
                      build(config, kind, softcap=True, alibi=True).dkdv, argtypes),
-                    (f"fa2_tc_backward_preprocess_{kind}", plain.preprocess, (u4, u4, f3)),
-                    (f"fa2_tc_backward_finish_dq_{kind}", plain.finish_dq, (f4, types.float32, u4))]
+                    (f"fa2_tc_backward_preprocess_{kind}", plain.preprocess, (u4, u4, f3, acc)),
+                    (f"fa2_tc_backward_finish_dq_{kind}", plain.finish_dq, (acc, types.float32, bits))]
     return targets
 
 
@@ -617,22 +638,22 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     D_rows = cuda.device_array((B, H_q, Nq), dtype=np.float32)
     dq_acc = cuda.device_array((B, Nq, H_q, d), dtype=np.float32)
     # what dkdv reads and adds into: flat views, no copies
-    q_flat, k_flat, v_flat, dout_flat, dq_acc_flat = flat_views(q_d, k_d, v_d, dout_d, dq_acc)
     dq = cuda.device_array((B, Nq, H_q, d), dtype=np.uint16)
+    q_flat, k_flat, v_flat, dout_flat, dq_acc_flat, dq_flat = flat_views(q_d, k_d, v_d, dout_d, dq_acc, dq)
     dk = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
     dv = cuda.device_array((B, Nk, H_kv, d), dtype=np.uint16)
     Tc = geometry.num_tiles(Nk, config.Bc)
-    n_rows = B * H_q * Nq
+    pre_grid = (geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
     n_dq = dq.size
 
     def launch():
-        kernels.preprocess[geometry.num_tiles(n_rows, PRE_THREADS), PRE_THREADS](dout_d, out_d, D_rows)
-        zero_fill[geometry.num_tiles(n_dq, 256), 256](dq_acc)     # dQ is accumulated by atomics
+        # D_i, and dQ = 0 (accumulated by atomics)
+        kernels.preprocess[pre_grid, PRE_THREADS](dout_d, out_d, D_rows, dq_acc_flat)
         kernels.dkdv[(Tc, B * H_kv), config.threads](
             q_flat, k_flat, v_flat, dout_flat, L_d, D_rows, dq_acc_flat, dk, dv,
             np.float32(scale * LOG2_E), np.float32(scale), windowed, lo, hi, dropout_p, seed, steps,
             np.float32(cap), slopes)
-        kernels.finish_dq[geometry.num_tiles(n_dq, 256), 256](dq_acc, np.float32(scale), dq)
+        kernels.finish_dq[geometry.num_tiles(n_dq, 256), 256](dq_acc_flat, np.float32(scale), dq_flat)
 
     return launch, dq, dk, dv, kind
 

@@ -88,7 +88,7 @@ from flashnumba.kernels.common import (
     TileConfig,
     require,
 )
-from flashnumba.kernels.fast_math import LN_2, LOG2_E
+from flashnumba.kernels.fast_math import LN_2, LOG2_E, exp2_ftz
 from flashnumba.kernels.geometry import kv_tile_end, kv_tile_start, num_tiles
 from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
 from flashnumba.kernels.hardware import FULL_MASK
@@ -423,11 +423,11 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
                 m_safe = m_new
                 if m_new == -math.inf:
                     m_safe = float32(0.0)              # no visible key yet: P = 0, no inf - inf
-                alpha = math.exp2(m[hh] - m_safe)      # e^(m_i^(j-1) - m_i^(j)), log2 units
+                alpha = exp2_ftz(m[hh] - m_safe)       # e^(m_i^(j-1) - m_i^(j)), log2 units
                 l_tilde = float32(0.0)
                 for n in range(NC):
                     for e2 in range(2):
-                        p = math.exp2(S[n, 2 * hh + e2] - m_safe)   # P~_ij = exp(S_ij - m_i^(j))
+                        p = exp2_ftz(S[n, 2 * hh + e2] - m_safe)    # P~_ij = exp(S_ij - m_i^(j))
                         S[n, 2 * hh + e2] = p
                         l_tilde += p
                 l[hh] = alpha * l[hh] + l_tilde        # l_i^(j), of the undropped P~_ij
