@@ -55,8 +55,9 @@ r, c, p)``, as in every other kernel; a lane's columns 2t, 2t+1 of an n-tile are
 two words of one Philox4x32-10 call. m_i, l_i and L are the undropped softmax's.
 
 What bounds it: per K/V tile a warp issues d_pad/16 x Bc/8 mma for S_ij and Bc/16 x
-d_pad/8 for P_ij V_j, between which the softmax runs on the CUDA cores (exp2, max,
-shuffles) with no overlap across warps beyond what the scheduler finds; K_j and
+d_pad/8 for P_ij V_j, between which the softmax runs on the CUDA cores (exp2 as one
+ex2.approx.ftz, max, shuffles, and O_i's rescaling, which a warp skips when none of
+its rows has a new maximum) with no overlap across warps beyond what the scheduler finds; K_j and
 V_j are read from shared memory once per warp (ldmatrix); where two stages of K_j
 and V_j do not fit in 48 KB of static shared memory (Bc = 64 at d_pad = 128) only
 one is used by default, and the loads of tile j + 1 are not overlapped with tile j there.
@@ -432,9 +433,12 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
                         l_tilde += p
                 l[hh] = alpha * l[hh] + l_tilde        # l_i^(j), of the undropped P~_ij
                 m[hh] = m_new
-                for n in range(ND):                    # diag(e^(m_i^(j-1) - m_i^(j)))^-1 O_i^(j-1)
-                    O[n, 2 * hh] *= alpha
-                    O[n, 2 * hh + 1] *= alpha
+                # diag(e^(m_i^(j-1) - m_i^(j)))^-1 O_i^(j-1), skipped by the whole warp when none
+                # of its rows has a new maximum (alpha = 1 exactly: the product would change nothing)
+                if cuda.any_sync(FULL_MASK, alpha != float32(1.0)):
+                    for n in range(ND):
+                        O[n, 2 * hh] *= alpha
+                        O[n, 2 * hh + 1] *= alpha
             if DROPOUT:
                 for n in range(NC):                    # P~_ij o Z_ij, for the P V product only
                     for e in range(4):
