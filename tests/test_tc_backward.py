@@ -130,6 +130,18 @@ def test_dq_groups_deal_each_piece_once():
     assert tcb.dq_group(32, 64, 4) == 2 and tcb.dq_group(32, 96, 4) == 3 and tcb.dq_group(16, 128, 8) == 1
 
 
+def test_q_tiles_take_two_stages_where_they_fit_in_48_kb():
+    """stages(config): two Q tiles (Q_i, dO_i, L_i, D_i) where they fit beside K_j, V_j and
+    dS_ij^T in 48 KB of static shared memory (the d_pad = 64 default: 42496 B), else one (the
+    d_pad = 128 default: two would take 55552 B); every shipped config within the limit."""
+    d64, d128 = tcb.default_config(64), tcb.default_config(128)
+    assert tcb.stages(d64) == 2 and tcb.smem_bytes(d64) == 42496
+    assert tcb.stages(d128) == 1 and tcb.smem_bytes(d128, 2) == 55552
+    for config in tcb.shipped_configs():
+        assert tcb.smem_bytes(config) <= 48 * 1024, config
+        assert tcb.smem_bytes(config) == tcb.smem_bytes(config, tcb.stages(config))
+
+
 @pytest.mark.parametrize("d", [24, 17])
 def test_dq_added_two_floats_at_a_time_matches_one_at_a_time(rng, d):
     """red_v2=True (dQ's atomics as 8-byte vector adds, mma.red_add_v2) gives the gradients of

@@ -15,7 +15,8 @@ dQ_i's 16 x 16 pieces are dealt out to all warps. Three launches:
     dkdv         for each query head h of the group (GQA: dK_j, dV_j summed over it in registers)
                    for each Q tile i visible to K_j (q_tile_start <= i < q_tile_end under
                  causal or a window):
-                     Q_i, dO_i -> shared (cp.async); L_i, D_i -> shared
+                     Q_i, dO_i -> shared (cp.async); L_i, D_i -> shared; with two
+                     stages, tile i + 1's copies are asked for before tile i is used
                      S_ij^T  = K_j Q_i^T                 mma, A = K_j (ldmatrix), B = Q_i
                      P_ij^T  = exp(scale S_ij^T - L_i)    (0 where masked); the SOFTCAP, ALIBI
                                variants: exp(softcap tanh(scale S_ij^T / softcap)
@@ -41,7 +42,8 @@ Names here -> the paper's (Dao 2023, Algorithm 2; "l." = its line numbers):
 
     D_rows         D = rowsum(dO o O) (l. 4), the preprocess launch
     Ks, Vs         K_j, V_j in shared memory, 16-bit (l. 6)
-    Qs, dOs        Q_i, dO_i in shared memory, 16-bit (l. 9);  Ls, Ds: log2(e) L_i, D_i (l. 9)
+    Qs, dOs        Q_i, dO_i in shared memory, 16-bit (l. 9);  Ls, Ds: log2(e) L_i, D_i (l. 9);
+                   STAGES of each, tile i in rows q0 .. q0 + Br
     S              S_ij^T (l. 10), then (P_ij o Z_ij)^T (l. 11)
     dP             dP_ij^T (l. 13), then dS_ij^T (l. 14)
     dV, dK         dV_j (l. 12), dK_j (l. 16, unscaled until it is written, l. 18)
@@ -77,8 +79,9 @@ order). Also: Q_i and dO_i re-read from L2 by every K/V block, K_j and V_j re-re
 shared memory by ldmatrix for every Q tile, three barriers per Q tile, the dropout
 variant's Philox call per element (3 of its 4 words unused), the duplicated S_ij^T and
 dP_ij^T products at d_pad >= 96, and the 48 KB of static shared memory, which caps Bc (K_j
-and V_j) times d_pad. Loading the next Q tile during dQ_i's pieces (one barrier fewer) was
-slower (PERF-NOTES.md).
+and V_j) times d_pad and leaves room for two stages of Q_i, dO_i (``stages``: tile i + 1
+is copied while tile i is used) only up to d_pad = 96; at d_pad = 128 each Q tile's copy
+latency is exposed.
 deterministic=True is served by FA2's readable backward (``registry``: its
 separate dQ pass, on the inputs widened to float32), not by this kernel.
 """
@@ -104,7 +107,7 @@ from flashnumba.kernels.common import (
 from flashnumba.kernels.fast_math import LOG2_E, exp2_ftz
 from flashnumba.kernels.geometry import num_tiles, q_tile_end, q_tile_start
 from flashnumba.kernels.half_io import as_dtype, bits_of, check_qkv16, padded_bits, resolve_kind
-from flashnumba.kernels.hardware import FULL_MASK
+from flashnumba.kernels.hardware import FULL_MASK, STATIC_SMEM_LIMIT
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
@@ -155,10 +158,20 @@ def shipped_configs():
     return configs
 
 
-def smem_bytes(config):
-    """Q_i, dO_i, K_j, V_j (Br x (d_pad + 8) 16-bit each), dS_ij^T (Bc x (Br + 8)), L_i and D_i (fp32)."""
+def smem_bytes(config, n_stages=None):
+    """K_j, V_j (Bc x (d_pad + 8) 16-bit each), dS_ij^T (Bc x (Br + 8)), and n_stages (default:
+    ``stages(config)``) of Q_i, dO_i (Br x (d_pad + 8) 16-bit each), L_i and D_i (fp32)."""
     Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
-    return ((2 * Br + 2 * Bc) * (d_pad + ROW_PAD) + Bc * (Br + ROW_PAD)) * HALF_BYTES + 2 * Br * FLOAT_BYTES
+    if n_stages is None:
+        n_stages = stages(config)
+    return ((2 * n_stages * Br + 2 * Bc) * (d_pad + ROW_PAD) + Bc * (Br + ROW_PAD)) * HALF_BYTES \
+        + 2 * n_stages * Br * FLOAT_BYTES
+
+
+def stages(config):
+    """2 where two Q tiles (Q_i, dO_i, L_i, D_i) fit in static shared memory beside K_j, V_j and
+    dS_ij^T: tile i + 1 is copied while tile i is used; else 1."""
+    return 2 if smem_bytes(config, 2) <= STATIC_SMEM_LIMIT else 1
 
 
 def check_config(config):
@@ -213,6 +226,9 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
     DH = d_pad // SPLIT               # head dims of dK_j, dV_j, dQ_i per warp
     NDH = DH // 8                 # their n-tiles
     CHUNKS = d_pad // 8           # 16-byte chunks per row
+    STAGES = stages(config)       # Q tiles in shared memory: with 2, tile i + 1 loads during tile i
+    QROWS = STAGES * Br           # rows of Qs, dOs, Ls, Ds
+    NLD = -(-Br // T)             # rows of L_i, D_i a thread copies
     MMA_K, PACK_K, UNPACK_K = MMA[KIND], PACK[KIND], UNPACK[KIND]
     ALIGN = _smem_alignment()
 
@@ -223,41 +239,41 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
             C[n, e] = d[e]
 
     @cuda.jit(device=True, inline="always")
-    def load_rows(dst, src, base, row_stride, start, N, tid, ROWS):
-        """rows start .. start + ROWS (clamped to N - 1) of one head of src -> dst, by cp.async:
-        src is the flat view of a (B, N, H, d_pad) array, the head's row r at the unsigned element
-        offset base + r row_stride."""
+    def load_rows(dst, dst0, src, base, row_stride, start, N, tid, ROWS):
+        """rows start .. start + ROWS (clamped to N - 1) of one head of src -> rows dst0.. of dst,
+        by cp.async: src is the flat view of a (B, N, H, d_pad) array, the head's row r at the
+        unsigned element offset base + r row_stride."""
         for m in range((ROWS * CHUNKS + T - 1) // T):
             chunk = uint64(tid) + uint64(m * T)
             if chunk < uint64(ROWS * CHUNKS):
                 r = chunk // uint64(CHUNKS)
                 x = uint64(8) * (chunk % uint64(CHUNKS))
                 row = uint64(min(start + int64(r), N - 1))
-                mma.cp_async_16(dst, (r, x), src, base + row * row_stride + x)
+                mma.cp_async_16(dst, (uint64(dst0) + r, x), src, base + row * row_stride + x)
 
     @cuda.jit(device=True, inline="always")
-    def product_T(C, As, Bs, w, lane):
-        """C = A_w B^T, 16 x Br: A_w = rows 16w.. of As (ldmatrix), B = rows of Bs (ldmatrix)."""
+    def product_T(C, As, Bs, b0, w, lane):
+        """C = A_w B^T, 16 x Br: A_w = rows 16w.. of As (ldmatrix), B = rows b0.. of Bs (ldmatrix)."""
         for n in range(NC):
             for e in range(4):
                 C[n, e] = 0.0
         for kk in range(KD):
             a = mma.ldmatrix_x4(As, (16 * w + lane % 16, 16 * kk + 8 * (lane // 16)))
             for nn in range(NC // 2):
-                bf = mma.ldmatrix_x4(Bs, (16 * nn + lane % 8 + 8 * (lane // 16),
+                bf = mma.ldmatrix_x4(Bs, (b0 + 16 * nn + lane % 8 + 8 * (lane // 16),
                                           16 * kk + 8 * ((lane // 8) % 2)))
                 mma_into(C, 2 * nn, a, bf[0], bf[1])
                 mma_into(C, 2 * nn + 1, a, bf[2], bf[3])
 
     @cuda.jit(device=True, inline="always")
-    def accumulate_AtB(Acc, C, Bs, x0, lane):
-        """Acc += C B: C (16 x Br accumulators) packed into A fragments, B = Bs[:, x0 : x0 + DH]
-        by ldmatrix.trans."""
+    def accumulate_AtB(Acc, C, Bs, b0, x0, lane):
+        """Acc += C B: C (16 x Br accumulators) packed into A fragments, B = Bs[b0 : b0 + Br,
+        x0 : x0 + DH] by ldmatrix.trans."""
         for kc in range(KC):
             a = (PACK_K(C[2 * kc, 0], C[2 * kc, 1]), PACK_K(C[2 * kc, 2], C[2 * kc, 3]),
                  PACK_K(C[2 * kc + 1, 0], C[2 * kc + 1, 1]), PACK_K(C[2 * kc + 1, 2], C[2 * kc + 1, 3]))
             for nd in range(NDH // 2):
-                bf = mma.ldmatrix_x4_trans(Bs, (16 * kc + lane % 16, x0 + 16 * nd + 8 * (lane // 16)))
+                bf = mma.ldmatrix_x4_trans(Bs, (b0 + 16 * kc + lane % 16, x0 + 16 * nd + 8 * (lane // 16)))
                 mma_into(Acc, 2 * nd, a, bf[0], bf[1])
                 mma_into(Acc, 2 * nd + 1, a, bf[2], bf[3])
 
@@ -352,11 +368,11 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         # --- shared memory (each array on its own line) ---
         Ks = cuda.shared.array((Bc, ROW_LEN), uint16, alignment=ALIGN)
         Vs = cuda.shared.array((Bc, ROW_LEN), uint16, alignment=ALIGN)
-        Qs = cuda.shared.array((Br, ROW_LEN), uint16, alignment=ALIGN)
-        dOs = cuda.shared.array((Br, ROW_LEN), uint16, alignment=ALIGN)
+        Qs = cuda.shared.array((QROWS, ROW_LEN), uint16, alignment=ALIGN)    # stage s: rows s Br..
+        dOs = cuda.shared.array((QROWS, ROW_LEN), uint16, alignment=ALIGN)
         dSs = cuda.shared.array((Bc, BP), uint16, alignment=ALIGN)    # dS_ij^T, 16-bit
-        Ls = cuda.shared.array(Br, float32)                          # L_i log2(e)
-        Ds = cuda.shared.array(Br, float32)                          # D_i
+        Ls = cuda.shared.array(QROWS, float32)                         # L_i log2(e)
+        Ds = cuda.shared.array(QROWS, float32)                         # D_i
 
         # --- registers ---
         S = cuda.local.array((NC, 4), float32)       # S_ij^T, then (P_ij o Z_ij)^T
@@ -364,13 +380,15 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         dK = cuda.local.array((NDH, 4), float32)     # dK_j (unscaled), rows 16w + g, + 8
         dV = cuda.local.array((NDH, 4), float32)     # dV_j
         dQ = cuda.local.array((NQ, 4), float32)     # PW 16 x 16 pieces of dS_ij K_j, side by side
+        L_next = cuda.local.array(NLD, float32)      # L_i+1 log2(e), D_i+1 (STAGES = 2), on their
+        D_next = cuda.local.array(NLD, float32)      # way to shared memory while tile i runs
 
         # Alg. 2 lines 6-7: load K_j, V_j; dK_j = 0, dV_j = 0
         # unsigned element offsets: k[b, 0, h_kv, 0], and from one key's row to the next
         kv_at = (uint64(b) * uint64(Nk) * uint64(H_kv) + uint64(h_kv)) * uint64(d_pad)
         kv_row = uint64(H_kv * d_pad)
-        load_rows(Ks, k, kv_at, kv_row, col0, Nk, tid, Bc)
-        load_rows(Vs, v, kv_at, kv_row, col0, Nk, tid, Bc)
+        load_rows(Ks, 0, k, kv_at, kv_row, col0, Nk, tid, Bc)
+        load_rows(Vs, 0, v, kv_at, kv_row, col0, Nk, tid, Bc)
         mma.cp_async_commit()
         for n in range(NDH):
             for e in range(4):
@@ -391,17 +409,41 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
             # row (b, 0, hq) among the B Nq H_q rows of q (d_pad elements each) and of dQ (d each)
             head_at = uint64(b) * uint64(Nq) * uint64(H_q) + uint64(hq)
             q_at = head_at * uint64(d_pad)                               # q[b, 0, hq, 0]
-            for i in range(i_start, i_end):                  # Alg. 2 line 8
-                row0 = i * Br
-                # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
-                load_rows(Qs, q, q_at, q_row, row0, Nq, tid, Br)
-                load_rows(dOs, dout, q_at, q_row, row0, Nq, tid, Br)
+            if STAGES == 2 and i_start < i_end:      # Alg. 2 line 9 for the first tile: stage 0
+                load_rows(Qs, 0, q, q_at, q_row, i_start * Br, Nq, tid, Br)
+                load_rows(dOs, 0, dout, q_at, q_row, i_start * Br, Nq, tid, Br)
                 mma.cp_async_commit()
                 for qr in range(tid, Br, T):
-                    row = row0 + qr
+                    row = i_start * Br + qr
                     Ls[qr] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
                     Ds[qr] = D_rows[b, hq, row] if row < Nq else float32(0.0)
-                mma.cp_async_wait(0)
+            for i in range(i_start, i_end):                  # Alg. 2 line 8
+                row0 = i * Br
+                q0 = Br * ((i - i_start) % STAGES)           # Q_i's stage: rows q0.. of Qs, dOs, Ls, Ds
+                # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
+                if STAGES == 2:
+                    # tile i + 1 into the other stage (free: tile i - 1 ended with a barrier);
+                    # its L_i, D_i wait in registers until every warp is done with tile i
+                    if i + 1 < i_end:
+                        load_rows(Qs, Br - q0, q, q_at, q_row, row0 + Br, Nq, tid, Br)
+                        load_rows(dOs, Br - q0, dout, q_at, q_row, row0 + Br, Nq, tid, Br)
+                        for u in range(NLD):
+                            qr = tid + u * T
+                            row = row0 + Br + qr
+                            ok = qr < Br and row < Nq
+                            L_next[u] = L[b, hq, row] * LOG2_E if ok else float32(0.0)
+                            D_next[u] = D_rows[b, hq, row] if ok else float32(0.0)
+                    mma.cp_async_commit()       # possibly empty, so that wait(1) always means tile i
+                    mma.cp_async_wait(1)
+                else:
+                    load_rows(Qs, 0, q, q_at, q_row, row0, Nq, tid, Br)
+                    load_rows(dOs, 0, dout, q_at, q_row, row0, Nq, tid, Br)
+                    mma.cp_async_commit()
+                    for qr in range(tid, Br, T):
+                        row = row0 + qr
+                        Ls[qr] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
+                        Ds[qr] = D_rows[b, hq, row] if row < Nq else float32(0.0)
+                    mma.cp_async_wait(0)
                 cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them
 
                 if DROPOUT:
@@ -419,9 +461,9 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                                 keep_bits |= 1 << (4 * n + e)
 
                 # Alg. 2 lines 10-11: S_ij^T = K_j Q_i^T, P_ij^T = exp(scale S_ij^T - L_i)
-                product_T(S, Ks, Qs, w, lane)
+                product_T(S, Ks, Qs, q0, w, lane)
                 # Alg. 2 line 13: dP_ij^T = V_j dO_i^T
-                product_T(dP, Vs, dOs, w, lane)
+                product_T(dP, Vs, dOs, q0, w, lane)
                 masked = (col0 + Bc > Nk or row0 + Br > Nq
                           or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)))
                 for n in range(NC):
@@ -441,25 +483,25 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                                     score = cap * tanh_s
                                 if ALIBI:                # S_ij -= slope |r + Nk - Nq - c|
                                     score -= slope * float32(abs(row + Nk - Nq - key))
-                                p = exp2_ftz(score * float32(LOG2_E) - Ls[qr])
+                                p = exp2_ftz(score * float32(LOG2_E) - Ls[q0 + qr])
                             else:
-                                p = exp2_ftz(S[n, e] * q_scale - Ls[qr])
+                                p = exp2_ftz(S[n, e] * q_scale - Ls[q0 + qr])
                         z = float32(1.0)
                         if DROPOUT:
                             z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
                         # Alg. 2 line 14: dS_ij = P_ij o (dP_ij o Z_ij - D_i); exactly 0 where hidden
                         ds = float32(0.0)
                         if visible:
-                            ds = p * (dP[n, e] * z - Ds[qr])
+                            ds = p * (dP[n, e] * z - Ds[q0 + qr])
                             if SOFTCAP:                  # through the cap: dS_ij o (1 - tanh^2)
                                 ds *= float32(1.0) - tanh_s * tanh_s
                         S[n, e] = p * z
                         dP[n, e] = ds
 
                 # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i
-                accumulate_AtB(dV, S, dOs, x0, lane)
+                accumulate_AtB(dV, S, dOs, q0, x0, lane)
                 # Alg. 2 line 16: dK_j += dS_ij^T Q_i  (times scale at the end)
-                accumulate_AtB(dK, dP, Qs, x0, lane)
+                accumulate_AtB(dK, dP, Qs, q0, x0, lane)
 
                 # dS_ij^T -> shared, rounded to 16 bits as the mma operand would be (by one
                 # warp of the SPLIT that computed the same keys)
@@ -506,6 +548,12 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                                         if x < d:
                                             cuda.atomic.add(dq_acc, row_at + uint64(x),
                                                             dQ[n, 2 * hh + e2])
+                if STAGES == 2 and i + 1 < i_end:    # L_i+1, D_i+1 into the other stage
+                    for u in range(NLD):
+                        qr = tid + u * T
+                        if qr < Br:
+                            Ls[Br - q0 + qr] = L_next[u]
+                            Ds[Br - q0 + qr] = D_next[u]
                 cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
 
         mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
