@@ -26,7 +26,7 @@ from numba import config as numba_config
 from numba import cuda
 
 from flashnumba import dtypes, registry
-from flashnumba.interop import Results, torch_f32
+from flashnumba.interop import Results, torch_tensors
 from flashnumba.kernels import dropout_mask as dmask
 from flashnumba.kernels import launch, quiet
 from flashnumba.kernels.common import resolve_offset
@@ -106,15 +106,27 @@ def device_inputs(version, operands):
 
 def fast_kernels(module, direction, operands):
     """The module's fast launch path (``fast_forward`` / ``fast_backward``) when these operands
-    can take it, else None: float32 torch CUDA tensors on a GPU, and a module that has one.
-    It launches the same kernels with the same arguments (``flashnumba.kernels.launch``)
-    without numba's per-call typing, wrapping and allocation; everything else takes the
-    dispatcher path (FLASHNUMBA_FAST_LAUNCH=0: always)."""
+    can take it, else None: torch CUDA tensors on a GPU, a module that has one, and q's dtype and
+    head dim ones its ``fast_takes`` accepts (fa2_fast: float32; fa2_tc: float16 and bfloat16 at
+    a bucket's own head dim), the other operands in q's dtype (softmax_lse: float32). It
+    launches the same kernels with the same arguments (``flashnumba.kernels.launch``) without
+    numba's per-call typing, wrapping and allocation; everything else takes the dispatcher path
+    (FLASHNUMBA_FAST_LAUNCH=0: always)."""
     if not launch.ENABLED or numba_config.ENABLE_CUDASIM:      # the simulator has no cufunc
         return None
-    if any(op.kind != "torch" or op.dtype != dtypes.FLOAT32 for op in operands):
+    fast = getattr(module, f"fast_{direction}", None)
+    if fast is None or any(op.kind != "torch" for op in operands):
         return None
-    return getattr(module, f"fast_{direction}", None)
+    if direction == registry.BACKWARD:                   # dout, q, k, v, out; softmax_lse
+        *tensors, lse = operands
+        if lse.dtype != dtypes.FLOAT32:
+            return None
+    else:
+        tensors = operands
+    q = tensors[1] if direction == registry.BACKWARD else tensors[0]
+    if any(op.dtype != q.dtype for op in tensors) or not module.fast_takes(q.dtype, q.shape[-1]):
+        return None
+    return fast
 
 
 def forward_kernels(call, operands):
@@ -164,7 +176,7 @@ def forward(operands, call, with_dmask):
         module = _kernel_module(call, registry.version(call.algorithm), registry.FORWARD)
         fast = fast_kernels(module, registry.FORWARD, operands)
         if fast is not None:
-            out, L = fast(*torch_f32(operands), **call.kernel_options())
+            out, L = fast(*torch_tensors(operands), **call.kernel_options())
             return out, L, None
     with quiet.launches():
         O, L, native = forward_kernels(call, operands)
@@ -185,7 +197,7 @@ def backward(operands, call):
     module = _kernel_module(call, _backward_version(call), registry.BACKWARD)
     fast = fast_kernels(module, registry.BACKWARD, operands)
     if fast is not None:
-        return fast(*torch_f32(operands), **call.kernel_options())
+        return fast(*torch_tensors(operands), **call.kernel_options())
     with quiet.launches():
         *grads, native = backward_kernels(call, operands)
         results = Results(operands[1])

@@ -212,8 +212,8 @@ class Operand:
         return dst
 
 
-def torch_f32(operands):
-    """The tensors of float32 torch CUDA operands as the fast launches read them: C-contiguous (a
+def torch_tensors(operands):
+    """The tensors of torch CUDA operands as the fast launches read them: C-contiguous (a
     copy where not, as ``device_f32`` makes one), each checked to be on the GPU Numba computes on
     (one query of Numba's current device for all of them)."""
     lead = operands[0].value

@@ -31,7 +31,7 @@ or after every call where the row says so:
 
 Last, one loop of autograd forward+backward with temporary timing wrappers (``wrapped``) around
 our layers: FlashAttnFunction.forward and .backward, attention.forward and .backward, the fast
-forward and backward, validate.tensors, interop.torch_f32 (under the name attention calls it
+forward and backward, validate.tensors, interop.torch_tensors (under the name attention calls it
 by) and launch.Launch.__call__, beside the loop's own timing of flash_attn_func and of
 out.backward (the two "(the loop)" rows). Per layer: median and mean microseconds per call, calls per
 iteration, and the threads it ran on ("main", or the name Python gives another thread: autograd
@@ -215,7 +215,7 @@ def layer_targets(fwd_module, bwd_module):
             (fwd_module, "fast_forward", "fast_forward"),
             (bwd_module, "fast_backward", "fast_backward"),
             (validate, "tensors", "validate.tensors"),
-            (attention, "torch_f32", "interop.torch_f32"),    # attention imported the name
+            (attention, "torch_tensors", "interop.torch_tensors"),    # attention imported the name
             (launch.Launch, "__call__", "launch.Launch.__call__")]
 
 

@@ -915,6 +915,11 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 _fast = {}    # (shapes, device, options) -> (Setup, its three prepared launches, slopes placeholder)
 
 
+def fast_takes(dtype, d):
+    """True where ``fast_backward`` serves a call: float32 inputs (16-bit ones are widened first)."""
+    return dtype == "float32"
+
+
 def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT,
                   softmax_scale=None, dropout_p=0.0, seed=0, window_size=(-1, -1), softcap=0.0,
                   alibi_slopes=None):

@@ -700,6 +700,11 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
 _fast = {}    # (shapes, device, options) -> (Setup, its Launch, the slopes placeholder)
 
 
+def fast_takes(dtype, d):
+    """True where ``fast_forward`` serves a call: float32 inputs (16-bit ones are widened first)."""
+    return dtype == "float32"
+
+
 def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
                  dropout_p=0.0, seed=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """(O, L) as new torch CUDA tensors: ``fa2_fast_forward`` without numba's per-call work.

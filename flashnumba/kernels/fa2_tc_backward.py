@@ -106,8 +106,17 @@ from flashnumba.kernels.common import (
 )
 from flashnumba.kernels.fast_math import LOG2_E, exp2_ftz
 from flashnumba.kernels.geometry import num_tiles, q_tile_end, q_tile_start
-from flashnumba.kernels.half_io import as_dtype, bits_of, check_qkv16, padded_bits, resolve_kind
+from flashnumba.kernels.half_io import (
+    KINDS,
+    as_dtype,
+    bits_of,
+    check_qkv16,
+    f32_like,
+    padded_bits,
+    resolve_kind,
+)
 from flashnumba.kernels.hardware import FULL_MASK, STATIC_SMEM_LIMIT
+from flashnumba.kernels.launch import prepared
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
@@ -587,11 +596,18 @@ def dkdv_argtypes():
             types.int32, types.int32, types.float64, types.uint64, types.int64, types.float32, f2)
 
 
+def preprocess_argtypes():
+    """preprocess's: dout, out (uint16 bits), D_rows, dQ's accumulator (a flat view)."""
+    return (types.Array(types.uint16, 4, "C"), types.Array(types.uint16, 4, "C"),
+            types.Array(types.float32, 3, "C"), types.Array(types.float32, 1, "C"))
+
+
+def finish_dq_argtypes():
+    """finish_dq's: dQ's accumulator, scale, dq's bits (both flat views)."""
+    return (types.Array(types.float32, 1, "C"), types.float32, types.Array(types.uint16, 1, "C"))
+
+
 def compile_targets(config):
-    u4 = types.Array(types.uint16, 4, "C")
-    f3 = types.Array(types.float32, 3, "C")
-    bits = types.Array(types.uint16, 1, "C")
-    acc = types.Array(types.float32, 1, "C")
     argtypes = dkdv_argtypes()
     targets = []
     for kind in ("bf16", "f16"):
@@ -600,8 +616,8 @@ def compile_targets(config):
                     (f"fa2_tc_backward_{kind}_dropout", build(config, kind, True).dkdv, argtypes),
                     (f"fa2_tc_backward_{kind}_softcap_alibi",
                      build(config, kind, softcap=True, alibi=True).dkdv, argtypes),
-                    (f"fa2_tc_backward_preprocess_{kind}", plain.preprocess, (u4, u4, f3, acc)),
-                    (f"fa2_tc_backward_finish_dq_{kind}", plain.finish_dq, (acc, types.float32, bits))]
+                    (f"fa2_tc_backward_preprocess_{kind}", plain.preprocess, preprocess_argtypes()),
+                    (f"fa2_tc_backward_finish_dq_{kind}", plain.finish_dq, finish_dq_argtypes())]
     return targets
 
 
@@ -704,6 +720,62 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
         kernels.finish_dq[geometry.num_tiles(n_dq, 256), 256](dq_acc_flat, np.float32(scale), dq_flat)
 
     return launch, dq, dk, dv, kind
+
+
+_fast = {}    # (shapes, dtype, device, options) -> (the three Launches, the constants, slopes placeholder)
+
+
+def fast_takes(dtype, d):
+    """True where ``fast_backward`` serves a call: float16 or bfloat16 inputs whose head dim is its
+    bucket's own (d_pad = d: the kernels read the tensors as they are, no padded copy)."""
+    return dtype in KINDS and d <= HEAD_DIM_BUCKETS[-1] and common.head_dim_bucket(d) == d
+
+
+def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
+                  dropout_p=0.0, seed=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """(dq, dk, dv) as new torch CUDA tensors in q's dtype: ``fa2_tc_backward`` without numba's
+    per-call work.
+
+    dout, q, k, v, out: torch CUDA tensors, float16 or bfloat16, L float32, C-contiguous, on
+    numba's current GPU, shapes checked, head dim as ``fast_takes`` asks (``attention.backward``
+    checks all that first). The config and the three prepared launches (``launch.prepared``) are
+    made once per shape, dtype and options; a call allocates D_i, dQ's accumulator and the
+    gradients with torch and launches the kernels with the arguments ``launcher`` gives them.
+    """
+    B, Nq, H_q, d = q.shape
+    Nk, H_kv = k.shape[1], k.shape[2]
+    kind = KINDS[str(q.dtype).rpartition(".")[2]]
+    key = (q.shape, k.shape, kind, q.get_device(), causal, alignment, softmax_scale, dropout_p > 0.0,
+           tuple(window_size), softcap, alibi_slopes is None)
+    cached = _fast.get(key)
+    if cached is None:
+        scale, windowed, lo, hi, steps = common.resolve_band(
+            Nq, Nk, d, causal=causal, alignment=alignment, softmax_scale=softmax_scale,
+            window_size=window_size, limit=None)
+        cap = common.resolve_features_host(softcap, None, B, H_q, alignment)[0]
+        config = resolve_config(d)
+        kernels = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0,
+                        alibi=alibi_slopes is not None, red_v2=vector_red() and d % 2 == 0)
+        device = q.device.index
+        runs = (prepared(kernels.preprocess, preprocess_argtypes(),
+                         (geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q), PRE_THREADS, device=device),
+                prepared(kernels.dkdv, dkdv_argtypes(), (geometry.num_tiles(Nk, config.Bc), B * H_kv),
+                         config.threads, device=device),
+                prepared(kernels.finish_dq, finish_dq_argtypes(), geometry.num_tiles(q.numel(), 256), 256,
+                         device=device))
+        constants = ((np.float32(scale * LOG2_E), np.float32(scale), windowed, lo, hi),
+                     (steps, np.float32(cap)), np.float32(scale))
+        cached = _fast[key] = (runs, constants, f32_like(q, (1, 1)))     # slopes placeholder, never read
+    (rowsum, dkdv, finish), (before, after, dq_scale), slopes = cached
+    if alibi_slopes is not None:
+        slopes = f32_like(q, (B, H_q), common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
+    D_rows = f32_like(q, (B, H_q, Nq))
+    dq_acc = f32_like(q, (B, Nq, H_q, d))
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    rowsum(dout, out, D_rows, dq_acc)                  # D_i, and dQ = 0
+    dkdv(q, k, v, dout, L, D_rows, dq_acc, dk, dv, *before, dropout_p, seed, *after, slopes)
+    finish(dq_acc, dq_scale, dq)
+    return dq, dk, dv
 
 
 def fa2_tc_backward(dout, q, k, v, out, L, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT,

@@ -91,8 +91,16 @@ from flashnumba.kernels.common import (
 )
 from flashnumba.kernels.fast_math import LN_2, LOG2_E, exp2_ftz
 from flashnumba.kernels.geometry import kv_tile_end, kv_tile_start, num_tiles
-from flashnumba.kernels.half_io import as_dtype, check_qkv16, padded_bits, resolve_kind
+from flashnumba.kernels.half_io import (
+    KINDS,
+    as_dtype,
+    check_qkv16,
+    f32_like,
+    padded_bits,
+    resolve_kind,
+)
 from flashnumba.kernels.hardware import FULL_MASK
+from flashnumba.kernels.launch import prepared
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
@@ -491,13 +499,19 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, REQUESTED_STAGES=N
     return fa2_tc_forward_kernel
 
 
-def compile_targets(config):
-    """[(label, dispatcher, argtypes)] for the resource check, as the wrapper launches them."""
+def argtypes():
+    """The kernel's argument types as the launchers pass them: q, k, v, out (uint16 bits), L,
+    q_scale, windowed, lo, hi, dropout_p, seed, limit, cap2, slopes."""
     u4 = types.Array(types.uint16, 4, "C")
     f3 = types.Array(types.float32, 3, "C")
     f2 = types.Array(types.float32, 2, "C")
-    argtypes = (u4, u4, u4, u4, f3, types.float32, types.boolean, types.int32, types.int32,
-                types.float64, types.uint64, types.int64, types.float32, f2)
+    return (u4, u4, u4, u4, f3, types.float32, types.boolean, types.int32, types.int32,
+            types.float64, types.uint64, types.int64, types.float32, f2)
+
+
+def compile_targets(config):
+    """[(label, dispatcher, argtypes)] for the resource check, as the wrapper launches them."""
+    argtypes = globals()["argtypes"]()
     targets = []
     for kind in ("bf16", "f16"):
         targets += [(f"{NAME}_{kind}", build(config, kind), argtypes),
@@ -564,6 +578,57 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
         launch_kernel(*args)
 
     return launch, out, L, kind
+
+
+_fast = {}    # (shapes, dtype, device, options) -> (its Launch, the constants, the slopes placeholder)
+
+
+def fast_takes(dtype, d):
+    """True where ``fast_forward`` serves a call: float16 or bfloat16 inputs whose head dim is its
+    bucket's own (d_pad = d: the kernel reads the tensors as they are, no padded copy)."""
+    return dtype in KINDS and d <= HEAD_DIM_BUCKETS[-1] and common.head_dim_bucket(d) == d
+
+
+def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
+                 dropout_p=0.0, seed=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """(O, L) as new torch CUDA tensors (O in q's dtype, L float32): ``fa2_tc_forward`` without
+    numba's per-call work.
+
+    q, k, v: torch CUDA tensors, float16 or bfloat16, C-contiguous, on numba's current GPU,
+    shapes checked, head dim as ``fast_takes`` asks (``attention.forward`` checks all that
+    first). The config and the prepared launch (``launch.prepared``) are made once per shape,
+    dtype and options; a call allocates O and L with torch and launches the kernel with the
+    arguments ``launcher`` gives it (bitwise the same results). dropout_p and seed as
+    ``common.resolve_dropout`` takes them, already checked (the public call's ``Call``).
+    """
+    B, Nq, H_q, d = q.shape
+    Nk = k.shape[1]
+    kind = KINDS[str(q.dtype).rpartition(".")[2]]
+    key = (q.shape, k.shape, kind, q.get_device(), causal, alignment, softmax_scale, dropout_p > 0.0,
+           tuple(window_size), softcap, alibi_slopes is None)
+    cached = _fast.get(key)
+    if cached is None:
+        scale, windowed, lo, hi, steps = common.resolve_band(
+            Nq, Nk, d, causal=causal, alignment=alignment, softmax_scale=softmax_scale,
+            window_size=window_size, limit=None)
+        cap = common.resolve_features_host(softcap, None, B, H_q, alignment)[0]
+        config = resolve_config(d)
+        kernel = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0,
+                       alibi=alibi_slopes is not None)
+        nbytes = dynamic_smem_bytes(config)
+        if nbytes:
+            check_config(config, cc=cuda.get_current_device().compute_capability)
+        run = prepared(kernel, argtypes(), (geometry.num_tiles(Nq, config.Br), B * H_q),
+                       config.threads, nbytes, device=q.device.index)
+        constants = ((np.float32(scale * LOG2_E), windowed, lo, hi), (steps, np.float32(cap * LOG2_E)))
+        cached = _fast[key] = (run, constants, f32_like(q, (1, 1)))     # slopes placeholder, never read
+    run, (before, after), slopes = cached
+    if alibi_slopes is not None:
+        slopes = f32_like(q, (B, H_q), common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
+    out = q.new_empty((B, Nq, H_q, d))
+    L = f32_like(q, (B, H_q, Nq))
+    run(q, k, v, out, L, *before, dropout_p, seed, *after, slopes)
+    return out, L
 
 
 def fa2_tc_forward(q, k, v, softmax_scale=None, causal=False, alignment=BOTTOM_RIGHT, dropout_p=0.0,

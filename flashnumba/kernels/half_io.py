@@ -9,6 +9,7 @@ are padded with zeros from d to the bucket d_pad (a copy only when d < d_pad).
     resolve_kind(x, dtype) -> 'bf16' | 'f16'      check_qkv16(q, k, v) -> (B, Nq, Nk, Hq, Hkv, d)
     bits_of(x)             -> uint16 view          padded_bits(x, d_pad, arrays) -> device (B, N, H, d_pad)
     as_dtype(bits, kind, like) -> the result in the caller's kind of array
+    f32_like(x, shape)     -> a float32 torch tensor beside torch tensor x (the fast paths)
 """
 
 import numpy as np
@@ -49,6 +50,15 @@ def resolve_kind(x, dtype=None):
         raise TypeError(f"fa2_tc_forward takes float16 or bfloat16 inputs (or their uint16 bits), "
                         f"got {name}")
     return KINDS[name]
+
+
+def f32_like(x, shape, host=None):
+    """A float32 torch tensor on torch tensor x's device: empty, of `shape`, or (`host` given) a
+    copy of that host array (the fast launch paths' L, D_i, dQ's accumulator and ALiBi slopes)."""
+    import torch  # only the fast paths call this, on torch tensors
+    if host is None:
+        return x.new_empty(shape, dtype=torch.float32)
+    return x.new_tensor(host, dtype=torch.float32)
 
 
 def bits_of(x):
