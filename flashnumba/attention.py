@@ -9,9 +9,10 @@ bfloat16). A version whose kernels read the inputs' dtype (``Version.dtypes``:
 fa2_tc reads float16 and bfloat16) gets their bits as they are; otherwise they
 are widened to float32 on the device (``kernels.cast``). They run through the
 kernels of the version ``call.algorithm`` names (``flashnumba.registry``), and
-the results come back in the inputs' kind and dtype. Float32 torch CUDA tensors take
-the version's fast launch path where it has one (``fast_kernels``: fa2_fast's
-``fast_forward`` and ``fast_backward``): the same kernels and arguments, launched
+the results come back in the inputs' kind and dtype. Torch CUDA tensors take the
+version's fast launch path where it has one and takes their dtype and head dim
+(``fast_kernels``: fa2_fast's ``fast_forward`` and ``fast_backward`` for float32,
+fa2_tc's for float16 and bfloat16): the same kernels and arguments, launched
 through ``kernels.launch`` with torch's allocator, with none of numba's per-call
 work. Both ``flashnumba.api`` (the public calls) and
 ``flashnumba.torch.function`` (autograd) call these, so neither imports the
