@@ -80,7 +80,7 @@ from numba import cuda, float32, int64, types, uint16, uint32, uint64
 
 from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
-from flashnumba.kernels import common, mma, smem_limit
+from flashnumba.kernels import common, half_io, mma, smem_limit
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
     STATIC_SMEM_LIMIT,
@@ -92,10 +92,11 @@ from flashnumba.kernels.common import (
 from flashnumba.kernels.fast_math import LN_2, LOG2_E, exp2_ftz
 from flashnumba.kernels.geometry import kv_tile_end, kv_tile_start, num_tiles
 from flashnumba.kernels.half_io import (
-    KINDS,
     as_dtype,
     check_qkv16,
     f32_like,
+    fast_band,
+    fast_shape_class,
     padded_bits,
     resolve_kind,
 )
@@ -580,13 +581,9 @@ def launcher(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=Non
     return launch, out, L, kind
 
 
+fast_takes = half_io.fast_takes   # what fast_forward serves: attention.fast_kernels asks the module
 _fast = {}    # (shapes, dtype, device, options) -> (its Launch, the constants, the slopes placeholder)
 
-
-def fast_takes(dtype, d):
-    """True where ``fast_forward`` serves a call: float16 or bfloat16 inputs whose head dim is its
-    bucket's own (d_pad = d: the kernel reads the tensors as they are, no padded copy)."""
-    return dtype in KINDS and d <= HEAD_DIM_BUCKETS[-1] and common.head_dim_bucket(d) == d
 
 
 def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
@@ -602,16 +599,14 @@ def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale
     ``common.resolve_dropout`` takes them, already checked (the public call's ``Call``).
     """
     B, Nq, H_q, d = q.shape
-    Nk = k.shape[1]
-    kind = KINDS[str(q.dtype).rpartition(".")[2]]
-    key = (q.shape, k.shape, kind, q.get_device(), causal, alignment, softmax_scale, dropout_p > 0.0,
-           tuple(window_size), softcap, alibi_slopes is None)
+    kind, key = fast_shape_class(q, k, causal=causal, alignment=alignment, softmax_scale=softmax_scale,
+                                 dropout_p=dropout_p, window_size=window_size, softcap=softcap,
+                                 alibi_slopes=alibi_slopes)
     cached = _fast.get(key)
     if cached is None:
-        scale, windowed, lo, hi, steps = common.resolve_band(
-            Nq, Nk, d, causal=causal, alignment=alignment, softmax_scale=softmax_scale,
-            window_size=window_size, limit=None)
-        cap = common.resolve_features_host(softcap, None, B, H_q, alignment)[0]
+        scale, windowed, lo, hi, steps, cap = fast_band(q, k, causal=causal, alignment=alignment,
+                                                        softmax_scale=softmax_scale,
+                                                        window_size=window_size, softcap=softcap)
         config = resolve_config(d)
         kernel = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0,
                        alibi=alibi_slopes is not None)

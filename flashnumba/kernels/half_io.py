@@ -10,6 +10,7 @@ are padded with zeros from d to the bucket d_pad (a copy only when d < d_pad).
     bits_of(x)             -> uint16 view          padded_bits(x, d_pad, arrays) -> device (B, N, H, d_pad)
     as_dtype(bits, kind, like) -> the result in the caller's kind of array
     f32_like(x, shape)     -> a float32 torch tensor beside torch tensor x (the fast paths)
+    fast_takes, fast_shape_class, fast_band             the fast paths' shared steps
 """
 
 import numpy as np
@@ -50,6 +51,31 @@ def resolve_kind(x, dtype=None):
         raise TypeError(f"fa2_tc_forward takes float16 or bfloat16 inputs (or their uint16 bits), "
                         f"got {name}")
     return KINDS[name]
+
+
+def fast_takes(dtype, d):
+    """True where the tensor-core kernels' fast paths (``fast_forward`` / ``fast_backward``) serve
+    a call: float16 or bfloat16 inputs whose head dim is its bucket's own (d_pad = d: the
+    kernels read the tensors as they are, no padded copy)."""
+    return dtype in KINDS and d <= common.HEAD_DIM_BUCKETS[-1] and common.head_dim_bucket(d) == d
+
+
+def fast_shape_class(q, k, *, causal, alignment, softmax_scale, dropout_p, window_size, softcap,
+                     alibi_slopes):
+    """(kind, key) of a fast-path call on torch tensors q, k: the kernels' 'bf16' | 'f16' and the
+    key of its shape class (shapes, kind, device, options) under which its launches are kept."""
+    kind = KINDS[str(q.dtype).rpartition(".")[2]]           # torch.bfloat16 -> 'bfloat16'
+    return kind, (q.shape, k.shape, kind, q.get_device(), causal, alignment, softmax_scale,
+                  dropout_p > 0.0, tuple(window_size), softcap, alibi_slopes is None)
+
+
+def fast_band(q, k, *, causal, alignment, softmax_scale, window_size, softcap):
+    """(scale, windowed, lo, hi, steps, cap) as the launchers resolve them (``common.resolve_band``,
+    the softcap checked), for the first call of a shape class."""
+    B, Nq, H_q, d = q.shape
+    band = common.resolve_band(Nq, k.shape[1], d, causal=causal, alignment=alignment,
+                               softmax_scale=softmax_scale, window_size=window_size, limit=None)
+    return (*band, common.resolve_features_host(softcap, None, B, H_q, alignment)[0])
 
 
 def f32_like(x, shape, host=None):
