@@ -433,7 +433,8 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                 # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
                 if STAGES == 2:
                     # tile i + 1 into the other stage (free: tile i - 1 ended with a barrier);
-                    # its L_i, D_i wait in registers until every warp is done with tile i
+                    # its L_i, D_i read into registers now and stored at the end of tile i, so
+                    # that their loads' latency hides behind tile i's work
                     if i + 1 < i_end:
                         load_rows(Qs, Br - q0, q, q_at, q_row, row0 + Br, Nq, tid, Br)
                         load_rows(dOs, Br - q0, dout, q_at, q_row, row0 + Br, Nq, tid, Br)
