@@ -116,9 +116,17 @@ from flashnumba.kernels.half_io import (
     padded_bits,
     resolve_kind,
 )
-from flashnumba.kernels.hardware import FULL_MASK, STATIC_SMEM_LIMIT
+from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT
 from flashnumba.kernels.launch import prepared
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
+from flashnumba.kernels.preprocess import (
+    LANES_PER_ROW,
+    PRE_ROWS_PER_BLOCK,
+    PRE_THREADS,
+    row_of_lane,
+    sum_over_row_lanes,
+    zero_flat,
+)
 
 NAME = __name__.rpartition(".")[2]       # this kernel's name, as flashnumba.registry gives it
 FEATURES = ("window_size", "softcap", "alibi_slopes")   # flash-attn's options beyond plain attention
@@ -128,10 +136,6 @@ ROW_PAD = 8
 MMA = {"bf16": mma.mma_bf16, "f16": mma.mma_f16}
 PACK = {"bf16": mma.pack_bf16x2, "f16": mma.pack_f16x2}
 UNPACK = {"bf16": mma.unpack_bf16x2, "f16": mma.unpack_f16x2}
-# preprocess: LANES_PER_ROW lanes a row of dO o O, PRE_ROWS_PER_BLOCK rows a block of PRE_THREADS
-LANES_PER_ROW = 8
-PRE_THREADS = 128
-PRE_ROWS_PER_BLOCK = PRE_THREADS // LANES_PER_ROW
 
 # (Br, Bc, num_warps) per head-dim bucket: Q_i, dO_i, K_j, V_j, dS_ij^T must fit in 48 KB.
 # A warp's registers grow with Br (S^T, dP^T: Br / 2 fp32 each per lane): Br = Bc = 64 at
@@ -262,6 +266,14 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                 mma.cp_async_16(dst, (uint64(dst0) + r, x), src, base + row * row_stride + x)
 
     @cuda.jit(device=True, inline="always")
+    def stats_to_shared(Ls, Ds, s0, L, D_rows, b, hq, row0, Nq, tid):
+        """log2(e) L_i and D_i of Q tile rows row0 .. row0 + Br (0 past Nq) -> Ls, Ds from s0."""
+        for qr in range(tid, Br, T):
+            row = row0 + qr
+            Ls[s0 + qr] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
+            Ds[s0 + qr] = D_rows[b, hq, row] if row < Nq else float32(0.0)
+
+    @cuda.jit(device=True, inline="always")
     def product_T(C, As, Bs, b0, w, lane):
         """C = A_w B^T, 16 x Br: A_w = rows 16w.. of As (ldmatrix), B = rows b0.. of Bs (ldmatrix)."""
         for n in range(NC):
@@ -305,32 +317,19 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         """D_rows[b, h, r] = sum_x dO[b, r, h, x] O[b, r, h, x] in fp32 (16-bit inputs; Alg. 2
         line 4) and dQ = 0 (line 3), in one launch. Grid (row blocks of PRE_ROWS_PER_BLOCK, B H_q):
         LANES_PER_ROW lanes a row, their partial sums added by a shuffle butterfly; dq_acc (flat)
-        zeroed by a grid-stride loop over the whole grid."""
+        zeroed by a grid-stride loop over the whole grid (``kernels.preprocess``'s parts)."""
         _, Nq, H_q, d = out.shape
-        b = cuda.blockIdx.y // H_q
-        h = cuda.blockIdx.y % H_q
-        tid = cuda.threadIdx.x
-        lane = tid % WARP_SIZE
-        row = cuda.blockIdx.x * PRE_ROWS_PER_BLOCK + tid // LANES_PER_ROW
-        sub = lane % LANES_PER_ROW                 # this lane's place among its row's lanes
+        b, h, row, sub = row_of_lane(H_q)
         partial = float32(0.0)
         if row < Nq:
             for x in range(sub, d, LANES_PER_ROW):
                 o, _ = UNPACK_K(uint32(out[b, row, h, x]))
                 g, _ = UNPACK_K(uint32(dout[b, row, h, x]))
                 partial += o * g
-        # every lane takes part (also those past Nq), so the full mask is right; xor offsets
-        # below LANES_PER_ROW stay within a row's lanes
-        offset = LANES_PER_ROW // 2
-        while offset > 0:
-            partial += cuda.shfl_xor_sync(FULL_MASK, partial, offset)
-            offset //= 2
+        partial = sum_over_row_lanes(partial)      # every lane, also those past Nq
         if sub == 0 and row < Nq:
             D_rows[b, h, row] = partial
-        threads = cuda.gridDim.x * cuda.gridDim.y * cuda.blockDim.x
-        idx = (cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x) * cuda.blockDim.x + tid
-        for e in range(idx, dq_acc.size, threads):
-            dq_acc[e] = 0.0
+        zero_flat(dq_acc)
 
     @cuda.jit
     def finish_dq(dq_acc, scale, dq):
@@ -423,10 +422,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                 load_rows(Qs, 0, q, q_at, q_row, i_start * Br, Nq, tid, Br)
                 load_rows(dOs, 0, dout, q_at, q_row, i_start * Br, Nq, tid, Br)
                 mma.cp_async_commit()
-                for qr in range(tid, Br, T):
-                    row = i_start * Br + qr
-                    Ls[qr] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
-                    Ds[qr] = D_rows[b, hq, row] if row < Nq else float32(0.0)
+                stats_to_shared(Ls, Ds, 0, L, D_rows, b, hq, i_start * Br, Nq, tid)
             for i in range(i_start, i_end):                  # Alg. 2 line 8
                 row0 = i * Br
                 q0 = Br * ((i - i_start) % STAGES)           # Q_i's stage: rows q0.. of Qs, dOs, Ls, Ds
@@ -450,10 +446,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                     load_rows(Qs, 0, q, q_at, q_row, row0, Nq, tid, Br)
                     load_rows(dOs, 0, dout, q_at, q_row, row0, Nq, tid, Br)
                     mma.cp_async_commit()
-                    for qr in range(tid, Br, T):
-                        row = row0 + qr
-                        Ls[qr] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
-                        Ds[qr] = D_rows[b, hq, row] if row < Nq else float32(0.0)
+                    stats_to_shared(Ls, Ds, 0, L, D_rows, b, hq, row0, Nq, tid)
                     mma.cp_async_wait(0)
                 cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them
 
@@ -726,7 +719,6 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
 
 fast_takes = half_io.fast_takes   # what fast_backward serves: attention.fast_kernels asks the module
 _fast = {}    # (shapes, dtype, device, options) -> (the three Launches, the constants, slopes placeholder)
-
 
 
 def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,

@@ -585,7 +585,6 @@ fast_takes = half_io.fast_takes   # what fast_forward serves: attention.fast_ker
 _fast = {}    # (shapes, dtype, device, options) -> (its Launch, the constants, the slopes placeholder)
 
 
-
 def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale=None,
                  dropout_p=0.0, seed=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """(O, L) as new torch CUDA tensors (O in q's dtype, L float32): ``fa2_tc_forward`` without
