@@ -512,13 +512,13 @@ def argtypes():
 
 def compile_targets(config):
     """[(label, dispatcher, argtypes)] for the resource check, as the wrapper launches them."""
-    argtypes = globals()["argtypes"]()
+    kernel_types = argtypes()
     targets = []
     for kind in ("bf16", "f16"):
-        targets += [(f"{NAME}_{kind}", build(config, kind), argtypes),
-                    (f"{NAME}_{kind}_dropout", build(config, kind, dropout=True), argtypes),
+        targets += [(f"{NAME}_{kind}", build(config, kind), kernel_types),
+                    (f"{NAME}_{kind}_dropout", build(config, kind, dropout=True), kernel_types),
                     (f"{NAME}_{kind}_softcap_alibi", build(config, kind, softcap=True, alibi=True),
-                     argtypes)]
+                     kernel_types)]
     return targets
 
 
