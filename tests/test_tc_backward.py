@@ -23,7 +23,8 @@ CASES = [
     (1, 33, 17, 2, 1, 16, True, BOTTOM_RIGHT, 0.0, 16),      # GQA, fully masked rows, three Q tiles per head
     (1, 40, 70, 1, 1, 32, True, TOP_LEFT, 0.0, None),        # default tiles: Br=32 < Bc=64, 4 warps
     (1, 21, 30, 1, 1, 17, True, BOTTOM_RIGHT, 0.2, 16),      # dropout, odd head dim
-    (1, 18, 20, 1, 1, 100, True, BOTTOM_RIGHT, 0.0, None),   # d_pad = 128 default: 8 warps, pairs split the dims
+    (1, 18, 20, 1, 1, 100, True, BOTTOM_RIGHT, 0.0, None),   # d_pad = 128 default: 8 warps, two for each 16 keys
+    (1, 70, 20, 2, 1, 128, False, BOTTOM_RIGHT, 0.1, None),  # ... with dropout, GQA: two heads of two Q tiles
     (2, 33, 40, 4, 2, 24, True, BOTTOM_RIGHT, 0.0, 16),      # batches and K/V heads: offsets past the first head
     (1, 40, 45, 1, 1, 72, False, BOTTOM_RIGHT, 0.0, 32),     # d_pad = 96, 4 warps: dQ in groups of 3 pieces
 ]
@@ -82,6 +83,8 @@ def test_bad_inputs_are_refused(rng):
         tcb.check_config(TileConfig(Br=24, Bc=16, d_pad=32, num_warps=1))
     with pytest.raises(ConfigError, match="Bc=32 must be 16 x num_warps / 1 = 16"):
         tcb.check_config(TileConfig(Br=16, Bc=32, d_pad=32, num_warps=1))
+    with pytest.raises(ConfigError, match="Br=16 must be a multiple of 32"):   # a half for each warp of a pair
+        tcb.check_config(TileConfig(Br=16, Bc=64, d_pad=128, num_warps=8))
     for config in tcb.shipped_configs():
         tcb.check_config(config)
 
@@ -110,13 +113,13 @@ def test_backward_compiles_for_sm80_with_mma_and_no_spills():
         assert r["mma"] >= 5 * 2, (name, r)
         assert r["stack_frame"] == 0, (name, r)
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r)
-        assert r["smem"] == tcb.smem_bytes(config), (name, r)
+        assert r["smem"] == tcb.static_smem_bytes(config), (name, r)
 
 
 def test_dq_groups_deal_each_piece_once():
     """The warps' groups of dQ_i pieces (dq_group side by side, groups dealt round-robin) cover
     each 16 x 16 piece of dQ_i exactly once, at every shipped config and a few others."""
-    configs = tcb.shipped_configs() + [TileConfig(Br=Br, Bc=16 * w // tcb.split_d(d_pad), d_pad=d_pad,
+    configs = tcb.shipped_configs() + [TileConfig(Br=Br, Bc=16 * w // tcb.key_warps(d_pad), d_pad=d_pad,
                                                   num_warps=w)
                                        for Br in (16, 32, 64) for d_pad in (32, 64, 96, 128)
                                        for w in (2, 4, 8)]
@@ -130,16 +133,27 @@ def test_dq_groups_deal_each_piece_once():
     assert tcb.dq_group(32, 64, 4) == 2 and tcb.dq_group(32, 96, 4) == 3 and tcb.dq_group(16, 128, 8) == 1
 
 
-def test_q_tiles_take_two_stages_where_they_fit_in_48_kb():
-    """stages(config): two Q tiles (Q_i, dO_i, L_i, D_i) where they fit beside K_j, V_j and
-    dS_ij^T in 48 KB of static shared memory (the d_pad = 64 default: 42496 B), else one (the
-    d_pad = 128 default: two would take 55552 B); every shipped config within the limit."""
+def test_shared_tiles_are_laid_end_to_end_and_fit_a_block():
+    """smem_offsets: K_j, V_j, two stages of Q_i, dO_i, dS_ij^T and (key_warps = 2) P_ij^T, one
+    after another on 16-byte boundaries; the d_pad = 64 default takes 42496 B (static L_i, D_i
+    included), the d_pad = 128 default 123904 B; every shipped config fits what an A100 gives a
+    block (163 KB), and what ptxas counts as static is L_i, D_i."""
     d64, d128 = tcb.default_config(64), tcb.default_config(128)
-    assert tcb.stages(d64) == 2 and tcb.smem_bytes(d64) == 42496
-    assert tcb.stages(d128) == 1 and tcb.smem_bytes(d128, 2) == 55552
+    assert tcb.smem_bytes(d64) == 42496 and tcb.smem_bytes(d128) == 123904
+    assert tcb.smem_offsets(d64)["elements"] == tcb.smem_offsets(d64)["Ps"]   # no P^T tile at key_warps = 1
     for config in tcb.shipped_configs():
-        assert tcb.smem_bytes(config) <= 48 * 1024, config
-        assert tcb.smem_bytes(config) == tcb.smem_bytes(config, tcb.stages(config))
+        at = tcb.smem_offsets(config)
+        names = ["Ks", "Vs", "Qs", "dOs", "dSs"] + (["Ps"] if tcb.key_warps(config.d_pad) == 2 else [])
+        ends = [at[n] for n in names[1:]] + [at["elements"]]
+        wide, narrow = config.d_pad + tcb.ROW_PAD, config.Br + tcb.ROW_PAD
+        sizes = [config.Bc * wide] * 2 + [tcb.STAGES * config.Br * wide] * 2 + [config.Bc * narrow] * (len(names) - 4)
+        assert [e - at[n] for n, e in zip(names, ends)] == sizes, config
+        assert all(at[n] % 8 == 0 for n in names), config          # 16-byte boundaries
+        assert tcb.smem_bytes(config) <= 163 * 1024, config
+        assert tcb.static_smem_bytes(config) == 2 * tcb.STAGES * config.Br * 4, config
+        tcb.check_config(config, cc=(8, 0))
+    with pytest.raises(ConfigError, match="shared memory"):
+        tcb.check_config(TileConfig(Br=128, Bc=128, d_pad=128, num_warps=16), cc=(8, 6))
 
 
 @pytest.mark.parametrize("d", [24, 17])

@@ -23,6 +23,8 @@ CASES = [
     pytest.param(1, 33, 20, 2, 1, 16, True, (5, -1), 0.0, None, 16, id="causal window, Nq>Nk, GQA"),
     pytest.param(1, 20, 33, 2, 2, 32, False, (-1, -1), 1.5, "heads", 16, id="softcap, ALiBi (Hq,)"),
     pytest.param(1, 33, 20, 1, 1, 16, False, (7, 0), 0.8, "batch", 16, id="window, softcap, ALiBi (B, Hq)"),
+    pytest.param(1, 40, 45, 2, 1, 100, False, (20, 6), 2.0, "heads", None,
+                 id="two warps for each 16 keys (d_pad 128): window, softcap, ALiBi"),
 ]
 GPU_CASES = [
     pytest.param(2, 700, 1100, 4, 2, 64, True, (256, -1), 0.0, None, None, id="gpu: causal window 256"),

@@ -1,58 +1,62 @@
 """FlashAttention-2 backward, version 3: on the tensor cores (mma.sync), for fp16 and bf16.
 
 Dao 2023, Algorithm 2, with every product on ``mma.sync.m16n8k16`` (``kernels.mma``):
-one thread block per K/V tile j and K/V head (grid (Tc, B * Hkv)); each warp owns
-16 keys of K_j (Bc = 16 num_warps / SPLIT_D) and, for d_pad >= 96, half of the
-head dims of dK_j, dV_j (SPLIT_D = 2: the two warps of a pair both compute S_ij^T
-and dP_ij^T for their keys, which keeps dK_j + dV_j at 64 fp32 registers per
-lane; ``split_d``). Q tiles have Br rows, any multiple of 16 (Br <= Bc keeps
-S_ij^T and dP_ij^T small): a warp's registers grow with Br, the block's K/V
-tile with Bc, and every Q tile's loads and dQ_i atomics are shared by Bc keys.
-dQ_i's 16 x 16 pieces are dealt out to all warps. Three launches:
+one thread block per K/V tile j and K/V head (grid (Tc, B * Hkv)); Bc keys of K_j,
+16 for each warp, or, for d_pad >= 96, 16 for each pair of warps (``key_warps``: one
+warp's dK_j and dV_j would be 128 fp32 registers per lane at d_pad = 128). Q tiles
+have Br rows, a multiple of 16 (of 32 with pairs): a warp's registers grow with Br,
+the block's K/V tile with Bc, and every Q tile's loads and dQ_i atomics are shared by
+Bc keys. dQ_i's 16 x 16 pieces are dealt out to all warps. Three launches:
 
     preprocess   D_i = rowsum(dO_i o O_i), fp32, 8 lanes a row (Alg. 2 line 4);
                  dQ = 0 (fp32, accumulated by atomics; line 3)
     dkdv         for each query head h of the group (GQA: dK_j, dV_j summed over it in registers)
                    for each Q tile i visible to K_j (q_tile_start <= i < q_tile_end under
                  causal or a window):
-                     Q_i, dO_i -> shared (cp.async); L_i, D_i -> shared; with two
-                     stages, tile i + 1's copies are asked for before tile i is used
+                     Q_i, dO_i -> shared (cp.async), L_i, D_i -> shared: two stages, tile
+                     i + 1's copies asked for as soon as every warp is done with tile i - 1
                      S_ij^T  = K_j Q_i^T                 mma, A = K_j (ldmatrix), B = Q_i
+                     dP_ij^T = V_j dO_i^T                mma, A = V_j, B = dO_i (side by side)
                      P_ij^T  = exp(scale S_ij^T - L_i)    (0 where masked); the SOFTCAP, ALIBI
                                variants: exp(softcap tanh(scale S_ij^T / softcap)
                                              - slope |r + Nk - Nq - c| - L_i)
-                     dP_ij^T = V_j dO_i^T                mma, A = V_j, B = dO_i
                      dS_ij^T = P_ij^T o (dP_ij^T o Z^T - D_i)   (o (1 - tanh^2) with softcap)
-                     dV_j   += (P_ij o Z_ij)^T dO_i      mma, A packed from P^T's accumulators,
-                                                         B = dO_i by ldmatrix.trans
-                     dK_j   += dS_ij^T Q_i               mma, A packed from dS^T, B = Q_i (.trans)
-                     dS_ij^T -> shared (16-bit); dQ_i += dS_ij K_j   mma, A = dS by
-                                                         ldmatrix.trans, B = K_j (.trans);
-                                                         fp32 atomics into dQ, 16 x 16
+                     dS_ij^T -> shared (16-bit)
+                     dV_j   += (P_ij o Z_ij)^T dO_i      mma, B = dO_i by ldmatrix.trans
+                     dK_j   += dS_ij^T Q_i               mma, B = Q_i by ldmatrix.trans
+                     dQ_i   += dS_ij K_j                 mma, A = dS by ldmatrix.trans, B = K_j
+                                                         (.trans); fp32 atomics into dQ, 16 x 16
                                                          pieces of dQ_i dealt to the warps
                  dK_j = scale dK_j, dV_j written in the input dtype
     finish_dq    dQ = scale dQ (fp32) -> the input dtype
 
-Working on S^T (keys as rows) puts P^T and dS^T in the accumulators laid out as
-the A operands of dV_j and dK_j, so both go from accumulators to A fragments in
-registers, as P_ij does in the forward; only dQ needs dS_ij itself, which
-ldmatrix.trans reads back from shared memory.
+Working on S^T (keys as rows) puts P^T and dS^T in the accumulators laid out as the A
+operands of dV_j and dK_j. With one warp for each 16 keys (d_pad <= 64) both go from
+accumulators to A fragments in registers, as P_ij does in the forward; only dQ needs
+dS_ij itself, which ldmatrix.trans reads back from shared memory. With a pair (FA2's
+own split), each warp computes S_ij^T and dP_ij^T for its 16 keys and half of Q_i's
+queries, writes (P_ij o Z_ij)^T and dS_ij^T to shared memory, and after a barrier
+accumulates dV_j and dK_j for its 16 keys and half of the head dims, reading all Br
+queries of P^T and dS^T back as A fragments (ldmatrix): no product is computed twice.
 
 Names here -> the paper's (Dao 2023, Algorithm 2; "l." = its line numbers):
 
     D_rows         D = rowsum(dO o O) (l. 4), the preprocess launch
-    Ks, Vs         K_j, V_j in shared memory, 16-bit (l. 6)
-    Qs, dOs        Q_i, dO_i in shared memory, 16-bit (l. 9);  Ls, Ds: log2(e) L_i, D_i (l. 9);
-                   STAGES of each, tile i in rows q0 .. q0 + Br
+    sm             the dynamic shared array, 16-bit; the tiles at offsets (``smem_offsets``):
+      KS, VS         K_j, V_j (l. 6)
+      QS, DOS        Q_i, dO_i (l. 9), STAGES of each, tile i in rows q0 .. q0 + Br
+      DSS, PS        dS_ij^T (l. 14), (P_ij o Z_ij)^T (l. 11; pairs only), keys x queries
+    Ls, Ds         log2(e) L_i, D_i (l. 9), static fp32, STAGES of each
     S              S_ij^T (l. 10), then (P_ij o Z_ij)^T (l. 11)
     dP             dP_ij^T (l. 13), then dS_ij^T (l. 14)
     dV, dK         dV_j (l. 12), dK_j (l. 16, unscaled until it is written, l. 18)
-    dSs, dQ        dS_ij^T in shared memory; dQ: dq_group() 16 x 16 pieces of dS_ij K_j
-                   side by side, added to HBM by atomics (l. 15)
+    dQ             dq_group() 16 x 16 pieces of dS_ij K_j side by side, added to HBM by
+                   atomics (l. 15)
     d_pad          the compiled head dim (d <= d_pad)
 
 Names follow the paper; the lane layout is kernels/mma.py's: accumulator e of
-n-tile n holds S_ij^T[16 w + g + 8 (e // 2), 8 n + 2 t + e % 2] (key, query).
+n-tile n holds S_ij^T[16 w + g + 8 (e // 2), qw0 + 8 n + 2 t + e % 2] (key, query;
+qw0 = 0, or the half of Q_i a warp of a pair takes).
 Masking: P_ij = 0 for key c >= Nk, query row r >= Nq and, under causal or a
 sliding window, keys outside the band r + lo <= c <= r + hi
 (``geometry.window_bounds``), tested on edge and band-edge tiles only.
@@ -69,19 +73,18 @@ unsigned 64-bit element offset, then one multiply-add per 16-byte copy (``load_r
 per row of dQ added (no per-axis index arithmetic, no wraparound tests).
 
 What bounds it: instruction issue with few warps. A lane's registers (S_ij^T, dP_ij^T,
-dK_j, dV_j and the fragments) leave room for two blocks per SM, of 4 warps at d_pad = 64
-and of 8 at 128, too few to hide the latency of each mma's operands, and each mma
-comes with many other instructions: the copies' and atomics' address arithmetic,
-the masks and exponentials of P_ij and dS_ij, and dQ's atomics (B * Hq * Nq * d fp32 adds
-per column of K/V blocks, so Nk / Bc of them per element of dQ, two floats an atomic where
-the GPU has ``red.global.add.v2.f32``: ``vector_red``; not deterministic in their summation
-order). Also: Q_i and dO_i re-read from L2 by every K/V block, K_j and V_j re-read from
-shared memory by ldmatrix for every Q tile, three barriers per Q tile, the dropout
-variant's Philox call per element (3 of its 4 words unused), the duplicated S_ij^T and
-dP_ij^T products at d_pad >= 96, and the 48 KB of static shared memory, which caps Bc (K_j
-and V_j) times d_pad and leaves room for two stages of Q_i, dO_i (``stages``: tile i + 1
-is copied while tile i is used) only up to d_pad = 96; at d_pad = 128 each Q tile's copy
-latency is exposed.
+dK_j, dV_j and the fragments) leave room for two blocks of 4 warps an SM at d_pad = 64 and
+one block of 8 at d_pad = 128, too few to hide the latency of each mma's operands (ldmatrix
+from shared memory) and of the mmas themselves, and each mma comes with many other
+instructions: the copies' and atomics' address arithmetic, the masks and exponentials of
+P_ij and dS_ij, and dQ's atomics (B * Hq * Nq * d fp32 adds per column of K/V blocks, so
+Nk / Bc of them per element of dQ, two floats an atomic where the GPU has
+``red.global.add.v2.f32``: ``vector_red``; not deterministic in their summation order).
+Also: Q_i and dO_i re-read from L2 by every K/V block, K_j and V_j re-read from shared
+memory by ldmatrix for every Q tile (and, with pairs, P^T and dS^T written and read back),
+three barriers per Q tile, and the dropout variant's Philox call per element (3 of its 4
+words unused). Shared memory is dynamic (up to what the GPU gives a block,
+``smem_limit``): the d_pad = 128 default needs more than the 48 KB of static memory.
 deterministic=True is served by FA2's readable backward (``registry``: its
 separate dQ pass, on the inputs widened to float32), not by this kernel.
 """
@@ -96,7 +99,7 @@ from numba import cuda, float32, int64, types, uint16, uint32, uint64
 
 from flashnumba import geometry
 from flashnumba.geometry import BOTTOM_RIGHT
-from flashnumba.kernels import common, half_io, mma
+from flashnumba.kernels import common, half_io, mma, smem_limit
 from flashnumba.kernels.common import (
     HEAD_DIM_BUCKETS,
     WARP_SIZE,
@@ -116,7 +119,6 @@ from flashnumba.kernels.half_io import (
     padded_bits,
     resolve_kind,
 )
-from flashnumba.kernels.hardware import STATIC_SMEM_LIMIT
 from flashnumba.kernels.launch import prepared
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 from flashnumba.kernels.preprocess import (
@@ -137,17 +139,24 @@ MMA = {"bf16": mma.mma_bf16, "f16": mma.mma_f16}
 PACK = {"bf16": mma.pack_bf16x2, "f16": mma.pack_f16x2}
 UNPACK = {"bf16": mma.unpack_bf16x2, "f16": mma.unpack_f16x2}
 
-# (Br, Bc, num_warps) per head-dim bucket: Q_i, dO_i, K_j, V_j, dS_ij^T must fit in 48 KB.
-# A warp's registers grow with Br (S^T, dP^T: Br / 2 fp32 each per lane): Br = Bc = 64 at
-# d = 64 needed more than 255 registers and spilled; Bc grows with the warps instead.
-# d_pad >= 96: two warps share 16 keys, each accumulating half of the head dims of dK_j, dV_j
-# (SPLIT_D = 2; otherwise dK_j + dV_j alone are 128 fp32 registers per lane and it spilled).
-_DEFAULTS = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 96: (32, 64, 8), 128: (16, 64, 8)}
-_ALTERNATIVES = {64: [(32, 32, 2), (16, 128, 8), (16, 16, 1)], 128: [(32, 32, 4), (32, 48, 6), (16, 16, 2)]}
+# (Br, Bc, num_warps) per head-dim bucket. A warp's registers grow with Br (S^T, dP^T: Br / 2
+# fp32 each per lane at d_pad <= 64): Br = Bc = 64 at d = 64 needed more than 255 registers and
+# spilled; Bc grows with the warps instead. d_pad >= 96: two warps for each 16 keys, each with
+# half of Q_i's queries in S^T, dP^T and half of the head dims of dK_j, dV_j (``key_warps``;
+# one warp's dK_j + dV_j would be 128 fp32 registers per lane at d_pad = 128, and spill); there
+# Br = 64 (one block of 8 warps an SM, held by its registers) ran faster than Br = 32 (PERF-NOTES.md,
+# "fa2_tc_backward v4").
+_DEFAULTS = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 96: (64, 64, 8), 128: (64, 64, 8)}
+_ALTERNATIVES = {64: [(32, 32, 2), (16, 128, 8), (16, 16, 1)], 128: [(32, 64, 8), (32, 32, 4)]}
+STAGES = 2    # Q tiles in shared memory: tile i + 1 is copied while tile i is used
 
 
-def split_d(d_pad):
-    """Warps that share 16 keys, each owning d_pad / split_d(d_pad) head dims of dK_j, dV_j, dQ_i."""
+def key_warps(d_pad):
+    """Warps for each 16 keys of K_j: 1 (the warp computes S_ij^T, dP_ij^T for all Br queries
+    and all of dK_j, dV_j for its keys, P^T and dS^T from its own accumulators), or 2 for
+    d_pad >= 96, a pair that splits the work FA2's way: each warp S_ij^T, dP_ij^T for half of
+    the queries, both written to shared memory as P^T, dS^T, and dK_j, dV_j for half of the head
+    dims, their A operands read back (so each holds 64 fp32 accumulators a lane at d_pad = 128)."""
     return 2 if d_pad >= 96 else 1
 
 
@@ -172,35 +181,52 @@ def shipped_configs():
     return configs
 
 
-def smem_bytes(config, n_stages=None):
-    """K_j, V_j (Bc x (d_pad + 8) 16-bit each), dS_ij^T (Bc x (Br + 8)), and n_stages (default:
-    ``stages(config)``) of Q_i, dO_i (Br x (d_pad + 8) 16-bit each), L_i and D_i (fp32)."""
+def smem_offsets(config):
+    """Where each 16-bit tile starts in the dynamic shared array, in elements, and its length:
+    K_j, V_j (Bc x (d_pad + 8) each), STAGES of Q_i, dO_i (Br x (d_pad + 8) each), dS_ij^T and,
+    with key_warps = 2, P_ij^T (Bc x (Br + 8) each). End to end, each on a 16-byte boundary (rows
+    are multiples of 8 elements)."""
     Br, Bc, d_pad = config.Br, config.Bc, config.d_pad
-    if n_stages is None:
-        n_stages = stages(config)
-    return ((2 * n_stages * Br + 2 * Bc) * (d_pad + ROW_PAD) + Bc * (Br + ROW_PAD)) * HALF_BYTES \
-        + 2 * n_stages * Br * FLOAT_BYTES
+    kv = Bc * (d_pad + ROW_PAD)
+    qd = STAGES * Br * (d_pad + ROW_PAD)
+    st = Bc * (Br + ROW_PAD)
+    offsets = {"Ks": 0, "Vs": kv, "Qs": 2 * kv, "dOs": 2 * kv + qd, "dSs": 2 * kv + 2 * qd,
+               "Ps": 2 * kv + 2 * qd + st}
+    offsets["elements"] = offsets["Ps"] + (st if key_warps(d_pad) == 2 else 0)
+    return offsets
 
 
-def stages(config):
-    """2 where two Q tiles (Q_i, dO_i, L_i, D_i) fit in static shared memory beside K_j, V_j and
-    dS_ij^T: tile i + 1 is copied while tile i is used; else 1."""
-    return 2 if smem_bytes(config, 2) <= STATIC_SMEM_LIMIT else 1
+def smem_bytes(config):
+    """Shared memory per block: the dynamic array (``smem_offsets``, 16-bit) and STAGES of L_i,
+    D_i (fp32, static)."""
+    return smem_offsets(config)["elements"] * HALF_BYTES + 2 * STAGES * config.Br * FLOAT_BYTES
 
 
-def check_config(config):
+def dynamic_smem_bytes(config):
+    """The launch's dynamic shared memory (its 4th configuration value)."""
+    return smem_offsets(config)["elements"] * HALF_BYTES
+
+
+def check_config(config, cc=None):
+    """Raise ConfigError unless the configuration can compile and launch: its shared memory up to
+    what a GPU of compute capability `cc` gives a block (None: the most any does)."""
     who = NAME
     common.check_sizes(config, who)
     Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
-    SPLIT = split_d(d_pad)
-    require(Bc * SPLIT == 16 * num_warps,
-            f"{who}: Bc={Bc} must be 16 x num_warps / {SPLIT} = {16 * num_warps // SPLIT} "
-            f"(each warp owns 16 keys of K_j and 1/{SPLIT} of the head dims)")
-    require(Br % 16 == 0, f"{who}: Br={Br} must be a multiple of 16 (the mma's k-steps over queries)")
-    require(d_pad % (16 * SPLIT) == 0, f"{who}: d_pad={d_pad} must be a multiple of {16 * SPLIT}")
-    require(Br // 2 <= 63, f"{who}: Br={Br}: the dropout kernel keeps a lane's Br / 2 keep bits "
-                           f"in one 64-bit integer")
-    common.check_smem(config, smem_bytes(config), who)
+    KW = key_warps(d_pad)
+    require(Bc * KW == 16 * num_warps,
+            f"{who}: Bc={Bc} must be 16 x num_warps / {KW} = {16 * num_warps // KW} "
+            f"({KW} warp(s) for each 16 keys of K_j)")
+    require(Br % (16 * KW) == 0, f"{who}: Br={Br} must be a multiple of {16 * KW} (the mma's k-steps "
+                                 f"over queries{', a half for each warp of a pair' if KW == 2 else ''})")
+    require(d_pad % (16 * KW) == 0, f"{who}: d_pad={d_pad} must be a multiple of {16 * KW}")
+    require(Br // (2 * KW) <= 63, f"{who}: Br={Br}: the dropout kernel keeps a lane's "
+                                  f"Br / {2 * KW} keep bits in one 64-bit integer")
+    limit = smem_limit.MAX_BLOCK_BYTES if cc is None else smem_limit.opt_in_limit(cc)
+    smem = smem_bytes(config)
+    require(smem <= limit, f"{who}: Br={Br}, Bc={Bc}, d_pad={d_pad}, num_warps={num_warps} needs "
+                           f"{smem} bytes of shared memory, over the {limit} a block may have; use "
+                           f"smaller tiles")
 
 
 def _smem_alignment():
@@ -228,23 +254,35 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
     T = NW * WARP_SIZE
     ROW_LEN = d_pad + ROW_PAD
     BP = Br + ROW_PAD
-    KD = d_pad // 16                  # k-steps over the head dim
-    NC = Br // 8                  # n-tiles of S^T (8 queries each)
+    KW = key_warps(d_pad)         # warps for each 16 keys (2: each takes half the queries, dims)
+    KD = d_pad // 16              # k-steps over the head dim
+    NS = Br // (8 * KW)           # n-tiles of a warp's S^T, dP^T (8 queries each)
+    QW = Br // KW                 # queries of a warp's S^T, dP^T
     KC = Br // 16                 # k-steps over queries (dV_j, dK_j)
     KK = Bc // 16                 # k-steps over keys (dQ_i)
     NQ16 = d_pad // 16            # 16-dim columns of dQ_i
     PIECES = (Br // 16) * NQ16    # 16 x 16 pieces of dQ_i, dealt to the warps in groups
     PW = dq_group(Br, d_pad, NW)  # of PW side by side (one dS_ij fragment a k-step)
     NQ = 2 * PW                   # their n-tiles (8 dims each)
-    SPLIT = split_d(d_pad)
-    DH = d_pad // SPLIT               # head dims of dK_j, dV_j, dQ_i per warp
+    DH = d_pad // KW              # head dims of a warp's dK_j, dV_j
     NDH = DH // 8                 # their n-tiles
     CHUNKS = d_pad // 8           # 16-byte chunks per row
-    STAGES = stages(config)       # Q tiles in shared memory: with 2, tile i + 1 loads during tile i
     QROWS = STAGES * Br           # rows of Qs, dOs, Ls, Ds
     NLD = -(-Br // T)             # rows of L_i, D_i a thread copies
+    SM = smem_offsets(config)     # where each tile starts in the dynamic array
+    KS, VS, QS, DOS, DSS, PS = SM["Ks"], SM["Vs"], SM["Qs"], SM["dOs"], SM["dSs"], SM["Ps"]
     MMA_K, PACK_K, UNPACK_K = MMA[KIND], PACK[KIND], UNPACK[KIND]
     ALIGN = _smem_alignment()
+
+    # Element [row, col] of a d_pad-wide tile (Ks, Vs, Qs, dOs: rows of ROW_LEN) or of a
+    # Br-wide one (dSs, Ps: rows of BP) at offset OFF of the dynamic array
+    @cuda.jit(device=True, inline="always")
+    def wide_at(OFF, row, col):
+        return OFF + row * ROW_LEN + col
+
+    @cuda.jit(device=True, inline="always")
+    def narrow_at(OFF, row, col):
+        return OFF + row * BP + col
 
     @cuda.jit(device=True, inline="always")
     def mma_into(C, n, a, b0, b1):
@@ -253,51 +291,108 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
             C[n, e] = d[e]
 
     @cuda.jit(device=True, inline="always")
-    def load_rows(dst, dst0, src, base, row_stride, start, N, tid, ROWS):
-        """rows start .. start + ROWS (clamped to N - 1) of one head of src -> rows dst0.. of dst,
-        by cp.async: src is the flat view of a (B, N, H, d_pad) array, the head's row r at the
-        unsigned element offset base + r row_stride."""
+    def load_rows(sm, OFF, src, base, row_stride, start, N, tid, ROWS):
+        """rows start .. start + ROWS (clamped to N - 1) of one head of src -> the tile at OFF
+        of sm, by cp.async: src is the flat view of a (B, N, H, d_pad) array, the head's row r
+        at the unsigned element offset base + r row_stride."""
         for m in range((ROWS * CHUNKS + T - 1) // T):
             chunk = uint64(tid) + uint64(m * T)
             if chunk < uint64(ROWS * CHUNKS):
                 r = chunk // uint64(CHUNKS)
                 x = uint64(8) * (chunk % uint64(CHUNKS))
                 row = uint64(min(start + int64(r), N - 1))
-                mma.cp_async_16(dst, (uint64(dst0) + r, x), src, base + row * row_stride + x)
+                mma.cp_async_16(sm, uint64(OFF) + r * uint64(ROW_LEN) + x, src, base + row * row_stride + x)
 
     @cuda.jit(device=True, inline="always")
-    def stats_to_shared(Ls, Ds, s0, L, D_rows, b, hq, row0, Nq, tid):
-        """log2(e) L_i and D_i of Q tile rows row0 .. row0 + Br (0 past Nq) -> Ls, Ds from s0."""
-        for qr in range(tid, Br, T):
-            row = row0 + qr
-            Ls[s0 + qr] = L[b, hq, row] * LOG2_E if row < Nq else float32(0.0)
-            Ds[s0 + qr] = D_rows[b, hq, row] if row < Nq else float32(0.0)
+    def stats_of(L, D_rows, b, hq, row, ok):
+        """log2(e) L_i and D_i of query `row` (0, 0 unless ok)."""
+        if ok:
+            return L[b, hq, row] * LOG2_E, D_rows[b, hq, row]
+        return float32(0.0), float32(0.0)
 
     @cuda.jit(device=True, inline="always")
-    def product_T(C, As, Bs, b0, w, lane):
-        """C = A_w B^T, 16 x Br: A_w = rows 16w.. of As (ldmatrix), B = rows b0.. of Bs (ldmatrix)."""
-        for n in range(NC):
+    def products_T(C, A_OFF, B_OFF, C2, A2_OFF, B2_OFF, sm, w, lane):
+        """C = A_w B^T and C2 = A2_w B2^T, 16 x QW each, side by side (their mmas independent,
+        so each k-step issues 2 NS of them): A_w = rows 16w.. of the tile at A_OFF (ldmatrix),
+        B = the QW rows of the tile at B_OFF (ldmatrix); likewise A2_w, B2."""
+        for n in range(NS):
             for e in range(4):
                 C[n, e] = 0.0
+                C2[n, e] = 0.0
         for kk in range(KD):
-            a = mma.ldmatrix_x4(As, (16 * w + lane % 16, 16 * kk + 8 * (lane // 16)))
-            for nn in range(NC // 2):
-                bf = mma.ldmatrix_x4(Bs, (b0 + 16 * nn + lane % 8 + 8 * (lane // 16),
-                                          16 * kk + 8 * ((lane // 8) % 2)))
+            a = mma.ldmatrix_x4(sm, wide_at(A_OFF, 16 * w + lane % 16, 16 * kk + 8 * (lane // 16)))
+            a2 = mma.ldmatrix_x4(sm, wide_at(A2_OFF, 16 * w + lane % 16, 16 * kk + 8 * (lane // 16)))
+            for nn in range(NS // 2):
+                at = (16 * nn + lane % 8 + 8 * (lane // 16), 16 * kk + 8 * ((lane // 8) % 2))
+                bf = mma.ldmatrix_x4(sm, wide_at(B_OFF, at[0], at[1]))
+                bf2 = mma.ldmatrix_x4(sm, wide_at(B2_OFF, at[0], at[1]))
                 mma_into(C, 2 * nn, a, bf[0], bf[1])
+                mma_into(C2, 2 * nn, a2, bf2[0], bf2[1])
                 mma_into(C, 2 * nn + 1, a, bf[2], bf[3])
+                mma_into(C2, 2 * nn + 1, a2, bf2[2], bf2[3])
 
     @cuda.jit(device=True, inline="always")
-    def accumulate_AtB(Acc, C, Bs, b0, x0, lane):
-        """Acc += C B: C (16 x Br accumulators) packed into A fragments, B = Bs[b0 : b0 + Br,
-        x0 : x0 + DH] by ldmatrix.trans."""
+    def accumulate_from_registers(Acc, C, sm, B_OFF, lane):
+        """Acc += C B (key_warps = 1): C (16 x Br accumulators) packed into A fragments, B = the
+        Br x d_pad tile at B_OFF by ldmatrix.trans."""
         for kc in range(KC):
             a = (PACK_K(C[2 * kc, 0], C[2 * kc, 1]), PACK_K(C[2 * kc, 2], C[2 * kc, 3]),
                  PACK_K(C[2 * kc + 1, 0], C[2 * kc + 1, 1]), PACK_K(C[2 * kc + 1, 2], C[2 * kc + 1, 3]))
             for nd in range(NDH // 2):
-                bf = mma.ldmatrix_x4_trans(Bs, (b0 + 16 * kc + lane % 16, x0 + 16 * nd + 8 * (lane // 16)))
+                bf = mma.ldmatrix_x4_trans(sm, wide_at(B_OFF, 16 * kc + lane % 16, 16 * nd + 8 * (lane // 16)))
                 mma_into(Acc, 2 * nd, a, bf[0], bf[1])
                 mma_into(Acc, 2 * nd + 1, a, bf[2], bf[3])
+
+    @cuda.jit(device=True, inline="always")
+    def accumulate_from_shared(Acc, sm, A_OFF, B_OFF, w, x0, lane):
+        """Acc += A_w B (key_warps = 2): A_w = rows 16w.. of the 16-bit Bc x Br tile at A_OFF
+        (ldmatrix), B = columns x0 .. x0 + DH of the Br x d_pad tile at B_OFF (ldmatrix.trans)."""
+        for kc in range(KC):
+            a = mma.ldmatrix_x4(sm, narrow_at(A_OFF, 16 * w + lane % 16, 16 * kc + 8 * (lane // 16)))
+            for nd in range(NDH // 2):
+                bf = mma.ldmatrix_x4_trans(sm, wide_at(B_OFF, 16 * kc + lane % 16, x0 + 16 * nd + 8 * (lane // 16)))
+                mma_into(Acc, 2 * nd, a, bf[0], bf[1])
+                mma_into(Acc, 2 * nd + 1, a, bf[2], bf[3])
+
+    @cuda.jit(device=True, inline="always")
+    def probability(s, key, row, masked, L_row, Nq, Nk, windowed, lo, hi, q_scale, scale, cap, slope):
+        """P_ij^T's element for key and query row from S_ij^T's s: exp(scale s - L_i) (L_row =
+        log2(e) L_i), 0 where hidden (tested only when the tile is `masked`); and what dS_ij takes
+        of the cap, 1 - tanh^2 (1 without SOFTCAP). SOFTCAP, ALIBI: exp(cap tanh(scale s / cap)
+        - slope |row + Nk - Nq - key| - L_i)."""
+        visible = True
+        if masked:
+            visible = key < Nk and row < Nq and (not windowed or row + lo <= key <= row + hi)
+        p = float32(0.0)
+        dcap = float32(1.0)
+        if visible:
+            if SOFTCAP or ALIBI:
+                score = s * scale
+                if SOFTCAP:              # S_ij = cap tanh(S_ij / cap)
+                    tanh_s = math.tanh(score / cap)
+                    score = cap * tanh_s
+                    dcap = float32(1.0) - tanh_s * tanh_s
+                if ALIBI:                # S_ij -= slope |r + Nk - Nq - c|
+                    score -= slope * float32(abs(row + Nk - Nq - key))
+                p = exp2_ftz(score * float32(LOG2_E) - L_row)
+            else:
+                p = exp2_ftz(s * q_scale - L_row)
+        return p, dcap
+
+    @cuda.jit(device=True, inline="always")
+    def put_pair(sm, at, lo, hi):
+        """sm[at], sm[at + 1] = lo, hi rounded to 16 bits, as the mma operand would be."""
+        pair = PACK_K(lo, hi)
+        sm[at] = uint16(pair & uint32(0xFFFF))
+        sm[at + 1] = uint16(pair >> uint32(16))
+
+    @cuda.jit(device=True, inline="always")
+    def put_gradient(dst, b, key, h, x, d, lo, hi):
+        """dst[b, key, h, x], and dst[.., x + 1] if x + 1 < d, = lo, hi in the input dtype."""
+        pair = PACK_K(lo, hi)
+        dst[b, key, h, x] = uint16(pair & uint32(0xFFFF))
+        if x + 1 < d:
+            dst[b, key, h, x + 1] = uint16(pair >> uint32(16))
 
     @cuda.jit(device=True, inline="always")
     def keep_word(words, s):
@@ -359,8 +454,9 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         # --- who am I ---
         tid = cuda.threadIdx.x
         warp = tid // WARP_SIZE
-        w = warp // SPLIT                    # keys 16w .. 16w + 15 of K_j
-        x0 = DH * (warp % SPLIT)             # head dims x0 .. x0 + DH of dK_j, dV_j
+        w = warp // KW                       # keys 16w .. 16w + 15 of K_j
+        qw0 = QW * (warp % KW)               # queries qw0 .. qw0 + QW of Q_i in S^T, dP^T
+        x0 = DH * (warp % KW)                # head dims x0 .. x0 + DH of dK_j, dV_j
         lane = tid % WARP_SIZE
         g = lane // 4
         t = lane % 4
@@ -374,30 +470,26 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
             b_word = np.uint64(b)
             Z_kept = float32(1.0 / (1.0 - dropout_p))
 
-        # --- shared memory (each array on its own line) ---
-        Ks = cuda.shared.array((Bc, ROW_LEN), uint16, alignment=ALIGN)
-        Vs = cuda.shared.array((Bc, ROW_LEN), uint16, alignment=ALIGN)
-        Qs = cuda.shared.array((QROWS, ROW_LEN), uint16, alignment=ALIGN)    # stage s: rows s Br..
-        dOs = cuda.shared.array((QROWS, ROW_LEN), uint16, alignment=ALIGN)
-        dSs = cuda.shared.array((Bc, BP), uint16, alignment=ALIGN)    # dS_ij^T, 16-bit
-        Ls = cuda.shared.array(QROWS, float32)                         # L_i log2(e)
-        Ds = cuda.shared.array(QROWS, float32)                         # D_i
+        # --- shared memory: the 16-bit tiles in one dynamic array (smem_offsets), L_i, D_i ---
+        sm = cuda.shared.array(0, uint16, alignment=ALIGN)
+        Ls = cuda.shared.array(QROWS, float32)      # L_i log2(e), stage s: rows s Br..
+        Ds = cuda.shared.array(QROWS, float32)      # D_i
 
         # --- registers ---
-        S = cuda.local.array((NC, 4), float32)       # S_ij^T, then (P_ij o Z_ij)^T
-        dP = cuda.local.array((NC, 4), float32)      # dP_ij^T, then dS_ij^T
-        dK = cuda.local.array((NDH, 4), float32)     # dK_j (unscaled), rows 16w + g, + 8
-        dV = cuda.local.array((NDH, 4), float32)     # dV_j
+        S = cuda.local.array((NS, 4), float32)      # S_ij^T, then (P_ij o Z_ij)^T
+        dP = cuda.local.array((NS, 4), float32)     # dP_ij^T, then dS_ij^T
+        dK = cuda.local.array((NDH, 4), float32)    # dK_j (unscaled), rows 16w + g, + 8
+        dV = cuda.local.array((NDH, 4), float32)    # dV_j
         dQ = cuda.local.array((NQ, 4), float32)     # PW 16 x 16 pieces of dS_ij K_j, side by side
-        L_next = cuda.local.array(NLD, float32)      # L_i+1 log2(e), D_i+1 (STAGES = 2), on their
-        D_next = cuda.local.array(NLD, float32)      # way to shared memory while tile i runs
+        L_next = cuda.local.array(NLD, float32)     # L_i+1 log2(e), D_i+1, on their way to
+        D_next = cuda.local.array(NLD, float32)     # shared memory while tile i runs
 
         # Alg. 2 lines 6-7: load K_j, V_j; dK_j = 0, dV_j = 0
         # unsigned element offsets: k[b, 0, h_kv, 0], and from one key's row to the next
         kv_at = (uint64(b) * uint64(Nk) * uint64(H_kv) + uint64(h_kv)) * uint64(d_pad)
         kv_row = uint64(H_kv * d_pad)
-        load_rows(Ks, 0, k, kv_at, kv_row, col0, Nk, tid, Bc)
-        load_rows(Vs, 0, v, kv_at, kv_row, col0, Nk, tid, Bc)
+        load_rows(sm, KS, k, kv_at, kv_row, col0, Nk, tid, Bc)
+        load_rows(sm, VS, v, kv_at, kv_row, col0, Nk, tid, Bc)
         mma.cp_async_commit()
         for n in range(NDH):
             for e in range(4):
@@ -413,110 +505,93 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         q_row = uint64(H_q * d_pad)                          # from one query's row to the next
 
         for hq in range(h_kv * G, h_kv * G + G):             # GQA: the group's query heads
+            slope = float32(0.0)
             if ALIBI:
                 slope = slopes[b, hq]                        # bias -slope |r + Nk - Nq - c|
             # row (b, 0, hq) among the B Nq H_q rows of q (d_pad elements each) and of dQ (d each)
             head_at = uint64(b) * uint64(Nq) * uint64(H_q) + uint64(hq)
             q_at = head_at * uint64(d_pad)                               # q[b, 0, hq, 0]
-            if STAGES == 2 and i_start < i_end:      # Alg. 2 line 9 for the first tile: stage 0
-                load_rows(Qs, 0, q, q_at, q_row, i_start * Br, Nq, tid, Br)
-                load_rows(dOs, 0, dout, q_at, q_row, i_start * Br, Nq, tid, Br)
+            if i_start < i_end:                      # Alg. 2 line 9 for the first tile: stage 0
+                load_rows(sm, QS, q, q_at, q_row, i_start * Br, Nq, tid, Br)
+                load_rows(sm, DOS, dout, q_at, q_row, i_start * Br, Nq, tid, Br)
                 mma.cp_async_commit()
-                stats_to_shared(Ls, Ds, 0, L, D_rows, b, hq, i_start * Br, Nq, tid)
+                for qr in range(tid, Br, T):
+                    row = i_start * Br + qr
+                    Ls[qr], Ds[qr] = stats_of(L, D_rows, b, hq, row, row < Nq)
             for i in range(i_start, i_end):                  # Alg. 2 line 8
                 row0 = i * Br
                 q0 = Br * ((i - i_start) % STAGES)           # Q_i's stage: rows q0.. of Qs, dOs, Ls, Ds
-                # Alg. 2 line 9: load Q_i, dO_i, L_i, D_i
-                if STAGES == 2:
-                    # tile i + 1 into the other stage (free: tile i - 1 ended with a barrier);
-                    # its L_i, D_i read into registers now and stored at the end of tile i, so
-                    # that their loads' latency hides behind tile i's work
-                    if i + 1 < i_end:
-                        load_rows(Qs, Br - q0, q, q_at, q_row, row0 + Br, Nq, tid, Br)
-                        load_rows(dOs, Br - q0, dout, q_at, q_row, row0 + Br, Nq, tid, Br)
-                        for u in range(NLD):
-                            qr = tid + u * T
-                            row = row0 + Br + qr
-                            ok = qr < Br and row < Nq
-                            L_next[u] = L[b, hq, row] * LOG2_E if ok else float32(0.0)
-                            D_next[u] = D_rows[b, hq, row] if ok else float32(0.0)
-                    mma.cp_async_commit()       # possibly empty, so that wait(1) always means tile i
-                    mma.cp_async_wait(1)
-                else:
-                    load_rows(Qs, 0, q, q_at, q_row, row0, Nq, tid, Br)
-                    load_rows(dOs, 0, dout, q_at, q_row, row0, Nq, tid, Br)
+                mma.cp_async_wait(0)
+                # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them, and every
+                # warp is done with tile i - 1: its stage, P^T and dS^T may be written again
+                cuda.syncthreads()
+                # Alg. 2 line 9 for tile i + 1, into the other stage while tile i is used; its
+                # L_i, D_i read into registers now and stored at the end of tile i, so that their
+                # loads' latency hides behind tile i's work
+                if i + 1 < i_end:
+                    load_rows(sm, QS + (Br - q0) * ROW_LEN, q, q_at, q_row, row0 + Br, Nq, tid, Br)
+                    load_rows(sm, DOS + (Br - q0) * ROW_LEN, dout, q_at, q_row, row0 + Br, Nq, tid, Br)
                     mma.cp_async_commit()
-                    stats_to_shared(Ls, Ds, 0, L, D_rows, b, hq, row0, Nq, tid)
-                    mma.cp_async_wait(0)
-                cuda.syncthreads()  # Q_i, dO_i, L_i, D_i (and K_j, V_j) landed before any warp reads them
+                    for u in range(NLD):
+                        qr = tid + u * T
+                        row = row0 + Br + qr
+                        L_next[u], D_next[u] = stats_of(L, D_rows, b, hq, row, qr < Br and row < Nq)
+                Q_i = QS + q0 * ROW_LEN                      # where Q_i, dO_i start in sm
+                dO_i = DOS + q0 * ROW_LEN
 
                 if DROPOUT:
-                    # keep bits of this lane's 4 NC entries of Z_ij^T (bit 4 n + e), made before
+                    # keep bits of this lane's 4 NS entries of Z_ij^T (bit 4 n + e), made before
                     # S^T exists: in a loop of its own, which may stay rolled (it touches no
                     # register array). philox.keep(seed, b, hq, row, key, p): word key % 4.
                     keep_bits = 0
-                    for n in range(NC):
+                    for n in range(NS):
                         for e in range(4):
                             key = col0 + 16 * w + g + 8 * (e // 2)
-                            row = row0 + 8 * n + 2 * t + e % 2
+                            row = row0 + qw0 + 8 * n + 2 * t + e % 2
                             words = philox4x32(np.uint64(key // 4), np.uint64(row), np.uint64(hq),
                                                b_word, key0, key1)
                             if kept(keep_word(words, key % 4), dropout_p):
                                 keep_bits |= 1 << (4 * n + e)
 
-                # Alg. 2 lines 10-11: S_ij^T = K_j Q_i^T, P_ij^T = exp(scale S_ij^T - L_i)
-                product_T(S, Ks, Qs, q0, w, lane)
-                # Alg. 2 line 13: dP_ij^T = V_j dO_i^T
-                product_T(dP, Vs, dOs, q0, w, lane)
+                # Alg. 2 lines 10-11: S_ij^T = K_j Q_i^T, P_ij^T = exp(scale S_ij^T - L_i); line
+                # 13: dP_ij^T = V_j dO_i^T (with KW = 2: queries qw0 .. qw0 + QW)
+                products_T(S, KS, Q_i + qw0 * ROW_LEN, dP, VS, dO_i + qw0 * ROW_LEN, sm, w, lane)
                 masked = (col0 + Bc > Nk or row0 + Br > Nq
                           or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)))
-                for n in range(NC):
+                for n in range(NS):
                     for e in range(4):
                         key = col0 + 16 * w + g + 8 * (e // 2)
-                        qr = 8 * n + 2 * t + e % 2        # query, within Q_i
-                        row = row0 + qr
-                        visible = True
-                        if masked:
-                            visible = key < Nk and row < Nq and (not windowed or row + lo <= key <= row + hi)
-                        p = float32(0.0)
-                        if visible:
-                            if SOFTCAP or ALIBI:
-                                score = S[n, e] * scale
-                                if SOFTCAP:              # S_ij = cap tanh(S_ij / cap)
-                                    tanh_s = math.tanh(score / cap)
-                                    score = cap * tanh_s
-                                if ALIBI:                # S_ij -= slope |r + Nk - Nq - c|
-                                    score -= slope * float32(abs(row + Nk - Nq - key))
-                                p = exp2_ftz(score * float32(LOG2_E) - Ls[q0 + qr])
-                            else:
-                                p = exp2_ftz(S[n, e] * q_scale - Ls[q0 + qr])
+                        qr = qw0 + 8 * n + 2 * t + e % 2         # query, within Q_i
+                        p, dcap = probability(S[n, e], key, row0 + qr, masked, Ls[q0 + qr], Nq, Nk,
+                                              windowed, lo, hi, q_scale, scale, cap, slope)
                         z = float32(1.0)
                         if DROPOUT:
                             z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
-                        # Alg. 2 line 14: dS_ij = P_ij o (dP_ij o Z_ij - D_i); exactly 0 where hidden
-                        ds = float32(0.0)
-                        if visible:
-                            ds = p * (dP[n, e] * z - Ds[q0 + qr])
-                            if SOFTCAP:                  # through the cap: dS_ij o (1 - tanh^2)
-                                ds *= float32(1.0) - tanh_s * tanh_s
+                        # Alg. 2 line 14: dS_ij = P_ij o (dP_ij o Z_ij - D_i) (o (1 - tanh^2) with
+                        # softcap); exactly 0 where hidden (p = 0 there; dP_ij and D_i are finite)
+                        dP[n, e] = p * dcap * (dP[n, e] * z - Ds[q0 + qr])
                         S[n, e] = p * z
-                        dP[n, e] = ds
 
-                # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i
-                accumulate_AtB(dV, S, dOs, q0, x0, lane)
-                # Alg. 2 line 16: dK_j += dS_ij^T Q_i  (times scale at the end)
-                accumulate_AtB(dK, dP, Qs, q0, x0, lane)
-
-                # dS_ij^T -> shared, rounded to 16 bits as the mma operand would be (by one
-                # warp of the SPLIT that computed the same keys)
-                if x0 == 0:
-                    for n in range(NC):
-                        for hh in range(2):
-                            pair = PACK_K(dP[n, 2 * hh], dP[n, 2 * hh + 1])
-                            key_l = 16 * w + g + 8 * hh
-                            dSs[key_l, 8 * n + 2 * t] = uint16(pair & uint32(0xFFFF))
-                            dSs[key_l, 8 * n + 2 * t + 1] = uint16(pair >> uint32(16))
-                cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
+                # dS_ij^T (and, with KW = 2, (P_ij o Z_ij)^T) -> shared, 16-bit
+                for n in range(NS):
+                    for hh in range(2):
+                        key_l = 16 * w + g + 8 * hh
+                        at = narrow_at(DSS, key_l, qw0 + 8 * n + 2 * t)
+                        put_pair(sm, at, dP[n, 2 * hh], dP[n, 2 * hh + 1])
+                        if KW == 2:
+                            put_pair(sm, at + (PS - DSS), S[n, 2 * hh], S[n, 2 * hh + 1])
+                if KW == 1:
+                    # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i, A from S's accumulators
+                    accumulate_from_registers(dV, S, sm, dO_i, lane)
+                    # Alg. 2 line 16: dK_j += dS_ij^T Q_i  (times scale at the end)
+                    accumulate_from_registers(dK, dP, sm, Q_i, lane)
+                    cuda.syncthreads()  # dS_ij^T complete (all warps' keys) before any warp reads dS_ij
+                else:
+                    cuda.syncthreads()  # P^T, dS^T complete (all warps' keys and queries) before reads
+                    # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i, head dims x0 .. x0 + DH
+                    accumulate_from_shared(dV, sm, PS, dO_i, w, x0, lane)
+                    # Alg. 2 line 16: dK_j += dS_ij^T Q_i  (times scale at the end)
+                    accumulate_from_shared(dK, sm, DSS, Q_i, w, x0, lane)
 
                 # Alg. 2 line 15: dQ_i += dS_ij K_j, in groups of PW 16 x 16 pieces side by side:
                 # rows 16 rq.., dims 16 nq0.. of dQ_i; A = dS_ij by ldmatrix.trans of dS_ij^T (one
@@ -528,11 +603,11 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                         for e in range(4):
                             dQ[n, e] = 0.0
                     for kk in range(KK):
-                        a = mma.ldmatrix_x4_trans(dSs, (16 * kk + lane % 8 + 8 * (lane // 16),
-                                                        16 * rq + 8 * ((lane // 8) % 2)))
+                        a = mma.ldmatrix_x4_trans(sm, narrow_at(DSS, 16 * kk + lane % 8 + 8 * (lane // 16),
+                                                                16 * rq + 8 * ((lane // 8) % 2)))
                         for u in range(PW):
-                            bf = mma.ldmatrix_x4_trans(Ks, (16 * kk + lane % 16,
-                                                            16 * (nq0 + u) + 8 * (lane // 16)))
+                            bf = mma.ldmatrix_x4_trans(sm, wide_at(KS, 16 * kk + lane % 16,
+                                                                   16 * (nq0 + u) + 8 * (lane // 16)))
                             mma_into(dQ, 2 * u, a, bf[0], bf[1])
                             mma_into(dQ, 2 * u + 1, a, bf[2], bf[3])
                     for hh in range(2):
@@ -552,13 +627,17 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                                         if x < d:
                                             cuda.atomic.add(dq_acc, row_at + uint64(x),
                                                             dQ[n, 2 * hh + e2])
-                if STAGES == 2 and i + 1 < i_end:    # L_i+1, D_i+1 into the other stage
+                if i + 1 < i_end:                    # L_i+1, D_i+1 into the other stage
                     for u in range(NLD):
                         qr = tid + u * T
                         if qr < Br:
                             Ls[Br - q0 + qr] = L_next[u]
                             Ds[Br - q0 + qr] = D_next[u]
-                cuda.syncthreads()  # every warp done with Q_i, dO_i, dS_ij before the next tile
+                # every warp done with tile i before any starts tile i + 1: the next head's first
+                # tile loads into stage 0 (within a head the next tile's first barrier would
+                # come in time, but the kernel was measured faster with this one: PERF-NOTES.md,
+                # "fa2_tc_backward v4")
+                cuda.syncthreads()
 
         mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
 
@@ -569,13 +648,8 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                 for n in range(NDH):
                     x = x0 + 8 * n + 2 * t
                     if x < d:
-                        pk = PACK_K(dK[n, 2 * hh] * scale, dK[n, 2 * hh + 1] * scale)
-                        pv = PACK_K(dV[n, 2 * hh], dV[n, 2 * hh + 1])
-                        dk[b, key, h_kv, x] = uint16(pk & uint32(0xFFFF))
-                        dv[b, key, h_kv, x] = uint16(pv & uint32(0xFFFF))
-                        if x + 1 < d:
-                            dk[b, key, h_kv, x + 1] = uint16(pk >> uint32(16))
-                            dv[b, key, h_kv, x + 1] = uint16(pv >> uint32(16))
+                        put_gradient(dk, b, key, h_kv, x, d, dK[n, 2 * hh] * scale, dK[n, 2 * hh + 1] * scale)
+                        put_gradient(dv, b, key, h_kv, x, d, dV[n, 2 * hh], dV[n, 2 * hh + 1])
 
     return Fa2TcBackwardKernels(preprocess=preprocess, dkdv=dkdv, finish_dq=finish_dq)
 
@@ -617,7 +691,8 @@ def compile_targets(config):
 
 
 def static_smem_bytes(config):
-    return smem_bytes(config)
+    """Static shared memory per block, as ptxas counts it: L_i and D_i (the tiles are dynamic)."""
+    return smem_bytes(config) - dynamic_smem_bytes(config)
 
 
 # ---------------------------------------------------------------------------
@@ -626,21 +701,28 @@ def static_smem_bytes(config):
 
 def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     """The config for head dim d: `config`, else the default one with any of Br, Bc, num_warps
-    replaced. Bc and num_warps go together (Bc = 16 num_warps / split_d): either gives the
+    replaced. Bc and num_warps go together (Bc = 16 num_warps / key_warps): either gives the
     other. Br not given: the default's, but no more than Bc."""
     base = config if config is not None else default_config(d)
     if base.d_pad < d:
         raise ConfigError(f"config d_pad={base.d_pad} cannot serve head dim d={d}")
-    SPLIT = split_d(base.d_pad)
+    KW = key_warps(base.d_pad)
     if num_warps is None and Bc is not None:
-        num_warps = max(1, Bc // 16) * SPLIT
+        num_warps = max(1, Bc // 16) * KW
     if Bc is None and num_warps is not None:
-        Bc = 16 * num_warps // SPLIT
+        Bc = 16 * num_warps // KW
     Bc = base.Bc if Bc is None else Bc
     config = TileConfig(Br=min(base.Br, Bc) if Br is None else Br, Bc=Bc, d_pad=base.d_pad,
                         num_warps=base.num_warps if num_warps is None else num_warps)
     check_config(config)
     return config
+
+
+def check_for_this_gpu(config):
+    """check_config against what this GPU gives a block (on the simulator: against the most any
+    GPU does, as the simulator enforces no limit)."""
+    if not numba_config.ENABLE_CUDASIM:
+        check_config(config, cc=cuda.get_current_device().compute_capability)
 
 
 def flat_views(*arrays):
@@ -681,6 +763,7 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
     config = resolve_config(d, Br, Bc, num_warps, config)
+    check_for_this_gpu(config)
     if red_v2 is None:
         red_v2 = vector_red()
     elif red_v2 and not numba_config.ENABLE_CUDASIM and not vector_red():
@@ -704,14 +787,17 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
     Tc = geometry.num_tiles(Nk, config.Bc)
     pre_grid = (geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q)
     n_dq = dq.size
+    nbytes = dynamic_smem_bytes(config)
+    launch_dkdv = kernels.dkdv[(Tc, B * H_kv), config.threads, 0, nbytes]
+    args = (q_flat, k_flat, v_flat, dout_flat, L_d, D_rows, dq_acc_flat, dk, dv,
+            np.float32(scale * LOG2_E), np.float32(scale), windowed, lo, hi, dropout_p, seed, steps,
+            np.float32(cap), slopes)
+    smem_limit.raise_dynamic_limit(kernels.dkdv, args, nbytes)   # above 48 KB the driver must allow it
 
     def launch():
         # D_i, and dQ = 0 (accumulated by atomics)
         kernels.preprocess[pre_grid, PRE_THREADS](dout_d, out_d, D_rows, dq_acc_flat)
-        kernels.dkdv[(Tc, B * H_kv), config.threads](
-            q_flat, k_flat, v_flat, dout_flat, L_d, D_rows, dq_acc_flat, dk, dv,
-            np.float32(scale * LOG2_E), np.float32(scale), windowed, lo, hi, dropout_p, seed, steps,
-            np.float32(cap), slopes)
+        launch_dkdv(*args)
         kernels.finish_dq[geometry.num_tiles(n_dq, 256), 256](dq_acc_flat, np.float32(scale), dq_flat)
 
     return launch, dq, dk, dv, kind
@@ -743,13 +829,14 @@ def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT
                                                         softmax_scale=softmax_scale,
                                                         window_size=window_size, softcap=softcap)
         config = resolve_config(d)
+        check_for_this_gpu(config)
         kernels = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0,
                         alibi=alibi_slopes is not None, red_v2=vector_red() and d % 2 == 0)
         device = q.device.index
         runs = (prepared(kernels.preprocess, preprocess_argtypes(),
                          (geometry.num_tiles(Nq, PRE_ROWS_PER_BLOCK), B * H_q), PRE_THREADS, device=device),
                 prepared(kernels.dkdv, dkdv_argtypes(), (geometry.num_tiles(Nk, config.Bc), B * H_kv),
-                         config.threads, device=device),
+                         config.threads, dynamic_smem_bytes(config), device=device),
                 prepared(kernels.finish_dq, finish_dq_argtypes(), geometry.num_tiles(q.numel(), 256), 256,
                          device=device))
         constants = ((np.float32(scale * LOG2_E), np.float32(scale), windowed, lo, hi),
