@@ -15,6 +15,18 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
+@pytest.fixture
+def fast_launches(monkeypatch):
+    """The prepared launches (``kernels.launch.Launch``) run during the test, in order: how a test
+    sees that a public call took the fast path."""
+    from flashnumba.kernels import launch
+    launches = []
+    real_call = launch.Launch.__call__
+    monkeypatch.setattr(launch.Launch, "__call__",
+                        lambda self, *a: (launches.append(self), real_call(self, *a))[1])
+    return launches
+
+
 def rel_err(x, ref):
     """||x - ref|| / ||ref|| in float64 (absolute error when ref is all zeros)."""
     x = np.asarray(x, dtype=np.float64)

@@ -284,7 +284,7 @@ OPTIONS = {"plain": {}, "dropout": {"dropout_p": 0.1, "seed": 3},
                          + [(SHAPES[1], "dropout"), (SHAPES[1], "softcap-alibi-window")],
                          ids=lambda x: x if isinstance(x, str) else "B{}-Nq{}-Nk{}-H{}:{}-d{}-{}".format(
                              *x[:6], "causal" if x[6] else "full"))
-def test_the_fast_path_gives_the_dispatcher_paths_results_bitwise(monkeypatch, shape, options):
+def test_the_fast_path_gives_the_dispatcher_paths_results_bitwise(monkeypatch, fast_launches, shape, options):
     torch = pytest.importorskip("torch")
     from flashnumba.kernels import fa2_fast_backward, fa2_fast_forward
     options = dict(OPTIONS[options])
@@ -299,10 +299,7 @@ def test_the_fast_path_gives_the_dispatcher_paths_results_bitwise(monkeypatch, s
                fa2_fast_backward.build(fa2_fast_backward.resolve_config(shape[5]), **variant))
     overloads = [set(kernel.overloads) for kernel in kernels]
     monkeypatch.setattr(launch, "ENABLED", True)
-    launches = []
-    real_call = launch.Launch.__call__
-    monkeypatch.setattr(launch.Launch, "__call__",
-                        lambda self, *a: (launches.append(self), real_call(self, *a))[1])
+    launches = fast_launches
     fast = run()
     torch.cuda.synchronize()
     assert launches, "the fast path was not taken"

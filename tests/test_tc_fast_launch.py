@@ -130,7 +130,7 @@ def test_the_fast_path_takes_16_bit_torch_tensors_at_a_buckets_own_head_dim(monk
 
 @pytest.mark.skipif(flashnumba.on_simulator(), reason="torch CUDA tensors and compiled kernels need a GPU")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_the_public_half_call_takes_the_fast_path_with_the_dispatcher_paths_results(monkeypatch, dtype):
+def test_the_public_half_call_takes_the_fast_path_with_the_dispatcher_paths_results(monkeypatch, fast_launches, dtype):
     gen = torch.Generator(device="cuda").manual_seed(5)
     q = torch.randn((2, 77, 4, 64), device="cuda", generator=gen, dtype=TORCH[dtype])
     k, v = (torch.randn((2, 77, 2, 64), device="cuda", generator=gen, dtype=TORCH[dtype]) for _ in range(2))
@@ -144,10 +144,7 @@ def test_the_public_half_call_takes_the_fast_path_with_the_dispatcher_paths_resu
     monkeypatch.setattr(launch, "ENABLED", False)
     slow = run()
     monkeypatch.setattr(launch, "ENABLED", True)
-    launches = []
-    real_call = launch.Launch.__call__
-    monkeypatch.setattr(launch.Launch, "__call__",
-                        lambda self, *a: (launches.append(self), real_call(self, *a))[1])
+    launches = fast_launches
     fast = run()
     torch.cuda.synchronize()
     assert len(launches) == 4, "the fast path was not taken"

@@ -178,6 +178,7 @@ from flashnumba.kernels import common, gqa, smem_limit
 from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
 from flashnumba.kernels.fast_math import LOG2_E, exp2_ftz, is_negative_zero
 from flashnumba.kernels.geometry import num_tiles, q_tile_end, q_tile_start
+from flashnumba.kernels.half_io import fast_slopes
 from flashnumba.kernels.hardware import FLOAT_BYTES, REGISTERS_PER_SM, SM_SHARED_BYTES, WARP_SIZE
 from flashnumba.kernels.launch import prepared
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
@@ -953,9 +954,8 @@ def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT
         group_sum = (prepared(gqa.sum_head_groups, (a4, a4), plan.group_sum_grid, gqa.THREADS,
                               device=device) if H_q != H_kv else None)
         cached = _fast[key] = (plan, rowsum, main, group_sum, q.new_empty((1, 1)))   # placeholder slopes
-    plan, rowsum, main, group_sum, slopes = cached
-    if alibi_slopes is not None:
-        slopes = q.new_tensor(common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
+    plan, rowsum, main, group_sum, placeholder = cached
+    slopes = fast_slopes(q, placeholder, softcap=softcap, alibi_slopes=alibi_slopes, alignment=alignment)
     D_rows = q.new_empty((B, H_q, Nq))
     # dQ and its spare floats: zeroed by preprocess_zero_dq (their atomics, adding 0, read them)
     dq_spare = q.new_empty(plan.dq_floats)

@@ -147,6 +147,7 @@ from flashnumba.kernels import common, smem_limit
 from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, fast_bucket, require
 from flashnumba.kernels.fast_math import LN_2, LOG2_E
 from flashnumba.kernels.geometry import kv_tile_end, kv_tile_start, num_tiles
+from flashnumba.kernels.half_io import fast_slopes
 from flashnumba.kernels.hardware import (
     FLOAT_BYTES,
     FULL_MASK,
@@ -730,9 +731,8 @@ def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale
         run = prepared(plan.kernel, argtypes(), plan.grid, plan.threads, plan.nbytes,
                        device=q.device.index)
         cached = _fast[key] = (plan, run, q.new_empty((1, 1)))   # slopes placeholder, never read
-    plan, run, slopes = cached
-    if alibi_slopes is not None:
-        slopes = q.new_tensor(common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
+    plan, run, placeholder = cached
+    slopes = fast_slopes(q, placeholder, softcap=softcap, alibi_slopes=alibi_slopes, alignment=alignment)
     out = q.new_empty((B, Nq, H_q, d))
     L = q.new_empty((B, H_q, Nq))
     run(q, k, v, out, L, *plan.before, dropout_p, seed, *plan.after, slopes)

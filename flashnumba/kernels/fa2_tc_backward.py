@@ -116,6 +116,7 @@ from flashnumba.kernels.half_io import (
     f32_like,
     fast_band,
     fast_shape_class,
+    fast_slopes,
     padded_bits,
     resolve_kind,
 )
@@ -842,9 +843,8 @@ def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT
         constants = ((np.float32(scale * LOG2_E), np.float32(scale), windowed, lo, hi),
                      (steps, np.float32(cap)), np.float32(scale))
         cached = _fast[key] = (runs, constants, f32_like(q, (1, 1)))     # slopes placeholder, never read
-    (rowsum, dkdv, finish), (before, after, dq_scale), slopes = cached
-    if alibi_slopes is not None:
-        slopes = f32_like(q, (B, H_q), common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
+    (rowsum, dkdv, finish), (before, after, dq_scale), placeholder = cached
+    slopes = fast_slopes(q, placeholder, softcap=softcap, alibi_slopes=alibi_slopes, alignment=alignment)
     D_rows = f32_like(q, (B, H_q, Nq))
     dq_acc = f32_like(q, (B, Nq, H_q, d))
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

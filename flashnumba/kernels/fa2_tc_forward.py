@@ -97,6 +97,7 @@ from flashnumba.kernels.half_io import (
     f32_like,
     fast_band,
     fast_shape_class,
+    fast_slopes,
     padded_bits,
     resolve_kind,
 )
@@ -616,9 +617,8 @@ def fast_forward(q, k, v, *, causal=False, alignment=BOTTOM_RIGHT, softmax_scale
                        config.threads, nbytes, device=q.device.index)
         constants = ((np.float32(scale * LOG2_E), windowed, lo, hi), (steps, np.float32(cap * LOG2_E)))
         cached = _fast[key] = (run, constants, f32_like(q, (1, 1)))     # slopes placeholder, never read
-    run, (before, after), slopes = cached
-    if alibi_slopes is not None:
-        slopes = f32_like(q, (B, H_q), common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
+    run, (before, after), placeholder = cached
+    slopes = fast_slopes(q, placeholder, softcap=softcap, alibi_slopes=alibi_slopes, alignment=alignment)
     out = q.new_empty((B, Nq, H_q, d))
     L = f32_like(q, (B, H_q, Nq))
     run(q, k, v, out, L, *before, dropout_p, seed, *after, slopes)

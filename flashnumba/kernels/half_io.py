@@ -78,6 +78,15 @@ def fast_band(q, k, *, causal, alignment, softmax_scale, window_size, softcap):
     return (*band, common.resolve_features_host(softcap, None, B, H_q, alignment)[0])
 
 
+def fast_slopes(q, placeholder, *, softcap, alibi_slopes, alignment):
+    """The ALiBi slopes a fast-path call passes: (B, H_q) float32 on q's device, or, without
+    alibi_slopes, `placeholder` (a tensor the kernel never reads, kept with the shape class)."""
+    if alibi_slopes is None:
+        return placeholder
+    B, H_q = q.shape[0], q.shape[2]
+    return f32_like(q, (B, H_q), common.resolve_features_host(softcap, alibi_slopes, B, H_q, alignment)[1])
+
+
 def f32_like(x, shape, host=None):
     """A float32 torch tensor on torch tensor x's device: empty, of `shape`, or (`host` given) a
     copy of that host array (the fast launch paths' L, D_i, dQ's accumulator and ALiBi slopes)."""
