@@ -85,8 +85,22 @@ def test_bad_inputs_are_refused(rng):
         tcb.check_config(TileConfig(Br=16, Bc=32, d_pad=32, num_warps=1))
     with pytest.raises(ConfigError, match="Br=16 must be a multiple of 32"):   # a half for each warp of a pair
         tcb.check_config(TileConfig(Br=16, Bc=64, d_pad=128, num_warps=8))
+    with pytest.raises(ConfigError, match="blocks_per_sm=2: that many blocks of 256 threads and 123904 bytes"):
+        tcb.check_config(TileConfig(Br=64, Bc=64, d_pad=128, num_warps=8, blocks_per_sm=2))  # shared memory
+    with pytest.raises(ConfigError, match="blocks_per_sm must be a non-negative integer, got -1"):
+        tcb.check_config(TileConfig(Br=32, Bc=64, d_pad=64, num_warps=4, blocks_per_sm=-1))
     for config in tcb.shipped_configs():
         tcb.check_config(config)
+
+
+def test_resolve_config_keeps_the_launch_bounds_of_its_warps():
+    """blocks_per_sm stays with the config's warps (a launch bound of T threads is wrong for any
+    other T): kept when Br changes, dropped when Bc (and so num_warps) does."""
+    twelve = TileConfig(Br=32, Bc=96, d_pad=128, num_warps=12, blocks_per_sm=1)
+    assert tcb.resolve_config(128, config=twelve) == twelve
+    assert tcb.resolve_config(100, Br=64, config=twelve).blocks_per_sm == 1
+    assert tcb.resolve_config(128, Bc=64, config=twelve) == TileConfig(32, 64, 128, 8, 0)
+    assert tcb._jit_options(TileConfig(64, 64, 128, 8)) == {}
 
 
 def test_backward_compiles_for_sm80_with_mma_and_no_spills():

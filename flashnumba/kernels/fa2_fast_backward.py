@@ -179,7 +179,13 @@ from flashnumba.kernels.common import FAST_HEAD_DIMS, ConfigError, TileConfig, f
 from flashnumba.kernels.fast_math import LOG2_E, exp2_ftz, is_negative_zero
 from flashnumba.kernels.geometry import num_tiles, q_tile_end, q_tile_start
 from flashnumba.kernels.half_io import fast_slopes
-from flashnumba.kernels.hardware import FLOAT_BYTES, REGISTERS_PER_SM, SM_SHARED_BYTES, WARP_SIZE
+from flashnumba.kernels.hardware import (
+    FLOAT_BYTES,
+    MAX_THREADS_PER_SM,
+    REGISTERS_PER_SM,
+    SM_SHARED_BYTES,
+    WARP_SIZE,
+)
 from flashnumba.kernels.launch import prepared
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 from flashnumba.kernels.preprocess import PRE_ROWS_PER_BLOCK, PRE_THREADS, preprocess_zero_dq
@@ -340,7 +346,7 @@ def check_config(config):
     require(isinstance(blocks, (int, np.integer)) and blocks >= 0,
             f"blocks_per_sm must be a non-negative integer, got {blocks!r}")
     require(blocks == 0 or (blocks * (smem_bytes(config) + 1024) <= SM_SHARED_BYTES
-                            and blocks * config.threads <= 2048),
+                            and blocks * config.threads <= MAX_THREADS_PER_SM),
             f"blocks_per_sm={blocks}: that many blocks of {config.threads} threads and "
             f"{smem_bytes(config)} bytes of shared memory do not fit on one SM")
     lay = layout(config)

@@ -120,6 +120,7 @@ from flashnumba.kernels.half_io import (
     padded_bits,
     resolve_kind,
 )
+from flashnumba.kernels.hardware import MAX_THREADS_PER_SM, SM_SHARED_BYTES
 from flashnumba.kernels.launch import prepared
 from flashnumba.kernels.philox import kept, philox4x32, philox_key
 from flashnumba.kernels.preprocess import (
@@ -163,9 +164,11 @@ def key_warps(d_pad):
 
 def dq_group(Br, d_pad, num_warps):
     """dQ_i's 16 x 16 pieces a warp computes side by side: the largest divisor of d_pad / 16 no
-    larger than the pieces per warp (rounded up), so a group shares its rows (one dS_ij fragment
-    a k-step) and its mmas are independent."""
-    per_warp = -(-(Br // 16) * (d_pad // 16) // num_warps)
+    larger than the pieces per warp (rounded down, at least 1), so a group shares its rows (one
+    dS_ij fragment a k-step) and its mmas are independent. Rounded down: where the pieces do not
+    split evenly the last groups wait for the slowest warp either way, and each piece of a group
+    holds 8 fp32 registers a lane for the whole of dQ's loop."""
+    per_warp = max(1, (Br // 16) * (d_pad // 16) // num_warps)
     return max(p for p in range(1, d_pad // 16 + 1) if (d_pad // 16) % p == 0 and p <= per_warp)
 
 
@@ -228,10 +231,25 @@ def check_config(config, cc=None):
     require(smem <= limit, f"{who}: Br={Br}, Bc={Bc}, d_pad={d_pad}, num_warps={num_warps} needs "
                            f"{smem} bytes of shared memory, over the {limit} a block may have; use "
                            f"smaller tiles")
+    blocks = config.blocks_per_sm
+    require(isinstance(blocks, (int, np.integer)) and blocks >= 0,
+            f"{who}: blocks_per_sm must be a non-negative integer, got {blocks!r}")
+    require(blocks * config.threads <= MAX_THREADS_PER_SM and blocks * (smem + 1024) <= SM_SHARED_BYTES,
+            f"{who}: blocks_per_sm={blocks}: that many blocks of {config.threads} threads and {smem} "
+            f"bytes of shared memory do not fit on one SM")
 
 
 def _smem_alignment():
     return None if numba_config.ENABLE_CUDASIM else 16
+
+
+def _jit_options(config):
+    """Launch bounds (threads, config.blocks_per_sm) where the config asks for them: ptxas then
+    holds a thread to 65536 / (threads x blocks) registers (a 12-warp block: 168). None on the
+    simulator, which takes none."""
+    if numba_config.ENABLE_CUDASIM or not config.blocks_per_sm:
+        return {}
+    return {"launch_bounds": (config.threads, int(config.blocks_per_sm))}
 
 
 Fa2TcBackwardKernels = collections.namedtuple("Fa2TcBackwardKernels", "preprocess dkdv finish_dq")
@@ -436,7 +454,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
             pair = PACK_K(dq_acc[e] * scale, float32(0.0))
             dq[e] = uint16(pair & uint32(0xFFFF))
 
-    @cuda.jit
+    @cuda.jit(**_jit_options(config))
     def dkdv(q, k, v, dout, L, D_rows, dq_acc, dk, dv, q_scale, scale, windowed, lo, hi,
              dropout_p, seed, limit, cap, slopes):
         # --- sizes --- q, dout (B, Nq, H_q, d_pad), k, v (B, Nk, H_kv, d_pad): uint16 bits padded
@@ -703,7 +721,8 @@ def static_smem_bytes(config):
 def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     """The config for head dim d: `config`, else the default one with any of Br, Bc, num_warps
     replaced. Bc and num_warps go together (Bc = 16 num_warps / key_warps): either gives the
-    other. Br not given: the default's, but no more than Bc."""
+    other. Br not given: the default's, but no more than Bc. blocks_per_sm: the base config's
+    while num_warps is its own, else 0 (no launch bounds)."""
     base = config if config is not None else default_config(d)
     if base.d_pad < d:
         raise ConfigError(f"config d_pad={base.d_pad} cannot serve head dim d={d}")
@@ -713,8 +732,10 @@ def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
     if Bc is None and num_warps is not None:
         Bc = 16 * num_warps // KW
     Bc = base.Bc if Bc is None else Bc
+    num_warps = base.num_warps if num_warps is None else num_warps
     config = TileConfig(Br=min(base.Br, Bc) if Br is None else Br, Bc=Bc, d_pad=base.d_pad,
-                        num_warps=base.num_warps if num_warps is None else num_warps)
+                        num_warps=num_warps,
+                        blocks_per_sm=base.blocks_per_sm if num_warps == base.num_warps else 0)
     check_config(config)
     return config
 

@@ -10,5 +10,6 @@ FULL_MASK = 0xFFFFFFFF                   # every lane of the warp takes part in 
 STATIC_SMEM_LIMIT = 48 * 1024            # bytes of static shared memory per block
 SM_SHARED_BYTES = 227 * 1024             # usable shared memory per SM on sm_90 (sm_80: 163 KB)
 REGISTERS_PER_SM = 65536
+MAX_THREADS_PER_SM = 2048
 MAX_REGISTER_TILE = 128                  # floats per thread in register arrays; more would spill
 FLOAT_BYTES = 4
