@@ -23,8 +23,9 @@ CASES = [
     (1, 33, 17, 2, 1, 16, True, BOTTOM_RIGHT, 0.0, 16),      # GQA, fully masked rows, three Q tiles per head
     (1, 40, 70, 1, 1, 32, True, TOP_LEFT, 0.0, None),        # default tiles: Br=32 < Bc=64, 4 warps
     (1, 21, 30, 1, 1, 17, True, BOTTOM_RIGHT, 0.2, 16),      # dropout, odd head dim
-    (1, 18, 20, 1, 1, 100, True, BOTTOM_RIGHT, 0.0, None),   # d_pad = 128 default: 8 warps, two for each 16 keys
-    (1, 70, 20, 2, 1, 128, False, BOTTOM_RIGHT, 0.1, None),  # ... with dropout, GQA: two heads of two Q tiles
+    (1, 18, 20, 1, 1, 100, True, BOTTOM_RIGHT, 0.0, None),   # d_pad = 128 default: 8 warps, two for each 32 keys
+    (1, 45, 140, 2, 1, 112, True, TOP_LEFT, 0.0, None),      # ... two K/V blocks of two key m-tiles a pair, GQA
+    (1, 70, 20, 2, 1, 128, False, BOTTOM_RIGHT, 0.1, None),  # dropout's d_pad = 128 tiles (one m-tile), GQA: two heads of two Q tiles
     (2, 33, 40, 4, 2, 24, True, BOTTOM_RIGHT, 0.0, 16),      # batches and K/V heads: offsets past the first head
     (1, 40, 45, 1, 1, 72, False, BOTTOM_RIGHT, 0.0, 32),     # d_pad = 96, 4 warps: dQ in groups of 3 pieces
 ]
@@ -81,8 +82,10 @@ def test_bad_inputs_are_refused(rng):
         tcb.fa2_tc_backward(dout[:, :4], q, k, v, out, L)
     with pytest.raises(ConfigError, match="Br=24 must be a multiple of 16"):
         tcb.check_config(TileConfig(Br=24, Bc=16, d_pad=32, num_warps=1))
-    with pytest.raises(ConfigError, match="Bc=32 must be 16 x num_warps / 1 = 16"):
-        tcb.check_config(TileConfig(Br=16, Bc=32, d_pad=32, num_warps=1))
+    with pytest.raises(ConfigError, match="Bc=48 must be 16 x num_warps / 1 = 16 or twice that"):
+        tcb.check_config(TileConfig(Br=16, Bc=48, d_pad=32, num_warps=1))
+    assert tcb.key_tiles(TileConfig(Br=16, Bc=32, d_pad=32, num_warps=1)) == 2      # two m-tiles a warp
+    assert tcb.key_tiles(TileConfig(Br=32, Bc=128, d_pad=128, num_warps=8)) == 2    # ... a pair
     with pytest.raises(ConfigError, match="Br=16 must be a multiple of 32"):   # a half for each warp of a pair
         tcb.check_config(TileConfig(Br=16, Bc=64, d_pad=128, num_warps=8))
     with pytest.raises(ConfigError, match="blocks_per_sm=2: that many blocks of 256 threads and 123904 bytes"):
@@ -150,10 +153,13 @@ def test_dq_groups_deal_each_piece_once():
 def test_shared_tiles_are_laid_end_to_end_and_fit_a_block():
     """smem_offsets: K_j, V_j, two stages of Q_i, dO_i, dS_ij^T and (key_warps = 2) P_ij^T, one
     after another on 16-byte boundaries; the d_pad = 64 default takes 42496 B (static L_i, D_i
-    included), the d_pad = 128 default 123904 B; every shipped config fits what an A100 gives a
+    included), the d_pad = 128 default 125440 B (K_j, V_j 2 x 128 x 136 elements, Q_i, dO_i
+    2 x 2 x 32 x 136, dS^T, P^T 2 x 128 x 40, all 2 B, and 512 B of L_i, D_i), that of its
+    dropout, softcap and ALiBi kernels 123904 B; every shipped config fits what an A100 gives a
     block (163 KB), and what ptxas counts as static is L_i, D_i."""
     d64, d128 = tcb.default_config(64), tcb.default_config(128)
-    assert tcb.smem_bytes(d64) == 42496 and tcb.smem_bytes(d128) == 123904
+    assert tcb.smem_bytes(d64) == 42496 and tcb.smem_bytes(d128) == 125440
+    assert tcb.smem_bytes(tcb.default_config(128, variant=True)) == 123904
     assert tcb.smem_offsets(d64)["elements"] == tcb.smem_offsets(d64)["Ps"]   # no P^T tile at key_warps = 1
     for config in tcb.shipped_configs():
         at = tcb.smem_offsets(config)

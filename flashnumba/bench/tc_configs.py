@@ -112,7 +112,8 @@ def forward_targets():
 
 def backward_red_v2_targets():
     """[(label, dispatcher, argtypes)] of every shipped config's dkdv kernels (each dtype, plain,
-    dropout, softcap + ALiBi) with dQ's atomics two floats at a time, as they run on sm_90 and
+    and dropout, softcap + ALiBi where the config serves them: ``fa2_tc_backward.serves_variants``)
+    with dQ's atomics two floats at a time, as they run on sm_90 and
     newer (``fa2_tc_backward.vector_red``); ptxas takes them for sm_90 only:
     ``flashnumba resources --cc 90 --source flashnumba.bench.tc_configs:backward_red_v2_targets``."""
     from flashnumba.kernels import fa2_tc_backward as tcb
@@ -122,6 +123,8 @@ def backward_red_v2_targets():
     for config in tcb.shipped_configs():
         for kind in ("bf16", "f16"):
             for suffix, options in KERNEL_VARIANTS:
+                if options and not tcb.serves_variants(config):
+                    continue
                 targets.append((f"fa2_tc_backward_{kind}{suffix} Br={config.Br} Bc={config.Bc} "
                                 f"d_pad={config.d_pad} red.v2",
                                 tcb.build(config, kind, red_v2=True, **options).dkdv, argtypes))

@@ -3,10 +3,12 @@
 Dao 2023, Algorithm 2, with every product on ``mma.sync.m16n8k16`` (``kernels.mma``):
 one thread block per K/V tile j and K/V head (grid (Tc, B * Hkv)); Bc keys of K_j,
 16 for each warp, or, for d_pad >= 96, 16 for each pair of warps (``key_warps``: one
-warp's dK_j and dV_j would be 128 fp32 registers per lane at d_pad = 128). Q tiles
-have Br rows, a multiple of 16 (of 32 with pairs): a warp's registers grow with Br,
-the block's K/V tile with Bc, and every Q tile's loads and dQ_i atomics are shared by
-Bc keys. dQ_i's 16 x 16 pieces are dealt out to all warps. Three launches:
+warp's dK_j and dV_j would be 128 fp32 registers per lane at d_pad = 128), or twice
+that: two 16-key m-tiles (``key_tiles``; the d_pad = 128 default, Bc = 128 with 8
+warps). Q tiles have Br rows, a multiple of 16 (of 32 with pairs): a warp's registers
+grow with Br and its m-tiles, the block's K/V tile with Bc, and every Q tile's loads
+and dQ_i atomics are shared by Bc keys. dQ_i's 16 x 16 pieces are dealt out to all
+warps. Three launches:
 
     preprocess   D_i = rowsum(dO_i o O_i), fp32, 8 lanes a row (Alg. 2 line 4);
                  dQ = 0 (fp32, accumulated by atomics; line 3)
@@ -52,11 +54,12 @@ Names here -> the paper's (Dao 2023, Algorithm 2; "l." = its line numbers):
     dV, dK         dV_j (l. 12), dK_j (l. 16, unscaled until it is written, l. 18)
     dQ             dq_group() 16 x 16 pieces of dS_ij K_j side by side, added to HBM by
                    atomics (l. 15)
+    KM             a warp's 16-key m-tiles (``key_tiles``): S, dP, dK, dV hold KM of them
     d_pad          the compiled head dim (d <= d_pad)
 
 Names follow the paper; the lane layout is kernels/mma.py's: accumulator e of
-n-tile n holds S_ij^T[16 w + g + 8 (e // 2), qw0 + 8 n + 2 t + e % 2] (key, query;
-qw0 = 0, or the half of Q_i a warp of a pair takes).
+m-tile m, n-tile n holds S_ij^T[16 (KM w + m) + g + 8 (e // 2), qw0 + 8 n + 2 t + e % 2]
+(key, query; qw0 = 0, or the half of Q_i a warp of a pair takes).
 Masking: P_ij = 0 for key c >= Nk, query row r >= Nq and, under causal or a
 sliding window, keys outside the band r + lo <= c <= r + hi
 (``geometry.window_bounds``), tested on edge and band-edge tiles only.
@@ -72,14 +75,15 @@ Global memory: q, k, v, dout and dQ's fp32 accumulator are passed as flat (1-D) 
 unsigned 64-bit element offset, then one multiply-add per 16-byte copy (``load_rows``) and
 per row of dQ added (no per-axis index arithmetic, no wraparound tests).
 
-What bounds it: instruction issue with few warps. A lane's registers (S_ij^T, dP_ij^T,
-dK_j, dV_j and the fragments) leave room for two blocks of 4 warps an SM at d_pad = 64 and
-one block of 8 at d_pad = 128, too few to hide the latency of each mma's operands (ldmatrix
-from shared memory) and of the mmas themselves, and each mma comes with many other
-instructions: the copies' and atomics' address arithmetic, the masks and exponentials of
-P_ij and dS_ij, and dQ's atomics (B * Hq * Nq * d fp32 adds per column of K/V blocks, so
-Nk / Bc of them per element of dQ, two floats an atomic where the GPU has
-``red.global.add.v2.f32``: ``vector_red``; not deterministic in their summation order).
+What bounds it: dQ's atomics and instruction issue with few warps. The atomics are
+B * Hq * Nq * d fp32 adds per column of K/V blocks, so Nk / Bc of them per element of dQ
+(two floats an atomic where the GPU has ``red.global.add.v2.f32``: ``vector_red``; not
+deterministic in their summation order), hence Bc = 128 at d_pad = 128. A lane's registers
+(S_ij^T, dP_ij^T, dK_j, dV_j and the fragments) leave room for two blocks of 4 warps an SM
+at d_pad = 64 and one block of 8 at d_pad = 128, too few to hide the latency of each mma's
+operands (ldmatrix from shared memory) and of the mmas themselves, and each mma comes with
+many other instructions: the copies' and atomics' address arithmetic, the masks and
+exponentials of P_ij and dS_ij.
 Also: Q_i and dO_i re-read from L2 by every K/V block, K_j and V_j re-read from shared
 memory by ldmatrix for every Q tile (and, with pairs, P^T and dS^T written and read back),
 three barriers per Q tile, and the dropout variant's Philox call per element (3 of its 4
@@ -145,10 +149,15 @@ UNPACK = {"bf16": mma.unpack_bf16x2, "f16": mma.unpack_f16x2}
 # fp32 each per lane at d_pad <= 64): Br = Bc = 64 at d = 64 needed more than 255 registers and
 # spilled; Bc grows with the warps instead. d_pad >= 96: two warps for each 16 keys, each with
 # half of Q_i's queries in S^T, dP^T and half of the head dims of dK_j, dV_j (``key_warps``;
-# one warp's dK_j + dV_j would be 128 fp32 registers per lane at d_pad = 128, and spill); there
-# Br = 64 (one block of 8 warps an SM, held by its registers) ran faster than Br = 32 (PERF-NOTES.md,
-# "fa2_tc_backward v4").
-_DEFAULTS = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 96: (64, 64, 8), 128: (64, 64, 8)}
+# one warp's dK_j + dV_j would be 128 fp32 registers per lane at d_pad = 128, and spill). At
+# d_pad = 128 each pair holds two 16-key m-tiles (``key_tiles``): Bc = 128 with 8 warps, as FA2's
+# own d = 128 tile, at Br = 32 (Br = 64 spilled); the dQ_i atomics per Q tile serve twice the keys
+# (PERF-NOTES.md, "fa2_tc_backward v5").
+_DEFAULTS = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 96: (64, 64, 8), 128: (32, 128, 8)}
+# Where the dropout, softcap and ALiBi kernels take other tiles: they hold more registers a lane,
+# and with two key m-tiles at d_pad = 128 they spilled (ptxas, sm_90: dropout 44 B, softcap with
+# ALiBi 8 B, at 255 registers), so they keep one (``serves_variants``).
+_VARIANT_DEFAULTS = {128: (64, 64, 8)}
 _ALTERNATIVES = {64: [(32, 32, 2), (16, 128, 8), (16, 16, 1)], 128: [(32, 64, 8), (32, 32, 4)]}
 STAGES = 2    # Q tiles in shared memory: tile i + 1 is copied while tile i is used
 
@@ -162,6 +171,14 @@ def key_warps(d_pad):
     return 2 if d_pad >= 96 else 1
 
 
+def key_tiles(config):
+    """16-key m-tiles a warp (with key_warps = 2, a pair) holds: Bc key_warps / (16 num_warps),
+    1 or 2. Two double the keys of a block (K_j, V_j's loads and dQ_i's atomics per Q tile serve
+    twice the keys) and each B fragment of S^T, dP^T, dK_j and dV_j feeds two mmas, for twice
+    the registers of S^T, dP^T, dK_j and dV_j (FA2's own d = 128 tile: Bc = 128 with 8 warps)."""
+    return config.Bc * key_warps(config.d_pad) // (16 * config.num_warps)
+
+
 def dq_group(Br, d_pad, num_warps):
     """dQ_i's 16 x 16 pieces a warp computes side by side: the largest divisor of d_pad / 16 no
     larger than the pieces per warp (rounded down, at least 1), so a group shares its rows (one
@@ -172,14 +189,22 @@ def dq_group(Br, d_pad, num_warps):
     return max(p for p in range(1, d_pad // 16 + 1) if (d_pad // 16) % p == 0 and p <= per_warp)
 
 
-def default_config(d):
+def default_config(d, variant=False):
+    """The tiles for head dim d; variant: those of the dropout, softcap and ALiBi kernels."""
     d_pad = common.head_dim_bucket(d)
-    Br, Bc, num_warps = _DEFAULTS[d_pad]
+    Br, Bc, num_warps = (_VARIANT_DEFAULTS if variant else _DEFAULTS).get(d_pad, _DEFAULTS[d_pad])
     return TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=num_warps)
+
+
+def serves_variants(config):
+    """Whether the dropout, softcap and ALiBi kernels ship at this config (all but two key
+    m-tiles a warp at d_pad = 128, where they spill: ``_VARIANT_DEFAULTS``)."""
+    return not (key_tiles(config) == 2 and config.d_pad >= 128)
 
 
 def shipped_configs():
     configs = [default_config(d_pad) for d_pad in HEAD_DIM_BUCKETS]
+    configs += [default_config(d_pad, variant=True) for d_pad in _VARIANT_DEFAULTS]
     for d_pad, alternatives in _ALTERNATIVES.items():
         configs += [TileConfig(Br=Br, Bc=Bc, d_pad=d_pad, num_warps=w) for Br, Bc, w in alternatives]
     return configs
@@ -218,14 +243,15 @@ def check_config(config, cc=None):
     common.check_sizes(config, who)
     Br, Bc, d_pad, num_warps = config.Br, config.Bc, config.d_pad, config.num_warps
     KW = key_warps(d_pad)
-    require(Bc * KW == 16 * num_warps,
-            f"{who}: Bc={Bc} must be 16 x num_warps / {KW} = {16 * num_warps // KW} "
-            f"({KW} warp(s) for each 16 keys of K_j)")
+    require(Bc * KW in (16 * num_warps, 32 * num_warps),
+            f"{who}: Bc={Bc} must be 16 x num_warps / {KW} = {16 * num_warps // KW} or twice that "
+            f"({KW} warp(s) for each 16 or 32 keys of K_j)")
     require(Br % (16 * KW) == 0, f"{who}: Br={Br} must be a multiple of {16 * KW} (the mma's k-steps "
                                  f"over queries{', a half for each warp of a pair' if KW == 2 else ''})")
     require(d_pad % (16 * KW) == 0, f"{who}: d_pad={d_pad} must be a multiple of {16 * KW}")
-    require(Br // (2 * KW) <= 63, f"{who}: Br={Br}: the dropout kernel keeps a lane's "
-                                  f"Br / {2 * KW} keep bits in one 64-bit integer")
+    KM = Bc * KW // (16 * num_warps)
+    require(KM * Br // (2 * KW) <= 63, f"{who}: Br={Br}, Bc={Bc}: the dropout kernel keeps a lane's "
+                                       f"{KM} Br / {2 * KW} keep bits in one 64-bit integer")
     limit = smem_limit.MAX_BLOCK_BYTES if cc is None else smem_limit.opt_in_limit(cc)
     smem = smem_bytes(config)
     require(smem <= limit, f"{who}: Br={Br}, Bc={Bc}, d_pad={d_pad}, num_warps={num_warps} needs "
@@ -274,6 +300,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
     ROW_LEN = d_pad + ROW_PAD
     BP = Br + ROW_PAD
     KW = key_warps(d_pad)         # warps for each 16 keys (2: each takes half the queries, dims)
+    KM = key_tiles(config)        # 16-key m-tiles of a warp (of a pair, with KW = 2)
     KD = d_pad // 16              # k-steps over the head dim
     NS = Br // (8 * KW)           # n-tiles of a warp's S^T, dP^T (8 queries each)
     QW = Br // KW                 # queries of a warp's S^T, dP^T
@@ -304,10 +331,11 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         return OFF + row * BP + col
 
     @cuda.jit(device=True, inline="always")
-    def mma_into(C, n, a, b0, b1):
-        d = MMA_K(a, (b0, b1), (C[n, 0], C[n, 1], C[n, 2], C[n, 3]))
+    def mma_into(C, m, n, a, b0, b1):
+        """C[m, n] = a (b0, b1) + C[m, n]: m-tile m (16 rows), n-tile n (8 columns)."""
+        d = MMA_K(a, (b0, b1), (C[m, n, 0], C[m, n, 1], C[m, n, 2], C[m, n, 3]))
         for e in range(4):
-            C[n, e] = d[e]
+            C[m, n, e] = d[e]
 
     @cuda.jit(device=True, inline="always")
     def load_rows(sm, OFF, src, base, row_stride, start, N, tid, ROWS):
@@ -331,47 +359,62 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
 
     @cuda.jit(device=True, inline="always")
     def products_T(C, A_OFF, B_OFF, C2, A2_OFF, B2_OFF, sm, w, lane):
-        """C = A_w B^T and C2 = A2_w B2^T, 16 x QW each, side by side (their mmas independent,
-        so each k-step issues 2 NS of them): A_w = rows 16w.. of the tile at A_OFF (ldmatrix),
-        B = the QW rows of the tile at B_OFF (ldmatrix); likewise A2_w, B2."""
-        for n in range(NS):
-            for e in range(4):
-                C[n, e] = 0.0
-                C2[n, e] = 0.0
+        """C = A_w B^T and C2 = A2_w B2^T, KM 16 x QW m-tiles each, side by side (their mmas
+        independent, so each k-step issues 2 KM NS of them): A_w = rows 16 KM w.. of the tile at
+        A_OFF (ldmatrix, the KM fragments held for the k-step), B = the QW rows of the tile at
+        B_OFF (ldmatrix, each fragment used by the KM m-tiles); likewise A2_w, B2."""
+        for m in range(KM):
+            for n in range(NS):
+                for e in range(4):
+                    C[m, n, e] = 0.0
+                    C2[m, n, e] = 0.0
         for kk in range(KD):
-            a = mma.ldmatrix_x4(sm, wide_at(A_OFF, 16 * w + lane % 16, 16 * kk + 8 * (lane // 16)))
-            a2 = mma.ldmatrix_x4(sm, wide_at(A2_OFF, 16 * w + lane % 16, 16 * kk + 8 * (lane // 16)))
+            row, col = 16 * KM * w + lane % 16, 16 * kk + 8 * (lane // 16)
+            a0 = mma.ldmatrix_x4(sm, wide_at(A_OFF, row, col))
+            a0_2 = mma.ldmatrix_x4(sm, wide_at(A2_OFF, row, col))
+            a1 = mma.ldmatrix_x4(sm, wide_at(A_OFF, row + 16, col)) if KM == 2 else a0
+            a1_2 = mma.ldmatrix_x4(sm, wide_at(A2_OFF, row + 16, col)) if KM == 2 else a0_2
             for nn in range(NS // 2):
                 at = (16 * nn + lane % 8 + 8 * (lane // 16), 16 * kk + 8 * ((lane // 8) % 2))
                 bf = mma.ldmatrix_x4(sm, wide_at(B_OFF, at[0], at[1]))
                 bf2 = mma.ldmatrix_x4(sm, wide_at(B2_OFF, at[0], at[1]))
-                mma_into(C, 2 * nn, a, bf[0], bf[1])
-                mma_into(C2, 2 * nn, a2, bf2[0], bf2[1])
-                mma_into(C, 2 * nn + 1, a, bf[2], bf[3])
-                mma_into(C2, 2 * nn + 1, a2, bf2[2], bf2[3])
+                for m in range(KM):
+                    a = a0 if m == 0 else a1
+                    a2 = a0_2 if m == 0 else a1_2
+                    mma_into(C, m, 2 * nn, a, bf[0], bf[1])
+                    mma_into(C2, m, 2 * nn, a2, bf2[0], bf2[1])
+                    mma_into(C, m, 2 * nn + 1, a, bf[2], bf[3])
+                    mma_into(C2, m, 2 * nn + 1, a2, bf2[2], bf2[3])
 
     @cuda.jit(device=True, inline="always")
     def accumulate_from_registers(Acc, C, sm, B_OFF, lane):
-        """Acc += C B (key_warps = 1): C (16 x Br accumulators) packed into A fragments, B = the
-        Br x d_pad tile at B_OFF by ldmatrix.trans."""
+        """Acc += C B (key_warps = 1): C (KM m-tiles of 16 x Br accumulators) packed into A
+        fragments, B = the Br x d_pad tile at B_OFF by ldmatrix.trans."""
         for kc in range(KC):
-            a = (PACK_K(C[2 * kc, 0], C[2 * kc, 1]), PACK_K(C[2 * kc, 2], C[2 * kc, 3]),
-                 PACK_K(C[2 * kc + 1, 0], C[2 * kc + 1, 1]), PACK_K(C[2 * kc + 1, 2], C[2 * kc + 1, 3]))
             for nd in range(NDH // 2):
                 bf = mma.ldmatrix_x4_trans(sm, wide_at(B_OFF, 16 * kc + lane % 16, 16 * nd + 8 * (lane // 16)))
-                mma_into(Acc, 2 * nd, a, bf[0], bf[1])
-                mma_into(Acc, 2 * nd + 1, a, bf[2], bf[3])
+                for m in range(KM):
+                    a = (PACK_K(C[m, 2 * kc, 0], C[m, 2 * kc, 1]), PACK_K(C[m, 2 * kc, 2], C[m, 2 * kc, 3]),
+                         PACK_K(C[m, 2 * kc + 1, 0], C[m, 2 * kc + 1, 1]),
+                         PACK_K(C[m, 2 * kc + 1, 2], C[m, 2 * kc + 1, 3]))
+                    mma_into(Acc, m, 2 * nd, a, bf[0], bf[1])
+                    mma_into(Acc, m, 2 * nd + 1, a, bf[2], bf[3])
 
     @cuda.jit(device=True, inline="always")
     def accumulate_from_shared(Acc, sm, A_OFF, B_OFF, w, x0, lane):
-        """Acc += A_w B (key_warps = 2): A_w = rows 16w.. of the 16-bit Bc x Br tile at A_OFF
-        (ldmatrix), B = columns x0 .. x0 + DH of the Br x d_pad tile at B_OFF (ldmatrix.trans)."""
+        """Acc += A_w B (key_warps = 2): A_w = rows 16 KM w.. of the 16-bit Bc x Br tile at A_OFF
+        (ldmatrix, KM fragments held for the k-step), B = columns x0 .. x0 + DH of the Br x d_pad
+        tile at B_OFF (ldmatrix.trans, each fragment used by the KM m-tiles)."""
         for kc in range(KC):
-            a = mma.ldmatrix_x4(sm, narrow_at(A_OFF, 16 * w + lane % 16, 16 * kc + 8 * (lane // 16)))
+            row, col = 16 * KM * w + lane % 16, 16 * kc + 8 * (lane // 16)
+            a0 = mma.ldmatrix_x4(sm, narrow_at(A_OFF, row, col))
+            a1 = mma.ldmatrix_x4(sm, narrow_at(A_OFF, row + 16, col)) if KM == 2 else a0
             for nd in range(NDH // 2):
                 bf = mma.ldmatrix_x4_trans(sm, wide_at(B_OFF, 16 * kc + lane % 16, x0 + 16 * nd + 8 * (lane // 16)))
-                mma_into(Acc, 2 * nd, a, bf[0], bf[1])
-                mma_into(Acc, 2 * nd + 1, a, bf[2], bf[3])
+                for m in range(KM):
+                    a = a0 if m == 0 else a1
+                    mma_into(Acc, m, 2 * nd, a, bf[0], bf[1])
+                    mma_into(Acc, m, 2 * nd + 1, a, bf[2], bf[3])
 
     @cuda.jit(device=True, inline="always")
     def probability(s, key, row, masked, L_row, Nq, Nk, windowed, lo, hi, q_scale, scale, cap, slope):
@@ -473,7 +516,7 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         # --- who am I ---
         tid = cuda.threadIdx.x
         warp = tid // WARP_SIZE
-        w = warp // KW                       # keys 16w .. 16w + 15 of K_j
+        w = warp // KW                       # keys 16 KM w .. 16 KM (w + 1) - 1 of K_j
         qw0 = QW * (warp % KW)               # queries qw0 .. qw0 + QW of Q_i in S^T, dP^T
         x0 = DH * (warp % KW)                # head dims x0 .. x0 + DH of dK_j, dV_j
         lane = tid % WARP_SIZE
@@ -495,11 +538,11 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         Ds = cuda.shared.array(QROWS, float32)      # D_i
 
         # --- registers ---
-        S = cuda.local.array((NS, 4), float32)      # S_ij^T, then (P_ij o Z_ij)^T
-        dP = cuda.local.array((NS, 4), float32)     # dP_ij^T, then dS_ij^T
-        dK = cuda.local.array((NDH, 4), float32)    # dK_j (unscaled), rows 16w + g, + 8
-        dV = cuda.local.array((NDH, 4), float32)    # dV_j
-        dQ = cuda.local.array((NQ, 4), float32)     # PW 16 x 16 pieces of dS_ij K_j, side by side
+        S = cuda.local.array((KM, NS, 4), float32)      # S_ij^T, then (P_ij o Z_ij)^T
+        dP = cuda.local.array((KM, NS, 4), float32)     # dP_ij^T, then dS_ij^T
+        dK = cuda.local.array((KM, NDH, 4), float32)    # dK_j (unscaled), rows 16 (KM w + m) + g, + 8
+        dV = cuda.local.array((KM, NDH, 4), float32)    # dV_j
+        dQ = cuda.local.array((1, NQ, 4), float32)      # PW 16 x 16 pieces of dS_ij K_j, side by side
         L_next = cuda.local.array(NLD, float32)     # L_i+1 log2(e), D_i+1, on their way to
         D_next = cuda.local.array(NLD, float32)     # shared memory while tile i runs
 
@@ -510,10 +553,11 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         load_rows(sm, KS, k, kv_at, kv_row, col0, Nk, tid, Bc)
         load_rows(sm, VS, v, kv_at, kv_row, col0, Nk, tid, Bc)
         mma.cp_async_commit()
-        for n in range(NDH):
-            for e in range(4):
-                dK[n, e] = 0.0
-                dV[n, e] = 0.0
+        for m in range(KM):
+            for n in range(NDH):
+                for e in range(4):
+                    dK[m, n, e] = 0.0
+                    dV[m, n, e] = 0.0
 
         i_start = 0
         i_stop = Tr
@@ -559,46 +603,49 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                 dO_i = DOS + q0 * ROW_LEN
 
                 if DROPOUT:
-                    # keep bits of this lane's 4 NS entries of Z_ij^T (bit 4 n + e), made before
-                    # S^T exists: in a loop of its own, which may stay rolled (it touches no
-                    # register array). philox.keep(seed, b, hq, row, key, p): word key % 4.
+                    # keep bits of this lane's 4 KM NS entries of Z_ij^T (bit 4 (m NS + n) + e),
+                    # made before S^T exists: in a loop of its own, which may stay rolled (it
+                    # touches no register array). philox.keep(seed, b, hq, row, key, p): word key % 4.
                     keep_bits = 0
-                    for n in range(NS):
-                        for e in range(4):
-                            key = col0 + 16 * w + g + 8 * (e // 2)
-                            row = row0 + qw0 + 8 * n + 2 * t + e % 2
-                            words = philox4x32(np.uint64(key // 4), np.uint64(row), np.uint64(hq),
-                                               b_word, key0, key1)
-                            if kept(keep_word(words, key % 4), dropout_p):
-                                keep_bits |= 1 << (4 * n + e)
+                    for m in range(KM):
+                        for n in range(NS):
+                            for e in range(4):
+                                key = col0 + 16 * (KM * w + m) + g + 8 * (e // 2)
+                                row = row0 + qw0 + 8 * n + 2 * t + e % 2
+                                words = philox4x32(np.uint64(key // 4), np.uint64(row), np.uint64(hq),
+                                                   b_word, key0, key1)
+                                if kept(keep_word(words, key % 4), dropout_p):
+                                    keep_bits |= 1 << (4 * (m * NS + n) + e)
 
                 # Alg. 2 lines 10-11: S_ij^T = K_j Q_i^T, P_ij^T = exp(scale S_ij^T - L_i); line
                 # 13: dP_ij^T = V_j dO_i^T (with KW = 2: queries qw0 .. qw0 + QW)
                 products_T(S, KS, Q_i + qw0 * ROW_LEN, dP, VS, dO_i + qw0 * ROW_LEN, sm, w, lane)
                 masked = (col0 + Bc > Nk or row0 + Br > Nq
                           or (windowed and (col0 + Bc - 1 > row0 + hi or col0 < row0 + Br - 1 + lo)))
-                for n in range(NS):
-                    for e in range(4):
-                        key = col0 + 16 * w + g + 8 * (e // 2)
-                        qr = qw0 + 8 * n + 2 * t + e % 2         # query, within Q_i
-                        p, dcap = probability(S[n, e], key, row0 + qr, masked, Ls[q0 + qr], Nq, Nk,
-                                              windowed, lo, hi, q_scale, scale, cap, slope)
-                        z = float32(1.0)
-                        if DROPOUT:
-                            z = Z_kept if keep_bits & (1 << (4 * n + e)) else float32(0.0)
-                        # Alg. 2 line 14: dS_ij = P_ij o (dP_ij o Z_ij - D_i) (o (1 - tanh^2) with
-                        # softcap); exactly 0 where hidden (p = 0 there; dP_ij and D_i are finite)
-                        dP[n, e] = p * dcap * (dP[n, e] * z - Ds[q0 + qr])
-                        S[n, e] = p * z
+                for m in range(KM):
+                    for n in range(NS):
+                        for e in range(4):
+                            key = col0 + 16 * (KM * w + m) + g + 8 * (e // 2)
+                            qr = qw0 + 8 * n + 2 * t + e % 2         # query, within Q_i
+                            p, dcap = probability(S[m, n, e], key, row0 + qr, masked, Ls[q0 + qr], Nq, Nk,
+                                                  windowed, lo, hi, q_scale, scale, cap, slope)
+                            z = float32(1.0)
+                            if DROPOUT:
+                                z = Z_kept if keep_bits & (1 << (4 * (m * NS + n) + e)) else float32(0.0)
+                            # Alg. 2 line 14: dS_ij = P_ij o (dP_ij o Z_ij - D_i) (o (1 - tanh^2)
+                            # with softcap); exactly 0 where hidden (p = 0 there; dP_ij, D_i finite)
+                            dP[m, n, e] = p * dcap * (dP[m, n, e] * z - Ds[q0 + qr])
+                            S[m, n, e] = p * z
 
                 # dS_ij^T (and, with KW = 2, (P_ij o Z_ij)^T) -> shared, 16-bit
-                for n in range(NS):
-                    for hh in range(2):
-                        key_l = 16 * w + g + 8 * hh
-                        at = narrow_at(DSS, key_l, qw0 + 8 * n + 2 * t)
-                        put_pair(sm, at, dP[n, 2 * hh], dP[n, 2 * hh + 1])
-                        if KW == 2:
-                            put_pair(sm, at + (PS - DSS), S[n, 2 * hh], S[n, 2 * hh + 1])
+                for m in range(KM):
+                    for n in range(NS):
+                        for hh in range(2):
+                            key_l = 16 * (KM * w + m) + g + 8 * hh
+                            at = narrow_at(DSS, key_l, qw0 + 8 * n + 2 * t)
+                            put_pair(sm, at, dP[m, n, 2 * hh], dP[m, n, 2 * hh + 1])
+                            if KW == 2:
+                                put_pair(sm, at + (PS - DSS), S[m, n, 2 * hh], S[m, n, 2 * hh + 1])
                 if KW == 1:
                     # Alg. 2 line 12: dV_j += (P_ij o Z_ij)^T dO_i, A from S's accumulators
                     accumulate_from_registers(dV, S, sm, dO_i, lane)
@@ -620,15 +667,15 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                     nq0 = PW * (grp % (NQ16 // PW))          # dims 16 nq0 .. 16 (nq0 + PW) - 1
                     for n in range(NQ):
                         for e in range(4):
-                            dQ[n, e] = 0.0
+                            dQ[0, n, e] = 0.0
                     for kk in range(KK):
                         a = mma.ldmatrix_x4_trans(sm, narrow_at(DSS, 16 * kk + lane % 8 + 8 * (lane // 16),
                                                                 16 * rq + 8 * ((lane // 8) % 2)))
                         for u in range(PW):
                             bf = mma.ldmatrix_x4_trans(sm, wide_at(KS, 16 * kk + lane % 16,
                                                                    16 * (nq0 + u) + 8 * (lane // 16)))
-                            mma_into(dQ, 2 * u, a, bf[0], bf[1])
-                            mma_into(dQ, 2 * u + 1, a, bf[2], bf[3])
+                            mma_into(dQ, 0, 2 * u, a, bf[0], bf[1])
+                            mma_into(dQ, 0, 2 * u + 1, a, bf[2], bf[3])
                     for hh in range(2):
                         row = row0 + 16 * rq + g + 8 * hh
                         if row < Nq:
@@ -638,14 +685,14 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
                                 if RED_V2:              # dims x, x + 1 in one 8-byte add (d even)
                                     x = 16 * nq0 + 8 * n + 2 * t
                                     if x < d:
-                                        mma.red_add_v2(dq_acc, row_at + uint64(x), dQ[n, 2 * hh],
-                                                       dQ[n, 2 * hh + 1])
+                                        mma.red_add_v2(dq_acc, row_at + uint64(x), dQ[0, n, 2 * hh],
+                                                       dQ[0, n, 2 * hh + 1])
                                 else:
                                     for e2 in range(2):
                                         x = 16 * nq0 + 8 * n + 2 * t + e2
                                         if x < d:
                                             cuda.atomic.add(dq_acc, row_at + uint64(x),
-                                                            dQ[n, 2 * hh + e2])
+                                                            dQ[0, n, 2 * hh + e2])
                 if i + 1 < i_end:                    # L_i+1, D_i+1 into the other stage
                     for u in range(NLD):
                         qr = tid + u * T
@@ -661,14 +708,16 @@ def _build(config, KIND, DROPOUT, SOFTCAP=False, ALIBI=False, RED_V2=False):
         mma.cp_async_wait(0)    # K_j, V_j's copies done even when no Q tile was visited
 
         # Alg. 2 line 18: write dK_j = scale dK_j, dV_j in the input dtype
-        for hh in range(2):
-            key = col0 + 16 * w + g + 8 * hh
-            if key < Nk:
-                for n in range(NDH):
-                    x = x0 + 8 * n + 2 * t
-                    if x < d:
-                        put_gradient(dk, b, key, h_kv, x, d, dK[n, 2 * hh] * scale, dK[n, 2 * hh + 1] * scale)
-                        put_gradient(dv, b, key, h_kv, x, d, dV[n, 2 * hh], dV[n, 2 * hh + 1])
+        for m in range(KM):
+            for hh in range(2):
+                key = col0 + 16 * (KM * w + m) + g + 8 * hh
+                if key < Nk:
+                    for n in range(NDH):
+                        x = x0 + 8 * n + 2 * t
+                        if x < d:
+                            put_gradient(dk, b, key, h_kv, x, d, dK[m, n, 2 * hh] * scale,
+                                         dK[m, n, 2 * hh + 1] * scale)
+                            put_gradient(dv, b, key, h_kv, x, d, dV[m, n, 2 * hh], dV[m, n, 2 * hh + 1])
 
     return Fa2TcBackwardKernels(preprocess=preprocess, dkdv=dkdv, finish_dq=finish_dq)
 
@@ -696,15 +745,19 @@ def finish_dq_argtypes():
 
 
 def compile_targets(config):
+    """The kernels that ship at `config`, for ``flashnumba resources``: the plain dkdv, the
+    dropout and softcap-with-ALiBi ones where it serves them (``serves_variants``), preprocess and
+    finish_dq, for bf16 and f16."""
     argtypes = dkdv_argtypes()
     targets = []
     for kind in ("bf16", "f16"):
         plain = build(config, kind)
-        targets += [(f"fa2_tc_backward_{kind}", plain.dkdv, argtypes),
-                    (f"fa2_tc_backward_{kind}_dropout", build(config, kind, True).dkdv, argtypes),
-                    (f"fa2_tc_backward_{kind}_softcap_alibi",
-                     build(config, kind, softcap=True, alibi=True).dkdv, argtypes),
-                    (f"fa2_tc_backward_preprocess_{kind}", plain.preprocess, preprocess_argtypes()),
+        targets.append((f"fa2_tc_backward_{kind}", plain.dkdv, argtypes))
+        if serves_variants(config):
+            targets += [(f"fa2_tc_backward_{kind}_dropout", build(config, kind, True).dkdv, argtypes),
+                        (f"fa2_tc_backward_{kind}_softcap_alibi",
+                         build(config, kind, softcap=True, alibi=True).dkdv, argtypes)]
+        targets += [(f"fa2_tc_backward_preprocess_{kind}", plain.preprocess, preprocess_argtypes()),
                     (f"fa2_tc_backward_finish_dq_{kind}", plain.finish_dq, finish_dq_argtypes())]
     return targets
 
@@ -718,12 +771,13 @@ def static_smem_bytes(config):
 # Wrapper: check, allocate, launch
 # ---------------------------------------------------------------------------
 
-def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None):
-    """The config for head dim d: `config`, else the default one with any of Br, Bc, num_warps
-    replaced. Bc and num_warps go together (Bc = 16 num_warps / key_warps): either gives the
-    other. Br not given: the default's, but no more than Bc. blocks_per_sm: the base config's
-    while num_warps is its own, else 0 (no launch bounds)."""
-    base = config if config is not None else default_config(d)
+def resolve_config(d, Br=None, Bc=None, num_warps=None, config=None, variant=False):
+    """The config for head dim d: `config`, else the default one (of the dropout, softcap and
+    ALiBi kernels if `variant`) with any of Br, Bc, num_warps replaced. Bc and num_warps go
+    together (Bc = 16 num_warps / key_warps, one key m-tile a warp): either gives the other. Br
+    not given: the default's, but no more than Bc. blocks_per_sm: the base config's while
+    num_warps is its own, else 0 (no launch bounds)."""
+    base = config if config is not None else default_config(d, variant)
     if base.d_pad < d:
         raise ConfigError(f"config d_pad={base.d_pad} cannot serve head dim d={d}")
     KW = key_warps(base.d_pad)
@@ -784,7 +838,8 @@ def launcher(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT, sof
         window_size=window_size, limit=limit)
     cap, slopes = common.resolve_features(softcap, alibi_slopes, B, H_q, alignment)
     dropout_p, seed = common.resolve_dropout(dropout_p, seed)
-    config = resolve_config(d, Br, Bc, num_warps, config)
+    config = resolve_config(d, Br, Bc, num_warps, config,
+                            variant=dropout_p > 0.0 or cap > 0.0 or alibi_slopes is not None)
     check_for_this_gpu(config)
     if red_v2 is None:
         red_v2 = vector_red()
@@ -850,7 +905,7 @@ def fast_backward(dout, q, k, v, out, L, *, causal=False, alignment=BOTTOM_RIGHT
         scale, windowed, lo, hi, steps, cap = fast_band(q, k, causal=causal, alignment=alignment,
                                                         softmax_scale=softmax_scale,
                                                         window_size=window_size, softcap=softcap)
-        config = resolve_config(d)
+        config = resolve_config(d, variant=dropout_p > 0.0 or cap > 0.0 or alibi_slopes is not None)
         check_for_this_gpu(config)
         kernels = build(config, kind, dropout=dropout_p > 0.0, softcap=cap > 0.0,
                         alibi=alibi_slopes is not None, red_v2=vector_red() and d % 2 == 0)
