@@ -59,6 +59,27 @@ def test_backward_within_three_times_the_dense_error(rng, dtype, case):
         assert ratio(x, ref, low) <= 3.0, name
 
 
+@pytest.mark.parametrize("d, config", [
+    (24, TileConfig(Br=16, Bc=32, d_pad=32, num_warps=1)),     # one warp, two m-tiles: P^T, dS^T from registers
+    (72, TileConfig(Br=32, Bc=64, d_pad=96, num_warps=4)),     # two pairs, two m-tiles each
+], ids=["one-warp", "pairs"])
+def test_two_key_tiles_a_warp_within_three_times_the_dense_error(rng, d, config):
+    """key_tiles = 2 away from the d_pad = 128 default: with key_warps = 1 (accumulate_from_registers
+    over two m-tiles) and at d_pad = 96; Nk over two K/V blocks, causal, dropout."""
+    assert tcb.key_tiles(config) == 2
+    B, Nq, Nk, Hq, Hkv, p = 1, 37, 70, 2, 1, 0.1
+    q, k, v, dout = inputs(rng, "bfloat16", B, Nq, Nk, Hq, Hkv, d)
+    kw = {"causal": True, "alignment": BOTTOM_RIGHT, "dropout_p": p, "seed": SEED}
+    out, L = tcf.fa2_tc_forward(q, k, v, **kw)
+    grads = tcb.fa2_tc_backward(dout, q, k, v, out, L, config=config, **kw)
+    a = [x.astype(np.float64) for x in (dout, q, k, v)]
+    opts = options(B, Hq, Nq, Nk, True, BOTTOM_RIGHT, p, SEED)
+    refs = reference.attention_backward(*a, **opts)
+    lows = emulation.attention_backward_in_dtype(*a, "bfloat16", **opts)
+    for name, x, ref, low in zip(("dq", "dk", "dv"), grads, refs, lows):
+        assert ratio(x, ref, low) <= 3.0, name
+
+
 def test_stepping_matches_the_fa2_mirror(rng):
     """After k Q tiles per K/V block (limit=k), dQ, dK, dV agree with the FA2 mirror's (float64,
     same bf16 inputs and the kernel's own O, L) at bf16 tolerance."""

@@ -249,7 +249,7 @@ def check_config(config, cc=None):
     require(Br % (16 * KW) == 0, f"{who}: Br={Br} must be a multiple of {16 * KW} (the mma's k-steps "
                                  f"over queries{', a half for each warp of a pair' if KW == 2 else ''})")
     require(d_pad % (16 * KW) == 0, f"{who}: d_pad={d_pad} must be a multiple of {16 * KW}")
-    KM = Bc * KW // (16 * num_warps)
+    KM = key_tiles(config)
     require(KM * Br // (2 * KW) <= 63, f"{who}: Br={Br}, Bc={Bc}: the dropout kernel keeps a lane's "
                                        f"{KM} Br / {2 * KW} keep bits in one 64-bit integer")
     limit = smem_limit.MAX_BLOCK_BYTES if cc is None else smem_limit.opt_in_limit(cc)
