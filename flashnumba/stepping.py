@@ -118,8 +118,8 @@ class Report:
             options += f" ({t.alignment})"
         if self.problem.dropout_p > 0:
             options += f" dropout_p={self.problem.dropout_p} seed={self.problem.dropout_seed}"
-        lines = [f"{self.algorithm}: Nq={t.Nq} Nk={t.Nk} d={self.problem.Q.shape[1]} "
-                 f"Br={t.Br} Bc={t.Bc} {options}; max |kernel - mirror| / max |mirror|",
+        lines = [(f"{self.algorithm}: Nq={t.Nq} Nk={t.Nk} d={self.problem.Q.shape[1]} "
+                  f"Br={t.Br} Bc={t.Bc} {options}; max |kernel - mirror| / max |mirror|"),
                  f"  {'k':>3} " + "".join(f"{n:>10}" for n in names)]
         for k, errs in self.rows:
             lines.append(f"  {k:>3} " + "".join(f"{errs[n]:>10.1e}" for n in names))

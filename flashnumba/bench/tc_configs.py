@@ -125,8 +125,8 @@ def backward_red_v2_targets():
             for suffix, options in KERNEL_VARIANTS:
                 if options and not tcb.serves_variants(config):
                     continue
-                targets.append((f"fa2_tc_backward_{kind}{suffix} Br={config.Br} Bc={config.Bc} "
-                                f"d_pad={config.d_pad} red.v2",
+                targets.append(((f"fa2_tc_backward_{kind}{suffix} Br={config.Br} Bc={config.Bc} "
+                                 f"d_pad={config.d_pad} red.v2"),
                                 tcb.build(config, kind, red_v2=True, **options).dkdv, argtypes))
     return targets
 
@@ -249,7 +249,6 @@ def run_backward(B, H, N, head_dims, log=print, default_only=False):
 
     rows = []
     for d in head_dims:
-        d_pad = tcb.default_config(d).d_pad
         for causal in (False, True):
             flops = backward_flops(B, H, N, d, causal)
             q, k, v, dout = _inputs(B, H, N, d, 4)
